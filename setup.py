@@ -38,14 +38,14 @@ def extensions():
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
     include = [os.path.join(ROOT, "csrc", "include")]
     openmp = ["-fopenmp"]
-    cxx = ["-O3", "-std=c++17", *openmp]
+    cxx = ["-O3", *openmp]
     if _want_cuda(CUDA_HOME):
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
         sources += rel("csrc/cuda/*.cpp") + rel("csrc/cuda/*.cu")
         ext = CUDAExtension(
             "fnf_kernels._C", sources, include_dirs=include, define_macros=[("FNF_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
             extra_link_args=openmp,
         )
     else:

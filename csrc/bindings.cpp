@@ -1,0 +1,33 @@
+// Op schemas (TORCH_LIBRARY) and CPU implementations of fnf_kernels._C. The CUDA implementations are
+// registered in cuda/bindings_cuda.cpp when the extension is built with CUDA.
+#include <torch/extension.h>
+
+#include "ops.h"
+
+TORCH_LIBRARY(fnf_kernels, m) {
+  m.def("penalty_norms(Tensor image, Tensor reference, Tensor mask, bool squared) -> Tensor");
+  m.def("penalty_backward(Tensor grad, Tensor image, Tensor reference, Tensor mask, Tensor norms, "
+        "bool squared) -> Tensor");
+  m.def("threshold_dilate(Tensor heatmap, Tensor threshold, int radius, bool disk, ScalarType dtype) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fnf_kernels, CPU, m) {
+  m.impl("penalty_norms", &fnf::penalty_norms_cpu);
+  m.impl("penalty_backward", &fnf::penalty_backward_cpu);
+  m.impl("threshold_dilate", &fnf::threshold_dilate_cpu);
+}
+
+namespace {
+bool built_with_cuda() {
+#ifdef FNF_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "focus-n-fix compiled kernels; the ops are registered under torch.ops.fnf_kernels";
+  m.def("built_with_cuda", &built_with_cuda, "Whether the CUDA kernels were compiled in");
+}

@@ -1,0 +1,36 @@
+// Per-element math of the masked Frobenius penalty, shared by the CPU and CUDA kernels.
+#pragma once
+#include "fnf/types.h"
+
+namespace fnf {
+namespace penalty {
+
+// 1 - clamp(m, 0, 1), written with comparisons so that a NaN mask value propagates.
+template <typename acc_t>
+FNF_HD acc_t weight(acc_t m) {
+  acc_t c = m < acc_t(0) ? acc_t(0) : (m > acc_t(1) ? acc_t(1) : m);
+  return acc_t(1) - c;
+}
+
+// w * (reference - image): the masked difference whose squares are summed.
+template <typename acc_t>
+FNF_HD acc_t masked_diff(acc_t x, acc_t r, acc_t m) {
+  return weight(m) * (r - x);
+}
+
+// d(value)/d(image) for one element, given the per-sample coefficient coef (see backward_coef).
+template <typename acc_t>
+FNF_HD acc_t grad_image(acc_t x, acc_t r, acc_t m, acc_t coef) {
+  acc_t w = weight(m);
+  return -coef * w * w * (r - x);
+}
+
+// Per-sample coefficient: 2 g for n^2; g / n for n, and exactly 0 where n == 0.
+template <typename acc_t>
+FNF_HD acc_t backward_coef(acc_t grad, acc_t norm, bool squared) {
+  if (squared) return acc_t(2) * grad;
+  return norm > acc_t(0) ? grad / norm : (norm == norm ? acc_t(0) : norm);
+}
+
+}  // namespace penalty
+}  // namespace fnf
