@@ -45,7 +45,7 @@ def extensions():
         sources += rel("csrc/cuda/*.cpp") + rel("csrc/cuda/*.cu")
         ext = CUDAExtension(
             "fnf_kernels._C", sources, include_dirs=include, define_macros=[("FNF_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
             extra_link_args=openmp,
         )
     else:

@@ -6,6 +6,7 @@ dispatcher falls back to Triton on CUDA tensors and to the torch reference on CP
 from __future__ import annotations
 
 import importlib
+import os
 import warnings
 
 _state: dict = {}
@@ -15,6 +16,8 @@ def load():
     """Import the extension once; return the module or None."""
     if "module" not in _state:
         try:
+            if os.environ.get("FNF_KERNELS_DISABLE_EXTENSION") == "1":
+                raise ImportError("disabled by FNF_KERNELS_DISABLE_EXTENSION=1")
             module = importlib.import_module("fnf_kernels._C")
             _state["module"], _state["error"] = module, None
         except ImportError as exc:  # not built, or built against another torch

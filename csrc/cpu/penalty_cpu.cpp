@@ -126,8 +126,7 @@ at::Tensor penalty_backward_cpu(const at::Tensor& grad, const at::Tensor& image,
   at::Tensor out = at::empty_like(image);
   auto order = penalty_dim_order(image);
   View4 vg = make_view(out, order);
-  const bool dense = a.dense_planes && out.is_contiguous(image.suggest_memory_format()) &&
-                     image.is_contiguous(image.suggest_memory_format());
+  const bool dense = a.dense_planes && out.strides() == image.strides();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, image.scalar_type(), "penalty_backward_cpu",
                                   [&] { all_planes_grad<scalar_t>(a, vg, out, coef, dense); });
   return out;

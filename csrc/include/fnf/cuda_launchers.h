@@ -1,0 +1,28 @@
+// Host-side launchers of the CUDA kernels. Implemented in cuda/*.cu, which include no torch headers;
+// called from cuda/bindings_cuda.cpp with the current stream.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include "fnf/types.h"
+
+namespace fnf {
+namespace cuda {
+
+// Elements of one (D1, D2) plane handled by one block of the penalty kernels.
+int64_t penalty_chunk_elements();
+// Number of blocks per plane = partials per plane.
+int64_t penalty_chunks_per_plane(const PenaltyArgs& a);
+
+// partials: (B * D0 * chunks_per_plane) float (double for F64) sums of squares, one per block.
+cudaError_t penalty_partials(const PenaltyArgs& a, void* partials, cudaStream_t stream);
+
+// grad_image = -coef[b] * w^2 * (reference - image), written through grad_view's strides.
+// coef: (B,) float (double for F64).
+cudaError_t penalty_backward(const PenaltyArgs& a, const View4& grad_view, bool grad_dense, const void* coef,
+                             void* grad, cudaStream_t stream);
+
+// Two-pass threshold + dilation (see dilate_core.h); a.scratch holds B * H * W uint32.
+cudaError_t threshold_dilate(const DilateArgs& a, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace fnf
