@@ -4,21 +4,32 @@ Ops (each with CUDA C++, Triton, CPU C++ and pure-torch reference backends behin
 
 * :func:`masked_frobenius_penalty` and the loss module :class:`MaskedFrobeniusPenalty`
 * :func:`threshold_dilate`
+* :func:`lora_linear` (LoRA-fused linear, per-sample scale; Triton, plain torch and reference backends) and
+  the diffusers LoRA attention: :class:`FusedLoRAAttnProcessor`, :func:`patch_lora`, :func:`unpatch_lora`,
+  :func:`lora_scale`, :func:`trajectory_scale`
 
 ``python -m fnf_kernels info`` shows which backends are active here.
 """
 from . import reference
 from .backends import BACKENDS, info
 from .dilation import threshold_dilate
+from .lora import lora_linear
+from .lora_attention import FusedLoRAAttnProcessor, lora_scale, patch_lora, trajectory_scale, unpatch_lora
 from .penalty import MaskedFrobeniusPenalty, masked_frobenius_penalty
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "FusedLoRAAttnProcessor",
     "MaskedFrobeniusPenalty",
     "info",
+    "lora_linear",
+    "lora_scale",
     "masked_frobenius_penalty",
+    "patch_lora",
     "reference",
     "threshold_dilate",
+    "trajectory_scale",
+    "unpatch_lora",
 ]

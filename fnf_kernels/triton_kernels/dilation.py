@@ -225,6 +225,8 @@ def triton_threshold_dilate(heatmap: torch.Tensor, threshold: torch.Tensor, radi
     threshold = threshold.to(acc).contiguous()
     out = torch.empty((batch, height, width), dtype=dtype, device=heatmap.device)
     scratch = torch.empty((batch, height, width), dtype=torch.int32, device=heatmap.device)
+    if out.numel() == 0:
+        return out
     out_view = out.view(torch.uint8) if dtype == torch.bool else out
     shb, shy, shx = heatmap.stride()
     wide = (height - 1 + 64) * shy + (width - 1) * shx > INT32_LIMIT

@@ -163,6 +163,8 @@ def triton_penalty_norms(image: torch.Tensor, reference: torch.Tensor, mask: tor
     batch = image.shape[0]
     numel = image[0].numel()
     acc_dtype = _ref.accumulate_dtype(image.dtype)
+    if image.numel() == 0:
+        return torch.zeros((batch,), dtype=acc_dtype, device=image.device)
     ndim, (_, d1, d2), (sx, sr, sm), wide = _walk(image, [image, reference, mask])
     block, iters, warps = _launch_shape(numel, batch)
     n_chunks = triton.cdiv(numel, block * iters)
@@ -193,6 +195,8 @@ def triton_penalty_backward(grad: torch.Tensor, image: torch.Tensor, reference: 
         coef = torch.where(norms == 0, torch.zeros_like(grad), grad / norms)
     coef = coef.contiguous()
     out = torch.empty_like(image)
+    if image.numel() == 0:
+        return out
     ndim, (_, d1, d2), (sx, sr, sm, so), wide = _walk(image, [image, reference, mask, out])
     block, iters, warps = _launch_shape(numel, batch)
     n_chunks = triton.cdiv(numel, block * iters)

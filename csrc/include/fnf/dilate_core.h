@@ -30,16 +30,16 @@ FNF_HD int imax(int a, int b) { return a > b ? a : b; }
 
 // Downward step at row y: update the last rows seen at each level, return the packed distances.
 FNF_HD uint32_t column_down(int state, int y, int cap, int& last1, int& last2) {
-  if (state >= 1) last1 = y;
-  if (state == 2) last2 = y;
+  last1 = state >= 1 ? y : last1;
+  last2 = state == 2 ? y : last2;
   return pack(uint32_t(imin(y - last1, cap)), uint32_t(imin(y - last2, cap)));
 }
 
 // Upward step at row y: combine the downward distances with the next rows below.
 FNF_HD uint32_t column_up(uint32_t down, int y, int cap, int& next1, int& next2) {
   int d1 = lo16(down), d2 = hi16(down);
-  if (d1 == 0) next1 = y;
-  if (d2 == 0) next2 = y;
+  next1 = d1 == 0 ? y : next1;
+  next2 = d2 == 0 ? y : next2;
   return pack(uint32_t(imin(imin(d1, next1 - y), cap)), uint32_t(imin(imin(d2, next2 - y), cap)));
 }
 
@@ -47,23 +47,25 @@ FNF_HD uint32_t column_up(uint32_t down, int y, int cap, int& next1, int& next2)
 FNF_HD int far_before(int cap) { return -cap - 1; }
 FNF_HD int far_after(int n, int cap) { return n + cap + 1; }
 
-// Horizontal reach of a column pixel at vertical distance d: -1 when d > r.
+// Horizontal reach of a column pixel at vertical distance d: -1 when d > r. Branch-free: sqrtf of an
+// integer below 2^30 is within 1 of the exact root, so one correction each way gives floor(sqrt(v)).
 FNF_HD int reach(int d, int r, bool disk) {
-  if (d > r) return -1;
-  if (!disk) return r;
-  int v = r * r - d * d;
-  int s = int(sqrtf(float(v)));
-  while (s * s > v) --s;
-  while ((s + 1) * (s + 1) <= v) ++s;
-  return s;
+  int s = r;
+  if (disk) {
+    const int v = imax(r * r - d * d, 0);
+    s = int(sqrtf(float(v)));
+    s -= int(s * s > v);
+    s += int((s + 1) * (s + 1) <= v);
+  }
+  return d > r ? -1 : s;
 }
 
 // Left-to-right step at column x: return (reach1 + 1, left1, reach2 + 1, left2) packed as 15+1 bits each,
 // where left_L says some x' <= x covers x at level L.
 FNF_HD uint32_t row_left(uint32_t dist, int x, int r, bool disk, int& best1, int& best2) {
   int s1 = reach(lo16(dist), r, disk), s2 = reach(hi16(dist), r, disk);
-  if (s1 >= 0) best1 = imax(best1, x + s1);
-  if (s2 >= 0) best2 = imax(best2, x + s2);
+  best1 = imax(best1, s1 >= 0 ? x + s1 : -1);
+  best2 = imax(best2, s2 >= 0 ? x + s2 : -1);
   uint32_t lo = uint32_t(s1 + 1) | (best1 >= x ? 0x8000u : 0u);
   uint32_t hi = uint32_t(s2 + 1) | (best2 >= x ? 0x8000u : 0u);
   return pack(lo, hi);
@@ -73,8 +75,8 @@ FNF_HD uint32_t row_left(uint32_t dist, int x, int r, bool disk, int& best1, int
 FNF_HD int row_right(uint32_t left, int x, int& best1, int& best2) {
   int lo = lo16(left), hi = hi16(left);
   int s1 = (lo & 0x7fff) - 1, s2 = (hi & 0x7fff) - 1;
-  if (s1 >= 0) best1 = imin(best1, x - s1);
-  if (s2 >= 0) best2 = imin(best2, x - s2);
+  best1 = imin(best1, s1 >= 0 ? x - s1 : best1);
+  best2 = imin(best2, s2 >= 0 ? x - s2 : best2);
   bool cover2 = (hi & 0x8000) || best2 <= x;
   bool cover1 = (lo & 0x8000) || best1 <= x;
   return cover2 ? 2 : (cover1 ? 1 : 0);

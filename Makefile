@@ -1,0 +1,35 @@
+# focus-n-fix developer entry points. `make test` works from a bare machine: it makes a venv, installs
+# torch==2.13.0 when the venv has no torch, builds the package with its C++ (and, with CUDA, CUDA)
+# extension, and runs the test suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+EXTRAS ?= train,test,bench
+export MAX_JOBS ?= 2
+
+.PHONY: install test test-fast bench info clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+install: $(PY)
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
+	$(PIP) install -q "setuptools>=64" wheel ninja
+	$(PIP) install --no-build-isolation -e ".[$(EXTRAS)]"
+	$(PY) -m fnf_kernels info
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+bench: install
+	$(PY) benchmarks/bench_ops.py
+
+info:
+	$(PY) -m fnf_kernels info
+
+clean:
+	rm -rf build dist *.egg-info fnf_kernels/_C*.so

@@ -1,0 +1,207 @@
+"""The ``fnf`` command: ``fnf train``, ``fnf localize``, ``fnf sample``.
+
+Run ``fnf <command> --help`` for each command's options.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+DESCRIPTION = """\
+Focus-N-Fix: fine-tune a local Stable Diffusion model (SD 1.x/2.x or SDXL diffusers folder) with
+DRaFT-K + LoRA so that a reward improves inside problem regions while the rest of the image stays as the
+pretrained model drew it:
+
+    loss = -w * r(I, c) + beta * || (1 - M(I0)) * (I0 - I) ||_F
+
+I0 is the pretrained sample, I the fine-tuned one (same prompt, same noise), M(I0) the problem mask.
+beta = 0 is plain DRaFT.
+
+commands:
+  train      train a LoRA (YAML config + --set overrides + flags); writes <out>/lora for pipe.load_lora_weights
+  localize   write I0, heatmap, mask and overlay PNGs for prompts (check the localizer before training)
+  sample     base and fine-tuned images side by side, same seeds
+"""
+
+SPEC_HELP = """\
+specs:
+  reward     a registered name (brightness, darkness, redness, saturation, contrast, region, classifier),
+             'package.module:callable' or 'path/to/file.py:callable'; the callable maps
+             (images [B,3,H,W] in [0,1], prompts) -> [B]. Keyword arguments: --set reward.kwargs={...}
+  localizer  gradcam[:layer]   Grad-CAM of the reward on a named layer (default: its last Conv2d)
+             saliency          |d reward / d pixel|
+             heatmap:SPEC      a heatmap model (redness, box, module:callable, file.py:callable)
+             file:GLOB         mask images; the i-th sorted file pairs with the i-th prompt
+             none              no mask: the whole image is held to I0
+
+config keys (section.name), e.g. sampling.steps, sampling.truncation_k, sampling.guidance_scale,
+lora.rank, lora.alpha, objective.beta, objective.squared, localize.threshold, localize.radius,
+train.batch_size, train.grad_accum, train.checkpoint_every, memory.mixed_precision; see configs/*.yaml.
+"""
+
+FLAGS = {  # flag -> config key
+    "model": "model.path", "reward": "reward.spec", "localizer": "localize.spec", "beta": "objective.beta",
+    "steps": "train.steps", "lr": "train.lr", "seed": "train.seed", "out": "train.out", "resume": "train.resume",
+}
+
+
+def _add_common(p: argparse.ArgumentParser, *, training: bool) -> None:
+    p.add_argument("--config", metavar="X.yaml", help="YAML config (sections model, lora, sampling, reward, "
+                                                      "localize, objective, train, memory)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set sampling.steps=20 (repeatable; values parsed as YAML)")
+    p.add_argument("--model", metavar="DIR", help="local diffusers folder (model.path)")
+    p.add_argument("--reward", metavar="SPEC", help="reward spec (reward.spec)")
+    p.add_argument("--localizer", metavar="SPEC", help="localizer spec (localize.spec)")
+    p.add_argument("--seed", type=int, metavar="S", help="seed (train.seed)")
+    p.add_argument("--out", metavar="DIR", help="output folder (train.out)")
+    if training:
+        p.add_argument("--beta", type=float, metavar="B", help="penalty weight beta; 0 = plain DRaFT (objective.beta)")
+        p.add_argument("--steps", type=int, metavar="N", help="optimizer steps (train.steps)")
+        p.add_argument("--lr", type=float, metavar="LR", help="AdamW learning rate (train.lr)")
+        p.add_argument("--resume", nargs="?", const="latest", metavar="DIR",
+                       help="resume from a checkpoint folder, or the latest one under <out>/checkpoints")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="fnf", description=DESCRIPTION, epilog=SPEC_HELP, formatter_class=fmt)
+    sub = parser.add_subparsers(dest="command", metavar="{train,localize,sample}")
+    p = sub.add_parser("train", help="train a LoRA", description=DESCRIPTION, epilog=SPEC_HELP + """
+examples:
+  fnf train --config configs/sd15_artifacts.yaml --model /models/sd-v1-5 --out runs/fix
+  fnf train --config configs/sd15_artifacts.yaml --beta 0 --out runs/draft_baseline
+  accelerate launch --num_processes 2 -m fnf train --config configs/sd15_artifacts.yaml
+  fnf train --config configs/sd15_artifacts.yaml --resume          # continue from the latest checkpoint
+""", formatter_class=fmt)
+    _add_common(p, training=True)
+    p = sub.add_parser("localize", help="write I0 / heatmap / mask / overlay PNGs for prompts",
+                       description="Sample I0 with the pretrained model and write its heatmap and mask.",
+                       epilog=SPEC_HELP, formatter_class=fmt)
+    _add_common(p, training=False)
+    p.add_argument("--prompts", nargs="+", metavar="PROMPT", help="prompts (default: the config's train.prompts)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="S", help="noise seeds (default 0)")
+    p = sub.add_parser("sample", help="base and fine-tuned images side by side",
+                       description="Sample the base model and the model with a LoRA from the same noise.",
+                       formatter_class=fmt)
+    _add_common(p, training=False)
+    p.add_argument("--lora", required=True, metavar="DIR", help="LoRA folder written by `fnf train` (<out>/lora)")
+    p.add_argument("--prompts", nargs="+", metavar="PROMPT", help="prompts (default: the config's train.prompts)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="S", help="noise seeds (default 0)")
+    return parser
+
+
+def config_from_args(args):
+    from . import config as config_mod
+
+    cfg = config_mod.load(args.config, args.overrides)
+    for flag, key in FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            config_mod._set(cfg, key, value)
+    return config_mod.validate(cfg)
+
+
+def _prepare(cfg):
+    """Model, prompts embeddings helper and size for the no-grad commands."""
+    import torch
+
+    from .models import load_model
+
+    device = "cuda" if cfg.train.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+    model = load_model(cfg.model.path, kind=cfg.model.kind, weight_dtype=cfg.model.weight_dtype, device=device)
+    h = cfg.sampling.height or model.native_size
+    w = cfg.sampling.width or model.native_size
+    return model, device, h, w
+
+
+def _sample(model, cfg, prompt: str, seed: int, h: int, w: int, device):
+    import torch
+
+    from .models import encode_prompts
+    from .sampling import initial_latents, sample_images
+
+    cond = encode_prompts(model, [prompt], height=h, width=w)
+    neg = cfg.sampling.negative_prompt
+    uncond = encode_prompts(model, [neg], height=h, width=w,
+                            zero=model.kind == "sdxl" and not neg and model.force_zeros_for_empty_prompt)
+    x_T = initial_latents(model, 1, h, w, torch.Generator().manual_seed(seed), device)
+    return sample_images(model, x_T, cond, uncond, steps=cfg.sampling.steps,
+                         guidance_scale=cfg.sampling.guidance_scale, eta=cfg.sampling.eta, seed=seed)
+
+
+def cmd_train(args) -> int:
+    from .train import train
+
+    cfg = config_from_args(args)
+    result = train(cfg)
+    print(f"fnf: done: {result.steps_done} steps; LoRA in {result.lora_dir}; log in {os.path.join(result.out, 'log.jsonl')}")
+    return 0
+
+
+def cmd_localize(args) -> int:
+    from .images import save_png
+    from .localize import build_localizer, heatmap_rgb, overlay
+    from .rewards import build_reward, prepare_reward
+
+    cfg = config_from_args(args)
+    model, device, h, w = _prepare(cfg)
+    reward = prepare_reward(build_reward(cfg.reward.spec, **cfg.reward.kwargs), device)
+    lc = cfg.localize
+    loc = build_localizer(lc.spec, reward, kwargs=lc.kwargs, normalize=lc.normalize, threshold=lc.threshold,
+                          threshold_mode=lc.threshold_mode, radius=lc.radius, shape=lc.shape)
+    prompts = args.prompts or cfg.all_prompts()
+    out = os.path.join(cfg.train.out, "localize")
+    for pi, prompt in enumerate(prompts):
+        for seed in args.seeds:
+            img = _sample(model, cfg, prompt, seed, h, w, device)
+            heat, mask = loc(img, [prompt], [pi])
+            stem = os.path.join(out, f"p{pi:03d}_s{seed}")
+            save_png(img[0], stem + "_i0.png")
+            save_png(heatmap_rgb(heat)[0], stem + "_heatmap.png")
+            save_png(mask[0, 0], stem + "_mask.png")
+            save_png(overlay(img, mask)[0], stem + "_overlay.png")
+    print(f"fnf: wrote {len(prompts) * len(args.seeds)} sets of I0/heatmap/mask/overlay PNGs to {out}")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from .images import grid, save_png
+    from .models import ADAPTER, adapters_disabled, load_lora_for_sampling
+
+    cfg = config_from_args(args)
+    model, device, h, w = _prepare(cfg)
+    load_lora_for_sampling(model, args.lora, adapter_name=ADAPTER)
+    prompts = args.prompts or cfg.all_prompts()
+    out = os.path.join(cfg.train.out, "samples_compare")
+    for pi, prompt in enumerate(prompts):
+        for seed in args.seeds:
+            with adapters_disabled(model.unet):
+                base = _sample(model, cfg, prompt, seed, h, w, device)
+            tuned = _sample(model, cfg, prompt, seed, h, w, device)
+            save_png(grid([[base[0], tuned[0]]]), os.path.join(out, f"p{pi:03d}_s{seed}.png"))
+    print(f"fnf: wrote base | fine-tuned pairs to {out}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    from .config import ConfigError
+    from .localize import LocalizerError
+    from .models import ModelLoadError
+    from .rewards import SpecError
+
+    try:
+        return {"train": cmd_train, "localize": cmd_localize, "sample": cmd_sample}[args.command](args)
+    except (ConfigError, ModelLoadError, SpecError, LocalizerError, FileNotFoundError) as e:
+        print(f"fnf {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

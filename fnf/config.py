@@ -1,0 +1,351 @@
+"""Training configuration: nested dataclasses, YAML loading, ``key=value`` overrides and validation.
+
+Every key is addressed as ``section.name`` (e.g. ``sampling.steps``, ``objective.beta``). Errors raise
+:class:`ConfigError` naming the bad key, the value found and the value expected.
+
+Defaults that the papers leave open are ours; each is documented next to its field.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown or holds a value of the wrong kind."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""                 # local diffusers folder (SD 1.x/2.x or SDXL); never a hub id
+    kind: str = "auto"             # auto | sd | sdxl  (auto: SDXL when the folder has text_encoder_2)
+    weight_dtype: str = "fp32"     # dtype of the frozen weights: fp32 | fp16 | bf16 (LoRA params stay fp32)
+    scheduler: str = "ddim"        # ddim: a DDIMScheduler built from the folder's scheduler config
+
+
+@dataclass
+class LoraSettings:
+    rank: int = 64                 # Focus-N-Fix reports rank 64
+    alpha: float = 64.0            # scale = alpha / rank
+    dropout: float = 0.0
+    target_modules: list = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+
+@dataclass
+class SamplingConfig:
+    steps: int = 50                # DDIM steps T
+    guidance_scale: float = 7.5
+    truncation_k: int = 2          # DRaFT-K: the last K steps carry gradient (Focus-N-Fix reports K=2)
+    lv_copies: int = 0             # > 0: DRaFT-LV (K=1) with this many re-noised copies of the last step
+    eta: float = 0.0               # DDIM eta (0 = deterministic)
+    height: int = 0                # 0: the model's native size (unet.sample_size * vae factor)
+    width: int = 0
+    negative_prompt: str = ""
+
+
+@dataclass
+class RewardConfig:
+    spec: str = "brightness"       # registry name, "module:callable" or "path/file.py:callable"
+    weight: float = 1.0            # w in loss = -w * r(I, c) + beta * penalty
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class LocalizeConfig:
+    spec: str = "gradcam"          # gradcam[:layer] | saliency | heatmap:SPEC | file:GLOB | none
+    kwargs: dict = field(default_factory=dict)   # passed to a heatmap:SPEC factory
+    normalize: str = "minmax"      # per-image heatmap normalisation: minmax | max | none
+    threshold: float = 0.5         # ours: half of the normalised heatmap's range
+    threshold_mode: str = "relative"   # relative: threshold * each image's max; absolute: threshold as is
+    radius: int = -1               # dilation radius in pixels; -1: ours, 1/64 of the image side (8 px at 512); 0: none
+    shape: str = "square"          # square | disk
+
+
+@dataclass
+class ObjectiveConfig:
+    beta: float = 1.0              # ours (the paper does not publish it); see fnf/objectives.py
+    squared: bool = False          # the paper writes the plain Frobenius norm
+
+
+@dataclass
+class TrainConfig:
+    prompts: list = field(default_factory=lambda: ["a photo of a person"])
+    prompts_file: str = ""         # one prompt per line; added to `prompts`
+    batch_size: int = 1            # images per process per micro-step
+    steps: int = 1000              # optimizer steps
+    grad_accum: int = 1
+    lr: float = 3e-4
+    weight_decay: float = 0.1
+    adam_betas: list = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
+    warmup_steps: int = 0
+    grad_clip: float = 1.0         # max grad norm; 0 disables clipping
+    seed: int = 0
+    out: str = "runs/fnf"
+    resume: str = ""               # "", "latest" or a checkpoint directory
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2      # 0 keeps all
+    sample_every: int = 50         # PNG grid I0 | mask overlay | I every N steps; 0 disables
+    log_every: int = 1
+    tensorboard: bool = True       # when tensorboard is installed
+    device: str = "auto"           # auto | cpu | cuda
+    progress: bool = True
+
+
+@dataclass
+class MemoryConfig:
+    mixed_precision: str = "no"    # no | fp16 | bf16 (autocast; LoRA params and optimizer stay fp32)
+    unet_checkpointing: bool = True
+    vae_checkpointing: bool = True
+    reward_checkpointing: bool = False
+    offload_text_encoder: bool = True  # embeddings are computed once; then the text encoders leave the device
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    localize: LocalizeConfig = field(default_factory=LocalizeConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def all_prompts(self) -> list[str]:
+        prompts = list(self.train.prompts)
+        if self.train.prompts_file:
+            with open(self.train.prompts_file, encoding="utf-8") as f:
+                prompts += [line.strip() for line in f if line.strip()]
+        return prompts
+
+
+CHOICES = {
+    "model.kind": ("auto", "sd", "sdxl"),
+    "model.weight_dtype": ("fp32", "fp16", "bf16"),
+    "model.scheduler": ("ddim",),
+    "localize.normalize": ("minmax", "max", "none"),
+    "localize.threshold_mode": ("relative", "absolute"),
+    "localize.shape": ("square", "disk"),
+    "memory.mixed_precision": ("no", "fp16", "bf16"),
+    "train.device": ("auto", "cpu", "cuda"),
+}
+
+
+def _sections(cfg: Config):
+    for f in dataclasses.fields(cfg):
+        yield f.name, getattr(cfg, f.name)
+
+
+def _field_type(section_obj, name: str):
+    return get_type_hints(type(section_obj))[name]
+
+
+def _coerce(key: str, value: Any, typ) -> Any:
+    """Convert ``value`` to ``typ`` or raise ConfigError naming ``key``."""
+    origin = get_origin(typ) or typ
+    expected = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+                list: "a list", dict: "a mapping"}.get(origin, str(typ))
+    bad = ConfigError(f"config key '{key}': expected {expected}, got {value!r}")
+    if origin is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise bad
+    if origin is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if origin is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if origin is str:
+        if isinstance(value, bool):  # YAML 1.1 reads a bare `no` as false (memory.mixed_precision: no)
+            return "no" if value is False else "yes"
+        if isinstance(value, (str, int, float)):
+            return str(value)
+        if value is None:
+            return ""
+        raise bad
+    if origin is list:
+        if isinstance(value, str):
+            parsed = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+            value = parsed
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise bad
+        return value
+    if origin is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise bad
+        return value
+    return value
+
+
+def _set(cfg: Config, key: str, value: Any) -> None:
+    parts = key.split(".")
+    sections = dict(_sections(cfg))
+    if len(parts) != 2 or parts[0] not in sections:
+        raise ConfigError(f"unknown config key '{key}': expected 'section.name' with section one of "
+                          f"{', '.join(sections)}")
+    section, name = parts
+    obj = sections[section]
+    names = [f.name for f in dataclasses.fields(obj)]
+    if name not in names:
+        raise ConfigError(f"unknown config key '{key}': section '{section}' has {', '.join(names)}")
+    setattr(obj, name, _coerce(key, value, _field_type(obj, name)))
+
+
+def from_dict(data: dict | None) -> Config:
+    """Build a validated Config from a nested mapping ``{section: {name: value}}``."""
+    cfg = Config()
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: expected a mapping of sections, got {type(data).__name__}")
+    for section, values in data.items():
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section '{section}': expected a mapping of keys, got {values!r}")
+        for name, value in values.items():
+            _set(cfg, f"{section}.{name}", value)
+    validate(cfg)
+    return cfg
+
+
+def load(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML file (optional), apply ``key=value`` overrides, validate."""
+    data: dict = {}
+    if path:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        with open(path, encoding="utf-8") as f:
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    cfg = from_dict(data)
+    apply_overrides(cfg, overrides or [])
+    return cfg
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply ``section.key=value`` strings (values parsed as YAML scalars/lists), then validate."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected the form section.key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        _set(cfg, key.strip(), value)
+    validate(cfg)
+    return cfg
+
+
+def _require(ok: bool, key: str, expected: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}': expected {expected}, got {value!r}")
+
+
+def validate(cfg: Config) -> Config:
+    """Check ranges and choices; raise ConfigError naming the key and the expected value."""
+    for key, choices in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        _require(value in choices, key, "one of " + ", ".join(choices), value)
+    positive_ints = {"lora.rank": cfg.lora.rank, "sampling.steps": cfg.sampling.steps,
+                     "train.batch_size": cfg.train.batch_size, "train.steps": cfg.train.steps,
+                     "train.grad_accum": cfg.train.grad_accum, "train.log_every": cfg.train.log_every}
+    for key, value in positive_ints.items():
+        _require(value >= 1, key, "an integer >= 1", value)
+    nonneg_ints = {"sampling.lv_copies": cfg.sampling.lv_copies, "sampling.height": cfg.sampling.height,
+                   "sampling.width": cfg.sampling.width,
+                   "train.warmup_steps": cfg.train.warmup_steps, "train.checkpoint_every": cfg.train.checkpoint_every,
+                   "train.sample_every": cfg.train.sample_every, "train.keep_checkpoints": cfg.train.keep_checkpoints,
+                   "train.seed": cfg.train.seed}
+    for key, value in nonneg_ints.items():
+        _require(value >= 0, key, "an integer >= 0", value)
+    _require(cfg.localize.radius >= -1, "localize.radius", "an integer >= 0 (or -1 for 1/64 of the image side)",
+             cfg.localize.radius)
+    for key in ("sampling.height", "sampling.width"):
+        value = getattr(cfg.sampling, key.split(".")[1])
+        _require(value % 8 == 0, key, "a multiple of 8 (or 0 for the model's size)", value)
+    k = cfg.sampling.truncation_k
+    _require(1 <= k <= cfg.sampling.steps, "sampling.truncation_k", f"an integer in [1, sampling.steps={cfg.sampling.steps}]", k)
+    if cfg.sampling.lv_copies > 0:
+        _require(k == 1, "sampling.truncation_k", "1 when sampling.lv_copies > 0 (DRaFT-LV)", k)
+    finite_nonneg = {"sampling.guidance_scale": cfg.sampling.guidance_scale, "sampling.eta": cfg.sampling.eta,
+                     "objective.beta": cfg.objective.beta, "train.weight_decay": cfg.train.weight_decay,
+                     "train.grad_clip": cfg.train.grad_clip, "lora.dropout": cfg.lora.dropout}
+    for key, value in finite_nonneg.items():
+        _require(math.isfinite(value) and value >= 0, key, "a finite number >= 0", value)
+    _require(math.isfinite(cfg.lora.alpha) and cfg.lora.alpha > 0, "lora.alpha", "a finite number > 0", cfg.lora.alpha)
+    _require(math.isfinite(cfg.train.lr) and cfg.train.lr > 0, "train.lr", "a finite number > 0", cfg.train.lr)
+    _require(math.isfinite(cfg.train.adam_eps) and cfg.train.adam_eps > 0, "train.adam_eps", "a number > 0",
+             cfg.train.adam_eps)
+    _require(math.isfinite(cfg.reward.weight), "reward.weight", "a finite number", cfg.reward.weight)
+    _require(0 <= cfg.lora.dropout < 1, "lora.dropout", "a number in [0, 1)", cfg.lora.dropout)
+    betas = cfg.train.adam_betas
+    _require(len(betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas),
+             "train.adam_betas", "two numbers in [0, 1)", betas)
+    tm = cfg.lora.target_modules
+    _require(len(tm) > 0 and all(isinstance(t, str) and t for t in tm), "lora.target_modules",
+             "a non-empty list of module names", tm)
+    pr = cfg.train.prompts
+    _require(all(isinstance(p, str) for p in pr), "train.prompts", "a list of strings", pr)
+    _require(len(pr) > 0 or bool(cfg.train.prompts_file), "train.prompts",
+             "at least one prompt (or train.prompts_file)", pr)
+    _require(math.isfinite(cfg.localize.threshold), "localize.threshold", "a finite number", cfg.localize.threshold)
+    if cfg.localize.threshold_mode == "relative":
+        _require(0 <= cfg.localize.threshold <= 1, "localize.threshold",
+                 "a fraction in [0, 1] with threshold_mode=relative", cfg.localize.threshold)
+    _require(bool(cfg.reward.spec), "reward.spec", "a reward name, module:callable or file.py:callable",
+             cfg.reward.spec)
+    _require(bool(cfg.localize.spec), "localize.spec", "gradcam[:layer], saliency, heatmap:SPEC, file:GLOB or none",
+             cfg.localize.spec)
+    head = cfg.localize.spec.split(":", 1)[0]
+    _require(head in ("gradcam", "saliency", "heatmap", "file", "none"), "localize.spec",
+             "gradcam[:layer], saliency, heatmap:SPEC, file:GLOB or none", cfg.localize.spec)
+    if head in ("heatmap", "file"):
+        _require(":" in cfg.localize.spec and cfg.localize.spec.split(":", 1)[1] != "", "localize.spec",
+                 f"{head}:<{'SPEC' if head == 'heatmap' else 'GLOB'}>", cfg.localize.spec)
+    return cfg
+
+
+def dump(cfg: Config, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)

@@ -1,0 +1,250 @@
+"""Problem masks M(I0): heatmaps from a model, Grad-CAM or input-gradient saliency of a scalar reward, or
+mask files; per-image normalisation; then ``fnf_kernels.threshold_dilate``. Overlays for inspection.
+
+Everything here runs on the pretrained image I0 and returns tensors with no autograd history: no gradient
+ever flows from the mask into training.
+"""
+from __future__ import annotations
+
+import glob as globlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import fnf_kernels
+
+from .rewards import build_heatmap_model
+
+
+class LocalizerError(ValueError):
+    """A localizer spec cannot be built (unknown kind, missing layer, no mask files...)."""
+
+
+# ------------------------------------------------------------------------------------------ heatmaps
+class GradCAM:
+    """Grad-CAM of a scalar reward: ReLU(sum_c mean_hw(dr/dA_c) * A_c) on a named layer, upsampled
+    bilinearly to the image size. ``layer`` is a dotted submodule name of the reward module; by default
+    the last Conv2d."""
+
+    def __init__(self, reward: torch.nn.Module, layer: str | None = None):
+        if not isinstance(reward, torch.nn.Module):
+            raise LocalizerError("gradcam needs the reward to be an nn.Module (it hooks a layer); use "
+                                 "'saliency' or 'heatmap:SPEC' for plain callables")
+        names = dict(reward.named_modules())
+        if not layer:
+            convs = [n for n, m in reward.named_modules() if isinstance(m, torch.nn.Conv2d)]
+            if not convs:
+                raise LocalizerError("gradcam: the reward has no Conv2d layer; name one with 'gradcam:<layer>'")
+            layer = convs[-1]
+        if layer not in names:
+            some = [n for n in names if n][:12]
+            raise LocalizerError(f"gradcam: reward has no layer {layer!r}; layers include {some}")
+        self.reward, self.layer, self.module = reward, layer, names[layer]
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        captured = {}
+
+        def hook(_module, _inputs, output):
+            captured["a"] = output[0] if isinstance(output, (tuple, list)) else output
+
+        handle = self.module.register_forward_hook(hook)
+        try:
+            with torch.enable_grad():
+                x = images.detach().float().requires_grad_(True)
+                score = torch.as_tensor(self.reward(x, prompts)).reshape(images.shape[0], -1)[:, 0]
+                act = captured.get("a")
+                if act is None or act.dim() != 4:
+                    raise LocalizerError(f"gradcam: layer {self.layer!r} must output (B, C, h, w) activations")
+                (grad,) = torch.autograd.grad(score.sum(), act, allow_unused=True)
+        finally:
+            handle.remove()
+        if grad is None:
+            grad = torch.zeros_like(act)
+        weights = grad.mean(dim=(2, 3), keepdim=True)
+        cam = torch.relu((weights * act).sum(dim=1, keepdim=True)).detach()
+        cam = F.interpolate(cam.float(), size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return cam[:, 0]
+
+
+class InputSaliency:
+    """|dr/dx| maxed over colour channels: plain input-gradient saliency of any differentiable reward."""
+
+    def __init__(self, reward: Callable):
+        self.reward = reward
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        with torch.enable_grad():
+            x = images.detach().float().requires_grad_(True)
+            score = torch.as_tensor(self.reward(x, prompts)).reshape(images.shape[0], -1)[:, 0]
+            (grad,) = torch.autograd.grad(score.sum(), x, allow_unused=True)
+        if grad is None:
+            return images.new_zeros(images.shape[0], *images.shape[-2:]).float()
+        return grad.abs().amax(dim=1).detach()
+
+
+class HeatmapModel:
+    """Any callable images -> (B, H, W) (or (B, 1, H, W), any resolution: resized bilinearly)."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        with torch.no_grad():
+            try:
+                heat = self.fn(images, prompts)
+            except TypeError:
+                heat = self.fn(images)
+        heat = torch.as_tensor(heat).float()
+        if heat.dim() == 4:
+            heat = heat[:, 0]
+        if heat.dim() != 3 or heat.shape[0] != images.shape[0]:
+            raise LocalizerError(f"heatmap model returned shape {tuple(heat.shape)}; expected (B, H, W)")
+        if heat.shape[-2:] != images.shape[-2:]:
+            heat = F.interpolate(heat[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        return heat.to(images.device)
+
+
+class FileMasks:
+    """Masks (or heatmaps) from image files: the i-th sorted file of the glob pairs with prompt index i
+    (modulo the file count; a single file applies to every prompt). Grey levels are read in [0, 1]."""
+
+    def __init__(self, pattern: str):
+        self.files = sorted(globlib.glob(pattern))
+        if not self.files:
+            raise LocalizerError(f"file:{pattern}: no files match")
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def _load(self, i: int) -> torch.Tensor:
+        if i not in self._cache:
+            import numpy as np
+            from PIL import Image
+            arr = np.asarray(Image.open(self.files[i]).convert("L"), dtype=np.float32) / 255.0
+            self._cache[i] = torch.from_numpy(arr.copy())
+        return self._cache[i]
+
+    def __call__(self, images: torch.Tensor, prompts: list[str], indices=None) -> torch.Tensor:
+        b, _, h, w = images.shape
+        indices = list(range(b)) if indices is None else [int(i) for i in indices]
+        maps = []
+        for i in indices:
+            m = self._load(i % len(self.files))
+            if m.shape != (h, w):
+                m = F.interpolate(m[None, None], size=(h, w), mode="nearest")[0, 0]
+            maps.append(m)
+        return torch.stack(maps).to(images.device)
+
+
+class NoMask:
+    """An empty heatmap: the whole image is held to I0 (a global proximity penalty)."""
+
+    def __call__(self, images, prompts):
+        return images.new_zeros(images.shape[0], *images.shape[-2:]).float()
+
+
+# ------------------------------------------------------------------------------------------ masks
+def normalize_heatmap(heat: torch.Tensor, mode: str = "minmax") -> torch.Tensor:
+    """Per-image normalisation: minmax -> [0, 1]; max -> divide by the max |value|; none -> unchanged.
+    A constant image maps to zeros."""
+    if mode == "none":
+        return heat
+    flat = heat.flatten(1)
+    if mode == "minmax":
+        lo, hi = flat.amin(dim=1), flat.amax(dim=1)
+        span = (hi - lo).clamp_min(1e-12)
+        out = (flat - lo[:, None]) / span[:, None]
+        out = torch.where((hi - lo)[:, None] > 1e-12, out, torch.zeros_like(out))
+        return out.view_as(heat)
+    if mode == "max":
+        peak = flat.abs().amax(dim=1).clamp_min(1e-12)
+        return (flat / peak[:, None]).view_as(heat)
+    raise ValueError(f"normalize must be minmax, max or none, got {mode!r}")
+
+
+def default_radius(height: int, width: int) -> int:
+    """Ours: 1/64 of the shorter image side (8 px at 512, 16 px at 1024), at least 1."""
+    return max(1, min(height, width) // 64)
+
+
+def heatmap_to_mask(heat: torch.Tensor, *, threshold: float, mode: str = "relative", radius: int = -1,
+                    shape: str = "square") -> torch.Tensor:
+    """Threshold (absolute, or ``threshold * max`` per image) and dilate with fnf_kernels.threshold_dilate.
+    Returns float32 (B, 1, H, W) in {0, 1}."""
+    if radius < 0:
+        radius = default_radius(*heat.shape[-2:])
+    if mode == "relative":
+        thr = (heat.flatten(1).amax(dim=1) * threshold).float()
+        # An all-zero (or all-negative) heatmap marks nothing.
+        thr = torch.where(heat.flatten(1).amax(dim=1) > 0, thr, torch.full_like(thr, float("inf")))
+    else:
+        thr = float(threshold)
+    mask = fnf_kernels.threshold_dilate(heat.float().contiguous(), thr, int(radius), shape=shape)
+    return mask[:, None]
+
+
+@dataclass
+class Localizer:
+    """A heatmap source plus the normalise / threshold / dilate settings: images -> (heatmap, mask)."""
+
+    source: Callable
+    normalize: str = "minmax"
+    threshold: float = 0.5
+    threshold_mode: str = "relative"
+    radius: int = -1
+    shape: str = "square"
+
+    def heatmap(self, images: torch.Tensor, prompts: list[str], indices=None) -> torch.Tensor:
+        if isinstance(self.source, FileMasks):
+            heat = self.source(images, prompts, indices)
+        else:
+            heat = self.source(images, prompts)
+        return normalize_heatmap(heat.detach().float(), self.normalize)
+
+    def __call__(self, images: torch.Tensor, prompts: list[str], indices=None):
+        heat = self.heatmap(images, prompts, indices)
+        mask = heatmap_to_mask(heat, threshold=self.threshold, mode=self.threshold_mode, radius=self.radius,
+                               shape=self.shape)
+        return heat, mask
+
+
+def build_localizer(spec: str, reward=None, *, kwargs: dict | None = None, normalize="minmax", threshold=0.5,
+                    threshold_mode="relative", radius=-1, shape="square") -> Localizer:
+    """``gradcam[:layer]``, ``saliency``, ``heatmap:SPEC``, ``file:GLOB`` or ``none``."""
+    kind, _, arg = spec.partition(":")
+    if kind == "gradcam":
+        source = GradCAM(reward, arg or None)
+    elif kind == "saliency":
+        if reward is None:
+            raise LocalizerError("saliency needs a reward")
+        source = InputSaliency(reward)
+    elif kind == "heatmap":
+        if not arg:
+            raise LocalizerError("heatmap:SPEC needs a heatmap model spec after the colon")
+        source = HeatmapModel(build_heatmap_model(arg, **(kwargs or {})))
+    elif kind == "file":
+        if not arg:
+            raise LocalizerError("file:GLOB needs a glob after the colon")
+        source = FileMasks(arg)
+    elif kind == "none":
+        source = NoMask()
+    else:
+        raise LocalizerError(f"unknown localizer {spec!r}: expected gradcam[:layer], saliency, heatmap:SPEC, "
+                             "file:GLOB or none")
+    return Localizer(source, normalize, threshold, threshold_mode, radius, shape)
+
+
+# ------------------------------------------------------------------------------------------ overlays
+def overlay(images: torch.Tensor, mask: torch.Tensor, color=(1.0, 0.0, 0.0), alpha: float = 0.45) -> torch.Tensor:
+    """Images with the mask region tinted (B, 3, H, W) in [0, 1]."""
+    m = mask.float()
+    if m.dim() == 3:
+        m = m[:, None]
+    tint = torch.tensor(color, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    return images * (1 - alpha * m) + tint * alpha * m
+
+
+def heatmap_rgb(heat: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) in [0, 1] -> a (B, 3, H, W) 'hot' colour map (black, red, yellow, white)."""
+    h = heat.clamp(0, 1)[:, None]
+    return torch.cat([(3 * h).clamp(0, 1), (3 * h - 1).clamp(0, 1), (3 * h - 2).clamp(0, 1)], dim=1)

@@ -1,0 +1,289 @@
+"""Rewards: the protocol, a registry of built-ins, and loading user code by spec.
+
+A reward is any callable ``reward(images, prompts) -> (B,)`` with images (B, 3, H, W) float in [0, 1].
+Specs name one:
+
+* a registry name: ``brightness``, ``darkness``, ``redness``, ``saturation``, ``contrast``, ``region``,
+  ``classifier`` (see :data:`REWARDS`);
+* ``package.module:callable`` (imported);
+* ``path/to/file.py:callable`` (loaded from the file).
+
+The loaded object is used as follows: a class is instantiated with the kwargs; a function is a factory
+(called with the kwargs, its return value is the reward) when kwargs are given or when it takes no
+required arguments and cannot take (images, prompts); otherwise the object itself is the reward. Heatmap models (images -> (B, H, W)) load the same way (:func:`build_heatmap_model`).
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import os
+import sys
+from typing import Callable, Protocol, runtime_checkable
+
+import torch
+
+
+class SpecError(ValueError):
+    """A reward / heatmap spec cannot be resolved to a callable."""
+
+
+@runtime_checkable
+class Reward(Protocol):
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor: ...
+
+
+REWARDS: dict[str, Callable[..., Reward]] = {}
+HEATMAPS: dict[str, Callable[..., Callable]] = {}
+
+
+def register_reward(name: str):
+    """Decorator: ``@register_reward("name")`` on a factory ``(**kwargs) -> reward``."""
+    def wrap(factory):
+        REWARDS[name] = factory
+        return factory
+    return wrap
+
+
+def register_heatmap(name: str):
+    def wrap(factory):
+        HEATMAPS[name] = factory
+        return factory
+    return wrap
+
+
+# ------------------------------------------------------------------------------------------ loading
+def load_object(spec: str, what: str = "reward"):
+    """Resolve ``module:attr`` or ``file.py:attr`` to the object, with errors that say what went wrong."""
+    if not isinstance(spec, str) or ":" not in spec:
+        raise SpecError(f"bad {what} spec {spec!r}: expected a registered name, 'module:callable' "
+                        "or 'path/to/file.py:callable'")
+    target, attr = spec.rsplit(":", 1)
+    if not target or not attr:
+        raise SpecError(f"bad {what} spec {spec!r}: both sides of ':' must be non-empty")
+    if target.endswith(".py") or os.sep in target or "/" in target:
+        path = os.path.abspath(target)
+        if not os.path.isfile(path):
+            raise SpecError(f"bad {what} spec {spec!r}: file {target!r} does not exist")
+        name = f"fnf_user_{abs(hash(path))}"
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as e:  # noqa: BLE001
+            del sys.modules[name]
+            raise SpecError(f"bad {what} spec {spec!r}: executing {target!r} failed: {type(e).__name__}: {e}") from e
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as e:
+            raise SpecError(f"bad {what} spec {spec!r}: cannot import module {target!r} ({e})") from e
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise SpecError(f"bad {what} spec {spec!r}: {target!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise SpecError(f"bad {what} spec {spec!r}: {attr!r} is not callable")
+    return obj
+
+
+def _is_factory(obj) -> bool:
+    """A callable that takes no required arguments and cannot take (images, prompts) builds the reward."""
+    try:
+        sig = inspect.signature(obj)
+    except (TypeError, ValueError):
+        return False
+    try:
+        sig.bind()
+    except TypeError:
+        return False
+    try:
+        sig.bind(None, None)
+    except TypeError:
+        return True
+    return False
+
+
+def _instantiate(obj, kwargs: dict, spec: str, what: str):
+    try:
+        if inspect.isclass(obj) or kwargs or _is_factory(obj):
+            return obj(**kwargs)
+    except TypeError as e:
+        raise SpecError(f"{what} {spec!r} does not accept kwargs {sorted(kwargs)}: {e}") from e
+    return obj
+
+
+def build_reward(spec: str, **kwargs) -> Reward:
+    """Registry name or ``module:callable`` / ``file.py:callable`` -> reward callable."""
+    if spec in REWARDS:
+        try:
+            return REWARDS[spec](**kwargs)
+        except TypeError as e:
+            raise SpecError(f"reward {spec!r} does not accept kwargs {sorted(kwargs)}: {e}") from e
+    if ":" not in spec:
+        raise SpecError(f"unknown reward {spec!r}: expected one of {', '.join(sorted(REWARDS))}, "
+                        "'module:callable' or 'path/to/file.py:callable'")
+    return _instantiate(load_object(spec, "reward"), kwargs, spec, "reward")
+
+
+def build_heatmap_model(spec: str, **kwargs) -> Callable:
+    """Registry name or spec -> callable images (B,3,H,W) -> heatmap (B,H,W)."""
+    if spec in HEATMAPS:
+        return HEATMAPS[spec](**kwargs)
+    if ":" not in spec:
+        raise SpecError(f"unknown heatmap model {spec!r}: expected one of {', '.join(sorted(HEATMAPS))}, "
+                        "'module:callable' or 'path/to/file.py:callable'")
+    return _instantiate(load_object(spec, "heatmap model"), kwargs, spec, "heatmap model")
+
+
+def prepare_reward(reward, device) -> Reward:
+    """Frozen, eval-mode and on ``device`` when the reward is an nn.Module."""
+    if isinstance(reward, torch.nn.Module):
+        reward.to(device).eval().requires_grad_(False)
+    return reward
+
+
+def evaluate(reward, images: torch.Tensor, prompts: list[str], checkpoint: bool = False) -> torch.Tensor:
+    """r(images, prompts) as float32 (B,), optionally under activation checkpointing (nn.Module rewards)."""
+    if checkpoint and torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint as ckpt
+        out = ckpt(lambda x: reward(x, prompts), images, use_reentrant=False)
+    else:
+        out = reward(images, prompts)
+    out = torch.as_tensor(out)
+    if out.dim() == 2 and out.shape[1] == 1:
+        out = out[:, 0]
+    if out.shape != (images.shape[0],):
+        raise ValueError(f"reward returned shape {tuple(out.shape)}; expected ({images.shape[0]},)")
+    return out.float()
+
+
+# ------------------------------------------------------------------------------------------ built-ins
+class ImageStatisticReward(torch.nn.Module):
+    """A per-image statistic as a reward (for tests and sanity runs)."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], name: str):
+        super().__init__()
+        self.fn, self.name = fn, name
+
+    def forward(self, images, prompts=None):
+        return self.fn(images)
+
+    def extra_repr(self):
+        return self.name
+
+
+def _luma(x):
+    return 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
+
+
+@register_reward("brightness")
+def brightness():
+    return ImageStatisticReward(lambda x: x.mean(dim=(1, 2, 3)), "mean intensity")
+
+
+@register_reward("darkness")
+def darkness():
+    return ImageStatisticReward(lambda x: 1 - x.mean(dim=(1, 2, 3)), "1 - mean intensity")
+
+
+@register_reward("redness")
+def redness():
+    return ImageStatisticReward(lambda x: (x[:, 0] - 0.5 * (x[:, 1] + x[:, 2])).mean(dim=(1, 2)), "mean R - (G+B)/2")
+
+
+@register_reward("saturation")
+def saturation():
+    return ImageStatisticReward(lambda x: (x.amax(dim=1) - x.amin(dim=1)).mean(dim=(1, 2)), "mean max-min channel")
+
+
+@register_reward("contrast")
+def contrast():
+    return ImageStatisticReward(lambda x: _luma(x).flatten(1).std(dim=1), "luma std")
+
+
+class RegionReward(torch.nn.Module):
+    """Mean intensity (or redness) inside a box given as fractions (top, bottom, left, right) of the image."""
+
+    def __init__(self, box=(0.25, 0.75, 0.25, 0.75), statistic: str = "brightness"):
+        super().__init__()
+        if len(box) != 4 or not all(0 <= b <= 1 for b in box) or box[0] >= box[1] or box[2] >= box[3]:
+            raise ValueError(f"region box must be (top, bottom, left, right) fractions with top<bottom, "
+                             f"left<right; got {box!r}")
+        if statistic not in ("brightness", "redness"):
+            raise ValueError(f"region statistic must be brightness or redness, got {statistic!r}")
+        self.box, self.statistic = tuple(float(b) for b in box), statistic
+
+    def forward(self, images, prompts=None):
+        h, w = images.shape[-2:]
+        t, b, l, r = self.box
+        crop = images[:, :, int(t * h):max(int(b * h), int(t * h) + 1), int(l * w):max(int(r * w), int(l * w) + 1)]
+        if self.statistic == "redness":
+            return (crop[:, 0] - 0.5 * (crop[:, 1] + crop[:, 2])).mean(dim=(1, 2))
+        return crop.mean(dim=(1, 2, 3))
+
+
+@register_reward("region")
+def region(box=(0.25, 0.75, 0.25, 0.75), statistic="brightness"):
+    return RegionReward(box, statistic)
+
+
+class ClassifierReward(torch.nn.Module):
+    """Any image classifier nn.Module as a reward: the chosen logit (or its log-softmax) of resized,
+    normalised images. Gradients flow through; Grad-CAM layer names are ``classifier.<layer>``."""
+
+    def __init__(self, classifier: torch.nn.Module, logit: int = 0, *, size: int | None = None,
+                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), log_softmax: bool = False, sign: float = 1.0):
+        super().__init__()
+        self.classifier = classifier
+        self.logit, self.size, self.log_softmax, self.sign = int(logit), size, bool(log_softmax), float(sign)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, images, prompts=None):
+        x = images
+        if self.size and x.shape[-1] != self.size:
+            x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True,
+                                                align_corners=False)
+        x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        logits = self.classifier(x)
+        if hasattr(logits, "logits"):
+            logits = logits.logits
+        if self.log_softmax:
+            logits = logits.log_softmax(dim=-1)
+        return self.sign * logits[:, self.logit]
+
+
+@register_reward("classifier")
+def classifier(model: str = "", logit: int = 0, model_kwargs: dict | None = None, **kw):
+    """kwargs: model = spec of a callable returning the nn.Module (e.g. 'my_pkg.nets:load_nsfw'),
+    logit, size, mean, std, log_softmax, sign (-1 to push a logit down, e.g. an unsafe class)."""
+    if not model:
+        raise SpecError("reward 'classifier' needs reward.kwargs.model: a 'module:callable' or "
+                        "'file.py:callable' that returns the classifier nn.Module")
+    net = _instantiate(load_object(model, "classifier model"), model_kwargs or {}, model, "classifier model")
+    if inspect.isfunction(net):
+        net = net()
+    if not isinstance(net, torch.nn.Module):
+        raise SpecError(f"classifier model {model!r} gave {type(net).__name__}, expected an nn.Module")
+    return ClassifierReward(net, logit, **kw)
+
+
+# ------------------------------------------------------------------------------------------ heatmaps
+@register_heatmap("redness")
+def redness_heatmap():
+    """Per-pixel redness R - (G+B)/2: a toy artifact detector for tests and demos."""
+    return lambda images: images[:, 0] - 0.5 * (images[:, 1] + images[:, 2])
+
+
+@register_heatmap("box")
+def box_heatmap(box=(0.25, 0.75, 0.25, 0.75)):
+    """A fixed box (top, bottom, left, right fractions): a known region for tests and demos."""
+    def heat(images):
+        b, _, h, w = images.shape
+        out = images.new_zeros(b, h, w)
+        out[:, int(box[0] * h):int(box[1] * h), int(box[2] * w):int(box[3] * w)] = 1
+        return out
+    return heat

@@ -1,0 +1,332 @@
+"""The training loop: DRaFT-K + LoRA with the Focus-N-Fix region penalty, on accelerate.
+
+One process, CPU, or several processes (``accelerate launch`` / ``torchrun``; NCCL or gloo). Per optimizer
+step and per micro-batch, on every process:
+
+1. draw prompts and x_T from a generator seeded by (seed, step, micro-step, rank);
+2. I0 = pretrained sample (same UNet, adapters off, no grad);
+3. M(I0) = localizer mask (no grad);
+4. I = fine-tuned sample, DRaFT-K (last K steps and the VAE decode with grad);
+5. loss = -w r(I, c) + beta ||(1 - M) (I0 - I)||_F, backward.
+
+Then the LoRA gradients are averaged across processes (one all-reduce of a flat buffer: DDP's wrapper
+does not fit K UNet calls per backward nor the adapters-off pass), clipped, and AdamW steps. A step whose
+loss, reward or gradient is NaN/Inf on any process is skipped on all of them and logged.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+from .config import Config, dump
+from .images import grid, save_png
+from .localize import build_localizer, overlay
+from .models import (DiffusionModel, adapters_disabled, add_lora, encode_prompts, load_lora_state_dict,
+                     load_model, lora_state_dict, offload_text_encoders, save_lora_diffusers)
+from .objectives import focus_n_fix_loss
+from .rewards import build_reward, evaluate, prepare_reward
+from .sampling import decode, denoise, initial_latents
+
+AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class TrainResult:
+    out: str
+    steps_done: int
+    lora_dir: str
+    history: list = field(default_factory=list)
+    model: DiffusionModel | None = None
+
+
+def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
+    """Independent, reproducible seeds per (seed, step, micro-step, rank)."""
+    return int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def make_accelerator(cfg: Config):
+    from accelerate import Accelerator
+
+    cpu = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no CUDA device is visible")
+    return Accelerator(cpu=cpu)
+
+
+class Session:
+    """Everything the loop needs, built once from a Config: model with LoRA, reward, localizer, prompt
+    embeddings, optimizer and schedules."""
+
+    def __init__(self, cfg: Config, accelerator=None):
+        self.cfg = cfg
+        self.acc = accelerator or make_accelerator(cfg)
+        self.device = self.acc.device
+        self.rank, self.world = self.acc.process_index, self.acc.num_processes
+        mp = cfg.memory.mixed_precision
+        if mp == "no" and cfg.model.weight_dtype != "fp32":
+            mp = cfg.model.weight_dtype  # half-precision weights need autocast
+        self.autocast_dtype = AUTOCAST.get(mp)
+        self.model = load_model(cfg.model.path, kind=cfg.model.kind, weight_dtype=cfg.model.weight_dtype,
+                                device=self.device)
+        m = self.model
+        self.height = cfg.sampling.height or m.native_size
+        self.width = cfg.sampling.width or m.native_size
+        torch.manual_seed(cfg.train.seed)  # identical LoRA init on every process
+        self.params = add_lora(m, rank=cfg.lora.rank, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules,
+                               dropout=cfg.lora.dropout)
+        self._broadcast_params()
+        if cfg.lora.dropout > 0:
+            m.unet.train()
+        if cfg.memory.unet_checkpointing:
+            m.unet.enable_gradient_checkpointing()
+        if cfg.memory.vae_checkpointing:
+            m.vae.enable_gradient_checkpointing()
+        self.reward = prepare_reward(build_reward(cfg.reward.spec, **cfg.reward.kwargs), self.device)
+        lc = cfg.localize
+        self.localizer = build_localizer(lc.spec, self.reward, kwargs=lc.kwargs, normalize=lc.normalize,
+                                         threshold=lc.threshold, threshold_mode=lc.threshold_mode,
+                                         radius=lc.radius, shape=lc.shape)
+        self.prompts = cfg.all_prompts()
+        if not self.prompts:
+            raise ValueError("no prompts: set train.prompts or train.prompts_file")
+        self.embeds = encode_prompts(m, self.prompts, height=self.height, width=self.width)
+        neg = cfg.sampling.negative_prompt
+        self.negative = encode_prompts(m, [neg], height=self.height, width=self.width,
+                                       zero=(m.kind == "sdxl" and not neg and m.force_zeros_for_empty_prompt))
+        if cfg.memory.offload_text_encoder:
+            offload_text_encoders(m)
+        t = cfg.train
+        self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
+                                           weight_decay=t.weight_decay)
+        warm = t.warmup_steps
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
+
+    # ------------------------------------------------------------------ distributed helpers
+    def _dist(self):
+        import torch.distributed as dist
+        return dist if self.world > 1 and dist.is_initialized() else None
+
+    def _broadcast_params(self):
+        dist = self._dist()
+        if dist is not None:
+            with torch.no_grad():
+                for p in self.params:
+                    dist.broadcast(p.data, src=0)
+
+    def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
+        dist = self._dist()
+        if dist is not None:
+            dist.all_reduce(t)
+            t /= self.world
+        return t
+
+    def any_process(self, flag: bool) -> bool:
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist = self._dist()
+        if dist is not None:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def sync_grads(self) -> None:
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        if self._dist() is None:
+            return
+        flat = torch.cat([p.grad.flatten() for p in self.params])
+        self.all_reduce_mean(flat)
+        offset = 0
+        for p in self.params:
+            n = p.numel()
+            p.grad.copy_(flat[offset:offset + n].view_as(p))
+            offset += n
+
+    # ------------------------------------------------------------------ one micro-batch
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+
+    def micro_batch(self, step: int, micro: int):
+        """Sample I0, M(I0) and I for one micro-batch; return (loss, stats, images dict)."""
+        cfg, m = self.cfg, self.model
+        s = cfg.sampling
+        seed = step_seed(cfg.train.seed, step, micro, self.rank)
+        gen = torch.Generator().manual_seed(seed)
+        b = cfg.train.batch_size
+        idx = torch.randint(len(self.prompts), (b,), generator=gen)
+        prompts = [self.prompts[i] for i in idx.tolist()]
+        cond = self.embeds.index(idx.to(self.embeds.hidden.device))
+        uncond = self.negative.repeat(b)
+        x_T = initial_latents(m, b, self.height, self.width, gen, self.device)
+        noise_seed = int(torch.randint(2**62, (1,), generator=gen))
+        kw = dict(steps=s.steps, guidance_scale=s.guidance_scale, eta=s.eta)
+        with torch.no_grad(), adapters_disabled(m.unet), self.autocast():
+            z_ref = denoise(m, x_T, cond, uncond, grad_steps=0, generator=torch.Generator().manual_seed(noise_seed),
+                            **kw)
+            ref = decode(m, z_ref).float()
+        heat, mask = self.localizer(ref, prompts, idx)
+        with self.autocast():
+            z = denoise(m, x_T, cond, uncond, grad_steps=s.truncation_k, lv_copies=s.lv_copies,
+                        generator=torch.Generator().manual_seed(noise_seed), **kw)
+            images = decode(m, z)
+        copies = max(1, s.lv_copies)
+        ref_r, mask_r, prompts_r = ref.repeat(copies, 1, 1, 1), mask.repeat(copies, 1, 1, 1), prompts * copies
+        with self.autocast():
+            rewards = evaluate(self.reward, images, prompts_r, checkpoint=cfg.memory.reward_checkpointing)
+        loss, stats = focus_n_fix_loss(rewards.float(), images.float(), ref_r, mask_r, beta=cfg.objective.beta,
+                                       reward_weight=cfg.reward.weight, squared=cfg.objective.squared)
+        finite = bool(torch.isfinite(loss).item() and torch.isfinite(rewards).all().item())
+        return loss, stats, finite, {"ref": ref, "mask": mask, "heat": heat, "images": images[: ref.shape[0]]}
+
+    # ------------------------------------------------------------------ one optimizer step
+    def optimizer_step(self, step: int) -> tuple[dict, dict]:
+        cfg = self.cfg
+        accum = cfg.train.grad_accum
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        skipped, reason, last = False, "", {}
+        for micro in range(accum):
+            loss, stats, finite, last = self.micro_batch(step, micro)
+            if self.any_process(not finite):
+                skipped, reason = True, "non-finite loss or reward"
+                break
+            self.scaler.scale(loss / accum).backward()
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + v / accum
+        grad_norm = float("nan")
+        if not skipped:
+            self.sync_grads()
+            self.scaler.unscale_(self.optimizer)
+            clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
+            if not math.isfinite(grad_norm):
+                skipped, reason = True, "non-finite gradient"
+                self.scaler.update()
+            else:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.lr_schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        keys = sorted(totals)
+        if keys:
+            vec = self.all_reduce_mean(torch.tensor([totals[k] for k in keys], dtype=torch.float64,
+                                                    device=self.device))
+            totals = dict(zip(keys, vec.tolist()))
+        record = {"step": step + 1, **totals, "grad_norm": grad_norm, "lr": self.optimizer.param_groups[0]["lr"],
+                  "skipped": skipped}
+        if skipped:
+            record["skip_reason"] = reason
+        return record, last
+
+    # ------------------------------------------------------------------ state
+    def training_state(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "lr_schedule": self.lr_schedule.state_dict(),
+                "scaler": self.scaler.state_dict()}
+
+    def restore(self, folder: str) -> int:
+        step, lora, state = ckpt.load(folder, rank=self.rank, device=self.device)
+        load_lora_state_dict(self.model.unet, lora)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        self.scaler.load_state_dict(state["scaler"])
+        return step
+
+
+def save_grid(path: str, last: dict) -> None:
+    rows = []
+    for i in range(last["ref"].shape[0]):
+        rows.append([last["ref"][i], overlay(last["ref"][i:i + 1], last["mask"][i:i + 1])[0],
+                     last["images"][i].float()])
+    save_png(grid(rows), path)
+
+
+class _Logger:
+    """JSONL (always) and tensorboard (when installed and asked) on the main process."""
+
+    def __init__(self, out: str, enabled: bool, tensorboard: bool):
+        self.enabled = enabled
+        self.file = open(os.path.join(out, "log.jsonl"), "a", encoding="utf-8") if enabled else None
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(os.path.join(out, "tensorboard"))
+            except Exception:  # noqa: BLE001 - tensorboard is optional
+                self.tb = None
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def train(cfg: Config, accelerator=None) -> TrainResult:
+    """Run training as configured; returns where things were written and the in-memory model."""
+    session = Session(cfg, accelerator)
+    acc, t = session.acc, cfg.train
+    out = t.out
+    is_main = acc.is_main_process
+    if is_main:
+        os.makedirs(out, exist_ok=True)
+        dump(cfg, os.path.join(out, "config.yaml"))
+    acc.wait_for_everyone()
+    ckpt_root = os.path.join(out, "checkpoints")
+    start = 0
+    folder = ckpt.resolve(t.resume, ckpt_root)
+    if folder is not None:
+        start = session.restore(folder)
+        acc.print(f"fnf: resumed from {folder} at step {start}")
+    logger = _Logger(out, is_main, t.tensorboard)
+    history = []
+    progress = None
+    if is_main and t.progress:
+        from tqdm.auto import tqdm
+        progress = tqdm(total=t.steps, initial=start, desc="fnf train", dynamic_ncols=True)
+    try:
+        for step in range(start, t.steps):
+            began = time.time()
+            record, last = session.optimizer_step(step)
+            record["seconds"] = round(time.time() - began, 3)
+            done = step + 1
+            history.append(record)
+            if record["skipped"]:
+                acc.print(f"fnf: step {done} skipped ({record['skip_reason']})")
+            if done % t.log_every == 0 or record["skipped"] or done == t.steps:
+                logger.log(record)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(reward=f"{record.get('reward', float('nan')):.4f}",
+                                     penalty=f"{record.get('penalty', float('nan')):.4f}")
+            if is_main and t.sample_every and (done % t.sample_every == 0 or done == t.steps) and last:
+                save_grid(os.path.join(out, "samples", f"step-{done:07d}.png"), last)
+            if t.checkpoint_every and (done % t.checkpoint_every == 0 or done == t.steps):
+                ckpt.save(ckpt_root, done, lora_state_dict(session.model.unet), session.training_state(),
+                          rank=session.rank, is_main=is_main, keep=t.keep_checkpoints)
+    finally:
+        if progress is not None:
+            progress.close()
+        logger.close()
+    lora_dir = os.path.join(out, "lora")
+    if is_main:
+        save_lora_diffusers(session.model, lora_dir)
+    acc.wait_for_everyone()
+    return TrainResult(out=out, steps_done=t.steps, lora_dir=lora_dir, history=history, model=session.model)

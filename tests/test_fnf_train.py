@@ -1,0 +1,156 @@
+"""The training loop: the region constraint, exact resume, NaN steps, LoRA export, and the CLI end to end."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fnf_tiny_models import IMAGE_SIZE, cached_model, tiny_config, one_torch_thread  # noqa: E402,F401
+from fnf import cli  # noqa: E402
+from fnf.images import save_png  # noqa: E402
+from fnf.models import adapters_disabled, encode_prompts, lora_state_dict  # noqa: E402
+from fnf.sampling import initial_latents, sample_images  # noqa: E402
+from fnf.train import train  # noqa: E402
+
+HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fnf_tiny_models.py")
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    return cached_model("sd", str(tmp_path_factory.getbasetemp()))
+
+
+@pytest.fixture(scope="module")
+def left_mask(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("mask")
+    m = torch.zeros(IMAGE_SIZE, IMAGE_SIZE)
+    m[:, : IMAGE_SIZE // 2] = 1
+    save_png(m, str(folder / "left.png"))
+    return f"file:{folder}/*.png"
+
+
+def _outside_change(model, prompt, seed, mask):
+    cond = encode_prompts(model, [prompt], height=IMAGE_SIZE, width=IMAGE_SIZE)
+    uncond = encode_prompts(model, [""], height=IMAGE_SIZE, width=IMAGE_SIZE)
+    x_T = initial_latents(model, 1, IMAGE_SIZE, IMAGE_SIZE, torch.Generator().manual_seed(seed), "cpu")
+    kw = dict(steps=4, guidance_scale=3.0)
+    tuned = sample_images(model, x_T, cond, uncond, **kw)
+    with adapters_disabled(model.unet):
+        base = sample_images(model, x_T, cond, uncond, **kw)
+    change = (tuned - base).abs().mean(dim=1)[0]
+    return change[mask == 0].mean().item(), change[mask == 1].mean().item()
+
+
+def test_large_beta_holds_pixels_outside_the_mask_beta_zero_lets_them_move(sd, left_mask, tmp_path):
+    mask = torch.zeros(IMAGE_SIZE, IMAGE_SIZE)
+    mask[:, : IMAGE_SIZE // 2] = 1
+    results = {}
+    for beta in (0.0, 20.0):
+        cfg = tiny_config(sd, str(tmp_path / f"b{beta}"), localize={"spec": left_mask},
+                          objective={"beta": beta}, train={"steps": 6, "lr": 2e-2, "prompts": ["a photo of a cat"]})
+        res = train(cfg)
+        in_loop = sum(h["change_outside"] for h in res.history[2:]) / len(res.history[2:])
+        results[beta] = (in_loop, *_outside_change(res.model, "a photo of a cat", 123, mask))
+    zero, big = results[0.0], results[20.0]
+    assert zero[0] > 0.01 and zero[1] > 0.01          # plain DRaFT moves the whole image
+    assert big[0] < 0.5 * zero[0], results            # Focus-N-Fix holds the outside to I0 during training
+    assert big[1] < 0.5 * zero[1], results            # ... and the LoRA learned it (fresh seed, no mask)
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(sd, tmp_path):
+    extra = dict(lora={"dropout": 0.1}, train={"steps": 3, "grad_accum": 2, "warmup_steps": 2, "checkpoint_every": 1})
+    full = train(tiny_config(sd, str(tmp_path / "full"), **extra))
+    part_cfg = tiny_config(sd, str(tmp_path / "part"), **extra)
+    part_cfg.train.steps = 2
+    train(part_cfg)
+    ckpts = sorted(os.listdir(tmp_path / "part" / "checkpoints"))
+    assert ckpts == ["step-0000001", "step-0000002"]  # keep_checkpoints=2, no temp folders left
+    resumed_cfg = tiny_config(sd, str(tmp_path / "part"), **extra)
+    resumed_cfg.train.resume = "latest"
+    resumed = train(resumed_cfg)
+    a, b = lora_state_dict(full.model.unet), lora_state_dict(resumed.model.unet)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert [h["step"] for h in resumed.history] == [3]
+    assert resumed.history[0]["loss"] == full.history[2]["loss"]
+
+
+def test_exported_lora_loads_with_load_lora_weights_and_reproduces_images(sd, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    res = train(tiny_config(sd, str(tmp_path / "run"), train={"steps": 2, "lr": 5e-2}))
+    assert os.path.isfile(os.path.join(res.lora_dir, "pytorch_lora_weights.safetensors"))
+    prompt = "a red car"
+    m = res.model
+    cond = encode_prompts(m, [prompt], height=IMAGE_SIZE, width=IMAGE_SIZE)
+    uncond = encode_prompts(m, [""], height=IMAGE_SIZE, width=IMAGE_SIZE)
+    x_T = initial_latents(m, 1, IMAGE_SIZE, IMAGE_SIZE, torch.Generator().manual_seed(7), "cpu")
+    ours = sample_images(m, x_T, cond, uncond, steps=4, guidance_scale=3.0)
+    pipe = StableDiffusionPipeline.from_pretrained(sd, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(latents=x_T.clone(), num_inference_steps=4, guidance_scale=3.0, output_type="pt",
+              height=IMAGE_SIZE, width=IMAGE_SIZE)
+    with torch.no_grad():
+        base = pipe(prompt, **kw).images
+        pipe.load_lora_weights(res.lora_dir)
+        tuned = pipe(prompt, **kw).images
+    assert (tuned - base).abs().max() > 1e-3            # the LoRA does something
+    assert torch.allclose(tuned, ours, atol=1e-4), (tuned - ours).abs().max()
+
+
+def test_nan_step_is_skipped_and_logged(sd, tmp_path):
+    cfg = tiny_config(sd, str(tmp_path / "nan"), reward={"spec": f"{HELPER}:NanOnSecondCall"}, train={"steps": 3})
+    res = train(cfg)
+    assert [h["skipped"] for h in res.history] == [False, True, False]
+    assert "non-finite" in res.history[1]["skip_reason"]
+    assert all(torch.isfinite(p).all() for p in lora_state_dict(res.model.unet).values())
+    lines = [json.loads(line) for line in open(tmp_path / "nan" / "log.jsonl")]
+    assert any(r["skipped"] for r in lines)
+    for r in lines:
+        assert {"reward", "penalty", "loss", "grad_norm", "lr"} <= set(r) or r["skipped"]
+
+
+def test_cli_train_localize_sample_end_to_end(sd, tmp_path, left_mask):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(f"""
+lora: {{rank: 4, alpha: 4}}
+sampling: {{steps: 3, truncation_k: 1, lv_copies: 2, guidance_scale: 2.0}}
+localize: {{threshold: 0.5, radius: 1}}
+memory: {{mixed_precision: no}}
+train: {{prompts: ["a photo of a dog", "a blue house"], checkpoint_every: 1, sample_every: 1, progress: false,
+        batch_size: 2, tensorboard: false}}
+""")
+    out = tmp_path / "out"
+    rc = cli.main(["train", "--config", str(cfg_file), "--model", sd, "--reward", f"{HELPER}:red_detector",
+                   "--localizer", "gradcam:features", "--beta", "0.5", "--steps", "2", "--lr", "1e-3",
+                   "--seed", "3", "--out", str(out), "--set", "lora.rank=2"])
+    assert rc == 0
+    assert sorted(os.listdir(out / "samples")) == ["step-0000001.png", "step-0000002.png"]
+    assert len(open(out / "log.jsonl").readlines()) == 2
+    assert os.path.isfile(out / "lora" / "pytorch_lora_weights.safetensors")
+    saved = open(out / "config.yaml").read()
+    assert "rank: 2" in saved and "beta: 0.5" in saved and "seed: 3" in saved
+    rc = cli.main(["localize", "--config", str(cfg_file), "--model", sd, "--reward", f"{HELPER}:red_detector",
+                   "--localizer", "gradcam", "--out", str(out), "--prompts", "a red car", "--seeds", "0", "1"])
+    assert rc == 0
+    files = sorted(os.listdir(out / "localize"))
+    assert len(files) == 8 and "p000_s1_mask.png" in files
+    rc = cli.main(["sample", "--config", str(cfg_file), "--model", sd, "--lora", str(out / "lora"),
+                   "--out", str(out), "--prompts", "a red car", "--seeds", "5"])
+    assert rc == 0 and os.listdir(out / "samples_compare") == ["p000_s5.png"]
+
+
+def test_bf16_autocast_with_bf16_weights_keeps_lora_fp32(sd, tmp_path):
+    cfg = tiny_config(sd, str(tmp_path / "bf16"), model={"weight_dtype": "bf16"},
+                      memory={"mixed_precision": "bf16", "unet_checkpointing": True, "vae_checkpointing": True,
+                              "reward_checkpointing": True},
+                      localize={"spec": "saliency", "radius": 1}, train={"steps": 2})
+    res = train(cfg)
+    assert res.model.unet.dtype == torch.bfloat16 or any(p.dtype == torch.bfloat16 for p in res.model.unet.parameters())
+    lora = [p for n, p in res.model.unet.named_parameters() if p.requires_grad]
+    assert lora and all(p.dtype == torch.float32 for p in lora)
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in res.history if not h["skipped"])
+    assert not any(h["skipped"] for h in res.history)
