@@ -301,9 +301,10 @@ def autocast_inputs(x, *others):
     """Under torch.autocast cast x and the floating tensors in ``others`` to the autocast dtype, as F.linear does."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         return (x, *others)
-    dtype = compute_dtype(x)
-    if dtype == x.dtype and all(not isinstance(t, torch.Tensor) or t.dtype == dtype for t in others):
+    dev = x.device.type
+    if x.dtype == torch.float64 or not torch.is_autocast_enabled(dev):
         return (x, *others)
+    dtype = torch.get_autocast_dtype(dev)
     cast = [t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in others]
     return (x.to(dtype), *cast)
 

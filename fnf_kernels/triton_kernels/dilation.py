@@ -195,10 +195,11 @@ def _column_config(batch: int, height: int, width: int) -> tuple[int, int, int]:
     if interpreter():
         return min(64, triton.next_power_of_2(height)), min(128, triton.next_power_of_2(width)), 1
     # 32-64 adjacent columns keep each row segment one or two 128-byte lines; narrow blocks when the batch
-    # is small so more programs run in parallel. 16 rows per step give memory-level parallelism.
+    # is small so more programs run in parallel. The sweeps are latency-bound (one dependent step per row
+    # tile), so each step loads a tall 2048-pixel tile to keep enough bytes in flight per program.
     block_w = 64 if batch * triton.cdiv(width, 64) >= 264 else 32
     block_w = min(block_w, max(16, triton.next_power_of_2(width)))
-    return 16, block_w, 4 if block_w == 64 else 2
+    return min(64, 2048 // block_w), block_w, 4
 
 
 def _row_config(n_rows: int, width: int) -> tuple[int, int, bool, int]:
@@ -229,8 +230,9 @@ def triton_threshold_dilate(heatmap: torch.Tensor, threshold: torch.Tensor, radi
         return out
     out_view = out.view(torch.uint8) if dtype == torch.bool else out
     shb, shy, shx = heatmap.stride()
-    wide = (height - 1 + 64) * shy + (width - 1) * shx > INT32_LIMIT
     block_h, block_w, warps = _column_config(batch, height, width)
+    # Row offsets are computed for whole tiles (rows past H are masked): 64-bit if they could overflow.
+    wide = (height - 1 + block_h) * shy + (width - 1) * shx > INT32_LIMIT
     rows, block, tiled, row_warps = _row_config(batch * height, width)
     with device_guard(heatmap):
         _column_kernel[(batch, triton.cdiv(width, block_w))](

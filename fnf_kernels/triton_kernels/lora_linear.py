@@ -14,7 +14,7 @@ Kernels (all accumulate in float32; every tile loop is masked, so no size has to
   backward dx = g W + gbs A
   With ``FUSE_DOWN`` (forward only) the kernel also computes xs itself inside its K loop (see below).
 * ``_wgrad_kernel``  out = leftᵀ right, a reduction over the M rows split across programs (fp32 partials, summed
-  by torch: deterministic, no atomics): dA = gbsᵀ x, dB = gᵀ xs (per group), dW = gᵀ x (only when W requires grad).
+  by torch: deterministic, no atomics): dA = gbsᵀ x, dB = gᵀ xs (per group), dW = gᵀ x (if W requires grad).
   db = Σ_m g (torch, only when b requires grad).
 
 Saved for backward: x (for dA, dW), W, A (for dx), B (for dx, dA) and xs (M × R, for dB) — each only when a
@@ -48,7 +48,7 @@ Backward (needs dx, dA, dB; W frozen)
   _fused (dx)    2MNK + 2MKr   e(MN (L2) + NK + Mr + rK + MK)    g read #2, dx written once (no separate add)
   _wgrad (dA)    2MKr          e(Mr + MK)                 x read
   _wgrad (dB)    2MNr          e(MN + Mr)                 g read #3
-  total ≈ e(3MN + 2MK + 4Mr) = 28 MB; peft's backward runs ≈ 9 kernels (mul by scaling, two thin GEMM pairs,
+  total ≈ e(3MN + 2MK + 4Mr) = 30 MB; peft's backward runs ≈ 9 kernels (mul by scaling, two thin GEMM pairs,
   the frozen base dx, the add of both dx) ≈ e(6MN + 4MK + 6Mr) ≈ 58 MB.
 """
 from __future__ import annotations
@@ -236,7 +236,8 @@ _FUSED_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
 ]
-_fused_tuned = triton.autotune(configs=_FUSED_CONFIGS, key=["M_BUCKET", "N", "K", "R", "OG"])(_fused_kernel)
+_fused_tuned = triton.autotune(configs=_FUSED_CONFIGS,
+                               key=["M_BUCKET", "N", "K", "R", "OG", "FUSE_DOWN", "BLOCK_R"])(_fused_kernel)
 
 
 # --------------------------------------------------------------------------------------------------------
