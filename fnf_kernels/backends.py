@@ -15,7 +15,7 @@ import torch
 from . import _extension
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
-OPS = ("masked_frobenius_penalty", "threshold_dilate")
+OPS = ("masked_frobenius_penalty", "threshold_dilate", "lora_linear")
 
 
 def triton_interpreter() -> bool:
@@ -60,6 +60,24 @@ def availability(device_type: str) -> dict[str, tuple[bool, str]]:
     return out
 
 
+def op_availability(op: str, device_type: str) -> dict[str, tuple[bool, str]]:
+    """Like :func:`availability`, for one op (lora_linear has no C++ kernels: its "cpu" is plain torch)."""
+    table = availability(device_type)
+    if op == "lora_linear":
+        table["cuda"] = (False, "no CUDA C++ kernel for this op: Triton is its GPU path")
+        table["cpu"] = ((True, "plain-torch custom op with a hand-written backward") if device_type == "cpu"
+                        else (False, "the plain-torch path takes CPU tensors only"))
+    return table
+
+
+def _auto_for(op: str, device_type: str) -> str:
+    table = op_availability(op, device_type)
+    order = ("cuda", "triton", "reference") if device_type == "cuda" else ("cpu", "reference")
+    if op == "lora_linear" and device_type == "cuda" and not table["triton"][0]:
+        return "torch (plain torch custom op)"
+    return next(name for name in order if table[name][0])
+
+
 def select(backend: str, device: torch.device) -> str:
     """Resolve "auto" or check that an explicit backend can run on ``device``."""
     device_type = "cuda" if device.type == "cuda" else "cpu"
@@ -94,8 +112,8 @@ def info() -> str:
     for op in OPS:
         lines.append(f"\n{op}:")
         for device_type in ("cuda", "cpu"):
-            table = availability(device_type)
-            chosen = auto_choice(device_type)
+            table = op_availability(op, device_type)
+            chosen = _auto_for(op, device_type)
             lines.append(f"  {device_type} tensors (auto -> {chosen}):")
             for name in BACKENDS:
                 usable, reason = table[name]
