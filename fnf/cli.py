@@ -37,12 +37,14 @@ specs:
 
 config keys (section.name), e.g. sampling.steps, sampling.truncation_k, sampling.guidance_scale,
 lora.rank, lora.alpha, objective.beta, objective.squared, localize.threshold, localize.radius,
-train.batch_size, train.grad_accum, train.checkpoint_every, memory.mixed_precision; see configs/*.yaml.
+train.batch_size, train.grad_accum, train.checkpoint_every, memory.mixed_precision, memory.fused_lora;
+see configs/*.yaml.
 """
 
 FLAGS = {  # flag -> config key
     "model": "model.path", "reward": "reward.spec", "localizer": "localize.spec", "beta": "objective.beta",
     "steps": "train.steps", "lr": "train.lr", "seed": "train.seed", "out": "train.out", "resume": "train.resume",
+    "fused_lora": "memory.fused_lora",
 }
 
 
@@ -62,6 +64,9 @@ def _add_common(p: argparse.ArgumentParser, *, training: bool) -> None:
         p.add_argument("--lr", type=float, metavar="LR", help="AdamW learning rate (train.lr)")
         p.add_argument("--resume", nargs="?", const="latest", metavar="DIR",
                        help="resume from a checkpoint folder, or the latest one under <out>/checkpoints")
+        p.add_argument("--fused-lora", nargs="?", const="on", choices=["auto", "on", "off"], metavar="MODE",
+                       help="fused LoRA attention + I0 and I no-grad steps in one UNet batch: on (the flag alone), "
+                            "auto (on with CUDA + triton) or off (memory.fused_lora; default off)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -104,6 +104,15 @@ class MemoryConfig:
     vae_checkpointing: bool = True
     reward_checkpointing: bool = False
     offload_text_encoder: bool = True  # embeddings are computed once; then the text encoders leave the device
+    # Fused LoRA path (fnf/fused_lora.py): fnf_kernels' LoRA-fused attention, and the no-grad denoising steps of
+    # I0 and I run as one UNet batch (LoRA scale 0 | 1 rows). off | on | auto (also true/false).
+    #   on:   any device (CPU: plain-torch kernels); an error when the LoRA cannot be fused (lora.dropout > 0,
+    #         LoRA on non-Linear layers). Same samples and gradients as off up to float rounding; the exported
+    #         LoRA and checkpoints are unchanged.
+    #   auto: on when training on CUDA with triton installed and the LoRA can be fused, else off.
+    # Default off (ours): the Triton kernels have been checked only under the CPU interpreter so far; switch
+    # the default to auto once the GPU tests and benchmarks/bench_trainer_batching.py have run on a GPU.
+    fused_lora: str = "off"
 
 
 @dataclass
@@ -136,7 +145,15 @@ CHOICES = {
     "localize.threshold_mode": ("relative", "absolute"),
     "localize.shape": ("square", "disk"),
     "memory.mixed_precision": ("no", "fp16", "bf16"),
+    "memory.fused_lora": ("auto", "on", "off"),
     "train.device": ("auto", "cpu", "cuda"),
+}
+
+
+# Spellings accepted for a choice key and the value they stand for (YAML reads on/off/yes/no as booleans,
+# which the string coercion turns into "yes"/"no").
+ALIASES = {
+    "memory.fused_lora": {"yes": "on", "true": "on", "1": "on", "no": "off", "false": "off", "0": "off"},
 }
 
 
@@ -224,7 +241,10 @@ def _set(cfg: Config, key: str, value: Any) -> None:
     names = [f.name for f in dataclasses.fields(obj)]
     if name not in names:
         raise ConfigError(f"unknown config key '{key}': section '{section}' has {', '.join(names)}")
-    setattr(obj, name, _coerce(key, value, _field_type(obj, name)))
+    value = _coerce(key, value, _field_type(obj, name))
+    if key in ALIASES and isinstance(value, str):
+        value = ALIASES[key].get(value.lower(), value)
+    setattr(obj, name, value)
 
 
 def from_dict(data: dict | None) -> Config:
@@ -319,6 +339,9 @@ def validate(cfg: Config) -> Config:
              cfg.train.adam_eps)
     _require(math.isfinite(cfg.reward.weight), "reward.weight", "a finite number", cfg.reward.weight)
     _require(0 <= cfg.lora.dropout < 1, "lora.dropout", "a number in [0, 1)", cfg.lora.dropout)
+    if cfg.memory.fused_lora == "on":
+        _require(cfg.lora.dropout == 0, "lora.dropout", "0 with memory.fused_lora=on (the fused LoRA path has no "
+                 "dropout; use memory.fused_lora=auto or off)", cfg.lora.dropout)
     betas = cfg.train.adam_betas
     _require(len(betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas),
              "train.adam_betas", "two numbers in [0, 1)", betas)

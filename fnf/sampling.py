@@ -3,10 +3,15 @@
 The stepping follows the diffusers pipelines exactly (same CFG formula, ``scheduler.step``, decode and
 ``x / 2 + 0.5`` post-processing), so a LoRA trained here reproduces its images through
 ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` with ``pipe.load_lora_weights``.
+
+:func:`denoise_batched` runs the no-grad steps of the pretrained and the fine-tuned trajectory as one UNet
+batch with a per-sample LoRA scale (0 | 1) on a UNet switched to ``fnf_kernels``' fused LoRA path.
 """
 from __future__ import annotations
 
 import torch
+
+import fnf_kernels
 
 from .models import DiffusionModel, PromptEmbeds
 
@@ -20,10 +25,17 @@ def initial_latents(model: DiffusionModel, batch: int, height: int, width: int,
     return (x * model.scheduler.init_noise_sigma).to(device)
 
 
+def uses_cfg(uncond: PromptEmbeds | None, guidance_scale: float) -> bool:
+    """Whether :func:`predict_noise` runs classifier-free guidance (and so doubles the UNet batch)."""
+    return uncond is not None and guidance_scale > 1.0
+
+
 def predict_noise(model: DiffusionModel, unet, x: torch.Tensor, t, cond: PromptEmbeds,
                   uncond: PromptEmbeds | None, guidance_scale: float) -> torch.Tensor:
-    """One UNet call (both CFG halves batched together) and the guided model output, in float32."""
-    cfg = uncond is not None and guidance_scale > 1.0
+    """One UNet call and the guided model output, in float32.
+
+    With CFG the UNet batch is ``[uncond rows of x, cond rows of x]`` (both halves in x's row order)."""
+    cfg = uses_cfg(uncond, guidance_scale)
     emb = PromptEmbeds.cat(uncond, cond) if cfg else cond
     x_in = torch.cat([x, x]) if cfg else x
     x_in = model.scheduler.scale_model_input(x_in, t)
@@ -39,9 +51,25 @@ def predict_noise(model: DiffusionModel, unet, x: torch.Tensor, t, cond: PromptE
     return out
 
 
+def grad_start(steps: int, grad_steps: int, lv_copies: int = 0) -> int:
+    """Index of the first timestep that carries gradient (``steps`` for DRaFT-LV and for plain sampling)."""
+    return steps - (0 if lv_copies else grad_steps)
+
+
+def run_steps(model: DiffusionModel, x: torch.Tensor, timesteps, cond: PromptEmbeds, uncond: PromptEmbeds | None,
+              *, guidance_scale: float, eta: float = 0.0, generator: torch.Generator | None = None,
+              unet=None) -> torch.Tensor:
+    """DDIM steps over ``timesteps`` (a slice of ``scheduler.timesteps``) from x, in the caller's grad mode."""
+    unet = unet if unet is not None else model.unet
+    for t in timesteps:
+        out = predict_noise(model, unet, x, t, cond, uncond, guidance_scale)
+        x = model.scheduler.step(out, t, x, eta=eta, generator=generator, return_dict=False)[0]
+    return x
+
+
 def denoise(model: DiffusionModel, x_T: torch.Tensor, cond: PromptEmbeds, uncond: PromptEmbeds | None, *,
             steps: int, guidance_scale: float, grad_steps: int = 0, lv_copies: int = 0, eta: float = 0.0,
-            generator: torch.Generator | None = None, unet=None) -> torch.Tensor:
+            generator: torch.Generator | None = None, unet=None, start: int = 0) -> torch.Tensor:
     """Run DDIM from x_T to clean latents.
 
     The first ``steps - grad_steps`` steps run under no_grad; the last ``grad_steps`` (DRaFT-K) carry
@@ -49,19 +77,22 @@ def denoise(model: DiffusionModel, x_T: torch.Tensor, cond: PromptEmbeds, uncond
     ``lv_copies=n > 0`` is DRaFT-LV: all steps run without grad, then the final latents are re-noised to
     the last timestep n times and that step is redone with grad; the n results are stacked along the
     batch (copy-major: shape (n*B, ...)).
+    ``start=i`` continues a trajectory: x_T is then the latent after the first i steps (e.g. from
+    :func:`denoise_batched`) and ``generator`` must have drawn what those steps drew (eta > 0).
     """
     unet = unet if unet is not None else model.unet
     sched = model.scheduler
     sched.set_timesteps(steps, device=x_T.device)
     timesteps = sched.timesteps
-    first_grad = len(timesteps) - (0 if lv_copies else grad_steps)
+    if not 0 <= start <= len(timesteps):
+        raise ValueError(f"start must be in [0, steps={len(timesteps)}], got {start}")
+    first_grad = max(start, grad_start(len(timesteps), grad_steps, lv_copies))
+    kw = dict(guidance_scale=guidance_scale, eta=eta, generator=generator, unet=unet)
     x = x_T
-    for i, t in enumerate(timesteps):
-        with torch.set_grad_enabled(i >= first_grad and torch.is_grad_enabled()):
-            if i == first_grad:
-                x = x.detach()
-            out = predict_noise(model, unet, x, t, cond, uncond, guidance_scale)
-            x = sched.step(out, t, x, eta=eta, generator=generator, return_dict=False)[0]
+    with torch.no_grad():
+        x = run_steps(model, x, timesteps[start:first_grad], cond, uncond, **kw)
+    if first_grad < len(timesteps):
+        x = run_steps(model, x.detach(), timesteps[first_grad:], cond, uncond, **kw)
     if lv_copies <= 0:
         return x
     x0 = x.detach()
@@ -74,6 +105,48 @@ def denoise(model: DiffusionModel, x_T: torch.Tensor, cond: PromptEmbeds, uncond
         out = predict_noise(model, unet, x_t, t_last, cond, uncond, guidance_scale)
         copies.append(sched.step(out, t_last, x_t, eta=eta, generator=generator, return_dict=False)[0])
     return torch.cat(copies)
+
+
+@torch.no_grad()
+def denoise_batched(model: DiffusionModel, x_T: torch.Tensor, cond: PromptEmbeds, uncond: PromptEmbeds | None, *,
+                    steps: int, guidance_scale: float, grad_steps: int = 0, lv_copies: int = 0, eta: float = 0.0,
+                    generators: tuple = (None, None)) -> tuple[torch.Tensor, torch.Tensor]:
+    """The no-grad part of both trajectories with one UNet call per shared step; returns (z_ref, x_ft).
+
+    Needs a UNet switched to the fused LoRA path (``fnf_kernels.patch_lora``). For each of the first
+    ``s = grad_start(steps, grad_steps, lv_copies)`` timesteps, the pretrained rows (LoRA scale 0) and the
+    fine-tuned rows (scale 1) of the B samples run as one UNet batch: without CFG ``[I0 rows, ft rows]``,
+    with CFG ``[uncond·I0, uncond·ft, cond·I0, cond·ft]`` (predict_noise doubles the stacked batch), so the
+    scale is ``trajectory_scale(B, B, cfg_copies=1 or 2)``. Then the pretrained trajectory finishes its
+    last ``steps - s`` steps alone at scale 0, giving z_ref (I0's latents). x_ft is the fine-tuned
+    trajectory after s steps: continue it with ``denoise(..., start=s, generator=generators[1])``
+    (its grad steps, or DRaFT-LV's re-noised copies).
+
+    eta > 0: each half is stepped with its own generator (``generators = (g_ref, g_ft)``, both advanced);
+    the DDIM step is stateless, so with both seeded alike the noise equals that of two separate
+    ``denoise`` calls. Rows at scale 0 compute the base model exactly (up to GEMM rounding).
+    """
+    g_ref, g_ft = generators
+    unet, sched = model.unet, model.scheduler
+    sched.set_timesteps(steps, device=x_T.device)
+    timesteps = sched.timesteps
+    shared = grad_start(len(timesteps), grad_steps, lv_copies)
+    b = x_T.shape[0]
+    copies = 2 if uses_cfg(uncond, guidance_scale) else 1
+    scale = fnf_kernels.trajectory_scale(b, b, cfg_copies=copies, device=x_T.device)
+    cond2 = cond.repeat(2)
+    uncond2 = uncond.repeat(2) if uncond is not None else None
+    x_ref = x_ft = x_T
+    with fnf_kernels.lora_scale(unet, scale):
+        for t in timesteps[:shared]:
+            out_ref, out_ft = predict_noise(model, unet, torch.cat([x_ref, x_ft]), t, cond2, uncond2,
+                                            guidance_scale).chunk(2)
+            x_ref = sched.step(out_ref, t, x_ref, eta=eta, generator=g_ref, return_dict=False)[0]
+            x_ft = sched.step(out_ft, t, x_ft, eta=eta, generator=g_ft, return_dict=False)[0]
+    with fnf_kernels.lora_scale(unet, 0.0):
+        x_ref = run_steps(model, x_ref, timesteps[shared:], cond, uncond, guidance_scale=guidance_scale, eta=eta,
+                          generator=g_ref, unet=unet)
+    return x_ref, x_ft
 
 
 def decode(model: DiffusionModel, latents: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,10 @@ step and per micro-batch, on every process:
 4. I = fine-tuned sample, DRaFT-K (last K steps and the VAE decode with grad);
 5. loss = -w r(I, c) + beta ||(1 - M) (I0 - I)||_F, backward.
 
+With ``memory.fused_lora`` on (fnf/fused_lora.py) steps 2 and 4 share their no-grad denoising steps: one UNet
+batch per step holds the I0 rows (LoRA scale 0) and the fine-tuned rows (scale 1), see
+``sampling.denoise_batched``; I0 then finishes alone and the fine-tuned trajectory runs its grad steps as before.
+
 Then the LoRA gradients are averaged across processes (one all-reduce of a flat buffer: DDP's wrapper
 does not fit K UNet calls per backward nor the adapters-off pass), clipped, and AdamW steps. A step whose
 loss, reward or gradient is NaN/Inf on any process is skipped on all of them and logged.
@@ -25,6 +29,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
+from . import fused_lora
 from .config import Config, dump
 from .images import grid, save_png
 from .localize import build_localizer, overlay
@@ -32,7 +37,7 @@ from .models import (DiffusionModel, adapters_disabled, add_lora, encode_prompts
                      load_model, lora_state_dict, offload_text_encoders, save_lora_diffusers)
 from .objectives import focus_n_fix_loss
 from .rewards import build_reward, evaluate, prepare_reward
-from .sampling import decode, denoise, initial_latents
+from .sampling import decode, denoise, denoise_batched, grad_start, initial_latents
 
 AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -88,6 +93,9 @@ class Session:
             m.unet.enable_gradient_checkpointing()
         if cfg.memory.vae_checkpointing:
             m.vae.enable_gradient_checkpointing()
+        self.fused_lora, why = fused_lora.enable(m.unet, cfg.memory.fused_lora, self.device)
+        if cfg.memory.fused_lora != "off":
+            self.acc.print(f"fnf: fused LoRA path {why}")
         self.reward = prepare_reward(build_reward(cfg.reward.spec, **cfg.reward.kwargs), self.device)
         lc = cfg.localize
         self.localizer = build_localizer(lc.spec, self.reward, kwargs=lc.kwargs, normalize=lc.normalize,
@@ -167,15 +175,24 @@ class Session:
         uncond = self.negative.repeat(b)
         x_T = initial_latents(m, b, self.height, self.width, gen, self.device)
         noise_seed = int(torch.randint(2**62, (1,), generator=gen))
+        # I0 and I draw the same DDIM noise (eta > 0): one generator each, seeded alike.
+        gen_ref, gen_ft = torch.Generator().manual_seed(noise_seed), torch.Generator().manual_seed(noise_seed)
         kw = dict(steps=s.steps, guidance_scale=s.guidance_scale, eta=s.eta)
-        with torch.no_grad(), adapters_disabled(m.unet), self.autocast():
-            z_ref = denoise(m, x_T, cond, uncond, grad_steps=0, generator=torch.Generator().manual_seed(noise_seed),
-                            **kw)
-            ref = decode(m, z_ref).float()
+        if self.fused_lora:  # shared no-grad steps in one batch; x_ft is I's latent at its first grad step
+            with torch.no_grad(), self.autocast():
+                z_ref, x_ft = denoise_batched(m, x_T, cond, uncond, grad_steps=s.truncation_k, lv_copies=s.lv_copies,
+                                              generators=(gen_ref, gen_ft), **kw)
+                ref = decode(m, z_ref).float()
+            start = grad_start(s.steps, s.truncation_k, s.lv_copies)
+        else:
+            with torch.no_grad(), adapters_disabled(m.unet), self.autocast():
+                z_ref = denoise(m, x_T, cond, uncond, grad_steps=0, generator=gen_ref, **kw)
+                ref = decode(m, z_ref).float()
+            x_ft, start = x_T, 0
         heat, mask = self.localizer(ref, prompts, idx)
         with self.autocast():
-            z = denoise(m, x_T, cond, uncond, grad_steps=s.truncation_k, lv_copies=s.lv_copies,
-                        generator=torch.Generator().manual_seed(noise_seed), **kw)
+            z = denoise(m, x_ft, cond, uncond, grad_steps=s.truncation_k, lv_copies=s.lv_copies, generator=gen_ft,
+                        start=start, **kw)
             images = decode(m, z)
         copies = max(1, s.lv_copies)
         ref_r, mask_r, prompts_r = ref.repeat(copies, 1, 1, 1), mask.repeat(copies, 1, 1, 1), prompts * copies
@@ -326,6 +343,7 @@ def train(cfg: Config, accelerator=None) -> TrainResult:
             progress.close()
         logger.close()
     lora_dir = os.path.join(out, "lora")
+    fused_lora.disable(session.model.unet)  # back to diffusers' processors: the returned model is plain peft
     if is_main:
         save_lora_diffusers(session.model, lora_dir)
     acc.wait_for_everyone()

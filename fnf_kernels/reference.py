@@ -82,8 +82,6 @@ def threshold_dilate(heatmap: torch.Tensor, threshold: torch.Tensor, radius: int
     state = _states(heatmap, threshold)
     if radius > 0:
         if shape == "square":
-            k = 2 * radius + 1
-            # max_pool2d pads with -inf, so the border never activates anything.
             # max_pool2d pads with -inf, so pixels beyond the border never activate anything.
             pooled = F.max_pool2d(state.unsqueeze(1).float(), 2 * radius + 1, stride=1, padding=radius)
             state = pooled.squeeze(1).to(torch.uint8)

@@ -18,18 +18,12 @@ FNF_HD acc_t masked_diff(acc_t x, acc_t r, acc_t m) {
   return weight(m) * (r - x);
 }
 
-// d(value)/d(image) for one element, given the per-sample coefficient coef (see backward_coef).
+// d(value)/d(image) for one element, given the per-sample coefficient coef: 2 g for n^2; g / n for n,
+// exactly 0 where n == 0 (computed once per sample by penalty_coefficients in cpu/penalty_cpu.cpp).
 template <typename acc_t>
 FNF_HD acc_t grad_image(acc_t x, acc_t r, acc_t m, acc_t coef) {
   acc_t w = weight(m);
   return -coef * w * w * (r - x);
-}
-
-// Per-sample coefficient: 2 g for n^2; g / n for n, and exactly 0 where n == 0.
-template <typename acc_t>
-FNF_HD acc_t backward_coef(acc_t grad, acc_t norm, bool squared) {
-  if (squared) return acc_t(2) * grad;
-  return norm > acc_t(0) ? grad / norm : (norm == norm ? acc_t(0) : norm);
 }
 
 }  // namespace penalty
