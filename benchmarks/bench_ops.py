@@ -98,6 +98,24 @@ def maxpool_route(hm, thr, radius):
     return (pooled.squeeze(1) > thr).float()
 
 
+def kornia_bytes(shape, radius) -> int:
+    """kornia.morphology.dilation unfolds every (2r+1)^2 window: memory grows with the kernel area."""
+    b, h, w = shape
+    return 2 * b * h * w * (2 * radius + 1) ** 2 * 4
+
+
+def memory_budget(device) -> int:
+    """Half the free memory of ``device``: the most a baseline may take before it is skipped."""
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0] // 2
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024 // 2
+    except (OSError, KeyError, ValueError):
+        return 4 << 30
+
+
 def dilation_rows(device, shape, radii, min_run_time, with_kornia):
     hm = torch.rand(shape, device=device)
     providers = {"max_pool2d": lambda r: maxpool_route(hm, 0.99, r)}
@@ -122,8 +140,9 @@ def dilation_rows(device, shape, radii, min_run_time, with_kornia):
     rows = []
     for radius in radii:
         for name, fn in providers.items():
-            if name == "kornia" and radius > 15 and device == "cpu":
-                continue  # kornia's cost grows with the kernel area; minutes per call at r = 63 on CPU
+            if name == "kornia" and kornia_bytes(shape, radius) > memory_budget(device):
+                print(f"  (kornia at r={radius} skipped: its unfold needs ~{kornia_bytes(shape, radius) / 2**30:.0f} GiB)")
+                continue
             t = timeit(lambda: fn(radius), min_run_time)
             rows.append(dict(op="threshold_dilate", shape=list(shape), dtype="float32", provider=name,
                              mode=f"r={radius}", ms=t * 1e3, gbps=nbytes / t / 1e9))
@@ -173,6 +192,7 @@ def goals(rows, device):
 
 
 def main(argv=None):
+    sys.stdout.reconfigure(line_buffering=True)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     parser.add_argument("--min-run-time", type=float, default=0.5, help="seconds per measurement")
