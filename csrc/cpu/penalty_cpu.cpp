@@ -13,13 +13,9 @@ namespace {
 
 template <typename scalar_t, typename acc_t>
 acc_t plane_sumsq(const PenaltyArgs& a, int64_t b, int64_t i0) {
-  const scalar_t* x = static_cast<const scalar_t*>(a.image);
-  const scalar_t* r = static_cast<const scalar_t*>(a.reference);
-  const scalar_t* m = static_cast<const scalar_t*>(a.mask);
+  const auto p = penalty::plane<scalar_t>(a, b, i0);
+  const scalar_t *x = p.x, *r = p.r, *m = p.m;
   const auto &vx = a.image_view.stride, &vr = a.reference_view.stride, &vm = a.mask_view.stride;
-  x += b * vx[0] + i0 * vx[1];
-  r += b * vr[0] + i0 * vr[1];
-  m += b * vm[0] + i0 * vm[1];
   const int64_t d1 = a.size[1], d2 = a.size[2];
   acc_t acc = 0;
   if (a.dense_planes) {
@@ -49,13 +45,9 @@ acc_t plane_sumsq(const PenaltyArgs& a, int64_t b, int64_t i0) {
 template <typename scalar_t, typename acc_t>
 void plane_grad(const PenaltyArgs& a, const View4& vg, scalar_t* g, const acc_t* coef, int64_t b, int64_t i0,
                 bool dense) {
-  const scalar_t* x = static_cast<const scalar_t*>(a.image);
-  const scalar_t* r = static_cast<const scalar_t*>(a.reference);
-  const scalar_t* m = static_cast<const scalar_t*>(a.mask);
+  const auto p = penalty::plane<scalar_t>(a, b, i0);
+  const scalar_t *x = p.x, *r = p.r, *m = p.m;
   const auto &vx = a.image_view.stride, &vr = a.reference_view.stride, &vm = a.mask_view.stride;
-  x += b * vx[0] + i0 * vx[1];
-  r += b * vr[0] + i0 * vr[1];
-  m += b * vm[0] + i0 * vm[1];
   g += b * vg.stride[0] + i0 * vg.stride[1];
   const acc_t c = coef[b];
   const int64_t d1 = a.size[1], d2 = a.size[2];

@@ -26,10 +26,6 @@ __device__ __forceinline__ int64_t in_plane(const View4& v, int64_t j, int64_t d
   return i1 * v.stride[2] + i2 * v.stride[3];
 }
 
-__device__ __forceinline__ int64_t plane_base(const View4& v, int64_t b, int64_t i0) {
-  return b * v.stride[0] + i0 * v.stride[1];
-}
-
 template <typename acc_t>
 __device__ __forceinline__ acc_t block_sum(acc_t v) {
   __shared__ acc_t warp_sums[kThreads / 32];
@@ -50,9 +46,8 @@ __global__ void __launch_bounds__(kThreads) partials_kernel(PenaltyArgs a, typen
   const int64_t plane = blockIdx.x;
   const int64_t b = plane / a.size[0], i0 = plane - b * a.size[0];
   const int64_t n = a.size[1] * a.size[2], d2 = a.size[2];
-  const scalar_t* x = static_cast<const scalar_t*>(a.image) + plane_base(a.image_view, b, i0);
-  const scalar_t* r = static_cast<const scalar_t*>(a.reference) + plane_base(a.reference_view, b, i0);
-  const scalar_t* m = static_cast<const scalar_t*>(a.mask) + plane_base(a.mask_view, b, i0);
+  const auto p = penalty::plane<scalar_t>(a, b, i0);
+  const scalar_t *x = p.x, *r = p.r, *m = p.m;
   const int64_t start = int64_t(blockIdx.y) * kChunk;
   acc_t acc = 0;
 #pragma unroll
@@ -77,10 +72,9 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(PenaltyArgs a, View4
   const int64_t plane = blockIdx.x;
   const int64_t b = plane / a.size[0], i0 = plane - b * a.size[0];
   const int64_t n = a.size[1] * a.size[2], d2 = a.size[2];
-  const scalar_t* x = static_cast<const scalar_t*>(a.image) + plane_base(a.image_view, b, i0);
-  const scalar_t* r = static_cast<const scalar_t*>(a.reference) + plane_base(a.reference_view, b, i0);
-  const scalar_t* m = static_cast<const scalar_t*>(a.mask) + plane_base(a.mask_view, b, i0);
-  scalar_t* g = grad + plane_base(gv, b, i0);
+  const auto p = penalty::plane<scalar_t>(a, b, i0);
+  const scalar_t *x = p.x, *r = p.r, *m = p.m;
+  scalar_t* g = grad + b * gv.stride[0] + i0 * gv.stride[1];
   const acc_t c = coef[b];
   const int64_t start = int64_t(blockIdx.y) * kChunk;
 #pragma unroll

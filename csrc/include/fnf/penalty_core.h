@@ -26,5 +26,23 @@ FNF_HD acc_t grad_image(acc_t x, acc_t r, acc_t m, acc_t coef) {
   return -coef * w * w * (r - x);
 }
 
+// Pointers to the (b, i0) plane of image, reference and mask.
+template <typename scalar_t>
+struct Plane {
+  const scalar_t* x;
+  const scalar_t* r;
+  const scalar_t* m;
+};
+
+template <typename scalar_t>
+FNF_HD Plane<scalar_t> plane(const PenaltyArgs& a, int64_t b, int64_t i0) {
+  const int64_t* vx = a.image_view.stride;
+  const int64_t* vr = a.reference_view.stride;
+  const int64_t* vm = a.mask_view.stride;
+  return {static_cast<const scalar_t*>(a.image) + b * vx[0] + i0 * vx[1],
+          static_cast<const scalar_t*>(a.reference) + b * vr[0] + i0 * vr[1],
+          static_cast<const scalar_t*>(a.mask) + b * vm[0] + i0 * vm[1]};
+}
+
 }  // namespace penalty
 }  // namespace fnf
