@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import numbers
+import warnings
 from typing import Optional
 
 import torch
@@ -113,8 +114,8 @@ def _scale_args(scale, x: torch.Tensor, peft_scaling: float, where: str):
 
 def _apply(x: torch.Tensor, weight, bias, a, b, scaling, scale, groups: int, backend: str, where: str):
     """lora_linear on (..., in) x with peft scaling folded into the per-sample scale."""
-    if a is None:
-        return F.linear(x, weight, bias)
+    if a is None or (isinstance(scale, float) and scale == 0.0):
+        return F.linear(x, weight, bias)  # no LoRA, or a uniform scale of 0: the pretrained projection
     s_t, s_v = _scale_args(scale, x, scaling, where)
     if s_t is not None:
         s_t = s_t.to(device=x.device)
@@ -370,6 +371,10 @@ def lora_scale(unet: torch.nn.Module, scale):
     Row b of every LoRA layer gets ``scale[b] * peft_scaling``: 0 runs the pretrained model, 1 the fine-tuned
     one, so one batch can hold both trajectories. No gradient flows to ``scale``. Nesting restores the outer
     scale on exit.
+
+    With gradient checkpointing, checkpointed blocks re-run their forward during backward and read the scale
+    active *then*: call ``backward()`` inside the same block when the forward carried grad (a warning says
+    so once). No-grad passes, such as the trainer's batched pretrained + fine-tuned steps, are unaffected.
     """
     state = getattr(unet, "_fnf_lora_state", None)
     if state is None:
@@ -391,6 +396,11 @@ def lora_scale(unet: torch.nn.Module, scale):
         raise ValueError(f"lora_scale: unet has peft LoRA layers the fused path cannot scale per sample "
                          f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); target only Linear "
                          "layers, or use peft's set_adapters(weights=...) for a uniform scale")
+    default = uniform and scale == 1.0
+    if not default and torch.is_grad_enabled() and getattr(unet, "is_gradient_checkpointing", False):
+        warnings.warn("lora_scale with gradient checkpointing and grad enabled: run backward() inside the "
+                      "lora_scale block, since checkpointed layers recompute with the scale active during "
+                      "backward", RuntimeWarning, stacklevel=3)
     previous = state.scale
     state.scale = scale
     try:

@@ -20,7 +20,6 @@ from fnf.models import (adapters_disabled, add_lora, encode_prompts, load_model,
 from fnf.sampling import denoise, denoise_batched, grad_start, initial_latents, sample_images  # noqa: E402
 from fnf.train import train  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 TOL = dict(atol=2e-5, rtol=1e-4)
 
 
@@ -109,9 +108,8 @@ def test_batched_sampling_matches_two_passes_values_and_lora_grads(setup, case):
     rows = 2 * (2 if guidance > 1 else 1)  # UNet rows of one trajectory for B = 2
     shared = grad_start(steps, k, lv)
     grad_calls = lv if lv else k
-    # shared steps: I0 + I in one batch; then I0's tail alone; then I's grad steps (checkpointing recomputes
-    # each grad call once more in backward)
-    assert sizes == [2 * rows] * shared + [rows] * (steps - shared) + [rows] * (2 * grad_calls)
+    # shared steps: I0 + I in one batch; then I0's tail alone; then I's grad steps
+    assert sizes == [2 * rows] * shared + [rows] * (steps - shared) + [rows] * grad_calls
     torch.testing.assert_close(got_ref, ref_ref, **TOL)
     torch.testing.assert_close(got_z, ref_z, **TOL)
     for p, a, b in zip(params, got_g, ref_g):
@@ -119,68 +117,92 @@ def test_batched_sampling_matches_two_passes_values_and_lora_grads(setup, case):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-3)
 
 
+def test_batched_sampling_sdxl_conditioning(tmp_path_factory):
+    """SDXL's pooled embeds and time ids follow the stacked batch (CFG on, eta > 0)."""
+    m = load_model(cached_model("sdxl", str(tmp_path_factory.getbasetemp())))
+    add_lora(m, rank=4, alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    with torch.no_grad():
+        for n, p in m.unet.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    cond = encode_prompts(m, ["a photo of a cat", "a red car"], height=IMAGE_SIZE, width=IMAGE_SIZE)
+    uncond = encode_prompts(m, [""], height=IMAGE_SIZE, width=IMAGE_SIZE, zero=True).repeat(2)
+    x_T = initial_latents(m, 2, IMAGE_SIZE, IMAGE_SIZE, torch.Generator().manual_seed(3), "cpu")
+    kw = dict(steps=3, guidance_scale=3.0, grad_steps=1, lv_copies=0, eta=0.5)
+    with torch.no_grad():
+        ref_ref, ref_z = _two_passes(m, cond, uncond, x_T, kw, seed=5)
+        fnf_kernels.patch_lora(m.unet)
+        z_ref, z = _batched(m, cond, uncond, x_T, kw, seed=5)
+    assert (ref_ref - ref_z).abs().max() > 1e-3
+    torch.testing.assert_close(z_ref, ref_ref, **TOL)
+    torch.testing.assert_close(z, ref_z, **TOL)
+
+
 def test_batched_sampling_through_triton_kernels(setup):
+    """One batched step (scale 0 | 1 rows) through the Triton kernels = the two peft passes."""
     from fnf_kernels.triton_kernels import lora_linear as tk
     if not torch.cuda.is_available() and type(tk._down_kernel).__name__ != "InterpretedFunction":
         pytest.skip("triton was imported without TRITON_INTERPRET=1 and there is no GPU")
     m, params, cond, uncond, x_T = setup
-    kw = dict(steps=2, guidance_scale=3.0, grad_steps=1, lv_copies=0, eta=0.0)
+    cond, x_T = cond.index(torch.tensor([1])), x_T[1:]  # 1 sample, no CFG, 1 step: the interpreter is slow
+    kw = dict(steps=1, guidance_scale=1.0, grad_steps=0, lv_copies=0, eta=0.0)
     with torch.no_grad():
-        ref_ref, ref_z = _two_passes(m, cond, uncond, x_T, kw, seed=0)
+        ref_ref, ref_z = _two_passes(m, cond, None, x_T, kw, seed=0)
     fnf_kernels.patch_lora(m.unet, backend="triton")
     try:
-        with torch.no_grad():
-            z_ref, z = _batched(m, cond, uncond, x_T, kw, seed=0)
+        z_ref, z = denoise_batched(m, x_T, cond, None, **kw)
     finally:
         fnf_kernels.unpatch_lora(m.unet)
-    torch.testing.assert_close(z_ref, ref_ref, atol=1e-4, rtol=1e-3)
-    torch.testing.assert_close(z, ref_z, atol=1e-4, rtol=1e-3)
+    assert (ref_ref - ref_z).abs().max() > 1e-3  # 50x the tolerance: a wrong row scale would show
+    torch.testing.assert_close(z_ref, ref_ref, **TOL)
+    torch.testing.assert_close(z, ref_z, **TOL)
 
 
 # ------------------------------------------------------------------------------------------ training
-def _run(sd, out, mode, **sections):
-    memory = {"unet_checkpointing": True, "fused_lora": mode}
-    return train(tiny_config(sd, out, memory=memory, **sections))
+def _cfg(sd, out, mode, **sections):
+    return tiny_config(sd, out, memory={"unet_checkpointing": True, "fused_lora": mode}, **sections)
 
 
 @pytest.mark.parametrize("sampling", [{}, {"truncation_k": 1, "lv_copies": 2, "eta": 0.5, "guidance_scale": 1.0}],
                          ids=["cfg-K2", "nocfg-LV2-eta"])
 def test_training_fused_on_gives_the_same_lora_as_off(sd, tmp_path, sampling):
-    extra = dict(sampling=sampling, train={"steps": 2, "batch_size": 2, "lr": 1e-2})
-    off = _run(sd, str(tmp_path / "off"), "off", **extra)
-    on = _run(sd, str(tmp_path / "on"), "on", **extra)
+    steps, lr = 2, 1e-2
+    extra = dict(sampling=sampling, train={"steps": steps, "batch_size": 2, "lr": lr})
+    off = train(_cfg(sd, str(tmp_path / "off"), "off", **extra))
+    on = train(_cfg(sd, str(tmp_path / "on"), "on", **extra))
     for a, b in zip(off.history, on.history):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
     wa, wb = lora_state_dict(off.model.unet), lora_state_dict(on.model.unet)
     assert wa.keys() == wb.keys()
-    moved = 0.0
+    assert max(wa[k].abs().max().item() for k in wa if "lora_B" in k) > 0.5 * lr  # training moved B off zero
+    # AdamW's first steps are about lr * sign(g): a gradient entry near 0 turns float rounding into an O(lr)
+    # difference, so the weights are compared within 2 % of the largest distance training can move them.
     for key in wa:
-        torch.testing.assert_close(wb[key], wa[key], atol=2e-5, rtol=1e-4, msg=key)
-        moved = max(moved, (wa[key] - lora_state_dict(load_model(sd).unet).get(key, 0)).abs().max().item()
-                    if False else 0.0)
+        torch.testing.assert_close(wb[key], wa[key], atol=0.02 * lr * steps, rtol=0, msg=key)
     # the returned model is a plain peft UNet again
     assert {type(p.processor).__name__ for p in on.model.unet.modules() if hasattr(p, "to_q")} == {"AttnProcessor2_0"}
 
 
 def test_resume_with_fused_on_is_exact(sd, tmp_path):
     extra = dict(train={"steps": 3, "grad_accum": 2, "warmup_steps": 2, "checkpoint_every": 1})
-    full = _run(sd, str(tmp_path / "full"), "on", **extra)
-    part_cfg = tiny_config(sd, str(tmp_path / "part"), memory={"fused_lora": "on"}, **extra)
+    full = train(_cfg(sd, str(tmp_path / "full"), "on", **extra))
+    part_cfg = _cfg(sd, str(tmp_path / "part"), "on", **extra)
     part_cfg.train.steps = 2
     train(part_cfg)
-    resumed_cfg = tiny_config(sd, str(tmp_path / "part"), memory={"fused_lora": "on"}, **extra)
-    resumed_cfg.memory.unet_checkpointing = True
+    resumed_cfg = _cfg(sd, str(tmp_path / "part"), "on", **extra)
     resumed_cfg.train.resume = "latest"
     resumed = train(resumed_cfg)
     a, b = lora_state_dict(full.model.unet), lora_state_dict(resumed.model.unet)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [h["step"] for h in resumed.history] == [3]
     assert resumed.history[0]["loss"] == full.history[2]["loss"]
 
 
 def test_exported_lora_from_a_fused_run_loads_with_load_lora_weights(sd, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    res = _run(sd, str(tmp_path / "run"), "on", train={"steps": 2, "lr": 5e-2})
+    res = train(_cfg(sd, str(tmp_path / "run"), "on", train={"steps": 2, "lr": 5e-2}))
     m = res.model
     cond = encode_prompts(m, ["a red car"], height=IMAGE_SIZE, width=IMAGE_SIZE)
     uncond = encode_prompts(m, [""], height=IMAGE_SIZE, width=IMAGE_SIZE)
