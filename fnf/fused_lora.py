@@ -40,7 +40,8 @@ def enable(unet: torch.nn.Module, mode: str, device) -> tuple[bool, str]:
         return False, "off (memory.fused_lora=auto: needs a CUDA device and triton)"
     try:
         fnf_kernels.patch_lora(unet)
-        with fnf_kernels.lora_scale(unet, 0.0):  # raises when some LoRA layer cannot take a per-sample scale
+        # Raises when some LoRA layer cannot take a per-sample scale.
+        with torch.no_grad(), fnf_kernels.lora_scale(unet, 0.0):
             pass
     except ValueError as e:
         fnf_kernels.unpatch_lora(unet)
