@@ -68,8 +68,28 @@ class LocalizeConfig:
 
 @dataclass
 class ObjectiveConfig:
+    # fnf: Focus-N-Fix / DRaFT (reward, localizer, region penalty); sepen: Separate-and-Enhance (section
+    # `sepen`; fnf/sepen/). The YAML shorthand `objective: sepen` sets this key.
+    name: str = "fnf"
     beta: float = 1.0              # ours (the paper does not publish it); see fnf/objectives.py
     squared: bool = False          # the paper writes the plain Frobenius norm
+
+
+@dataclass
+class SepenConfig:
+    """objective.name=sepen: tune only attn2.to_k on two-object prompts (fnf/sepen/train_step.py).
+
+    Use train.lr in the paper's range 5e-7 .. 8e-6 (full to_k tuning); LoRA on to_k usually wants more."""
+    concepts: list = field(default_factory=lambda: ["cat", "dog", "car", "tree", "house", "person"])
+    template: str = "a photo of a {A} and a {B}"    # two-object training prompts (A != B drawn per sample)
+    single_template: str = "a photo of a {A}"       # the regulariser's single-object prompts
+    lambda_sep: float = 1.0
+    lambda_en: float = 0.5
+    lambda_norm: float = 0.5       # MSE between fine-tuned and frozen noise predictions on single-object prompts
+    eps: float = 1e-8              # Separate denominator epsilon (the official code has none)
+    downsample: int = 4            # capture the cross-attention layers at latent/downsample (SD-1.x 512: 16x16)
+    lora: bool = False             # false: train the to_k weights themselves; true: a LoRA (lora.rank/alpha) on them
+    loss_backend: str = "auto"     # fnf_kernels backend of the losses: auto | triton | reference
 
 
 @dataclass
@@ -123,6 +143,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     localize: LocalizeConfig = field(default_factory=LocalizeConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    sepen: SepenConfig = field(default_factory=SepenConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
 
@@ -139,6 +160,8 @@ class Config:
 
 CHOICES = {
     "model.kind": ("auto", "sd", "sdxl"),
+    "objective.name": ("fnf", "sepen"),
+    "sepen.loss_backend": ("auto", "triton", "reference"),
     "model.weight_dtype": ("fp32", "fp16", "bf16"),
     "model.scheduler": ("ddim",),
     "localize.normalize": ("minmax", "max", "none"),
@@ -257,6 +280,8 @@ def from_dict(data: dict | None) -> Config:
     for section, values in data.items():
         if values is None:
             continue
+        if section == "objective" and isinstance(values, str):  # shorthand: `objective: sepen`
+            values = {"name": values}
         if not isinstance(values, dict):
             raise ConfigError(f"config section '{section}': expected a mapping of keys, got {values!r}")
         for name, value in values.items():
@@ -366,7 +391,25 @@ def validate(cfg: Config) -> Config:
     if head in ("heatmap", "file"):
         _require(":" in cfg.localize.spec and cfg.localize.spec.split(":", 1)[1] != "", "localize.spec",
                  f"{head}:<{'SPEC' if head == 'heatmap' else 'GLOB'}>", cfg.localize.spec)
+    if cfg.objective.name == "sepen":
+        _validate_sepen(cfg)
     return cfg
+
+
+def _validate_sepen(cfg: Config) -> None:
+    sc = cfg.sepen
+    concepts = sc.concepts
+    _require(all(isinstance(c, str) and c.strip() for c in concepts) and len(set(concepts)) >= 2,
+             "sepen.concepts", "a list of at least 2 distinct non-empty words", concepts)
+    for key, value, fields in (("sepen.template", sc.template, ("{A}", "{B}")),
+                               ("sepen.single_template", sc.single_template, ("{A}",))):
+        _require(all(f in value for f in fields) and "{" not in value.replace("{A}", "").replace("{B}", ""),
+                 key, "a string with the fields " + " and ".join(fields) + " (and no other braces)", value)
+    for key in ("lambda_sep", "lambda_en", "lambda_norm", "eps"):
+        value = getattr(sc, key)
+        _require(math.isfinite(value) and value >= 0, f"sepen.{key}", "a finite number >= 0", value)
+    d = sc.downsample
+    _require(d >= 1 and d & (d - 1) == 0, "sepen.downsample", "a power of two >= 1", d)
 
 
 def dump(cfg: Config, path: str) -> None:

@@ -84,18 +84,38 @@ class Session:
         self.height = cfg.sampling.height or m.native_size
         self.width = cfg.sampling.width or m.native_size
         torch.manual_seed(cfg.train.seed)  # identical LoRA init on every process
-        self.params = add_lora(m, rank=cfg.lora.rank, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules,
-                               dropout=cfg.lora.dropout)
+        self.sepen = None
+        if cfg.objective.name == "sepen":  # Separate-and-Enhance: only attn2.to_k trains (fnf/sepen/)
+            from .sepen.train_step import SepenObjective
+            self.sepen = SepenObjective(cfg, m)
+            self.params = self.sepen.params
+        else:
+            self.params = add_lora(m, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
+                                   target_modules=cfg.lora.target_modules, dropout=cfg.lora.dropout)
         self._broadcast_params()
         if cfg.lora.dropout > 0:
             m.unet.train()
-        if cfg.memory.unet_checkpointing:
+        if cfg.memory.unet_checkpointing and self.sepen is None:  # sepen: see fnf/sepen/train_step.py
             m.unet.enable_gradient_checkpointing()
         if cfg.memory.vae_checkpointing:
             m.vae.enable_gradient_checkpointing()
         self.fused_lora, why = fused_lora.enable(m.unet, cfg.memory.fused_lora, self.device)
         if cfg.memory.fused_lora != "off":
             self.acc.print(f"fnf: fused LoRA path {why}")
+        if self.sepen is not None:
+            self.sepen.install(m.unet)
+        else:
+            self._setup_fnf(cfg, m)
+        t = cfg.train
+        self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
+                                           weight_decay=t.weight_decay)
+        warm = t.warmup_steps
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
+
+    def _setup_fnf(self, cfg: Config, m: DiffusionModel) -> None:
+        """Reward, localizer and prompt embeddings of the Focus-N-Fix / DRaFT objective."""
         self.reward = prepare_reward(build_reward(cfg.reward.spec, **cfg.reward.kwargs), self.device)
         lc = cfg.localize
         self.localizer = build_localizer(lc.spec, self.reward, kwargs=lc.kwargs, normalize=lc.normalize,
@@ -110,13 +130,6 @@ class Session:
                                        zero=(m.kind == "sdxl" and not neg and m.force_zeros_for_empty_prompt))
         if cfg.memory.offload_text_encoder:
             offload_text_encoders(m)
-        t = cfg.train
-        self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
-                                           weight_decay=t.weight_decay)
-        warm = t.warmup_steps
-        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
 
     # ------------------------------------------------------------------ distributed helpers
     def _dist(self):
@@ -168,6 +181,8 @@ class Session:
         s = cfg.sampling
         seed = step_seed(cfg.train.seed, step, micro, self.rank)
         gen = torch.Generator().manual_seed(seed)
+        if self.sepen is not None:
+            return self.sepen.micro_batch(self, gen)
         b = cfg.train.batch_size
         idx = torch.randint(len(self.prompts), (b,), generator=gen)
         prompts = [self.prompts[i] for i in idx.tolist()]
@@ -331,8 +346,8 @@ def train(cfg: Config, accelerator=None) -> TrainResult:
                 logger.log(record)
             if progress is not None:
                 progress.update(1)
-                progress.set_postfix(reward=f"{record.get('reward', float('nan')):.4f}",
-                                     penalty=f"{record.get('penalty', float('nan')):.4f}")
+                keys = ("separate", "enhance") if session.sepen is not None else ("reward", "penalty")
+                progress.set_postfix({k: f"{record.get(k, float('nan')):.4f}" for k in keys})
             if is_main and t.sample_every and (done % t.sample_every == 0 or done == t.steps) and last:
                 save_grid(os.path.join(out, "samples", f"step-{done:07d}.png"), last)
             if t.checkpoint_every and (done % t.checkpoint_every == 0 or done == t.steps):
@@ -343,8 +358,12 @@ def train(cfg: Config, accelerator=None) -> TrainResult:
             progress.close()
         logger.close()
     lora_dir = os.path.join(out, "lora")
+    if session.sepen is not None:
+        session.sepen.uninstall(session.model.unet)
     fused_lora.disable(session.model.unet)  # back to diffusers' processors: the returned model is plain peft
-    if is_main:
+    if is_main and session.sepen is not None:
+        lora_dir = session.sepen.export(session.model, out)  # LoRA folder or to_k.safetensors
+    elif is_main:
         save_lora_diffusers(session.model, lora_dir)
     acc.wait_for_everyone()
     return TrainResult(out=out, steps_done=t.steps, lora_dir=lora_dir, history=history, model=session.model)

@@ -7,10 +7,13 @@ Ops (each with CUDA C++, Triton, CPU C++ and pure-torch reference backends behin
 * :func:`lora_linear` (LoRA-fused linear, per-sample scale; Triton, plain torch and reference backends) and
   the diffusers LoRA attention: :class:`FusedLoRAAttnProcessor`, :func:`patch_lora`, :func:`unpatch_lora`,
   :func:`lora_scale`, :func:`trajectory_scale`
+* the Separate-and-Enhance attention losses :func:`separate_loss`, :func:`enhance_loss` and both at once,
+  :func:`separate_enhance_losses` (fused Triton kernel and torch reference)
 
 ``python -m fnf_kernels info`` shows which backends are active here.
 """
 from . import reference
+from .attention_losses import enhance_loss, separate_enhance_losses, separate_loss
 from .backends import BACKENDS, info
 from .dilation import threshold_dilate
 from .lora import lora_linear
@@ -23,12 +26,15 @@ __all__ = [
     "BACKENDS",
     "FusedLoRAAttnProcessor",
     "MaskedFrobeniusPenalty",
+    "enhance_loss",
     "info",
     "lora_linear",
     "lora_scale",
     "masked_frobenius_penalty",
     "patch_lora",
     "reference",
+    "separate_enhance_losses",
+    "separate_loss",
     "threshold_dilate",
     "trajectory_scale",
     "unpatch_lora",

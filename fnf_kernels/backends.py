@@ -15,7 +15,7 @@ import torch
 from . import _extension
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
-OPS = ("masked_frobenius_penalty", "threshold_dilate", "lora_linear")
+OPS = ("masked_frobenius_penalty", "threshold_dilate", "lora_linear", "separate_enhance_losses")
 
 
 def triton_interpreter() -> bool:
@@ -67,6 +67,9 @@ def op_availability(op: str, device_type: str) -> dict[str, tuple[bool, str]]:
         table["cuda"] = (False, "no CUDA C++ kernel for this op: Triton is its GPU path")
         table["cpu"] = ((True, "plain-torch custom op with a hand-written backward") if device_type == "cpu"
                         else (False, "the plain-torch path takes CPU tensors only"))
+    if op == "separate_enhance_losses":
+        table["cuda"] = (False, "no CUDA C++ kernel for this op: Triton is its GPU path")
+        table["cpu"] = (False, "no C++ kernel for this op: the reference is its CPU path")
     return table
 
 

@@ -42,7 +42,7 @@ import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = ("penalty", "dilation", "lora_linear")  # fnf_kernels.triton_kernels.*
+MODULES = ("penalty", "dilation", "lora_linear", "attention_losses")  # fnf_kernels.triton_kernels.*
 ARCHS = (80, 90)
 # Largest shared memory one block can use (opt-in): A100 163 KiB, H100 227 KiB.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -155,6 +155,13 @@ _lora_cases("float16", "tf32", [("fusedown-bias1-scale1", 0)], ["fwd"], ["dB"])
 _lora_cases("float32", "tf32", [("fusedown-bias1-scale1", 3)], ["fwd"], ["dA"])
 _lora_cases("float32", "ieee", [("dx-bias0", 3)], ["bwd"], ["dB"])
 
+# attention_losses: Separate-and-Enhance maxima and their backward, (B, heads, k, H, W) maps; k = 2 and 3.
+for _dt in ("float32", "float64", "bfloat16"):
+    for _k in (2, 3):
+        for _kernel, _op in (("_forward_kernel", "attention_maxima"), ("_backward_kernel", "attention_backward")):
+            _case("attention_losses", _kernel, f"attn-{_dt}-k{_k}", dict(op=_op, dtype=_dt, k=_k),
+                  dict(K=_k, ACC="fp64" if _dt == "float64" else "fp32"))
+
 CASE_BY_ID = {c["id"]: c for c in CASES}
 assert len(CASE_BY_ID) == len(CASES), "duplicate case ids"
 
@@ -188,10 +195,10 @@ def _run_launcher(call, tf32):
     """Run the launcher of ``call`` on meta tensors with every kernel recorded; return the launches."""
     import torch
 
-    from fnf_kernels.triton_kernels import dilation, lora_linear, penalty
+    from fnf_kernels.triton_kernels import attention_losses, dilation, lora_linear, penalty
 
     launches: list = []
-    patches = [(penalty, "_norms_kernel"), (penalty, "_backward_kernel"), (dilation, "_column_kernel"),
+    patches = [(attention_losses, "_forward_kernel"), (attention_losses, "_backward_kernel"), (penalty, "_norms_kernel"), (penalty, "_backward_kernel"), (dilation, "_column_kernel"),
                (dilation, "_row_kernel"), (lora_linear, "_down_kernel"), (lora_linear, "_wgrad_kernel"),
                (lora_linear, "_fused_kernel"), (lora_linear, "_fused_tuned")]
     saved = [(mod, name, getattr(mod, name)) for mod, name in patches]
@@ -245,6 +252,16 @@ def _run_launcher(call, tf32):
             _body(lora_linear.triton_lora_linear_backward)(
                 grad, x, weight, lora_a, lora_b, xs, scale, 0.5, m // 2, 1,
                 True, True, True, True, True)  # need x, weight, bias, A, B
+        elif op in ("attention_maxima", "attention_backward"):
+            maps = torch.empty((2, 8, call["k"], 16, 16), dtype=dt, **meta)
+            if op == "attention_maxima":
+                _body(attention_losses.triton_attention_maxima)(maps, 1e-8)
+            else:
+                acc = torch.float64 if dt == torch.float64 else torch.float32
+                sep, en = torch.empty((2, 8), dtype=acc, **meta), torch.empty((2, 8, call["k"]), dtype=acc, **meta)
+                idx, en_idx = torch.empty((2, 8), dtype=torch.int64, **meta), torch.empty((2, 8, call["k"]),
+                                                                                          dtype=torch.int64, **meta)
+                _body(attention_losses.triton_attention_maxima_backward)(maps, sep, idx, en, en_idx, 1e-8)
         else:
             raise ValueError(f"unknown launcher {op!r}")
     finally:

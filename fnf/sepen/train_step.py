@@ -1,0 +1,156 @@
+"""``objective.name: sepen`` in ``fnf train``: Separate-and-Enhance fine-tuning of the cross-attention keys.
+
+Per micro-batch (prompts and noise from the trainer's per-(step, micro-step, rank) generator):
+
+1. B two-object prompts ``template`` over distinct concepts A != B, and (when lambda_norm > 0) B single-object
+   prompts ``single_template``; object token positions from the tokenizer (:mod:`fnf.sepen.tokens`);
+2. random latents x0 ~ N(0, I) (the scale of SD's scaled VAE latents), one random timestep per sample,
+   x_t = scheduler.add_noise(x0, noise, t);
+3. ONE fine-tuned UNet call on [two-object rows; single-object rows], capturing the two-object rows' object maps
+   at latent/``downsample`` (:mod:`fnf.sepen.capture`, rows indexed by batch item and head);
+4. loss = lambda_sep * Separate + lambda_en * Enhance (fnf_kernels, batch means) + lambda_norm * MSE(fine-tuned,
+   frozen noise prediction on the single-object rows).
+
+Trainable: only ``attn2.to_k`` (its weights, kept in float32; or a LoRA on them with ``sepen.lora``). The frozen
+model is the same UNet, no second copy: with LoRA, adapters switched off; without, a float32 snapshot of the
+pretrained to_k weights (taken before any resume) substituted through ``torch.func.functional_call``.
+UNet gradient checkpointing is not used on this path (a recomputed block would not re-run the capture).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+import fnf_kernels
+
+from ..models import DiffusionModel, adapters_disabled, add_lora, encode_prompts
+from ..sampling import predict_noise
+from .capture import capture, install_capture, remove_capture
+from .tokens import token_weights, word_positions
+
+
+def to_k_modules(unet) -> list[tuple[str, torch.nn.Module]]:
+    return [(f"{n}.to_k", m.to_k) for n, m in unet.named_modules() if n.endswith("attn2") and hasattr(m, "to_k")]
+
+
+class SepenObjective:
+    """Trainable parameters, the frozen reference and the per-micro-batch loss for objective.name=sepen."""
+
+    def __init__(self, cfg, model: DiffusionModel):
+        self.cfg, self.sc = cfg, cfg.sepen
+        unet = model.unet
+        unet.requires_grad_(False)
+        modules = to_k_modules(unet)
+        if not modules:
+            raise ValueError("objective.name=sepen: the UNet has no cross-attention (attn2.to_k) layers")
+        self.frozen: dict[str, torch.Tensor] = {}
+        if self.sc.lora:
+            self.params = add_lora(model, rank=cfg.lora.rank, alpha=cfg.lora.alpha, target_modules=["attn2.to_k"],
+                                   dropout=cfg.lora.dropout)
+        else:
+            self.params = []
+            for name, lin in modules:
+                for pname, p in lin.named_parameters():
+                    self.frozen[f"{name}.{pname}"] = p.detach().clone()  # the pretrained weights, for the reference
+                    p.data = p.data.float()  # trained and stepped in float32 (autocast runs the matmuls)
+                    p.requires_grad_(True)
+                    self.params.append(p)
+        self.store = None
+
+    def install(self, unet) -> None:
+        """Wrap the cross-attention processors (after fnf_kernels.patch_lora, when the fused path is on)."""
+        self.store = install_capture(unet)
+
+    def uninstall(self, unet) -> None:
+        remove_capture(unet)
+
+    # --------------------------------------------------------------------------------------------------
+    def prompts(self, gen: torch.Generator, batch: int):
+        """(two-object prompts, their object words, single-object prompts)."""
+        concepts = list(dict.fromkeys(c.strip() for c in self.sc.concepts))
+        pairs, objects, singles = [], [], []
+        for _ in range(batch):
+            i, j = torch.randperm(len(concepts), generator=gen)[:2].tolist()
+            a, b = concepts[i], concepts[j]
+            pairs.append(self.sc.template.format(A=a, B=b))
+            objects.append([a, b])
+            singles.append(self.sc.single_template.format(A=concepts[int(torch.randint(len(concepts), (1,),
+                                                                                       generator=gen))]))
+        return pairs, objects, singles
+
+    def frozen_prediction(self, model: DiffusionModel, x, t, cond):
+        unet = model.unet
+        with torch.no_grad():
+            if self.sc.lora:
+                with adapters_disabled(unet):
+                    return predict_noise(model, unet, x, t, cond, None, 1.0)
+            call = lambda *a, **kw: torch.func.functional_call(unet, self.frozen, a, kw, strict=False)  # noqa: E731
+            return predict_noise(model, _Callable(call, unet), x, t, cond, None, 1.0)
+
+    def micro_batch(self, session, gen: torch.Generator):
+        """Return (loss, stats, finite, {}) like Session.micro_batch."""
+        model, sc = session.model, self.sc
+        b = session.cfg.train.batch_size
+        pairs, objects, singles = self.prompts(gen, b)
+        use_norm = sc.lambda_norm > 0
+        prompts = pairs + (singles if use_norm else [])
+        cond = encode_prompts(model, prompts, height=session.height, width=session.width)
+        spans = [word_positions(model.tokenizers[0], p, o) for p, o in zip(pairs, objects)]
+        weights = token_weights(spans, cond.hidden.shape[1], device=session.device)
+        f = model.vae_scale_factor
+        shape = (len(prompts), model.unet.config.in_channels, session.height // f, session.width // f)
+        x0 = torch.randn(shape, generator=gen)
+        noise = torch.randn(shape, generator=gen)
+        t = torch.randint(0, model.scheduler.config.num_train_timesteps, (len(prompts),), generator=gen)
+        x_t = model.scheduler.add_noise(x0, noise, t).to(session.device)
+        t = t.to(session.device)
+        with session.autocast(), capture(model.unet, weights, shape[-2:], sc.downsample) as store:
+            pred = predict_noise(model, model.unet, x_t, t, cond, None, 1.0)
+        maps = store.maps().float()
+        separate, enhance = fnf_kernels.separate_enhance_losses(maps, sc.eps, backend=sc.loss_backend)
+        loss = sc.lambda_sep * separate.mean() + sc.lambda_en * enhance.mean()
+        reg = torch.zeros((), device=session.device)
+        if use_norm:
+            single_cond = _rows(cond, slice(b, None))
+            with session.autocast():
+                ref = self.frozen_prediction(model, x_t[b:], t[b:], single_cond)
+            reg = F.mse_loss(pred[b:].float(), ref.float())
+            loss = loss + sc.lambda_norm * reg
+        stats = {"loss": loss.detach().item(), "separate": separate.detach().mean().item(),
+                 "enhance": enhance.detach().mean().item(), "regulariser": reg.detach().item(),
+                 "timestep": t.float().mean().item()}
+        finite = bool(torch.isfinite(loss).item())
+        return loss, stats, finite, {}
+
+    # --------------------------------------------------------------------------------------------------
+    def export(self, model: DiffusionModel, out: str) -> str:
+        """Write the result: a diffusers LoRA folder (sepen.lora) or ``to_k.safetensors`` (the tuned to_k
+        tensors by UNet parameter name, for ``unet.load_state_dict(..., strict=False)``). Returns the path."""
+        if self.sc.lora:
+            from ..models import save_lora_diffusers
+            path = os.path.join(out, "lora")
+            save_lora_diffusers(model, path)
+            return path
+        from safetensors.torch import save_file
+        path = os.path.join(out, "to_k.safetensors")
+        tuned = dict(model.unet.named_parameters())
+        save_file({k: tuned[k].detach().cpu().contiguous() for k in self.frozen}, path)
+        return path
+
+
+class _Callable:
+    """A UNet stand-in for predict_noise: calls ``fn`` and exposes the attributes predict_noise reads."""
+
+    def __init__(self, fn, unet):
+        self._fn, self.dtype = fn, unet.dtype
+
+    def __call__(self, *args, **kwargs):
+        return self._fn(*args, **kwargs)
+
+
+def _rows(cond, rows: slice):
+    from ..models import PromptEmbeds
+    pick = lambda x: None if x is None else x[rows]  # noqa: E731
+    return PromptEmbeds(cond.hidden[rows], pick(cond.pooled), pick(cond.time_ids))
