@@ -33,3 +33,8 @@ info:
 
 clean:
 	rm -rf build dist *.egg-info fnf_kernels/_C*.so
+
+# The main job on the embedded toy model: DRaFT vs Focus-N-Fix, report in runs/demo/report.md.
+.PHONY: demo
+demo: install
+	$(PY) -m fnf demo --out runs/demo

@@ -1,0 +1,104 @@
+"""Sample the toy SD pipeline on held-out prompts x seeds and measure its defect rate and prompt alignment.
+
+    HF_HUB_OFFLINE=1 python -m fnf.toy.evaluate_sd [--model fnf/assets/toy/sd] [--seeds 8] [--grid out.png]
+
+Sampling goes through fnf.models / fnf.sampling (the trainer's own code path). Defect: the shipped defect
+classifier (p > 0.5). Alignment: the shipped attribute classifier (see fnf.toy.rewards.alignment).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+import torch
+
+from . import ASSETS
+from . import data as toydata
+
+STEPS, GUIDANCE = 20, 1.5   # guidance 1.5: the defect rate is closest to the training rate (see README)
+EVAL_SEED0 = 10_000      # evaluation noise seeds start here; training never samples noise from these
+
+
+def eval_prompts(n_pairs: int | None = None) -> list[str]:
+    """Held-out two-object prompts (training never saw them) and the single-object prompts."""
+    held = toydata.heldout_prompts()
+    return (held[:n_pairs] if n_pairs else held) + [toydata.caption_for([p]) for p in toydata.PAIRS]
+
+
+@torch.no_grad()
+def sample(model, prompts: list[str], seeds: list[int], *, steps: int = STEPS, guidance: float = GUIDANCE,
+           batch: int = 32) -> torch.Tensor:
+    """Images (len(prompts), 3, H, W) in [0, 1]; prompt i uses noise seed seeds[i]."""
+    from ..models import encode_prompts
+    from ..sampling import initial_latents, sample_images
+
+    size = model.native_size
+    out = []
+    for i in range(0, len(prompts), batch):
+        ps, ss = prompts[i:i + batch], seeds[i:i + batch]
+        cond = encode_prompts(model, ps, height=size, width=size)
+        uncond = encode_prompts(model, [""] * len(ps), height=size, width=size)
+        x_T = torch.cat([initial_latents(model, 1, size, size, torch.Generator().manual_seed(s), "cpu") for s in ss])
+        out.append(sample_images(model, x_T, cond, uncond, steps=steps, guidance_scale=guidance, eta=0.0, seed=0))
+    return torch.cat(out)
+
+
+def measure(images: torch.Tensor, prompts: list[str]) -> dict:
+    from .rewards import alignment, defect_probability
+
+    p = defect_probability(images)
+    al = alignment(images, prompts)
+    return {"n": len(prompts), "defect_rate": float((p > 0.5).float().mean()), "defect_score": float(p.mean()),
+            "alignment": float(al["recall"].mean()), "alignment_exact": float(al["exact"].mean())}
+
+
+def save_grid(images: torch.Tensor, path: str, ncol: int = 8) -> None:
+    from PIL import Image
+
+    imgs = (images.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)
+    n = len(imgs)
+    rows = [np.concatenate(list(imgs[r:r + ncol]) + [np.zeros_like(imgs[0])] * (ncol - len(imgs[r:r + ncol])), 1)
+            for r in range(0, n, ncol)]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(np.concatenate(rows, 0)).save(path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=os.path.join(ASSETS, "sd"))
+    p.add_argument("--seeds", type=int, default=8, help="noise seeds per prompt")
+    p.add_argument("--seed0", type=int, default=EVAL_SEED0)
+    p.add_argument("--steps", type=int, default=STEPS)
+    p.add_argument("--guidance", type=float, default=GUIDANCE)
+    p.add_argument("--grid", default="")
+    p.add_argument("--json", default="")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from ..models import load_model
+
+    model = load_model(args.model)
+    prompts = eval_prompts()
+    ps = [pr for pr in prompts for _ in range(args.seeds)]
+    ss = [args.seed0 + k for _ in prompts for k in range(args.seeds)]
+    images = sample(model, ps, ss, steps=args.steps, guidance=args.guidance)
+    pairs = [i for i, pr in enumerate(ps) if " and " in pr]
+    singles = [i for i, pr in enumerate(ps) if " and " not in pr]
+    result = {"model": args.model, "steps": args.steps, "guidance": args.guidance, "seeds_per_prompt": args.seeds,
+              "seed0": args.seed0, "all": measure(images, ps),
+              "heldout_pairs": measure(images[pairs], [ps[i] for i in pairs]),
+              "single_objects": measure(images[singles], [ps[i] for i in singles]),
+              "training_data_defect_rate": toydata.DEFECT_RATE}
+    print(json.dumps(result, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    if args.grid:
+        save_grid(images[:: max(1, args.seeds // 2)][:64], args.grid)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,35 @@
+"""`fnf demo --quick` on the shipped toy model: runs end to end and writes the report files."""
+import json
+import os
+
+import pytest
+
+from fnf.toy import ASSETS
+
+NEEDED = [os.path.join(ASSETS, "sd", "model_index.json")] + [
+    os.path.join(ASSETS, n, "model.safetensors")
+    for n in ("defect_classifier", "defect_heatmap", "attribute_classifier")]
+
+
+def test_demo_subcommand_parses():
+    from fnf.cli import build_parser
+
+    args = build_parser().parse_args(["demo", "--out", "x", "--quick", "--seed", "3"])
+    assert args.command == "demo" and args.quick and args.seed == 3 and args.out == "x"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not all(os.path.isfile(p) for p in NEEDED), reason="toy assets not trained yet")
+def test_quick_demo_writes_report(tmp_path):
+    from fnf.cli import main
+
+    out = str(tmp_path / "demo")
+    assert main(["demo", "--out", out, "--quick"]) == 0
+    with open(os.path.join(out, "metrics.json")) as f:
+        m = json.load(f)
+    assert set(m) == {"base", "draft", "fnf_heatmap", "fnf_gradcam"}
+    for k in m:
+        assert {"defect_score", "defect_rate", "alignment", "outside_change_mse", "inside_change_mse"} <= set(m[k])
+    assert m["base"]["outside_change_mse"] == 0
+    for name in ("report.md", "training.png", "grids/defects.png", "settings.json"):
+        assert os.path.isfile(os.path.join(out, name)), name

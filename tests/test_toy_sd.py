@@ -1,0 +1,39 @@
+"""The shipped toy Stable Diffusion folder loads through fnf.models and samples a 64x64 image quickly."""
+import json
+import os
+import time
+
+import pytest
+import torch
+
+from fnf.toy import ASSETS
+
+SD = os.path.join(ASSETS, "sd")
+pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(SD, "model_index.json")),
+                                reason="toy SD pipeline not trained yet (python -m fnf.toy.train_sd)")
+
+
+def test_loads_and_samples_fast():
+    from fnf.models import load_model
+    from fnf.toy.evaluate_sd import sample
+
+    torch.set_num_threads(1)
+    model = load_model(SD)
+    assert model.kind == "sd" and model.native_size == 64
+    t0 = time.time()
+    img = sample(model, ["a red circle"], [0], steps=20)
+    assert img.shape == (1, 3, 64, 64) and 0 <= img.min() and img.max() <= 1
+    assert time.time() - t0 < 30
+    again = sample(model, ["a red circle"], [0], steps=20)
+    assert torch.allclose(img, again, atol=1e-5)        # same noise seed -> same image
+
+
+def test_standard_pipeline_folder():
+    with open(os.path.join(SD, "model_index.json")) as f:
+        index = json.load(f)
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    assert index.get("safety_checker") in (None, [None, None])
+    assert os.path.isfile(os.path.join(SD, "unet", "diffusion_pytorch_model.safetensors"))
+    with open(os.path.join(SD, "training.json")) as f:
+        meta = json.load(f)
+    assert "command" in meta and "seed" in meta["args"]
