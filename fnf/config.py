@@ -58,7 +58,7 @@ class RewardConfig:
 @dataclass
 class LocalizeConfig:
     spec: str = "gradcam"          # gradcam[:layer] | saliency | heatmap:SPEC | file:GLOB | none
-    kwargs: dict = field(default_factory=dict)   # passed to a heatmap:SPEC factory
+    kwargs: dict = field(default_factory=dict)   # heatmap:SPEC factory kwargs; gradcam: {explain: reward|problem}
     normalize: str = "minmax"      # per-image heatmap normalisation: minmax | max | none
     threshold: float = 0.5         # ours: half of the normalised heatmap's range
     threshold_mode: str = "relative"   # relative: threshold * each image's max; absolute: threshold as is

@@ -26,9 +26,14 @@ class LocalizerError(ValueError):
 class GradCAM:
     """Grad-CAM of a scalar reward: ReLU(sum_c mean_hw(dr/dA_c) * A_c) on a named layer, upsampled
     bilinearly to the image size. ``layer`` is a dotted submodule name of the reward module; by default
-    the last Conv2d."""
+    the last Conv2d. ``explain="reward"`` (default) maps the evidence *for* the reward;
+    ``explain="problem"`` maps the evidence against it (Grad-CAM of -r), which is what a problem mask wants
+    when higher rewards are better (e.g. r = -p(unsafe): the unsafe region)."""
 
-    def __init__(self, reward: torch.nn.Module, layer: str | None = None):
+    def __init__(self, reward: torch.nn.Module, layer: str | None = None, explain: str = "reward"):
+        if explain not in ("reward", "problem"):
+            raise LocalizerError(f"gradcam: explain must be 'reward' or 'problem', got {explain!r}")
+        self.sign = 1.0 if explain == "reward" else -1.0
         if not isinstance(reward, torch.nn.Module):
             raise LocalizerError("gradcam needs the reward to be an nn.Module (it hooks a layer); use "
                                  "'saliency' or 'heatmap:SPEC' for plain callables")
@@ -53,7 +58,7 @@ class GradCAM:
         try:
             with torch.enable_grad():
                 x = images.detach().float().requires_grad_(True)
-                score = torch.as_tensor(self.reward(x, prompts)).reshape(images.shape[0], -1)[:, 0]
+                score = self.sign * torch.as_tensor(self.reward(x, prompts)).reshape(images.shape[0], -1)[:, 0]
                 act = captured.get("a")
                 if act is None or act.dim() != 4:
                     raise LocalizerError(f"gradcam: layer {self.layer!r} must output (B, C, h, w) activations")
@@ -213,7 +218,7 @@ def build_localizer(spec: str, reward=None, *, kwargs: dict | None = None, norma
     """``gradcam[:layer]``, ``saliency``, ``heatmap:SPEC``, ``file:GLOB`` or ``none``."""
     kind, _, arg = spec.partition(":")
     if kind == "gradcam":
-        source = GradCAM(reward, arg or None)
+        source = GradCAM(reward, arg or None, explain=(kwargs or {}).get("explain", "reward"))
     elif kind == "saliency":
         if reward is None:
             raise LocalizerError("saliency needs a reward")

@@ -92,3 +92,28 @@ def test_normalisation_thresholds_and_overlay():
     img = torch.zeros(2, 3, 2, 2)
     ov = overlay(img, absolute)
     assert ov.shape == img.shape and ov[0, 0, 1, 1] > 0 and ov[0, 0, 0, 0] == 0
+
+
+class _Negated(torch.nn.Module):
+    """A higher-is-better reward that penalises red: r = -red_detector."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, images, prompts):
+        return -self.inner(images, prompts)
+
+
+def test_gradcam_explain_problem_maps_what_lowers_the_reward():
+    images, truth = _planted_images()
+    reward = _Negated(build_reward(f"{HELPER}:red_detector"))
+    problem = build_localizer("gradcam:inner.features", reward, kwargs={"explain": "problem"}, threshold=0.5,
+                              radius=1)
+    heat, mask = problem(images, ["a", "b"])
+    for i in range(2):
+        inter = (mask[i] * truth[i]).sum()
+        union = ((mask[i] + truth[i]) > 0).sum()
+        assert inter / union > 0.6, (i, inter, union)
+    with pytest.raises(LocalizerError, match="explain must be"):
+        build_localizer("gradcam:inner.features", reward, kwargs={"explain": "bad"})
