@@ -73,12 +73,17 @@ def op_availability(op: str, device_type: str) -> dict[str, tuple[bool, str]]:
     return table
 
 
+def _first_usable(table: dict[str, tuple[bool, str]], device_type: str) -> str:
+    """The backend "auto" picks from an availability table: cuda > triton > reference, or cpu > reference."""
+    order = ("cuda", "triton", "reference") if device_type == "cuda" else ("cpu", "reference")
+    return next(name for name in order if table[name][0])
+
+
 def _auto_for(op: str, device_type: str) -> str:
     table = op_availability(op, device_type)
-    order = ("cuda", "triton", "reference") if device_type == "cuda" else ("cpu", "reference")
     if op == "lora_linear" and device_type == "cuda" and not table["triton"][0]:
         return "torch (plain torch custom op)"
-    return next(name for name in order if table[name][0])
+    return _first_usable(table, device_type)
 
 
 def select(backend: str, device: torch.device) -> str:
@@ -86,17 +91,11 @@ def select(backend: str, device: torch.device) -> str:
     device_type = "cuda" if device.type == "cuda" else "cpu"
     table = availability(device_type)
     if backend == "auto":
-        order = ("cuda", "triton", "reference") if device_type == "cuda" else ("cpu", "reference")
-        return next(name for name in order if table[name][0])
+        return _first_usable(table, device_type)
     usable, reason = table[backend]
     if not usable:
         raise ValueError(f"backend={backend!r} cannot run on {device.type} tensors: {reason}")
     return backend
-
-
-def auto_choice(device_type: str) -> str:
-    """The backend "auto" picks for ``device_type``."""
-    return select("auto", torch.device(device_type))
 
 
 def info() -> str:
