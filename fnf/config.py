@@ -83,6 +83,10 @@ class SepenConfig:
     concepts: list = field(default_factory=lambda: ["cat", "dog", "car", "tree", "house", "person"])
     template: str = "a photo of a {A} and a {B}"    # two-object training prompts (A != B drawn per sample)
     single_template: str = "a photo of a {A}"       # the regulariser's single-object prompts
+    exclude_prompts: list = field(default_factory=list)  # two-object prompts never trained on (held-out ones)
+    # training timesteps t drawn uniformly from [lo, hi) as fractions of the scheduler's num_train_timesteps;
+    # [0, 1] is the paper's "random timestep"; e.g. [0.5, 1] trains only the noisy steps where layout forms
+    timestep_range: list = field(default_factory=lambda: [0.0, 1.0])
     lambda_sep: float = 1.0
     lambda_en: float = 0.5
     lambda_norm: float = 0.5       # MSE between fine-tuned and frozen noise predictions on single-object prompts
@@ -410,6 +414,22 @@ def _validate_sepen(cfg: Config) -> None:
         _require(math.isfinite(value) and value >= 0, f"sepen.{key}", "a finite number >= 0", value)
     d = sc.downsample
     _require(d >= 1 and d & (d - 1) == 0, "sepen.downsample", "a power of two >= 1", d)
+    tr = sc.timestep_range
+    _require(isinstance(tr, list) and len(tr) == 2 and all(isinstance(v, (int, float)) for v in tr)
+             and 0 <= tr[0] < tr[1] <= 1, "sepen.timestep_range", "[lo, hi] with 0 <= lo < hi <= 1", tr)
+    ex = sc.exclude_prompts
+    _require(all(isinstance(p, str) for p in ex), "sepen.exclude_prompts", "a list of strings", ex)
+    n_free = len(sepen_pairs(sc))
+    _require(n_free > 0, "sepen.exclude_prompts", "to leave at least one (A, B) concept pair to train on",
+             f"{len(ex)} prompts that exclude every pair")
+
+
+def sepen_pairs(sc: SepenConfig) -> list[tuple[str, str]]:
+    """The ordered concept pairs (A != B) whose template prompt is not in ``sc.exclude_prompts``."""
+    concepts = list(dict.fromkeys(c.strip() for c in sc.concepts))
+    excluded = {" ".join(p.split()).lower() for p in sc.exclude_prompts}
+    return [(a, b) for a in concepts for b in concepts
+            if a != b and " ".join(sc.template.format(A=a, B=b).split()).lower() not in excluded]
 
 
 def dump(cfg: Config, path: str) -> None:

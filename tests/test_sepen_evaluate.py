@@ -23,3 +23,19 @@ def test_success_rate_batches_and_compare():
     assert summary["gain"] == pytest.approx(0.4) and summary["single_change"] == pytest.approx(-0.1)
     with pytest.raises(ValueError, match="5 images but 4"):
         success_rate(images, wanted[:4], classify)
+
+
+def test_toy_attribute_classifier_counts_rendered_images():
+    """On rendered toy images (ground truth) the toy success counter finds the caption's objects, and a wrong
+    caption fails: the demo's success rate measures the images, not the prompts."""
+    from fnf.toy import data as toydata
+    from fnf.toy.sepen_demo import found_pairs, successes
+
+    prompts = toydata.heldout_prompts()[:12]
+    items = [toydata.render(7, i, [p], defect=False) for i, p in enumerate(prompts)]
+    images = toydata.to_tensor(__import__("numpy").stack([it["image"] for it in items]))
+    ok = successes(images, prompts)
+    assert ok.float().mean() >= 0.9
+    assert all(set(it["objects"]) <= f or not o for it, f, o in zip(items, found_pairs(images), ok))
+    shifted = prompts[1:] + prompts[:1]
+    assert successes(images, shifted).float().mean() <= 0.2

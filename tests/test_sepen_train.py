@@ -125,3 +125,36 @@ def test_training_reduces_separate_loss(sd, tmp_path):
     result = train(cfg)
     after = _separate_on(result.model, prompts, objects)
     assert after < 0.99 * before, (before, after)
+
+
+def test_exclude_prompts_and_timestep_range_validation(sd):
+    with pytest.raises(config.ConfigError, match="sepen.exclude_prompts"):
+        sepen_config(sd, "x", **{"sepen.exclude_prompts": [3]})
+    every = [f"a photo of a {a} and a {b}" for a in CONCEPTS for b in CONCEPTS if a != b]
+    with pytest.raises(config.ConfigError, match="sepen.exclude_prompts"):
+        sepen_config(sd, "x", **{"sepen.exclude_prompts": every})
+    for bad in ([0.5], [0.6, 0.4], [0.0, 1.5], "all"):
+        with pytest.raises(config.ConfigError, match="sepen.timestep_range"):
+            sepen_config(sd, "x", **{"sepen.timestep_range": bad})
+
+
+def test_excluded_prompts_are_never_drawn(sd):
+    from fnf.config import sepen_pairs
+    from fnf.sepen.train_step import SepenObjective
+
+    held = ["a photo of a cat and a dog", "A photo of a  tree and a car"]   # case and spacing do not matter
+    cfg = sepen_config(sd, "x", **{"sepen.exclude_prompts": held})
+    assert len(sepen_pairs(cfg.sepen)) == 12 - 2
+    obj = SepenObjective.__new__(SepenObjective)       # prompts() needs only the config and the pair list
+    obj.sc, obj.pairs = cfg.sepen, sepen_pairs(cfg.sepen)
+    pairs, objects, _ = obj.prompts(torch.Generator().manual_seed(0), 400)
+    drawn = {p.lower() for p in pairs}
+    assert "a photo of a cat and a dog" not in drawn and "a photo of a tree and a car" not in drawn
+    assert len(drawn) == 10                             # every other ordered pair still appears
+    assert all(a != b for a, b in objects)
+
+
+def test_timestep_range_limits_training_timesteps(sd, tmp_path):
+    r = train(sepen_config(sd, str(tmp_path), **{"sepen.timestep_range": [0.9, 1.0]}))
+    n_t = 1000
+    assert all(0.9 * n_t <= h["timestep"] < n_t for h in r.history)

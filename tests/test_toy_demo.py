@@ -27,9 +27,12 @@ def test_quick_demo_writes_report(tmp_path):
     assert main(["demo", "--out", out, "--quick"]) == 0
     with open(os.path.join(out, "metrics.json")) as f:
         m = json.load(f)
-    assert set(m) == {"base", "draft", "fnf_heatmap", "fnf_gradcam"}
+    assert set(m) == {"base", "draft", "fnf_heatmap", "fnf_gradcam", "sepen"}
+    sepen = m.pop("sepen")
+    assert {"base", "sepen", "gain", "single_base", "single_sepen", "single_change", "loss_gap"} <= set(sepen)
+    assert sepen["n_two_object"] == 4 and sepen["n_single_object"] == 2
     for k in m:
         assert {"defect_score", "defect_rate", "alignment", "outside_change_mse", "inside_change_mse"} <= set(m[k])
     assert m["base"]["outside_change_mse"] == 0
-    for name in ("report.md", "training.png", "grids/defects.png", "settings.json"):
+    for name in ("report.md", "training.png", "grids/defects.png", "grids/sepen.png", "settings.json"):
         assert os.path.isfile(os.path.join(out, name)), name

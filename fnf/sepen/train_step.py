@@ -2,9 +2,11 @@
 
 Per micro-batch (prompts and noise from the trainer's per-(step, micro-step, rank) generator):
 
-1. B two-object prompts ``template`` over distinct concepts A != B, and (when lambda_norm > 0) B single-object
+1. B two-object prompts ``template`` over distinct concepts A != B (pairs whose prompt is in
+   ``exclude_prompts`` never drawn), and (when lambda_norm > 0) B single-object
    prompts ``single_template``; object token positions from the tokenizer (:mod:`fnf.sepen.tokens`);
-2. random latents x0 ~ N(0, I) (the scale of SD's scaled VAE latents), one random timestep per sample,
+2. random latents x0 ~ N(0, I) (the scale of SD's scaled VAE latents), one random timestep per sample (uniform
+   over ``timestep_range`` of the training schedule),
    x_t = scheduler.add_noise(x0, noise, t);
 3. ONE fine-tuned UNet call on [two-object rows; single-object rows], capturing the two-object rows' object maps
    at latent/``downsample`` (:mod:`fnf.sepen.capture`, rows indexed by batch item and head);
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 
 import fnf_kernels
 
+from ..config import sepen_pairs
 from ..models import DiffusionModel, adapters_disabled, add_lora, encode_prompts
 from ..sampling import predict_noise
 from .capture import capture, install_capture, remove_capture
@@ -57,6 +60,7 @@ class SepenObjective:
                     p.data = p.data.float()  # trained and stepped in float32 (autocast runs the matmuls)
                     p.requires_grad_(True)
                     self.params.append(p)
+        self.pairs = sepen_pairs(self.sc)   # (A, B) concept pairs to draw from, held-out prompts removed
         self.store = None
 
     def install(self, unet) -> None:
@@ -70,10 +74,10 @@ class SepenObjective:
     def prompts(self, gen: torch.Generator, batch: int):
         """(two-object prompts, their object words, single-object prompts)."""
         concepts = list(dict.fromkeys(c.strip() for c in self.sc.concepts))
+        allowed = self.pairs
         pairs, objects, singles = [], [], []
         for _ in range(batch):
-            i, j = torch.randperm(len(concepts), generator=gen)[:2].tolist()
-            a, b = concepts[i], concepts[j]
+            a, b = allowed[int(torch.randint(len(allowed), (1,), generator=gen))]
             pairs.append(self.sc.template.format(A=a, B=b))
             objects.append([a, b])
             singles.append(self.sc.single_template.format(A=concepts[int(torch.randint(len(concepts), (1,),
@@ -103,7 +107,10 @@ class SepenObjective:
         shape = (len(prompts), model.unet.config.in_channels, session.height // f, session.width // f)
         x0 = torch.randn(shape, generator=gen)
         noise = torch.randn(shape, generator=gen)
-        t = torch.randint(0, model.scheduler.config.num_train_timesteps, (len(prompts),), generator=gen)
+        n_t = model.scheduler.config.num_train_timesteps
+        lo = min(n_t - 1, int(sc.timestep_range[0] * n_t))
+        hi = max(lo + 1, min(n_t, int(sc.timestep_range[1] * n_t)))
+        t = torch.randint(lo, hi, (len(prompts),), generator=gen)
         x_t = model.scheduler.add_noise(x0, noise, t).to(session.device)
         t = t.to(session.device)
         with session.autocast(), capture(model.unet, weights, shape[-2:], sc.downsample) as store:
