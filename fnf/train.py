@@ -33,7 +33,7 @@ from . import fused_lora
 from .config import Config, dump
 from .images import grid, save_png
 from .localize import build_localizer, overlay
-from .models import (DiffusionModel, adapters_disabled, add_lora, encode_prompts, load_lora_state_dict,
+from .models import (DTYPES, DiffusionModel, adapters_disabled, add_lora, encode_prompts, load_lora_state_dict,
                      load_model, lora_state_dict, offload_text_encoders, save_lora_diffusers)
 from .objectives import focus_n_fix_loss
 from .rewards import build_reward, evaluate, prepare_reward
@@ -69,7 +69,7 @@ class Session:
     """Everything the loop needs, built once from a Config: model with LoRA, reward, localizer, prompt
     embeddings, optimizer and schedules."""
 
-    def __init__(self, cfg: Config, accelerator=None):
+    def __init__(self, cfg: Config, accelerator=None, model: DiffusionModel | None = None):
         self.cfg = cfg
         self.acc = accelerator or make_accelerator(cfg)
         self.device = self.acc.device
@@ -78,13 +78,19 @@ class Session:
         if mp == "no" and cfg.model.weight_dtype != "fp32":
             mp = cfg.model.weight_dtype  # half-precision weights need autocast
         self.autocast_dtype = AUTOCAST.get(mp)
-        self.model = load_model(cfg.model.path, kind=cfg.model.kind, weight_dtype=cfg.model.weight_dtype,
-                                device=self.device)
+        if model is None:
+            model = load_model(cfg.model.path, kind=cfg.model.kind, weight_dtype=cfg.model.weight_dtype,
+                               device=self.device)
+        else:  # built in memory by the caller (e.g. benchmarks/train_memory.py): frozen, on the device
+            for module in [model.unet, model.vae, *model.text_encoders]:
+                module.requires_grad_(False).eval().to(self.device, DTYPES[cfg.model.weight_dtype])
+        self.model = model
         m = self.model
         self.height = cfg.sampling.height or m.native_size
         self.width = cfg.sampling.width or m.native_size
         torch.manual_seed(cfg.train.seed)  # identical LoRA init on every process
         self.sepen = None
+        self.plain_draft = False   # set by _setup_fnf
         if cfg.objective.name == "sepen":  # Separate-and-Enhance: only attn2.to_k trains (fnf/sepen/)
             from .sepen.train_step import SepenObjective
             self.sepen = SepenObjective(cfg, m)
@@ -116,6 +122,8 @@ class Session:
 
     def _setup_fnf(self, cfg: Config, m: DiffusionModel) -> None:
         """Reward, localizer and prompt embeddings of the Focus-N-Fix / DRaFT objective."""
+        # beta = 0 with no localizer is plain DRaFT-K: the pretrained trajectory I0 is not needed at all.
+        self.plain_draft = cfg.objective.beta == 0 and cfg.localize.spec == "none"
         self.reward = prepare_reward(build_reward(cfg.reward.spec, **cfg.reward.kwargs), self.device)
         lc = cfg.localize
         self.localizer = build_localizer(lc.spec, self.reward, kwargs=lc.kwargs, normalize=lc.normalize,
@@ -193,6 +201,8 @@ class Session:
         # I0 and I draw the same DDIM noise (eta > 0): one generator each, seeded alike.
         gen_ref, gen_ft = torch.Generator().manual_seed(noise_seed), torch.Generator().manual_seed(noise_seed)
         kw = dict(steps=s.steps, guidance_scale=s.guidance_scale, eta=s.eta)
+        if self.plain_draft:
+            return self._draft_micro_batch(x_T, cond, uncond, prompts, gen_ft, kw)
         if self.fused_lora:  # shared no-grad steps in one batch; x_ft is I's latent at its first grad step
             with torch.no_grad(), self.autocast():
                 z_ref, x_ft = denoise_batched(m, x_T, cond, uncond, grad_steps=s.truncation_k, lv_copies=s.lv_copies,
@@ -217,6 +227,19 @@ class Session:
                                        reward_weight=cfg.reward.weight, squared=cfg.objective.squared)
         finite = bool(torch.isfinite(loss).item() and torch.isfinite(rewards).all().item())
         return loss, stats, finite, {"ref": ref, "mask": mask, "heat": heat, "images": images[: ref.shape[0]]}
+
+    def _draft_micro_batch(self, x_T, cond, uncond, prompts, gen, kw):
+        """Plain DRaFT-K (beta = 0, localize.spec none): no pretrained trajectory I0, no mask, no penalty."""
+        cfg, m, s = self.cfg, self.model, self.cfg.sampling
+        with self.autocast():
+            z = denoise(m, x_T, cond, uncond, grad_steps=s.truncation_k, lv_copies=s.lv_copies, generator=gen, **kw)
+            images = decode(m, z)
+            rewards = evaluate(self.reward, images, prompts * max(1, s.lv_copies),
+                               checkpoint=cfg.memory.reward_checkpointing)
+        loss = -cfg.reward.weight * rewards.float().mean()
+        stats = {"reward": rewards.detach().float().mean().item(), "loss": loss.detach().item()}
+        finite = bool(torch.isfinite(loss).item() and torch.isfinite(rewards).all().item())
+        return loss, stats, finite, {"images": images[: x_T.shape[0]]}
 
     # ------------------------------------------------------------------ one optimizer step
     def optimizer_step(self, step: int) -> tuple[dict, dict]:
@@ -273,6 +296,9 @@ class Session:
 
 
 def save_grid(path: str, last: dict) -> None:
+    if "ref" not in last:  # plain DRaFT: no I0, no mask
+        save_png(grid([[img.float() for img in last["images"]]]), path)
+        return
     rows = []
     for i in range(last["ref"].shape[0]):
         rows.append([last["ref"][i], overlay(last["ref"][i:i + 1], last["mask"][i:i + 1])[0],
@@ -311,9 +337,12 @@ class _Logger:
             self.tb.close()
 
 
-def train(cfg: Config, accelerator=None) -> TrainResult:
-    """Run training as configured; returns where things were written and the in-memory model."""
-    session = Session(cfg, accelerator)
+def train(cfg: Config, accelerator=None, model: DiffusionModel | None = None) -> TrainResult:
+    """Run training as configured; returns where things were written and the in-memory model.
+
+    ``model``: an already built :class:`fnf.models.DiffusionModel` to train instead of loading ``model.path``
+    (it is frozen, cast to ``model.weight_dtype`` and moved to the device; the LoRA is added to it)."""
+    session = Session(cfg, accelerator, model)
     acc, t = session.acc, cfg.train
     out = t.out
     is_main = acc.is_main_process

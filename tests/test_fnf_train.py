@@ -154,3 +154,23 @@ def test_bf16_autocast_with_bf16_weights_keeps_lora_fp32(sd, tmp_path):
     assert lora and all(p.dtype == torch.float32 for p in lora)
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in res.history if not h["skipped"])
     assert not any(h["skipped"] for h in res.history)
+
+
+def test_plain_draft_skips_the_pretrained_trajectory_and_matches_beta_zero(sd, tmp_path, monkeypatch):
+    """beta = 0 with localize.spec none runs no I0 trajectory (one UNet pass per step fewer) and trains the
+    same LoRA as beta = 0 with a localizer (the penalty then has no gradient anyway)."""
+    import fnf.train as train_mod
+
+    kw = dict(objective={"beta": 0.0}, train={"steps": 2, "lr": 1e-2, "sample_every": 1})
+    with_mask = train(tiny_config(sd, str(tmp_path / "masked"), localize={"spec": "saliency"}, **kw))
+    calls = []
+    real = train_mod.denoise
+    monkeypatch.setattr(train_mod, "denoise", lambda *a, **k: calls.append(k.get("grad_steps")) or real(*a, **k))
+    plain = train(tiny_config(sd, str(tmp_path / "plain"), localize={"spec": "none"}, **kw))
+    assert len(calls) == 2 and all(c > 0 for c in calls)
+    assert "penalty" not in plain.history[0] and "reward" in plain.history[0]
+    a, b = lora_state_dict(with_mask.model.unet), lora_state_dict(plain.model.unet)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert [h["reward"] for h in plain.history] == pytest.approx([h["reward"] for h in with_mask.history], rel=1e-5)
+    assert os.path.isfile(tmp_path / "plain" / "samples" / "step-0000002.png")
