@@ -38,3 +38,10 @@ clean:
 .PHONY: demo
 demo: install
 	$(PY) -m fnf demo --out runs/demo
+
+# Wheels of what the GPU machine's image lacks, for benchmarks/gpu_proof.sh (carry .whl in the device call).
+.PHONY: gpu-wheels
+gpu-wheels: $(PY)
+	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d .whl diffusers==0.42.1 kornia==0.9.0 kornia_rs==0.2.0 importlib_metadata==10.2.0 zipp

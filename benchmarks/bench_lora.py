@@ -28,6 +28,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+RECORDS: list[dict] = []   # every measurement, for --json
+
+
+def record(section: str, op: str, shape: str, dtype, provider: str, ms: float, **extra) -> None:
+    RECORDS.append({"benchmark": "bench_lora", "section": section, "op": op, "shape": shape,
+                    "dtype": str(dtype).replace("torch.", ""), "provider": provider, "ms": round(ms, 5), **extra})
+
 SHAPES = [  # (label, rows M, in K, out N)
     ("64² self-attn (2·4096, 320)→320", 2 * 4096, 320, 320),
     ("32² self-attn (2·1024, 640)→640", 2 * 1024, 640, 640),
@@ -95,6 +102,11 @@ def section_linear(ranks, dtype) -> None:
                 f_fused = bench(lambda: lora_linear(x, w, None, a, b, s))
                 err = (lora_linear(x, w, None, a, b, s).float() - layer(x).float()).abs().max().item()
             best = min(times.values())
+            for prov, ms in (("base linear", t_base), ("peft", t_peft), ("fused sep", times["separate"]),
+                             ("fused in-kernel", times["fused"])):
+                record("linear", "fwd+bwd", f"{m}x{k}->{n}", dtype, prov, ms, rank=r)
+            for prov, ms in (("base linear", f_base), ("peft", f_peft), ("fused", f_fused)):
+                record("linear", "fwd", f"{m}x{k}->{n}", dtype, prov, ms, rank=r)
             print(f"| {label} | {r} | {t_base:.3f} | {t_peft:.3f} | {times['separate']:.3f} | {times['fused']:.3f} | "
                   f"{100 * (t_peft / t_base - 1):+.0f} % | {100 * (best / t_base - 1):+.0f} % | "
                   f"{t_peft / best:.2f}x | {f_base:.3f} / {f_peft:.3f} / {f_fused:.3f} | {err:.2e} |")
@@ -155,6 +167,7 @@ def section_unet(rank, batch, resolution, dtype) -> None:
     print("|---|---|---|")
     for name, ms in rows:
         print(f"| {name} | {ms:.1f} | {rows[0][1] / ms:.2f}x |")
+        record("unet", "train step", f"sd15 b{batch} {resolution}", dtype, name, ms, rank=rank)
 
 
 def section_batch(rank, batch, resolution, dtype) -> None:
@@ -198,6 +211,7 @@ def section_batch(rank, batch, resolution, dtype) -> None:
                      ("two passes, patch_lora (scale 0 / 1)", t_two),
                      ("one batch of 2b rows, patch_lora + lora_scale([0]*b + [1]*b)", t_one)):
         print(f"| {name} | {ms:.1f} | {t_peft / ms:.2f}x |")
+        record("batch", "no-grad step", f"sd15 b{batch} {resolution}", dtype, name, ms, rank=rank)
 
 
 def main(argv=None) -> int:
@@ -209,6 +223,7 @@ def main(argv=None) -> int:
     parser.add_argument("--unet-rank", type=int, default=64)
     parser.add_argument("--unet-batch", type=int, default=2)
     parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--json", default="", help="also write every measurement to this JSON file")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_lora: no CUDA device; these benchmarks are GPU-only (skipped).")
@@ -220,6 +235,16 @@ def main(argv=None) -> int:
         section_unet(args.unet_rank, args.unet_batch, args.resolution, dtype)
     if "batch" in args.sections:
         section_batch(args.unet_rank, args.unet_batch, args.resolution, dtype)
+    if args.json:
+        import datetime
+        import json
+        import subprocess
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        meta = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
+                "commit": os.environ.get("FNF_COMMIT") or commit or "unknown", "command": " ".join(sys.argv)}
+        with open(args.json, "w") as f:
+            json.dump([{**meta, **r} for r in RECORDS], f, indent=1)
     return 0
 
 

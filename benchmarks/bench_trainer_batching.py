@@ -116,6 +116,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (each runs every path once)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
+    parser.add_argument("--json", default="", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     preset = PRESETS[args.preset or ("sd15" if device.type == "cuda" else "tiny")]
@@ -195,6 +196,20 @@ def main(argv=None) -> int:
         diff = max((a.float() - r.float()).abs().max().item() for a, r in zip(outputs[i], outputs[0]))
         print(f"| {label} | {calls} | {per_call} | {wall[i]:.3f} | {wall[0] / wall[i]:.2f}x | {cpu[i]:.3f} | "
               f"{cpu[0] / cpu[i]:.2f}x | {diff:.1e} |")
+    if args.json:
+        import datetime
+        import json
+        import subprocess
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        meta = {"benchmark": "bench_trainer_batching", "device": where, "date": datetime.date.today().isoformat(),
+                "commit": os.environ.get("FNF_COMMIT") or commit or "unknown", "command": " ".join(sys.argv),
+                "dtype": str(dtype).replace("torch.", ""), "resolution": args.resolution, "rank": args.rank,
+                "batch": b, "steps": T, "k": args.k, "lv": args.lv, "guidance": args.guidance,
+                "channels": list(args.channels)}
+        with open(args.json, "w") as f:
+            json.dump([{**meta, "provider": label, "wall_s": wall[i], "cpu_s": cpu[i],
+                        "speedup_wall": wall[0] / wall[i]} for i, (label, *_rest) in enumerate(rows)], f, indent=1)
     return 0
 
 

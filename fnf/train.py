@@ -82,8 +82,11 @@ class Session:
             model = load_model(cfg.model.path, kind=cfg.model.kind, weight_dtype=cfg.model.weight_dtype,
                                device=self.device)
         else:  # built in memory by the caller (e.g. benchmarks/train_memory.py): frozen, on the device
+            dtype = DTYPES[cfg.model.weight_dtype]
             for module in [model.unet, model.vae, *model.text_encoders]:
-                module.requires_grad_(False).eval().to(self.device, DTYPES[cfg.model.weight_dtype])
+                module.requires_grad_(False).eval().to(self.device)
+                if next(module.parameters()).dtype != dtype:
+                    module.to(dtype)
         self.model = model
         m = self.model
         self.height = cfg.sampling.height or m.native_size
