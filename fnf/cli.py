@@ -97,7 +97,9 @@ examples:
     p = sub.add_parser("demo", help="DRaFT vs Focus-N-Fix on the embedded toy model, with a held-out report",
                        description="Fine-tune the embedded toy model (fnf/assets/toy/sd) with DRaFT (beta=0) and "
                                    "Focus-N-Fix (heatmap and Grad-CAM localization), then evaluate on held-out "
-                                   "prompts x seeds; writes report.md, metrics.json, grids and a plot.",
+                                   "prompts x seeds; then Separate-and-Enhance (attn2.to_k) on held-out two-object "
+                                   "prompts, base vs tuned success and the single-object forgetting check; writes "
+                                   "report.md, metrics.json, grids and a plot.",
                        formatter_class=fmt)
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="output folder (default runs/demo)")
     p.add_argument("--quick", action="store_true", help="a CI-sized run (a few steps, a few images)")
