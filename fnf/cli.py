@@ -106,6 +106,7 @@ examples:
     p.add_argument("--seed", type=int, default=0, metavar="N", help="evaluation seed set (default 0)")
     p.add_argument("--model", default="", metavar="DIR", help="toy pipeline folder (default the shipped one)")
     p.add_argument("--threads", type=int, default=1, metavar="N", help="torch CPU threads (default 1)")
+    p.add_argument("--no-sepen", action="store_true", help="skip the Separate-and-Enhance part (saves ~1 min)")
     return parser
 
 
@@ -205,7 +206,8 @@ def cmd_sample(args) -> int:
 def cmd_demo(args) -> int:
     from .toy.demo import run_demo
 
-    run_demo(args.out, quick=args.quick, seed=args.seed, model=args.model, threads=args.threads)
+    run_demo(args.out, quick=args.quick, seed=args.seed, model=args.model, threads=args.threads,
+             sepen=not args.no_sepen)
     print(f"fnf: demo report in {os.path.join(args.out, 'report.md')}")
     return 0
 

@@ -15,7 +15,8 @@ def test_demo_subcommand_parses():
     from fnf.cli import build_parser
 
     args = build_parser().parse_args(["demo", "--out", "x", "--quick", "--seed", "3"])
-    assert args.command == "demo" and args.quick and args.seed == 3 and args.out == "x"
+    assert args.command == "demo" and args.quick and args.seed == 3 and args.out == "x" and not args.no_sepen
+    assert build_parser().parse_args(["demo", "--no-sepen"]).no_sepen
 
 
 @pytest.mark.slow
