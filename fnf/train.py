@@ -204,9 +204,9 @@ class Session:
         # I0 and I draw the same DDIM noise (eta > 0): one generator each, seeded alike.
         gen_ref, gen_ft = torch.Generator().manual_seed(noise_seed), torch.Generator().manual_seed(noise_seed)
         kw = dict(steps=s.steps, guidance_scale=s.guidance_scale, eta=s.eta)
-        if self.plain_draft:
-            return self._draft_micro_batch(x_T, cond, uncond, prompts, gen_ft, kw)
-        if self.fused_lora:  # shared no-grad steps in one batch; x_ft is I's latent at its first grad step
+        if self.plain_draft:  # plain DRaFT-K: no pretrained trajectory I0, no mask, no penalty
+            x_ft, start = x_T, 0
+        elif self.fused_lora:  # shared no-grad steps in one batch; x_ft is I's latent at its first grad step
             with torch.no_grad(), self.autocast():
                 z_ref, x_ft = denoise_batched(m, x_T, cond, uncond, grad_steps=s.truncation_k, lv_copies=s.lv_copies,
                                               generators=(gen_ref, gen_ft), **kw)
@@ -217,32 +217,26 @@ class Session:
                 z_ref = denoise(m, x_T, cond, uncond, grad_steps=0, generator=gen_ref, **kw)
                 ref = decode(m, z_ref).float()
             x_ft, start = x_T, 0
-        heat, mask = self.localizer(ref, prompts, idx)
+        if not self.plain_draft:  # before the grad-carrying steps: its own backward then peaks alone
+            heat, mask = self.localizer(ref, prompts, idx)
         with self.autocast():
             z = denoise(m, x_ft, cond, uncond, grad_steps=s.truncation_k, lv_copies=s.lv_copies, generator=gen_ft,
                         start=start, **kw)
             images = decode(m, z)
         copies = max(1, s.lv_copies)
-        ref_r, mask_r, prompts_r = ref.repeat(copies, 1, 1, 1), mask.repeat(copies, 1, 1, 1), prompts * copies
         with self.autocast():
-            rewards = evaluate(self.reward, images, prompts_r, checkpoint=cfg.memory.reward_checkpointing)
-        loss, stats = focus_n_fix_loss(rewards.float(), images.float(), ref_r, mask_r, beta=cfg.objective.beta,
-                                       reward_weight=cfg.reward.weight, squared=cfg.objective.squared)
+            rewards = evaluate(self.reward, images, prompts * copies, checkpoint=cfg.memory.reward_checkpointing)
+        if self.plain_draft:
+            loss = -cfg.reward.weight * rewards.float().mean()
+            stats = {"reward": rewards.detach().float().mean().item(), "loss": loss.detach().item()}
+            last = {"images": images[:b]}
+        else:
+            loss, stats = focus_n_fix_loss(rewards.float(), images.float(), ref.repeat(copies, 1, 1, 1),
+                                           mask.repeat(copies, 1, 1, 1), beta=cfg.objective.beta,
+                                           reward_weight=cfg.reward.weight, squared=cfg.objective.squared)
+            last = {"ref": ref, "mask": mask, "heat": heat, "images": images[:b]}
         finite = bool(torch.isfinite(loss).item() and torch.isfinite(rewards).all().item())
-        return loss, stats, finite, {"ref": ref, "mask": mask, "heat": heat, "images": images[: ref.shape[0]]}
-
-    def _draft_micro_batch(self, x_T, cond, uncond, prompts, gen, kw):
-        """Plain DRaFT-K (beta = 0, localize.spec none): no pretrained trajectory I0, no mask, no penalty."""
-        cfg, m, s = self.cfg, self.model, self.cfg.sampling
-        with self.autocast():
-            z = denoise(m, x_T, cond, uncond, grad_steps=s.truncation_k, lv_copies=s.lv_copies, generator=gen, **kw)
-            images = decode(m, z)
-            rewards = evaluate(self.reward, images, prompts * max(1, s.lv_copies),
-                               checkpoint=cfg.memory.reward_checkpointing)
-        loss = -cfg.reward.weight * rewards.float().mean()
-        stats = {"reward": rewards.detach().float().mean().item(), "loss": loss.detach().item()}
-        finite = bool(torch.isfinite(loss).item() and torch.isfinite(rewards).all().item())
-        return loss, stats, finite, {"images": images[: x_T.shape[0]]}
+        return loss, stats, finite, last
 
     # ------------------------------------------------------------------ one optimizer step
     def optimizer_step(self, step: int) -> tuple[dict, dict]:
