@@ -24,16 +24,20 @@ def _reflect(i, n):
 
 
 @triton.jit
+def _tap(row, col, dy: tl.constexpr, dx: tl.constexpr, H, W, g_side, g_centre):
+    """Tap (dy, dx) of the 3x3 Gaussian around (row, col): the reflected source pixel and its weight."""
+    wy = g_centre if dy == 1 else g_side
+    wx = g_centre if dx == 1 else g_side
+    return _reflect(row + (dy - 1), H), _reflect(col + (dx - 1), W), wy * wx
+
+
+@triton.jit
 def _smoothed(base, row, col, H, W, ok, g_side, g_centre, ACC: tl.constexpr):
     acc = tl.zeros(row.shape, dtype=ACC)
     for dy in tl.static_range(3):
-        r = _reflect(row + (dy - 1), H)
-        wy = g_centre if dy == 1 else g_side
         for dx in tl.static_range(3):
-            c = _reflect(col + (dx - 1), W)
-            wx = g_centre if dx == 1 else g_side
-            a = tl.load(base + r * W + c, mask=ok, other=0.0).to(ACC)
-            acc += a * (wy * wx)
+            r, c, w = _tap(row, col, dy, dx, H, W, g_side, g_centre)
+            acc += tl.load(base + r * W + c, mask=ok, other=0.0).to(ACC) * w
     return acc
 
 
@@ -124,12 +128,9 @@ def _backward_kernel(maps_ptr, params_ptr, g_sep_ptr, sep_idx_ptr, g_en_ptr, en_
             pr = p_en // W
             pc = p_en - pr * W
             for dy in tl.static_range(3):
-                r = _reflect(pr + (dy - 1), H)
-                wy = g_centre if dy == 1 else g_side
                 for dx in tl.static_range(3):
-                    c = _reflect(pc + (dx - 1), W)
-                    wx = g_centre if dx == 1 else g_side
-                    g += tl.where((row == r) & (col == c), g_en * (wy * wx), 0.0)
+                    r, c, w = _tap(pr, pc, dy, dx, H, W, g_side, g_centre)
+                    g += tl.where((row == r) & (col == c), g_en * w, 0.0)
             tl.store(out + i * HW + offs, g.to(out_ptr.dtype.element_ty), mask=ok)
 
 
