@@ -424,9 +424,14 @@ def _validate_sepen(cfg: Config) -> None:
              f"{len(ex)} prompts that exclude every pair")
 
 
+def sepen_concepts(sc: SepenConfig) -> list[str]:
+    """``sc.concepts`` stripped, duplicates dropped, in order."""
+    return list(dict.fromkeys(c.strip() for c in sc.concepts))
+
+
 def sepen_pairs(sc: SepenConfig) -> list[tuple[str, str]]:
     """The ordered concept pairs (A != B) whose template prompt is not in ``sc.exclude_prompts``."""
-    concepts = list(dict.fromkeys(c.strip() for c in sc.concepts))
+    concepts = sepen_concepts(sc)
     excluded = {" ".join(p.split()).lower() for p in sc.exclude_prompts}
     return [(a, b) for a in concepts for b in concepts
             if a != b and " ".join(sc.template.format(A=a, B=b).split()).lower() not in excluded]

@@ -139,14 +139,14 @@ def test_exclude_prompts_and_timestep_range_validation(sd):
 
 
 def test_excluded_prompts_are_never_drawn(sd):
-    from fnf.config import sepen_pairs
+    from fnf.config import sepen_concepts, sepen_pairs
     from fnf.sepen.train_step import SepenObjective
 
     held = ["a photo of a cat and a dog", "A photo of a  tree and a car"]   # case and spacing do not matter
     cfg = sepen_config(sd, "x", **{"sepen.exclude_prompts": held})
     assert len(sepen_pairs(cfg.sepen)) == 12 - 2
     obj = SepenObjective.__new__(SepenObjective)       # prompts() needs only the config and the pair list
-    obj.sc, obj.pairs = cfg.sepen, sepen_pairs(cfg.sepen)
+    obj.sc, obj.concepts, obj.pairs = cfg.sepen, sepen_concepts(cfg.sepen), sepen_pairs(cfg.sepen)
     pairs, objects, _ = obj.prompts(torch.Generator().manual_seed(0), 400)
     drawn = {p.lower() for p in pairs}
     assert "a photo of a cat and a dog" not in drawn and "a photo of a tree and a car" not in drawn

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 import fnf_kernels
 
-from ..config import sepen_pairs
+from ..config import sepen_concepts, sepen_pairs
 from ..models import DiffusionModel, adapters_disabled, add_lora, encode_prompts
 from ..sampling import predict_noise
 from .capture import capture, install_capture, remove_capture
@@ -60,12 +60,12 @@ class SepenObjective:
                     p.data = p.data.float()  # trained and stepped in float32 (autocast runs the matmuls)
                     p.requires_grad_(True)
                     self.params.append(p)
+        self.concepts = sepen_concepts(self.sc)
         self.pairs = sepen_pairs(self.sc)   # (A, B) concept pairs to draw from, held-out prompts removed
-        self.store = None
 
     def install(self, unet) -> None:
         """Wrap the cross-attention processors (after fnf_kernels.patch_lora, when the fused path is on)."""
-        self.store = install_capture(unet)
+        install_capture(unet)
 
     def uninstall(self, unet) -> None:
         remove_capture(unet)
@@ -73,8 +73,7 @@ class SepenObjective:
     # --------------------------------------------------------------------------------------------------
     def prompts(self, gen: torch.Generator, batch: int):
         """(two-object prompts, their object words, single-object prompts)."""
-        concepts = list(dict.fromkeys(c.strip() for c in self.sc.concepts))
-        allowed = self.pairs
+        concepts, allowed = self.concepts, self.pairs
         pairs, objects, singles = [], [], []
         for _ in range(batch):
             a, b = allowed[int(torch.randint(len(allowed), (1,), generator=gen))]
