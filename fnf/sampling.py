@@ -162,8 +162,10 @@ def decode(model: DiffusionModel, latents: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_images(model: DiffusionModel, x_T, cond, uncond, *, steps: int, guidance_scale: float,
-                  eta: float = 0.0, seed: int | None = None) -> torch.Tensor:
-    """No-grad sample decoded to [0, 1] images (used for I0, `fnf localize` and `fnf sample`)."""
+                  eta: float = 0.0, seed: int | None = None, unet=None) -> torch.Tensor:
+    """No-grad sample decoded to [0, 1] images (used for I0, `fnf localize` and `fnf sample`); ``unet``
+    replaces model.unet in the denoising calls (e.g. a wrapper that records attention)."""
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    z = denoise(model, x_T, cond, uncond, steps=steps, guidance_scale=guidance_scale, eta=eta, generator=gen)
+    z = denoise(model, x_T, cond, uncond, steps=steps, guidance_scale=guidance_scale, eta=eta, generator=gen,
+                unet=unet)
     return decode(model, z)

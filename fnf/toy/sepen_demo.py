@@ -109,26 +109,23 @@ def trajectory_losses(model, prompts: list[str], seeds: list[int], *, steps: int
                       downsample: int = 4) -> dict:
     """Sample two-object ``prompts`` (phrase maps as in training) and return the images and, per image, the
     Separate and Enhance losses averaged over the sampling steps: {"images", "separate", "enhance"}."""
-    from ..models import encode_prompts
-    from ..sampling import decode, denoise, initial_latents
     from ..sepen.capture import install_capture, remove_capture
     from ..sepen.tokens import token_weights, word_positions
+    from .evaluate_sd import sample
 
     size = model.native_size
-    cond = encode_prompts(model, prompts, height=size, width=size)
-    uncond = encode_prompts(model, [""] * len(prompts), height=size, width=size)
     objects = [[f"{c} {s}" for s, c in toydata.parse_caption(p)] for p in prompts]
-    weights = token_weights([word_positions(model.tokenizers[0], p, o) for p, o in zip(prompts, objects)],
-                            cond.hidden.shape[1])
-    x_T = torch.cat([initial_latents(model, 1, size, size, torch.Generator().manual_seed(s), "cpu") for s in seeds])
+    tokenizer = model.tokenizers[0]   # prompts are encoded padded to model_max_length tokens
+    weights = token_weights([word_positions(tokenizer, p, o) for p, o in zip(prompts, objects)],
+                            tokenizer.model_max_length)
     f = model.vae_scale_factor
     install_capture(model.unet)
     try:
         unet = _CapturingUNet(model.unet, weights, (size // f, size // f), downsample)
-        z = denoise(model, x_T, cond, uncond, steps=steps, guidance_scale=guidance, unet=unet)
+        images = sample(model, prompts, seeds, steps=steps, guidance=guidance, batch=len(prompts), unet=unet)
     finally:
         remove_capture(model.unet)
-    return {"images": decode(model, z), "separate": torch.stack(unet.separate).mean(0),
+    return {"images": images, "separate": torch.stack(unet.separate).mean(0),
             "enhance": torch.stack(unet.enhance).mean(0)}
 
 
