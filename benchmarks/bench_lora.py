@@ -236,13 +236,10 @@ def main(argv=None) -> int:
     if "batch" in args.sections:
         section_batch(args.unet_rank, args.unet_batch, args.resolution, dtype)
     if args.json:
-        import datetime
         import json
-        import subprocess
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-        meta = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
-                "commit": os.environ.get("FNF_COMMIT") or commit or "unknown", "command": " ".join(sys.argv)}
+
+        import provenance
+        meta = {"device": torch.cuda.get_device_name(), **provenance.stamp(argv)}
         with open(args.json, "w") as f:
             json.dump([{**meta, **r} for r in RECORDS], f, indent=1)
     return 0

@@ -10,11 +10,9 @@ device copy bandwidth. Goals are ratios, checked here and reported, never assert
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 
 import torch
@@ -22,7 +20,9 @@ import torch.nn.functional as F
 from torch.utils import benchmark as tbench
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fnf_kernels  # noqa: E402
+import provenance  # noqa: E402
 from fnf_kernels import reference as ref  # noqa: E402
 from fnf_kernels.backends import availability  # noqa: E402
 
@@ -202,12 +202,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = "unknown"
-    report = {"date": datetime.date.today().isoformat(), "commit": commit, "command": " ".join(sys.argv),
-              "torch": torch.__version__, "host": platform.node(), "devices": {}}
+    report = {**provenance.stamp(argv), "torch": torch.__version__, "host": platform.node(), "devices": {}}
+    commit = report["commit"]
     for device in devices:
         name = torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or 'cpu'} x{torch.get_num_threads()} threads"
         copy = copy_bandwidth(device)

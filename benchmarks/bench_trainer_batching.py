@@ -197,13 +197,10 @@ def main(argv=None) -> int:
         print(f"| {label} | {calls} | {per_call} | {wall[i]:.3f} | {wall[0] / wall[i]:.2f}x | {cpu[i]:.3f} | "
               f"{cpu[0] / cpu[i]:.2f}x | {diff:.1e} |")
     if args.json:
-        import datetime
         import json
-        import subprocess
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-        meta = {"benchmark": "bench_trainer_batching", "device": where, "date": datetime.date.today().isoformat(),
-                "commit": os.environ.get("FNF_COMMIT") or commit or "unknown", "command": " ".join(sys.argv),
+
+        import provenance
+        meta = {"benchmark": "bench_trainer_batching", "device": where, **provenance.stamp(argv),
                 "dtype": str(dtype).replace("torch.", ""), "resolution": args.resolution, "rank": args.rank,
                 "batch": b, "steps": T, "k": args.k, "lv": args.lv, "guidance": args.guidance,
                 "channels": list(args.channels)}

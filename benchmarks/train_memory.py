@@ -30,12 +30,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import gc
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -249,16 +247,6 @@ def run_variant(arch: str, variant: str, steps: int, device: str, sampling_steps
     return record
 
 
-def _commit() -> str:
-    if os.environ.get("FNF_COMMIT"):
-        return os.environ["FNF_COMMIT"]
-    try:
-        out = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
 def print_table(records: list[dict]) -> None:
     print(f"\n{'variant':<24}{'peak GiB':>10}{'step s':>10}{'skipped':>9}")
     for r in records:
@@ -290,10 +278,10 @@ def main(argv=None) -> int:
         raise SystemExit("--device cuda but no CUDA device is visible")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    meta = {"benchmark": "train_memory", "device": name, "commit": _commit(),
-            "date": datetime.date.today().isoformat(), "command": "python " + " ".join([sys.argv[0]] + (argv or
-                                                                                                         sys.argv[1:])),
-            "model": args.model, "resolution": ARCHS[args.model]["resolution"], "sampling_steps": args.sampling_steps,
+    import provenance  # beside this script; imported here so the reward spec can load this file on its own
+
+    meta = {"benchmark": "train_memory", "device": name, **provenance.stamp(argv), "model": args.model,
+            "resolution": ARCHS[args.model]["resolution"], "sampling_steps": args.sampling_steps,
             "truncation_k": 2, "guidance_scale": 7.5, "lora_rank": 64, "batch_size": 1, "dtype": "bf16"}
     records = []
     for n in names:
