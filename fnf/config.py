@@ -100,6 +100,10 @@ class SepenConfig:
 class TrainConfig:
     prompts: list = field(default_factory=lambda: ["a photo of a person"])
     prompts_file: str = ""         # one prompt per line; added to `prompts`
+    # 0: fresh noise for every sample. N > 0: a fixed pool of N noise seeds per prompt; the pretrained images I0
+    # (and masks) of the pool are computed once before training (fnf/reference_pool.py), so a step samples only
+    # the fine-tuned trajectory. Needs sampling.eta = 0.
+    seeds_per_prompt: int = 0
     batch_size: int = 1            # images per process per micro-step
     steps: int = 1000              # optimizer steps
     grad_accum: int = 1
@@ -345,7 +349,7 @@ def validate(cfg: Config) -> Config:
                    "sampling.width": cfg.sampling.width,
                    "train.warmup_steps": cfg.train.warmup_steps, "train.checkpoint_every": cfg.train.checkpoint_every,
                    "train.sample_every": cfg.train.sample_every, "train.keep_checkpoints": cfg.train.keep_checkpoints,
-                   "train.seed": cfg.train.seed}
+                   "train.seed": cfg.train.seed, "train.seeds_per_prompt": cfg.train.seeds_per_prompt}
     for key, value in nonneg_ints.items():
         _require(value >= 0, key, "an integer >= 0", value)
     _require(cfg.localize.radius >= -1, "localize.radius", "an integer >= 0 (or -1 for 1/64 of the image side)",
@@ -363,6 +367,9 @@ def validate(cfg: Config) -> Config:
     for key, value in finite_nonneg.items():
         _require(math.isfinite(value) and value >= 0, key, "a finite number >= 0", value)
     _require(math.isfinite(cfg.lora.alpha) and cfg.lora.alpha > 0, "lora.alpha", "a finite number > 0", cfg.lora.alpha)
+    if cfg.train.seeds_per_prompt > 0:
+        _require(cfg.sampling.eta == 0, "sampling.eta", "0 with train.seeds_per_prompt > 0 (a pooled I0 is "
+                 "reused, so the fine-tuned trajectory must not draw DDIM noise)", cfg.sampling.eta)
     _require(math.isfinite(cfg.train.lr) and cfg.train.lr > 0, "train.lr", "a finite number > 0", cfg.train.lr)
     _require(math.isfinite(cfg.train.adam_eps) and cfg.train.adam_eps > 0, "train.adam_eps", "a number > 0",
              cfg.train.adam_eps)

@@ -139,6 +139,15 @@ class Session:
         neg = cfg.sampling.negative_prompt
         self.negative = encode_prompts(m, [neg], height=self.height, width=self.width,
                                        zero=(m.kind == "sdxl" and not neg and m.force_zeros_for_empty_prompt))
+        self.pool = None
+        if cfg.train.seeds_per_prompt > 0:
+            from .reference_pool import ReferencePool
+            self.pool = ReferencePool(
+                m, self.embeds, self.negative, self.localizer, self.prompts, seeds_per_prompt=cfg.train.seeds_per_prompt,
+                seed=cfg.train.seed, height=self.height, width=self.width, steps=cfg.sampling.steps,
+                guidance_scale=cfg.sampling.guidance_scale, batch_size=cfg.train.batch_size, device=self.device,
+                autocast=self.autocast, references=not self.plain_draft,
+                progress=cfg.train.progress and self.acc.is_main_process)
         if cfg.memory.offload_text_encoder:
             offload_text_encoders(m)
 
@@ -195,16 +204,24 @@ class Session:
         if self.sepen is not None:
             return self.sepen.micro_batch(self, gen)
         b = cfg.train.batch_size
-        idx = torch.randint(len(self.prompts), (b,), generator=gen)
+        if self.pool is not None:  # entries of the fixed (prompt, seed) pool
+            entries = torch.randint(self.pool.size, (b,), generator=gen)
+            idx = self.pool.prompt_index[entries]
+            x_T = self.pool.latents(entries, self.device)
+        else:
+            idx = torch.randint(len(self.prompts), (b,), generator=gen)
+            x_T = initial_latents(m, b, self.height, self.width, gen, self.device)
         prompts = [self.prompts[i] for i in idx.tolist()]
         cond = self.embeds.index(idx.to(self.embeds.hidden.device))
         uncond = self.negative.repeat(b)
-        x_T = initial_latents(m, b, self.height, self.width, gen, self.device)
         noise_seed = int(torch.randint(2**62, (1,), generator=gen))
         # I0 and I draw the same DDIM noise (eta > 0): one generator each, seeded alike.
         gen_ref, gen_ft = torch.Generator().manual_seed(noise_seed), torch.Generator().manual_seed(noise_seed)
         kw = dict(steps=s.steps, guidance_scale=s.guidance_scale, eta=s.eta)
         if self.plain_draft:  # plain DRaFT-K: no pretrained trajectory I0, no mask, no penalty
+            x_ft, start = x_T, 0
+        elif self.pool is not None:  # I0 and its mask were computed before training
+            ref, heat, mask = self.pool.lookup(entries, self.device)
             x_ft, start = x_T, 0
         elif self.fused_lora:  # shared no-grad steps in one batch; x_ft is I's latent at its first grad step
             with torch.no_grad(), self.autocast():
@@ -217,7 +234,7 @@ class Session:
                 z_ref = denoise(m, x_T, cond, uncond, grad_steps=0, generator=gen_ref, **kw)
                 ref = decode(m, z_ref).float()
             x_ft, start = x_T, 0
-        if not self.plain_draft:  # before the grad-carrying steps: its own backward then peaks alone
+        if not self.plain_draft and self.pool is None:  # before the grad-carrying steps: its backward peaks alone
             heat, mask = self.localizer(ref, prompts, idx)
         with self.autocast():
             z = denoise(m, x_ft, cond, uncond, grad_steps=s.truncation_k, lv_copies=s.lv_copies, generator=gen_ft,

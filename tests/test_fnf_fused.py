@@ -163,11 +163,12 @@ def _cfg(sd, out, mode, **sections):
     return tiny_config(sd, out, memory={"unet_checkpointing": True, "fused_lora": mode}, **sections)
 
 
-@pytest.mark.parametrize("sampling", [{}, {"truncation_k": 1, "lv_copies": 2, "eta": 0.5, "guidance_scale": 1.0}],
-                         ids=["cfg-K2", "nocfg-LV2-eta"])
-def test_training_fused_on_gives_the_same_lora_as_off(sd, tmp_path, sampling):
+@pytest.mark.parametrize("sampling,pool", [({}, 0), ({"truncation_k": 1, "lv_copies": 2, "eta": 0.5,
+                                                        "guidance_scale": 1.0}, 0), ({}, 2)],
+                         ids=["cfg-K2", "nocfg-LV2-eta", "cfg-K2-reference-pool"])
+def test_training_fused_on_gives_the_same_lora_as_off(sd, tmp_path, sampling, pool):
     steps, lr = 2, 1e-2
-    extra = dict(sampling=sampling, train={"steps": steps, "batch_size": 2, "lr": lr})
+    extra = dict(sampling=sampling, train={"steps": steps, "batch_size": 2, "lr": lr, "seeds_per_prompt": pool})
     off = train(_cfg(sd, str(tmp_path / "off"), "off", **extra))
     on = train(_cfg(sd, str(tmp_path / "on"), "on", **extra))
     for a, b in zip(off.history, on.history):

@@ -174,3 +174,54 @@ def test_plain_draft_skips_the_pretrained_trajectory_and_matches_beta_zero(sd, t
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
     assert [h["reward"] for h in plain.history] == pytest.approx([h["reward"] for h in with_mask.history], rel=1e-5)
     assert os.path.isfile(tmp_path / "plain" / "samples" / "step-0000002.png")
+
+
+def test_reference_pool_precomputes_i0_once_and_resumes_exactly(sd, tmp_path, monkeypatch):
+    """train.seeds_per_prompt = N: the P x N pretrained images are sampled once (LoRA off) before training, each
+    step runs only the fine-tuned trajectory, and a resumed run rebuilds the same pool."""
+    import fnf.reference_pool as pool_mod
+    import fnf.train as train_mod
+    from fnf.reference_pool import entry_seed
+
+    extra = dict(localize={"spec": "saliency"}, train={"steps": 3, "seeds_per_prompt": 2, "batch_size": 2,
+                                                       "checkpoint_every": 1})
+    calls, pool_calls = [], []
+    real = train_mod.denoise
+    monkeypatch.setattr(train_mod, "denoise", lambda *a, **k: calls.append(k.get("grad_steps")) or real(*a, **k))
+    monkeypatch.setattr(pool_mod, "denoise", lambda *a, **k: pool_calls.append(a[1].shape[0]) or real(*a, **k))
+    full = train(tiny_config(sd, str(tmp_path / "full"), **extra))
+    assert len(calls) == 3 and all(c == 2 for c in calls)          # training steps: the fine-tuned chain only
+    assert pool_calls == [2, 2]                                     # 2 prompts x 2 seeds, once, in batches of 2
+    assert all("penalty" in h and "change_outside" in h for h in full.history)
+
+    # The pool's I0 of entry j is the adapters-off sample from entry_seed(seed, j) -- what the plain path computes.
+    cfg = tiny_config(sd, str(tmp_path / "probe"), **extra)
+    session = train_mod.Session(cfg)
+    p = session.pool
+    assert p.size == 2 * len(cfg.train.prompts) and p.prompt_index.tolist() == [0, 0, 1, 1]
+    m = session.model
+    for j in (0, 3):
+        x_T = initial_latents(m, 1, IMAGE_SIZE, IMAGE_SIZE, torch.Generator().manual_seed(entry_seed(0, j)), "cpu")
+        cond = session.embeds.index(torch.tensor([int(p.prompt_index[j])]))
+        with adapters_disabled(m.unet):
+            expect = sample_images(m, x_T, cond, session.negative, steps=4, guidance_scale=3.0)
+        torch.testing.assert_close(p.ref[j:j + 1], expect, rtol=0, atol=1e-5)
+
+    part_cfg = tiny_config(sd, str(tmp_path / "part"), **extra)
+    part_cfg.train.steps = 2
+    train(part_cfg)
+    resumed_cfg = tiny_config(sd, str(tmp_path / "part"), **extra)
+    resumed_cfg.train.resume = "latest"
+    resumed = train(resumed_cfg)
+    a, b = lora_state_dict(full.model.unet), lora_state_dict(resumed.model.unet)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_reference_pool_config_errors(sd):
+    from fnf import config
+
+    with pytest.raises(config.ConfigError, match="sampling.eta"):
+        tiny_config(sd, "x", sampling={"eta": 0.5}, train={"seeds_per_prompt": 2})
+    with pytest.raises(config.ConfigError, match="train.seeds_per_prompt"):
+        tiny_config(sd, "x", train={"seeds_per_prompt": -1})

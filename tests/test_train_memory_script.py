@@ -18,6 +18,9 @@ def test_variants_are_cumulative_and_validated():
                     "offload_text_encoder": True, "fused_lora": "on"}
     draft = tm.variant_settings("draft_k")
     assert draft["memory"] == full and draft["objective"]["beta"] == 0 and draft["localize"]["spec"] == "none"
+    assert "train" not in draft
+    pooled = tm.variant_settings("full+reference_pool")
+    assert pooled["memory"] == full and pooled["train"] == {"seeds_per_prompt": 1} and "objective" not in pooled
     with pytest.raises(ValueError, match="--variants"):
         tm.variant_settings("nope")
 
@@ -36,10 +39,10 @@ def test_architectures_have_the_real_parameter_counts(arch, unet_m, text_m):
 @pytest.mark.parametrize("arch", ["tiny", "tiny_xl"])
 def test_tiny_cpu_run_writes_records(tmp_path, arch):
     out = tmp_path / "r.json"
-    assert tm.main(["--model", arch, "--variants", "naive,full,draft_k", "--steps", "2", "--sampling-steps", "3",
+    assert tm.main(["--model", arch, "--variants", "naive,full,full+reference_pool,draft_k", "--steps", "2", "--sampling-steps", "3",
                     "--device", "cpu", "--json", str(out)]) == 0
     records = json.loads(out.read_text())
-    assert [r["variant"] for r in records] == ["naive", "full", "draft_k"]
+    assert [r["variant"] for r in records] == ["naive", "full", "full+reference_pool", "draft_k"]
     keys = {"benchmark", "device", "commit", "date", "command", "model", "resolution", "variant", "peak_gib",
             "step_s"}
     for r in records:
