@@ -310,8 +310,22 @@ def load(path: str | None = None, overrides: list[str] | None = None) -> Config:
             except yaml.YAMLError as e:
                 raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
     cfg = from_dict(data)
+    if path:
+        _resolve_file_paths(cfg, data, os.path.dirname(os.path.abspath(path)))
     apply_overrides(cfg, overrides or [])
     return cfg
+
+
+def _resolve_file_paths(cfg: Config, data: dict, base: str) -> None:
+    """A relative ``train.prompts_file`` in a YAML file names a file beside that YAML file (configs/x.yaml
+    with ``prompts/people.txt`` reads configs/prompts/people.txt); a path that only exists relative to the
+    working directory is kept as it is. ``--set`` values stay relative to the working directory."""
+    given = (data.get("train") or {}).get("prompts_file") if isinstance(data.get("train"), dict) else None
+    if not given or os.path.isabs(str(given)):
+        return
+    beside = os.path.join(base, str(given))
+    if os.path.isfile(beside) or not os.path.isfile(str(given)):
+        cfg.train.prompts_file = beside
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import fnf_kernels
 
-from .rewards import build_heatmap_model
+from .rewards import build_heatmap_model, check_heatmap_spec
 
 
 class LocalizerError(ValueError):
@@ -26,14 +26,17 @@ class LocalizerError(ValueError):
 class GradCAM:
     """Grad-CAM of a scalar reward: ReLU(sum_c mean_hw(dr/dA_c) * A_c) on a named layer, upsampled
     bilinearly to the image size. ``layer`` is a dotted submodule name of the reward module; by default
-    the last Conv2d. ``explain="reward"`` (default) maps the evidence *for* the reward;
-    ``explain="problem"`` maps the evidence against it (Grad-CAM of -r), which is what a problem mask wants
-    when higher rewards are better (e.g. r = -p(unsafe): the unsafe region)."""
+    the last Conv2d.
 
-    def __init__(self, reward: torch.nn.Module, layer: str | None = None, explain: str = "reward"):
+    ``explain="problem"`` (default) maps the evidence against the quantity training maximises, ``w * r``:
+    Grad-CAM of ``-sign(w) * r``. With r = -logit(unsafe) and w = 1 that is the unsafe region; with an
+    artifact score and w = -1 it is the artifact. ``explain="reward"`` maps the evidence for r itself."""
+
+    def __init__(self, reward: torch.nn.Module, layer: str | None = None, explain: str = "problem",
+                 reward_weight: float = 1.0):
         if explain not in ("reward", "problem"):
             raise LocalizerError(f"gradcam: explain must be 'reward' or 'problem', got {explain!r}")
-        self.sign = 1.0 if explain == "reward" else -1.0
+        self.sign = 1.0 if explain == "reward" else (1.0 if reward_weight < 0 else -1.0)
         if not isinstance(reward, torch.nn.Module):
             raise LocalizerError("gradcam needs the reward to be an nn.Module (it hooks a layer); use "
                                  "'saliency' or 'heatmap:SPEC' for plain callables")
@@ -213,12 +216,22 @@ class Localizer:
         return heat, mask
 
 
+GRADCAM_KWARGS = ("explain",)
+
+
 def build_localizer(spec: str, reward=None, *, kwargs: dict | None = None, normalize="minmax", threshold=0.5,
-                    threshold_mode="relative", radius=-1, shape="square") -> Localizer:
-    """``gradcam[:layer]``, ``saliency``, ``heatmap:SPEC``, ``file:GLOB`` or ``none``."""
+                    threshold_mode="relative", radius=-1, shape="square", reward_weight: float = 1.0) -> Localizer:
+    """``gradcam[:layer]``, ``saliency``, ``heatmap:SPEC``, ``file:GLOB`` or ``none``.
+
+    ``reward_weight`` is w of the loss ``-w * r + ...``: Grad-CAM explains the evidence against ``w * r``
+    (see :class:`GradCAM`)."""
     kind, _, arg = spec.partition(":")
     if kind == "gradcam":
-        source = GradCAM(reward, arg or None, explain=(kwargs or {}).get("explain", "reward"))
+        extra = sorted(set(kwargs or {}) - set(GRADCAM_KWARGS))
+        if extra:
+            raise LocalizerError(f"localize.kwargs {extra} are not gradcam options (it takes {list(GRADCAM_KWARGS)})")
+        source = GradCAM(reward, arg or None, explain=(kwargs or {}).get("explain", "problem"),
+                         reward_weight=reward_weight)
     elif kind == "saliency":
         if reward is None:
             raise LocalizerError("saliency needs a reward")
@@ -253,3 +266,32 @@ def heatmap_rgb(heat: torch.Tensor) -> torch.Tensor:
     """(B, H, W) in [0, 1] -> a (B, 3, H, W) 'hot' colour map (black, red, yellow, white)."""
     h = heat.clamp(0, 1)[:, None]
     return torch.cat([(3 * h).clamp(0, 1), (3 * h - 1).clamp(0, 1), (3 * h - 2).clamp(0, 1)], dim=1)
+
+
+def check_localizer_spec(spec: str, kwargs: dict | None = None) -> None:
+    """Check a localizer spec without building it (cheap; for preflight): the kind, gradcam options, the
+    heatmap model spec and kwargs, that a file glob matches files."""
+    kind, _, arg = spec.partition(":")
+    kwargs = kwargs or {}
+    if kind == "gradcam":
+        extra = sorted(set(kwargs) - set(GRADCAM_KWARGS))
+        if extra:
+            raise LocalizerError(f"localize.kwargs {extra} are not gradcam options (it takes {list(GRADCAM_KWARGS)})")
+        if kwargs.get("explain", "problem") not in ("reward", "problem"):
+            raise LocalizerError(f"gradcam: explain must be 'reward' or 'problem', got {kwargs['explain']!r}")
+    elif kind == "heatmap":
+        check_heatmap_spec(arg, kwargs)
+    elif kind == "file":
+        if not globlib.glob(arg):
+            raise LocalizerError(f"localize.spec file:{arg}: no files match")
+    elif kind not in ("saliency", "none"):
+        raise LocalizerError(f"unknown localizer {spec!r}: expected gradcam[:layer], saliency, heatmap:SPEC, "
+                             "file:GLOB or none")
+
+
+def localizer_from_config(cfg, reward) -> Localizer:
+    """The localizer a :class:`fnf.config.Config` describes (section ``localize``, ``reward.weight``)."""
+    lc = cfg.localize
+    return build_localizer(lc.spec, reward, kwargs=lc.kwargs, normalize=lc.normalize, threshold=lc.threshold,
+                           threshold_mode=lc.threshold_mode, radius=lc.radius, shape=lc.shape,
+                           reward_weight=cfg.reward.weight)

@@ -115,6 +115,58 @@ def _instantiate(obj, kwargs: dict, spec: str, what: str):
     return obj
 
 
+def _check_call(obj, kwargs: dict, spec: str, what: str) -> None:
+    """Would :func:`_instantiate` accept ``kwargs``? Binds them to the signature (nothing is built) and runs the
+    factory's own cheap ``check(**kwargs)`` when it has one (e.g. that a checkpoint file exists)."""
+    if not (inspect.isclass(obj) or kwargs or _is_factory(obj)):
+        return
+    try:
+        inspect.signature(obj).bind(**kwargs)
+    except TypeError as e:
+        raise SpecError(f"{what} {spec!r} does not accept kwargs {sorted(kwargs)}: {e}") from None
+    except ValueError:  # no signature (builtins): nothing to check
+        pass
+    check = getattr(obj, "check", None)
+    if callable(check) and not inspect.isclass(obj):
+        check(**kwargs)
+
+
+def check_reward_spec(spec: str, kwargs: dict) -> None:
+    """Resolve a reward spec and check its kwargs without building the reward (cheap; for preflight)."""
+    if spec == "classifier":
+        kw = dict(kwargs)
+        model = kw.pop("model", "")
+        if not model:
+            raise SpecError("reward 'classifier' needs reward.kwargs.model: a 'module:callable' or "
+                            "'file.py:callable' that returns the classifier nn.Module")
+        _check_call(load_object(model, "classifier model"), kw.pop("model_kwargs", None) or {}, model,
+                    "classifier model")
+        kw.pop("logit", None)
+        try:
+            inspect.signature(ClassifierReward).bind(None, **kw)
+        except TypeError as e:
+            raise SpecError(f"reward 'classifier' does not accept kwargs {sorted(kw)}: {e}") from None
+        return
+    if spec in REWARDS:
+        _check_call(REWARDS[spec], kwargs, spec, "reward")
+        return
+    if ":" not in spec:
+        raise SpecError(f"unknown reward {spec!r}: expected one of {', '.join(sorted(REWARDS))}, "
+                        "'module:callable' or 'path/to/file.py:callable'")
+    _check_call(load_object(spec, "reward"), kwargs, spec, "reward")
+
+
+def check_heatmap_spec(spec: str, kwargs: dict) -> None:
+    """Resolve a heatmap model spec and check its kwargs without building it."""
+    if spec in HEATMAPS:
+        _check_call(HEATMAPS[spec], kwargs, spec, "heatmap model")
+        return
+    if ":" not in spec:
+        raise SpecError(f"unknown heatmap model {spec!r}: expected one of {', '.join(sorted(HEATMAPS))}, "
+                        "'module:callable' or 'path/to/file.py:callable'")
+    _check_call(load_object(spec, "heatmap model"), kwargs, spec, "heatmap model")
+
+
 def build_reward(spec: str, **kwargs) -> Reward:
     """Registry name or ``module:callable`` / ``file.py:callable`` -> reward callable."""
     if spec in REWARDS:

@@ -31,8 +31,13 @@ def _planted_images(b=2, size=32):
 def test_gradcam_mask_lands_where_the_planted_reward_looks():
     reward = build_reward(f"{HELPER}:red_detector")
     images, truth = _planted_images()
-    loc = build_localizer("gradcam:features", reward, threshold=0.5, radius=1)
+    # explain=reward maps the evidence for r (the red square). Since the default became explain=problem, this
+    # test asks for it; the default with reward_weight=-1 (training lowers redness) must give the same map.
+    loc = build_localizer("gradcam:features", reward, kwargs={"explain": "reward"}, threshold=0.5, radius=1)
     heat, mask = loc(images, ["a", "b"])
+    heat_w, mask_w = build_localizer("gradcam:features", reward, threshold=0.5, radius=1, reward_weight=-1.0)(
+        images, ["a", "b"])
+    assert torch.allclose(heat_w, heat) and torch.equal(mask_w, mask)
     assert heat.shape == (2, 32, 32) and mask.shape == (2, 1, 32, 32)
     assert not heat.requires_grad and not mask.requires_grad
     for i in range(2):
@@ -115,5 +120,14 @@ def test_gradcam_explain_problem_maps_what_lowers_the_reward():
         inter = (mask[i] * truth[i]).sum()
         union = ((mask[i] + truth[i]) > 0).sum()
         assert inter / union > 0.6, (i, inter, union)
+    # explain=problem is the default: the same mask without kwargs; explain=reward maps the opposite evidence.
+    _, default_mask = build_localizer("gradcam:inner.features", reward, threshold=0.5, radius=1)(images, ["a", "b"])
+    assert torch.equal(default_mask, mask)
+    _, reward_mask = build_localizer("gradcam:inner.features", reward, kwargs={"explain": "reward"}, threshold=0.5,
+                                     radius=1)(images, ["a", "b"])
+    for i in range(2):
+        assert (reward_mask[i] * truth[i]).sum() < 0.5 * truth[i].sum(), i
     with pytest.raises(LocalizerError, match="explain must be"):
         build_localizer("gradcam:inner.features", reward, kwargs={"explain": "bad"})
+    with pytest.raises(LocalizerError, match="not gradcam options"):
+        build_localizer("gradcam:inner.features", reward, kwargs={"layer": "x"})

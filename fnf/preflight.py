@@ -1,0 +1,72 @@
+"""Checks of a whole training/sampling config that run before any model is loaded.
+
+Everything here is cheap: files exist, specs import and accept their kwargs, the device is there, the model folder
+looks like the pipeline it claims to be. Errors name the config key and what was expected, so a typo costs a
+second, not the minutes of loading a model first.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .config import Config, ConfigError
+from .localize import check_localizer_spec
+from .models import ModelLoadError, _read_index, detect_kind
+from .rewards import check_reward_spec
+
+COMPONENTS = {"sd": ("unet", "vae", "scheduler", "text_encoder", "tokenizer"),
+              "sdxl": ("unet", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")}
+
+
+def check_model_folder(path: str, kind: str = "auto") -> str:
+    """The folder is a diffusers pipeline folder of the given kind with every component; returns the kind."""
+    index = _read_index(path)
+    found = detect_kind(path, index)
+    if kind not in ("auto", found):
+        raise ModelLoadError(f"model.kind is {kind!r} but {path!r} looks like {found!r}")
+    missing = [c for c in COMPONENTS[found] if not os.path.isdir(os.path.join(path, c))]
+    if missing:
+        raise ModelLoadError(f"model folder {path!r} has no {', '.join(repr(m) for m in missing)} subfolder(s); a "
+                             f"{'SDXL' if found == 'sdxl' else 'Stable Diffusion'} pipeline folder needs "
+                             f"{', '.join(COMPONENTS[found])}")
+    return found
+
+
+def check_prompts(cfg: Config) -> list[str]:
+    """The prompts file exists and the prompts are not empty; returns them."""
+    path = cfg.train.prompts_file
+    if path and not os.path.isfile(path):
+        raise ConfigError(f"config key 'train.prompts_file': expected a file of prompts (one per line), "
+                          f"got {path!r}, which does not exist")
+    prompts = cfg.all_prompts()
+    if not prompts and cfg.objective.name != "sepen":
+        raise ConfigError("config key 'train.prompts': expected at least one prompt; train.prompts is empty and "
+                          f"{'train.prompts_file ' + repr(path) + ' has no non-empty line' if path else 'no train.prompts_file is set'}")
+    return prompts
+
+
+def check_device(cfg: Config) -> None:
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("config key 'train.device': expected a visible CUDA device for 'cuda', found none "
+                          "(use auto or cpu)")
+
+
+def check_specs(cfg: Config) -> None:
+    """Reward and localizer specs resolve and accept their kwargs (objective fnf only: sepen uses neither)."""
+    if cfg.objective.name == "sepen":
+        return
+    check_reward_spec(cfg.reward.spec, cfg.reward.kwargs)
+    check_localizer_spec(cfg.localize.spec, cfg.localize.kwargs)
+
+
+def check(cfg: Config, *, model: bool = True, prompts: bool = True) -> None:
+    """Everything about ``cfg`` that can be checked without loading a model (raises ConfigError, SpecError,
+    LocalizerError or ModelLoadError naming the key). ``model=False`` skips the model folder (the caller
+    passes a built model)."""
+    check_device(cfg)
+    if prompts:
+        check_prompts(cfg)
+    check_specs(cfg)
+    if model:
+        check_model_folder(cfg.model.path, cfg.model.kind)
