@@ -200,3 +200,49 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------------------------------ float64 parity helpers
+def to_float64(model) -> "object":
+    """Cast a loaded DiffusionModel in place to float64: UNet (LoRA included), VAE, text encoders and the DDIM
+    schedule (``alphas_cumprod``, so that ``scheduler.step`` computes its coefficients in float64 too).
+
+    For parity tests whose tolerance is float64 rounding (unit roundoff 1.1e-16): two orderings of the same math
+    then agree to ~1e-12 relative, where float32 orderings on different CPUs differ by ~1e-4."""
+    for module in [model.unet, model.vae, *model.text_encoders]:
+        module.double()
+    sched = model.scheduler
+    sched.alphas_cumprod = sched.alphas_cumprod.double()
+    sched.final_alpha_cumprod = torch.as_tensor(sched.final_alpha_cumprod).double()
+    return model
+
+
+def float64_session(cfg) -> "object":
+    """A fnf.train.Session whose model is float64 (weight_dtype fp32 is loaded as float64 while it is built; the
+    LoRA parameters and the DDIM schedule are cast after). The trainer still rounds the loss-level tensors to
+    float32 (``.float()`` on I0, I and the rewards in fnf/train.py, fnf/rewards.py:evaluate), so two paths through
+    a float64 session agree to a few float32 ulps of the loss inputs, not to float64 rounding."""
+    from fnf import models
+    from fnf.train import Session
+
+    before = models.DTYPES["fp32"]
+    models.DTYPES["fp32"] = torch.float64
+    try:
+        session = Session(cfg)
+    finally:
+        models.DTYPES["fp32"] = before
+    for p in session.params:
+        p.data = p.data.double()
+    sched = session.model.scheduler
+    sched.alphas_cumprod = sched.alphas_cumprod.double()
+    sched.final_alpha_cumprod = torch.as_tensor(sched.final_alpha_cumprod).double()
+    return session
+
+
+def randomize_lora_B(unet, seed: int, std: float = 0.05) -> None:
+    """Non-zero LoRA B (peft initialises it to 0, where I = I0 exactly and ||I0 - I|| has no gradient)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype) * std)
