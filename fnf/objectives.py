@@ -18,8 +18,10 @@ import fnf_kernels
 
 def region_penalty(images: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor, *,
                    squared: bool = False) -> torch.Tensor:
-    """Per-sample ||(1 - M) * (I0 - I)||_F on float32 images in [0, 1] (B,), via fnf_kernels."""
-    return fnf_kernels.masked_frobenius_penalty(images.float(), reference.detach().float(), mask.detach().float(),
+    """Per-sample ||(1 - M) * (I0 - I)||_F on images in [0, 1] (B,), via fnf_kernels; in float32 (float64 when
+    ``images`` is float64)."""
+    wide = torch.promote_types(images.dtype, torch.float32)
+    return fnf_kernels.masked_frobenius_penalty(images.to(wide), reference.detach().to(wide), mask.detach().to(wide),
                                                 squared=squared, reduction="none")
 
 

@@ -32,7 +32,7 @@ def uses_cfg(uncond: PromptEmbeds | None, guidance_scale: float) -> bool:
 
 def predict_noise(model: DiffusionModel, unet, x: torch.Tensor, t, cond: PromptEmbeds,
                   uncond: PromptEmbeds | None, guidance_scale: float) -> torch.Tensor:
-    """One UNet call and the guided model output, in float32.
+    """One UNet call and the guided model output, in float32 (float64 for a float64 UNet).
 
     With CFG the UNet batch is ``[uncond rows of x, cond rows of x]`` (both halves in x's row order)."""
     cfg = uses_cfg(uncond, guidance_scale)
@@ -44,7 +44,7 @@ def predict_noise(model: DiffusionModel, unet, x: torch.Tensor, t, cond: PromptE
     if emb.pooled is not None:
         kwargs["added_cond_kwargs"] = {"text_embeds": emb.pooled.to(dtype), "time_ids": emb.time_ids.to(dtype)}
     out = unet(x_in.to(dtype), t, encoder_hidden_states=emb.hidden.to(dtype), return_dict=False, **kwargs)[0]
-    out = out.float()
+    out = out.to(torch.promote_types(out.dtype, torch.float32))  # half -> float32; float64 stays float64
     if cfg:
         out_uncond, out_cond = out.chunk(2)
         out = out_uncond + guidance_scale * (out_cond - out_uncond)
@@ -157,7 +157,7 @@ def decode(model: DiffusionModel, latents: torch.Tensor) -> torch.Tensor:
     if shift:
         z = z + shift
     x = vae.decode(z.to(vae.dtype), return_dict=False)[0]
-    return (x.float() / 2 + 0.5).clamp(0, 1)
+    return (x.to(torch.promote_types(x.dtype, torch.float32)) / 2 + 0.5).clamp(0, 1)
 
 
 @torch.no_grad()
