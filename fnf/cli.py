@@ -1,4 +1,4 @@
-"""The ``fnf`` command: ``fnf train``, ``fnf localize``, ``fnf sample``.
+"""The ``fnf`` command: ``fnf train``, ``fnf localize``, ``fnf sample``, ``fnf demo``.
 
 Run ``fnf <command> --help`` for each command's options.
 """
@@ -22,6 +22,10 @@ commands:
   train      train a LoRA (YAML config + --set overrides + flags); writes <out>/lora for pipe.load_lora_weights
   localize   write I0, heatmap, mask and overlay PNGs for prompts (check the localizer before training)
   sample     base and fine-tuned images side by side, same seeds
+  demo       DRaFT vs Focus-N-Fix (and Separate-and-Enhance) on the embedded toy model, with a held-out report
+
+Errors in the input (config keys, specs, files, folders) print one line and exit with status 2; set
+FNF_DEBUG=1 to see the traceback instead.
 """
 
 SPEC_HELP = """\
@@ -44,7 +48,7 @@ see configs/*.yaml.
 FLAGS = {  # flag -> config key
     "model": "model.path", "reward": "reward.spec", "localizer": "localize.spec", "beta": "objective.beta",
     "steps": "train.steps", "lr": "train.lr", "seed": "train.seed", "out": "train.out", "resume": "train.resume",
-    "fused_lora": "memory.fused_lora",
+    "fused_lora": "memory.fused_lora", "overwrite": "train.overwrite",
 }
 
 
@@ -56,14 +60,21 @@ def _add_common(p: argparse.ArgumentParser, *, training: bool) -> None:
     p.add_argument("--model", metavar="DIR", help="local diffusers folder (model.path)")
     p.add_argument("--reward", metavar="SPEC", help="reward spec (reward.spec)")
     p.add_argument("--localizer", metavar="SPEC", help="localizer spec (localize.spec)")
-    p.add_argument("--seed", type=int, metavar="S", help="seed (train.seed)")
     p.add_argument("--out", metavar="DIR", help="output folder (train.out)")
     if training:
+        p.add_argument("--seed", type=int, metavar="S", help="training seed: LoRA init, prompts and noise of every "
+                                                             "step (train.seed)")
         p.add_argument("--beta", type=float, metavar="B", help="penalty weight beta; 0 = plain DRaFT (objective.beta)")
         p.add_argument("--steps", type=int, metavar="N", help="optimizer steps (train.steps)")
         p.add_argument("--lr", type=float, metavar="LR", help="AdamW learning rate (train.lr)")
         p.add_argument("--resume", nargs="?", const="latest", metavar="DIR",
-                       help="resume from a checkpoint folder, or the latest one under <out>/checkpoints")
+                       help="resume from a checkpoint folder, or (the flag alone) the latest checkpoint of the run "
+                            "in <out>; without --resume or --overwrite, an <out> holding an earlier run's "
+                            "checkpoints, log, LoRA or samples is refused")
+        p.add_argument("--overwrite", action="store_true", default=None,
+                       help="start a new run in an <out> that holds an earlier run: its files (checkpoints, log, "
+                            "LoRA, samples, config) are moved to <out>/previous-<UTC time>/, nothing is deleted "
+                            "(train.overwrite)")
         p.add_argument("--fused-lora", nargs="?", const="on", choices=["auto", "on", "off"], metavar="MODE",
                        help="fused LoRA attention + I0 and I no-grad steps in one UNet batch: on (the flag alone), "
                             "auto (on with CUDA + triton) or off (memory.fused_lora; default off)")
@@ -103,7 +114,8 @@ examples:
                        formatter_class=fmt)
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="output folder (default runs/demo)")
     p.add_argument("--quick", action="store_true", help="a CI-sized run (a few steps, a few images)")
-    p.add_argument("--seed", type=int, default=0, metavar="N", help="evaluation seed set (default 0)")
+    p.add_argument("--eval-seed", type=int, default=0, metavar="N",
+                   help="which set of held-out evaluation noise seeds to use (default 0); training seeds are fixed")
     p.add_argument("--model", default="", metavar="DIR", help="toy pipeline folder (default the shipped one)")
     p.add_argument("--threads", type=int, default=1, metavar="N", help="torch CPU threads (default 1)")
     p.add_argument("--no-sepen", action="store_true", help="skip the Separate-and-Enhance part (saves ~1 min)")
@@ -159,16 +171,16 @@ def cmd_train(args) -> int:
 
 
 def cmd_localize(args) -> int:
+    from . import preflight
     from .images import save_png
-    from .localize import build_localizer, heatmap_rgb, overlay
+    from .localize import heatmap_rgb, localizer_from_config, overlay
     from .rewards import build_reward, prepare_reward
 
     cfg = config_from_args(args)
+    preflight.check(cfg, prompts=not args.prompts)
     model, device, h, w = _prepare(cfg)
     reward = prepare_reward(build_reward(cfg.reward.spec, **cfg.reward.kwargs), device)
-    lc = cfg.localize
-    loc = build_localizer(lc.spec, reward, kwargs=lc.kwargs, normalize=lc.normalize, threshold=lc.threshold,
-                          threshold_mode=lc.threshold_mode, radius=lc.radius, shape=lc.shape)
+    loc = localizer_from_config(cfg, reward)
     prompts = args.prompts or cfg.all_prompts()
     out = os.path.join(cfg.train.out, "localize")
     for pi, prompt in enumerate(prompts):
@@ -185,10 +197,15 @@ def cmd_localize(args) -> int:
 
 
 def cmd_sample(args) -> int:
+    from . import preflight
     from .images import grid, save_png
     from .models import ADAPTER, adapters_disabled, load_lora_for_sampling
 
     cfg = config_from_args(args)
+    if not os.path.isfile(os.path.join(args.lora, "pytorch_lora_weights.safetensors")):
+        raise FileNotFoundError(f"--lora {args.lora!r}: expected a LoRA folder written by `fnf train` "
+                                "(<out>/lora with pytorch_lora_weights.safetensors)")
+    preflight.check(cfg, prompts=not args.prompts, specs=False)  # no reward or localizer is used here
     model, device, h, w = _prepare(cfg)
     load_lora_for_sampling(model, args.lora, adapter_name=ADAPTER)
     prompts = args.prompts or cfg.all_prompts()
@@ -206,10 +223,14 @@ def cmd_sample(args) -> int:
 def cmd_demo(args) -> int:
     from .toy.demo import run_demo
 
-    run_demo(args.out, quick=args.quick, seed=args.seed, model=args.model, threads=args.threads,
+    run_demo(args.out, quick=args.quick, seed=args.eval_seed, model=args.model, threads=args.threads,
              sepen=not args.no_sepen)
     print(f"fnf: demo report in {os.path.join(args.out, 'report.md')}")
     return 0
+
+
+# What user input can raise (config keys, specs, files, folders, model loading): one line, exit 2.
+USER_ERRORS = (ValueError, TypeError, RuntimeError, OSError, ImportError)
 
 
 def main(argv=None) -> int:
@@ -218,17 +239,18 @@ def main(argv=None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    from .config import ConfigError
-    from .localize import LocalizerError
-    from .models import ModelLoadError
-    from .rewards import SpecError
-
     try:
         return {"train": cmd_train, "localize": cmd_localize, "sample": cmd_sample,
                 "demo": cmd_demo}[args.command](args)
-    except (ConfigError, ModelLoadError, SpecError, LocalizerError, FileNotFoundError) as e:
-        print(f"fnf {args.command}: error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        if os.environ.get("FNF_DEBUG") == "1":
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"fnf {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"fnf {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -60,13 +60,15 @@ def check_specs(cfg: Config) -> None:
     check_localizer_spec(cfg.localize.spec, cfg.localize.kwargs)
 
 
-def check(cfg: Config, *, model: bool = True, prompts: bool = True) -> None:
+def check(cfg: Config, *, model: bool = True, prompts: bool = True, specs: bool = True) -> None:
     """Everything about ``cfg`` that can be checked without loading a model (raises ConfigError, SpecError,
     LocalizerError or ModelLoadError naming the key). ``model=False`` skips the model folder (the caller
-    passes a built model)."""
+    passes a built model); ``prompts=False`` the prompts (given another way); ``specs=False`` the reward and
+    localizer (commands that use neither)."""
     check_device(cfg)
     if prompts:
         check_prompts(cfg)
-    check_specs(cfg)
+    if specs:
+        check_specs(cfg)
     if model:
         check_model_folder(cfg.model.path, cfg.model.kind)
