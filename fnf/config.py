@@ -116,6 +116,10 @@ class TrainConfig:
     seed: int = 0
     out: str = "runs/fnf"
     resume: str = ""               # "", "latest" or a checkpoint directory
+    # A fresh run into an `out` that holds an earlier run's checkpoints, log, LoRA or samples is refused unless
+    # `resume` is set or this is true: then the earlier run's files move to <out>/previous-<UTC time>/ (nothing
+    # is deleted) and a new run starts there (fnf/run_dir.py).
+    overwrite: bool = False
     checkpoint_every: int = 100
     keep_checkpoints: int = 2      # 0 keeps all
     sample_every: int = 50         # PNG grid I0 | mask overlay | I every N steps; 0 disables

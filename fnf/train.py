@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from . import fused_lora
-from .config import Config, dump
+from . import fused_lora, run_dir
+from .config import Config
 from .images import grid, save_png
 from .localize import build_localizer, overlay
 from .models import (DTYPES, DiffusionModel, adapters_disabled, add_lora, encode_prompts, load_lora_state_dict,
@@ -356,20 +356,24 @@ def train(cfg: Config, accelerator=None, model: DiffusionModel | None = None) ->
 
     ``model``: an already built :class:`fnf.models.DiffusionModel` to train instead of loading ``model.path``
     (it is frozen, cast to ``model.weight_dtype`` and moved to the device; the LoRA is added to it)."""
+    run_dir.check(cfg.train.out, cfg.train.resume, cfg.train.overwrite)  # refuse to clobber, before loading
     session = Session(cfg, accelerator, model)
     acc, t = session.acc, cfg.train
     out = t.out
     is_main = acc.is_main_process
     if is_main:
-        os.makedirs(out, exist_ok=True)
-        dump(cfg, os.path.join(out, "config.yaml"))
+        run_dir.begin(out, t.resume, t.overwrite)  # run.json; on overwrite the earlier run moves aside
+        run_dir.write_config(cfg, out)
     acc.wait_for_everyone()
-    ckpt_root = os.path.join(out, "checkpoints")
+    run = run_dir.read_run(out)
+    ckpt_root = run_dir.checkpoint_root(out)
     start = 0
-    folder = ckpt.resolve(t.resume, ckpt_root)
+    folder = run_dir.resolve(t.resume, out, run)
     if folder is not None:
         start = session.restore(folder)
         acc.print(f"fnf: resumed from {folder} at step {start}")
+    elif t.resume:
+        acc.print(f"fnf: --resume latest: no checkpoint of this run under {ckpt_root}; starting at step 0")
     logger = _Logger(out, is_main, t.tensorboard)
     history = []
     progress = None
@@ -395,7 +399,8 @@ def train(cfg: Config, accelerator=None, model: DiffusionModel | None = None) ->
                 save_grid(os.path.join(out, "samples", f"step-{done:07d}.png"), last)
             if t.checkpoint_every and (done % t.checkpoint_every == 0 or done == t.steps):
                 ckpt.save(ckpt_root, done, lora_state_dict(session.model.unet), session.training_state(),
-                          rank=session.rank, is_main=is_main, keep=t.keep_checkpoints)
+                          rank=session.rank, is_main=is_main, keep=t.keep_checkpoints, run_id=run["run_id"],
+                          world_size=session.world)
     finally:
         if progress is not None:
             progress.close()
