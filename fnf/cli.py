@@ -119,6 +119,8 @@ examples:
     p.add_argument("--model", default="", metavar="DIR", help="toy pipeline folder (default the shipped one)")
     p.add_argument("--threads", type=int, default=1, metavar="N", help="torch CPU threads (default 1)")
     p.add_argument("--no-sepen", action="store_true", help="skip the Separate-and-Enhance part (saves ~1 min)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="an --out holding an earlier demo is moved to <out>/previous-<time>/ (without it: refused)")
     return parser
 
 
@@ -224,7 +226,7 @@ def cmd_demo(args) -> int:
     from .toy.demo import run_demo
 
     run_demo(args.out, quick=args.quick, seed=args.eval_seed, model=args.model, threads=args.threads,
-             sepen=not args.no_sepen)
+             sepen=not args.no_sepen, overwrite=args.overwrite)
     print(f"fnf: demo report in {os.path.join(args.out, 'report.md')}")
     return 0
 

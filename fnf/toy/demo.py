@@ -13,7 +13,9 @@ Then Separate-and-Enhance (fnf.toy.sepen_demo): attn2.to_k tuned with the sepen 
 success on the held-out two-object prompts (the attribute classifier finds both shapes with their colours) and
 the single-object prompts as the forgetting check, plus the two losses along the base model's trajectories split
 by success (metrics.json key "sepen").
-Writes report.md, metrics.json, grids/*.png, training.png and each run's folder under <out>/runs/.
+Writes metrics.json, settings.json and report.md first, then the pictures (grids/*.png, training.png: a
+missing matplotlib or Pillow costs only the picture), and each run's folder under <out>/runs/. An <out> that holds
+an earlier demo is refused unless ``overwrite`` (which moves it to <out>/previous-<time>/).
 """
 from __future__ import annotations
 
@@ -42,6 +44,31 @@ SETTINGS = {
 BETA = 1.0
 MASK_THRESHOLD = 0.5     # heatmap p > 0.5 (absolute) for the evaluation mask
 MASK_RADIUS = 2
+# What a demo writes into <out>; an <out> holding any of them is an earlier demo.
+OUTPUTS = ("metrics.json", "settings.json", "report.md", "training.png", "grids", "runs")
+# Largest |difference| allowed between images that must be the same computation (float32 rounding of a
+# 10-step toy sampler is ~1e-6; 1e-4 leaves room for other CPUs' GEMM orderings).
+SAME_IMAGES_ATOL = 1e-4
+
+
+def prepare_out(out: str, overwrite: bool) -> None:
+    """Refuse an <out> that holds an earlier demo (naming what is there) unless ``overwrite``; then move it aside."""
+    from ..run_dir import move_aside
+
+    found = [n for n in OUTPUTS if os.path.lexists(os.path.join(out, n))]
+    if found and not overwrite:
+        raise FileExistsError(f"{out} holds an earlier demo ({', '.join(found)}); pass --overwrite to move it to "
+                              f"{out}/previous-<time>/, or choose another --out")
+    if found:
+        print(f"fnf demo: --overwrite: moved the earlier demo to {move_aside(out, OUTPUTS)}", flush=True)
+
+
+def same_images(a: torch.Tensor, b: torch.Tensor, what: str, checks: dict) -> None:
+    """Record (and warn about) a consistency check that should hold exactly up to float rounding."""
+    diff = float((a - b).abs().max())
+    checks[what] = {"max_abs_diff": diff, "ok": diff <= SAME_IMAGES_ATOL}
+    if diff > SAME_IMAGES_ATOL:
+        print(f"fnf demo: warning: {what}: images differ by {diff:.2e} (> {SAME_IMAGES_ATOL:g})", flush=True)
 
 
 def base_config(model: str, out: str, method: str, steps: int, batch: int, seed: int, beta: float = BETA,
@@ -99,6 +126,17 @@ def write_grid(path, base, masks, rows: dict, idx: list[int]) -> None:
     grid = torch.cat([torch.cat([pad(c[i]) for c in cols], dim=2) for i in range(len(idx))], dim=1)
     big = torch.nn.functional.interpolate(grid[None], scale_factor=3, mode="nearest")[0]
     save_png(big, path)
+
+
+def picture(what: str, fn, *args) -> bool:
+    """Draw one picture; a missing optional dependency costs only this picture, with a message."""
+    try:
+        fn(*args)
+        return True
+    except ImportError as e:
+        print(f"fnf demo: {what} not drawn ({e.name or e} is not installed: pip install 'focus-n-fix[train]')",
+              flush=True)
+        return False
 
 
 def plot(path, histories: dict) -> None:
@@ -174,16 +212,17 @@ def sepen_report(r: dict) -> list[str]:
 
 def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 0, model: str = "",
              threads: int = 1, beta: float = BETA, methods=METHODS, squared: bool = False,
-             grad_clip: float = 1.0, sepen: bool = True) -> dict:
+             grad_clip: float = 1.0, sepen: bool = True, overwrite: bool = False) -> dict:
     from ..models import adapters_disabled, load_model
     from ..train import train
     from .evaluate_sd import EVAL_SEED0, eval_prompts, sample
 
     t0 = time.time()
-    torch.set_num_threads(threads)
     model = model or os.path.join(ASSETS, "sd")
+    prepare_out(out, overwrite)
+    torch.set_num_threads(threads)
     st = dict(SETTINGS["quick" if quick else "default"])
-    os.makedirs(os.path.join(out, "grids"), exist_ok=True)
+    checks: dict = {}
     prompts = eval_prompts(st["eval_pairs"])
     if quick:
         prompts = prompts[:st["eval_pairs"]] + prompts[-2:]
@@ -202,7 +241,7 @@ def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 0, model: 
 
         two = [i for i, p in enumerate(ps) if " and " in p]
         traj = trajectory_losses(base_model, [ps[i] for i in two], [ss[i] for i in two], **kw)
-        assert torch.allclose(traj["images"], base[two], atol=1e-4), "capture changed the base images"
+        same_images(traj["images"], base[two], "attention capture leaves the base images unchanged", checks)
         gap = loss_gap(traj, [ps[i] for i in two])
     del base_model
     res = {"base": metrics(base, base, masks, ps)}
@@ -214,7 +253,7 @@ def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 0, model: 
             images[k] = sample(r.model, ps, ss, **kw)
             with adapters_disabled(r.model.unet):          # the same model with the LoRA off is the base
                 check = sample(r.model, ps[:2], ss[:2], **kw)
-        assert torch.allclose(check, base[:2], atol=1e-4), "base images differ from the adapters-off model"
+        same_images(check, base[:2], f"{k}: adapters-off model reproduces the base images", checks)
         res[k] = metrics(images[k], base, masks, ps)
         print(f"fnf demo: {k}: {json.dumps(res[k])}", flush=True)
     if sepen:
@@ -230,21 +269,26 @@ def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 0, model: 
                         "lr": cfg.train.lr, "batch": cfg.train.batch_size,
                         "final_separate": r.history[-1]["separate"], "final_enhance": r.history[-1]["enhance"],
                         "first_separate": r.history[0]["separate"], "first_enhance": r.history[0]["enhance"]}
-        sepen_grid(os.path.join(out, "grids", "sepen.png"), base, tuned, ps)
         print(f"fnf demo: sepen: {json.dumps(res['sepen'])}", flush=True)
-    has = masks.flatten(1).any(1).nonzero()[:, 0].tolist()
-    rest = [i for i in range(len(ps)) if i not in has]
-    write_grid(os.path.join(out, "grids", "defects.png"), base, masks, images, (has[:8] or rest[:4]))
-    write_grid(os.path.join(out, "grids", "clean.png"), base, masks, images, rest[:8] or has[:4])
-    plot(os.path.join(out, "training.png"), histories)
     settings = {**st, "beta": beta, "squared_penalty": squared, "eval_seed": seed, "eval_prompts": len(prompts),
                 "model": model,
                 "sampling_steps": s.steps, "truncation_k": s.truncation_k, "guidance": s.guidance_scale,
                 "lora_rank": first.lora.rank, "lr": first.train.lr,
-                "grad_clip": first.train.grad_clip}
+                "grad_clip": first.train.grad_clip, "checks": checks}
+    # Results first: a failure while drawing must not cost the numbers.
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump({k: res[k] for k in ("base",) + tuple(methods) + (("sepen",) if sepen else ())}, f, indent=1)
     with open(os.path.join(out, "settings.json"), "w") as f:
         json.dump(settings, f, indent=1)
     report(os.path.join(out, "report.md"), res, settings, time.time() - t0)
+    os.makedirs(os.path.join(out, "grids"), exist_ok=True)
+    has = masks.flatten(1).any(1).nonzero()[:, 0].tolist()
+    rest = [i for i in range(len(ps)) if i not in has]
+    picture("grids/defects.png", write_grid, os.path.join(out, "grids", "defects.png"), base, masks, images,
+            has[:8] or rest[:4])
+    picture("grids/clean.png", write_grid, os.path.join(out, "grids", "clean.png"), base, masks, images,
+            rest[:8] or has[:4])
+    if sepen:
+        picture("grids/sepen.png", sepen_grid, os.path.join(out, "grids", "sepen.png"), base, tuned, ps)
+    picture("training.png", plot, os.path.join(out, "training.png"), histories)
     return res
