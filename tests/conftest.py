@@ -1,4 +1,5 @@
-"""Test setup: Triton runs under its CPU interpreter when there is no GPU; no hub downloads ever."""
+"""Test setup: Triton runs under its CPU interpreter when there is no GPU; no hub downloads ever; hypothesis is
+derandomized (the same examples on every machine and every run) unless HYPOTHESIS_PROFILE=dev."""
 import os
 
 import torch
@@ -8,11 +9,31 @@ if not torch.cuda.is_available():
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HYPOTHESIS_PROFILE", "ci")
+HYPOTHESIS_SEED = 20261201   # the ci profile's fixed seed (printed in the report header)
 
 try:
     from hypothesis import settings
 
-    settings.register_profile("ci", deadline=None, max_examples=25, derandomize=False)
+    # ci (default): derandomized, the same examples everywhere, so a run's verdict does not depend on the machine.
+    settings.register_profile("ci", deadline=None, max_examples=25, derandomize=True, print_blob=True,
+                              database=None)
+    # dev: fresh random examples each run (hypothesis prints the seed to reproduce a failure).
+    settings.register_profile("dev", deadline=None, max_examples=50, print_blob=True)
     settings.load_profile(os.environ["HYPOTHESIS_PROFILE"])
 except ImportError:  # hypothesis is a test dependency; tests that need it import it themselves
-    pass
+    settings = None
+
+
+def pytest_configure(config):
+    if settings is not None and os.environ["HYPOTHESIS_PROFILE"] == "ci" and hasattr(config.option, "hypothesis_seed"):
+        if config.option.hypothesis_seed is None:
+            config.option.hypothesis_seed = HYPOTHESIS_SEED
+
+
+def pytest_report_header(config):
+    if settings is None:
+        return "hypothesis: not installed"
+    p = settings.default
+    seed = getattr(config.option, "hypothesis_seed", None)
+    return (f"hypothesis profile {os.environ['HYPOTHESIS_PROFILE']!r}: derandomize={p.derandomize}, "
+            f"max_examples={p.max_examples}, seed={seed}")
