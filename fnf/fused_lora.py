@@ -12,17 +12,11 @@ CUDA with triton installed and the LoRA can be fused, otherwise off).
 """
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 
 import fnf_kernels
 
 MODES = ("auto", "on", "off")
-
-
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
 
 
 def enable(unet: torch.nn.Module, mode: str, device) -> tuple[bool, str]:
@@ -36,7 +30,7 @@ def enable(unet: torch.nn.Module, mode: str, device) -> tuple[bool, str]:
     if mode == "off":
         return False, "off (memory.fused_lora=off)"
     device = torch.device(device)
-    if mode == "auto" and not (device.type == "cuda" and _triton_installed()):
+    if mode == "auto" and fnf_kernels.select_backend("lora_linear", "auto", device) != "triton":
         return False, "off (memory.fused_lora=auto: needs a CUDA device and triton)"
     try:
         fnf_kernels.patch_lora(unet)

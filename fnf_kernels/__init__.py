@@ -10,11 +10,12 @@ Ops (each with CUDA C++, Triton, CPU C++ and pure-torch reference backends behin
 * the Separate-and-Enhance attention losses :func:`separate_loss`, :func:`enhance_loss` and both at once,
   :func:`separate_enhance_losses` (fused Triton kernel and torch reference)
 
-``python -m fnf_kernels info`` shows which backends are active here.
+``python -m fnf_kernels info`` shows which backends are active here; :func:`select_backend` (op, backend,
+device, dtype) is the one function every op uses to pick its backend.
 """
 from . import reference
 from .attention_losses import enhance_loss, separate_enhance_losses, separate_loss
-from .backends import BACKENDS, info
+from .backends import BACKENDS, info, select as select_backend
 from .dilation import threshold_dilate
 from .lora import lora_linear
 from .lora_attention import FusedLoRAAttnProcessor, lora_scale, patch_lora, trajectory_scale, unpatch_lora
@@ -34,6 +35,7 @@ __all__ = [
     "patch_lora",
     "reference",
     "separate_enhance_losses",
+    "select_backend",
     "separate_loss",
     "threshold_dilate",
     "trajectory_scale",

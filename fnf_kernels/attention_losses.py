@@ -21,14 +21,13 @@ bit between the two). NaN in the maps gives an unspecified result (attention pro
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import torch
 import torch.nn.functional as F
 
 from . import _validate
-from .backends import availability
+from . import backends
 
 SIGMA = 0.5
 BACKENDS = ("auto", "triton", "reference")
@@ -68,17 +67,6 @@ def _check(maps, eps=1e-8, backend="auto") -> torch.Tensor:
         raise ValueError(f"maps must have H, W >= 2 (the 3x3 Gaussian uses reflect padding), got "
                          f"H = {maps.shape[3]}, W = {maps.shape[4]}")
     return maps
-
-
-def _select(backend: str, device: torch.device) -> str:
-    device_type = "cuda" if device.type == "cuda" else "cpu"
-    triton_ok, why = availability(device_type)["triton"]
-    triton_ok = triton_ok and importlib.util.find_spec("triton") is not None
-    if backend == "auto":
-        return "triton" if device_type == "cuda" and triton_ok else "reference"
-    if backend == "triton" and not triton_ok:
-        raise ValueError(f"backend='triton' cannot run on {device.type} tensors: {why}")
-    return backend
 
 
 # ----------------------------------------------------------------------------------------- reference
@@ -138,7 +126,7 @@ def separate_enhance_losses(maps: torch.Tensor, eps: float = 1e-8, *, backend: s
     backend: "auto" (Triton on CUDA when installed, else the torch reference), "triton" or "reference".
     """
     maps = _check(maps, eps, backend)
-    if _select(backend, maps.device) == "triton":
+    if backends.select("separate_enhance_losses", backend, maps.device) == "triton":
         return _fused(maps, eps)
     return separate_reference(maps, eps), enhance_reference(maps)
 
@@ -148,7 +136,7 @@ def separate_loss(maps: torch.Tensor, eps: float = 1e-8, *, backend: str = "auto
 
     ``eps`` (default 1e-8) keeps the ratio finite where every map is 0 (the official code has none)."""
     maps = _check(maps, eps, backend)
-    if _select(backend, maps.device) == "triton":
+    if backends.select("separate_enhance_losses", backend, maps.device) == "triton":
         return _fused(maps, eps)[0]
     return separate_reference(maps, eps)
 
@@ -156,6 +144,6 @@ def separate_loss(maps: torch.Tensor, eps: float = 1e-8, *, backend: str = "auto
 def enhance_loss(maps: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """Enhance loss (B,): 1 - min_i max over heads and pixels of G * A_i (3x3 Gaussian, sigma 0.5, reflect)."""
     maps = _check(maps, 0.0, backend)
-    if _select(backend, maps.device) == "triton":
+    if backends.select("separate_enhance_losses", backend, maps.device) == "triton":
         return _fused(maps, 1e-8)[1]  # eps only touches the unused Separate part
     return enhance_reference(maps)

@@ -1,14 +1,23 @@
-"""Which backend runs an op on a given device, and why the others cannot.
+"""The one place that decides which backend runs an op, and why the others cannot.
 
 Backends: "cuda" (CUDA C++ in the extension), "triton", "cpu" (C++/OpenMP in the extension) and
-"reference" (pure torch, the spec). "auto" picks cuda > triton > reference on CUDA tensors and
-cpu > reference on CPU tensors. Triton runs on CPU tensors only under TRITON_INTERPRET=1 and only
-when asked for explicitly.
+"reference" (pure torch, the spec). Per op and device, ``op_availability`` says which can run and
+``AUTO_ORDER`` is what "auto" tries, first usable wins:
+
+* masked_frobenius_penalty, threshold_dilate: cuda > triton > reference on CUDA tensors, cpu > reference on CPU.
+* lora_linear: triton > torch on CUDA tensors (torch = the plain-torch custom op, any device; float64 never
+  takes Triton), torch on CPU tensors; its explicit "cpu" means the plain-torch op on CPU tensors.
+* separate_enhance_losses: triton > reference on CUDA tensors, reference on CPU tensors.
+
+Triton runs on CPU tensors only under TRITON_INTERPRET=1 and only when asked for explicitly.
+``select`` resolves a backend for the ops; ``info`` (``python -m fnf_kernels info``) prints these tables and
+the same ``select("auto")`` result.
 """
 from __future__ import annotations
 
 import importlib.util
 import os
+from typing import Optional
 
 import torch
 
@@ -16,18 +25,36 @@ from . import _extension
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 OPS = ("masked_frobenius_penalty", "threshold_dilate", "lora_linear", "separate_enhance_losses")
+# "torch": lora_linear's plain-torch custom op (hand-written backward), which runs on any device.
+AUTO_ORDER = {
+    ("masked_frobenius_penalty", "cuda"): ("cuda", "triton", "reference"),
+    ("masked_frobenius_penalty", "cpu"): ("cpu", "reference"),
+    ("threshold_dilate", "cuda"): ("cuda", "triton", "reference"),
+    ("threshold_dilate", "cpu"): ("cpu", "reference"),
+    ("lora_linear", "cuda"): ("triton", "torch"),
+    ("lora_linear", "cpu"): ("torch",),
+    ("separate_enhance_losses", "cuda"): ("triton", "reference"),
+    ("separate_enhance_losses", "cpu"): ("reference",),
+}
+_TORCH_OP = (True, "plain-torch custom op with a hand-written backward")
 
 
 def triton_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _triton_installed() -> bool:
+def triton_installed() -> bool:
+    """Whether the triton package can be imported (not cached: torch.compile traces this call)."""
     return importlib.util.find_spec("triton") is not None
 
 
+def _device_type(device) -> str:
+    return "cuda" if torch.device(device).type == "cuda" else "cpu"
+
+
 def availability(device_type: str) -> dict[str, tuple[bool, str]]:
-    """For tensors on ``device_type`` ("cpu" or "cuda"): backend -> (usable, reason)."""
+    """For tensors on ``device_type`` ("cpu" or "cuda"): backend -> (usable, reason), for the ops that have
+    every backend (masked_frobenius_penalty, threshold_dilate)."""
     ext = _extension.load()
     out: dict[str, tuple[bool, str]] = {}
     if device_type == "cuda":
@@ -38,15 +65,12 @@ def availability(device_type: str) -> dict[str, tuple[bool, str]]:
                                   "or FNF_CUDA=0)")
         else:
             out["cuda"] = (True, "CUDA C++ kernels compiled into fnf_kernels._C")
-        if not _triton_installed():
-            out["triton"] = (False, "triton is not installed")
-        else:
-            out["triton"] = (True, "triton installed")
+        out["triton"] = (True, "triton installed") if triton_installed() else (False, "triton is not installed")
         out["cpu"] = (False, "CPU kernels take CPU tensors only")
     else:
         out["cuda"] = (False, "CUDA kernels take CUDA tensors only" if torch.cuda.is_available()
                        else "no CUDA device")
-        if not _triton_installed():
+        if not triton_installed():
             out["triton"] = (False, "triton is not installed")
         elif triton_interpreter():
             out["triton"] = (True, "TRITON_INTERPRET=1: Triton interpreter on CPU (slow; for tests)")
@@ -61,45 +85,55 @@ def availability(device_type: str) -> dict[str, tuple[bool, str]]:
 
 
 def op_availability(op: str, device_type: str) -> dict[str, tuple[bool, str]]:
-    """Like :func:`availability`, for one op (lora_linear has no C++ kernels: its "cpu" is plain torch)."""
+    """Like :func:`availability`, for one op (lora_linear's extra "torch" entry is its plain-torch op)."""
+    if op not in OPS:
+        raise ValueError(f"op must be one of {', '.join(OPS)}, got {op!r}")
     table = availability(device_type)
     if op == "lora_linear":
-        table["cuda"] = (False, "no CUDA C++ kernel for this op: Triton is its GPU path")
-        table["cpu"] = ((True, "plain-torch custom op with a hand-written backward") if device_type == "cpu"
-                        else (False, "the plain-torch path takes CPU tensors only"))
+        table["cuda"] = (False, "lora_linear has no CUDA C++ kernel; use 'triton' (CUDA tensors), "
+                                "'cpu' (CPU tensors) or 'auto'")
+        table["cpu"] = (_TORCH_OP if device_type == "cpu"
+                        else (False, "the plain-torch path behind 'cpu' takes CPU tensors only"))
+        table["torch"] = _TORCH_OP
     if op == "separate_enhance_losses":
         table["cuda"] = (False, "no CUDA C++ kernel for this op: Triton is its GPU path")
         table["cpu"] = (False, "no C++ kernel for this op: the reference is its CPU path")
     return table
 
 
-def _first_usable(table: dict[str, tuple[bool, str]], device_type: str) -> str:
-    """The backend "auto" picks from an availability table: cuda > triton > reference, or cpu > reference."""
-    order = ("cuda", "triton", "reference") if device_type == "cuda" else ("cpu", "reference")
-    return next(name for name in order if table[name][0])
+def _dtype_problem(op: str, backend: str, dtype: Optional[torch.dtype]) -> Optional[str]:
+    """Why ``backend`` cannot take ``dtype`` for ``op`` (None when it can, or dtype is not given)."""
+    if op == "lora_linear" and backend == "triton" and dtype == torch.float64:
+        return ("backend='triton' takes float16, bfloat16 or float32 tensors, got torch.float64; "
+                "use backend='cpu' or 'auto'")
+    return None
 
 
-def _auto_for(op: str, device_type: str) -> str:
+def select(op: str, backend: str, device, dtype: Optional[torch.dtype] = None) -> str:
+    """Resolve ``backend`` ("auto" or one of BACKENDS) for ``op`` on tensors of ``device`` (and ``dtype``).
+
+    Returns the implementation to run: one of BACKENDS, or "torch" for lora_linear's plain-torch op.
+    Raises ValueError when an explicit backend cannot run on that device, TypeError when it cannot take
+    ``dtype``.
+    """
+    device_type = _device_type(device)
     table = op_availability(op, device_type)
-    if op == "lora_linear" and device_type == "cuda" and not table["triton"][0]:
-        return "torch (plain torch custom op)"
-    return _first_usable(table, device_type)
-
-
-def select(backend: str, device: torch.device) -> str:
-    """Resolve "auto" or check that an explicit backend can run on ``device``."""
-    device_type = "cuda" if device.type == "cuda" else "cpu"
-    table = availability(device_type)
     if backend == "auto":
-        return _first_usable(table, device_type)
+        return next(name for name in AUTO_ORDER[(op, device_type)]
+                    if table[name][0] and _dtype_problem(op, name, dtype) is None)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
     usable, reason = table[backend]
     if not usable:
-        raise ValueError(f"backend={backend!r} cannot run on {device.type} tensors: {reason}")
-    return backend
+        raise ValueError(f"backend={backend!r} cannot run on {torch.device(device).type} tensors: {reason}")
+    problem = _dtype_problem(op, backend, dtype)
+    if problem is not None:
+        raise TypeError(problem)
+    return "torch" if (op == "lora_linear" and backend == "cpu") else backend
 
 
 def info() -> str:
-    """A human-readable table of the backends per op and device."""
+    """A human-readable table of the backends per op and device, with what "auto" picks (via :func:`select`)."""
     import platform
 
     lines = [f"fnf_kernels backends (torch {torch.__version__}, python {platform.python_version()})"]
@@ -115,9 +149,11 @@ def info() -> str:
         lines.append(f"\n{op}:")
         for device_type in ("cuda", "cpu"):
             table = op_availability(op, device_type)
-            chosen = _auto_for(op, device_type)
-            lines.append(f"  {device_type} tensors (auto -> {chosen}):")
-            for name in BACKENDS:
+            chosen = select(op, "auto", device_type)
+            note = " (float64: " + select(op, "auto", device_type, torch.float64) + ")" \
+                if select(op, "auto", device_type, torch.float64) != chosen else ""
+            lines.append(f"  {device_type} tensors (auto -> {chosen}{note}):")
+            for name in BACKENDS + (("torch",) if "torch" in table else ()):
                 usable, reason = table[name]
                 lines.append(f"    {'+' if usable else '-'} {name:<9} {reason}")
     return "\n".join(lines)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from . import _extension, _validate, reference as ref
-from .backends import select
+from . import backends
 
 
 def _fake_dilate(heatmap, threshold, radius, disk, dtype):
@@ -48,7 +48,7 @@ def threshold_dilate(heatmap: torch.Tensor, threshold, radius: int, *, shape: st
     hm, thr, radius = _validate.dilate_args(heatmap, threshold, radius, shape, dtype, backend)
     # A radius beyond H + W covers the whole image either way; clamping keeps distances in 16 bits.
     radius = min(radius, hm.shape[1] + hm.shape[2])
-    chosen = select(backend, hm.device)
+    chosen = backends.select("threshold_dilate", backend, hm.device, hm.dtype)
     disk = shape == "disk"
     if chosen == "reference":
         out = ref.threshold_dilate(hm, thr, radius, shape, dtype)

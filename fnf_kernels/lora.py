@@ -20,8 +20,6 @@ block-diagonal and is passed as its G diagonal blocks stacked along the output d
 """
 from __future__ import annotations
 
-import functools
-import importlib.util
 import numbers
 from typing import Optional
 
@@ -29,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _validate
-from .backends import triton_interpreter
+from . import backends
 
 LORA_BACKENDS = ("triton", "cpu", "reference")
 
@@ -258,37 +256,6 @@ def _lora_args(x, weight, bias, lora_A, lora_B, scale, groups, backend):
     raise TypeError(f"scale must be a float or a (B,) tensor, got {type(scale).__name__}")
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def select_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Resolve ``backend`` for lora_linear on ``device``/``dtype`` to "triton", "torch" or "reference"."""
-    _validate.choice("backend", backend, _validate.BACKEND_NAMES)
-    on_cuda = device.type == "cuda"
-    if backend == "auto":
-        return "triton" if (on_cuda and dtype != torch.float64 and _triton_installed()) else "torch"
-    if backend == "reference":
-        return "reference"
-    if backend == "cuda":
-        raise ValueError("backend='cuda' cannot run lora_linear: it has no CUDA C++ kernel; "
-                         "use 'triton' (CUDA tensors), 'cpu' (CPU tensors) or 'auto'")
-    if backend == "cpu":
-        if on_cuda:
-            raise ValueError("backend='cpu' cannot run on cuda tensors: CPU path takes CPU tensors only")
-        return "torch"
-    if not _triton_installed():
-        raise ValueError("backend='triton' cannot run: triton is not installed")
-    if not on_cuda and not triton_interpreter():
-        raise ValueError(f"backend='triton' cannot run on {device.type} tensors: Triton needs CUDA tensors "
-                         "(or TRITON_INTERPRET=1 for the interpreter)")
-    if dtype == torch.float64:
-        raise TypeError("backend='triton' takes float16, bfloat16 or float32 tensors, got torch.float64; "
-                        "use backend='cpu' or 'auto'")
-    return "triton"
-
-
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """x's dtype, or the autocast dtype when torch.autocast is on for x's device (F.linear's rule)."""
     dev = x.device.type
@@ -343,7 +310,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     """
     x, weight, bias, lora_A, lora_B = autocast_inputs(x, weight, bias, lora_A, lora_B)
     x2, scale_t, scale_value, rows = _lora_args(x, weight, bias, lora_A, lora_B, scale, groups, backend)
-    chosen = select_backend(backend, x.device, x.dtype)
+    chosen = backends.select("lora_linear", backend, x.device, x.dtype)
     if chosen == "reference":
         return lora_linear_reference(x, weight, bias, lora_A, lora_B, scale, groups=groups)
     out = _lora_linear(x2, weight, bias, lora_A, lora_B, scale_t, scale_value, rows, groups, chosen)

@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import lora as _lora
+from . import backends, lora as _lora
 
 # Processors that compute exactly AttnProcessor2_0's math, so replacing them keeps the model's function.
 _REPLACEABLE = ("AttnProcessor2_0", "AttnProcessor", "XFormersAttnProcessor", "FusedLoRAAttnProcessor",
@@ -121,7 +121,7 @@ def _apply(x: torch.Tensor, weight, bias, a, b, scaling, scale, groups: int, bac
         s_t = s_t.to(device=x.device)
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    chosen = _lora.select_backend(backend, x.device, x.dtype)
+    chosen = backends.select("lora_linear", backend, x.device, x.dtype)
     rows = x2.shape[0] // (s_t.shape[0] if s_t is not None else 1)  # s_t is (1,) or (B,) with B = x.shape[0]
     if chosen == "reference":
         s_full = s_v if s_t is None else s_t.repeat_interleave(rows) * s_v

@@ -12,7 +12,7 @@ import math
 import torch
 
 from . import _extension, _validate, reference as ref
-from .backends import select
+from . import backends
 
 
 def _fake_norms(image, reference, mask, squared):
@@ -76,7 +76,7 @@ def masked_frobenius_penalty(image: torch.Tensor, reference: torch.Tensor, mask:
     requires grad; where n_b == 0 they are exactly 0. NaN in any input propagates to the result.
     """
     image, reference, mask = _validate.penalty_args(image, reference, mask, squared, reduction, backend)
-    chosen = select(backend, image.device)
+    chosen = backends.select("masked_frobenius_penalty", backend, image.device, image.dtype)
     return ref.reduce(_norms(chosen, image, reference, mask.detach(), squared), reduction)
 
 

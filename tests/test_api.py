@@ -123,7 +123,7 @@ def test_fallback_without_extension_warns_once_and_works():
         "msgs = [str(w.message) for w in caught if 'compiled extension' in str(w.message)]\n"
         "print(len(msgs))\n"
         "from fnf_kernels.backends import select\n"
-        "print(select('auto', torch.device('cpu')))\n"
+        "print(select('masked_frobenius_penalty', 'auto', torch.device('cpu')))\n"
     )
     result = _run(code, FNF_KERNELS_DISABLE_EXTENSION="1")
     assert result.returncode == 0, result.stderr
@@ -138,3 +138,35 @@ def test_info_command_lists_every_backend():
         assert word in result.stdout
     if HAS_EXT:
         assert "+ cpu" in result.stdout
+
+
+def test_info_auto_lines_are_what_select_picks():
+    """`python -m fnf_kernels info` prints, per op and device, exactly what backends.select("auto") returns."""
+    import re
+
+    from fnf_kernels import backends
+
+    text = backends.info()
+    for op in backends.OPS:
+        block = text.split(f"\n{op}:\n", 1)[1].split("\n\n", 1)[0]
+        for device_type in ("cuda", "cpu"):
+            printed = re.search(rf"{device_type} tensors \(auto -> (\w+)", block).group(1)
+            assert printed == backends.select(op, "auto", device_type)
+
+
+def test_one_backend_selector_serves_every_op():
+    """Each op's auto choice and explicit-backend errors come from backends.select (one table)."""
+    from fnf_kernels import backends
+
+    assert backends.select("lora_linear", "auto", "cpu") == "torch"
+    assert backends.select("lora_linear", "cpu", "cpu") == "torch"
+    assert backends.select("separate_enhance_losses", "auto", "cpu") == "reference"
+    assert backends.select("masked_frobenius_penalty", "auto", "cpu") == ("cpu" if HAS_EXT else "reference")
+    assert backends.select("lora_linear", "auto", "cuda", torch.float64) == "torch"
+    with pytest.raises(ValueError, match="backend='cuda' cannot run on cpu tensors"):
+        backends.select("threshold_dilate", "cuda", "cpu")
+    with pytest.raises(ValueError, match="no CUDA C\\+\\+ kernel"):
+        backends.select("lora_linear", "cuda", "cuda")
+    with pytest.raises(ValueError, match="op must be one of"):
+        backends.select("conv", "auto", "cpu")
+    assert fnf_kernels.select_backend is backends.select

@@ -60,3 +60,62 @@ def test_cuda_bindings_syntax(tmp_path):
            os.path.join(ROOT, "csrc", "cuda", "bindings_cuda.cpp")]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
+
+
+PENALTY_GRID_TEST = r"""
+#include <cstdio>
+#include <vector>
+#include "fnf/penalty_grid.h"
+using namespace fnf;
+static int failures = 0;
+#define CHECK(c) do { if (!(c)) { std::printf("FAILED line %d: %s\n", __LINE__, #c); ++failures; } } while (0)
+
+// Walk the launch as the kernels do: block (bx, by) handles chunk bx of planes by, by + gridDim.y, ...
+static void check_covers(int64_t planes, int64_t n) {
+  const PenaltyGrid g = penalty_grid(planes, n);
+  CHECK(g.ok && g.x <= kMaxGridX && g.y <= kMaxGridY);
+  std::vector<int> seen(size_t(planes * g.chunks), 0);
+  for (int64_t by = 0; by < g.y; ++by)
+    for (int64_t plane = by; plane < planes; plane += g.y)
+      for (int64_t bx = 0; bx < g.x; ++bx) ++seen[size_t(plane * g.x + bx)];  // the partial's index
+  for (int v : seen) CHECK(v == 1);
+}
+
+int main() {
+  CHECK(kPenaltyChunk == 2048);
+  // A plane above 65535 * 2048 = 134,215,680 elements: 65537 chunks go on x (the old y axis stopped at 65535).
+  PenaltyGrid g = penalty_grid(48, 134217729);
+  CHECK(g.ok && g.chunks == 65537 && g.x == 65537 && g.y == 48);
+  g = penalty_grid(3, int64_t(65535) * 2048);
+  CHECK(g.ok && g.chunks == 65535 && g.y == 3);
+  g = penalty_grid(1, int64_t(1) << 40);  // 2^40 elements: 2^29 chunks
+  CHECK(g.ok && g.chunks == (int64_t(1) << 29) && g.x == g.chunks);
+  // Up to 2^31 - 1 chunks per plane, not one more.
+  CHECK(penalty_grid(2, kMaxGridX * kPenaltyChunk).ok);
+  CHECK(!penalty_grid(2, kMaxGridX * kPenaltyChunk + 1).ok);
+  // More planes than gridDim.y allows: y is capped and blocks stride over the planes.
+  g = penalty_grid(70000, 5000);
+  CHECK(g.ok && g.y == 65535 && g.chunks == 3);
+  check_covers(70000, 5000);
+  check_covers(7, 2048 * 3 + 1);
+  check_covers(1, 1);
+  CHECK(!penalty_grid(0, 10).ok && !penalty_grid(4, 0).ok);
+  std::printf("%d failures\n", failures);
+  return failures != 0;
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not found")
+def test_penalty_cuda_grid_math(tmp_path):
+    """The CUDA penalty's launch geometry (fnf/penalty_grid.h, pure C++) at planes above 134M elements and
+    above 65535 planes, checked on CPU without allocating anything of that size."""
+    src = tmp_path / "grid_test.cpp"
+    src.write_text(PENALTY_GRID_TEST)
+    exe = tmp_path / "grid_test"
+    result = subprocess.run(["g++", "-std=c++17", "-O1", "-Wall", "-Werror", "-I", os.path.join(ROOT, "csrc", "include"),
+                             str(src), "-o", str(exe)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    result = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 failures" in result.stdout

@@ -141,3 +141,37 @@ try:
             assert same(out.cpu(), exp)
 except ImportError:  # pragma: no cover
     pass
+
+
+# ----------------------------------------------------------------------------- Triton index width
+from fnf_kernels.triton_kernels.index_width import INT32_LIMIT, dilation_wide  # noqa: E402
+
+
+def _brute_max_offset(height, width, row_stride, col_stride, block_h, block_w):
+    """Largest y * row_stride + x * col_stride over every lane of every column-pass tile."""
+    tiles_y, tiles_x = -(-height // block_h), -(-width // block_w)
+    return (tiles_y * block_h - 1) * row_stride + (tiles_x * block_w - 1) * col_stride
+
+
+@pytest.mark.parametrize("block_h, block_w", [(1, 1), (64, 32), (32, 64)])
+def test_dilation_index_width_at_int32_boundary(block_h, block_w):
+    """64-bit offsets exactly when some tile lane's offset passes 2**31 - 1 (row and column strides)."""
+    for height, width in ((3, 5), (100, 70), (20000, 12000)):
+        tiles = (-(-height // block_h) * block_h - 1, -(-width // block_w) * block_w - 1)
+        # Row stride at the boundary (column stride 1), then column stride at the boundary (row stride 1).
+        for axis in (0, 1):
+            other = tiles[1 - axis]
+            stride = (INT32_LIMIT - other) // tiles[axis]
+            for s in (stride, stride + 1):
+                args = (s, 1) if axis == 0 else (1, s)
+                want = _brute_max_offset(height, width, *args, block_h, block_w) > INT32_LIMIT
+                assert dilation_wide(height, width, *args, block_h, block_w) == want
+            assert not dilation_wide(height, width, *((stride, 1) if axis == 0 else (1, stride)), block_h, block_w)
+            assert dilation_wide(height, width, *((stride + 1, 1) if axis == 0 else (1, stride + 1)), block_h, block_w)
+
+
+def test_dilation_index_width_realistic_layouts():
+    # A contiguous 20000 x 12000 heatmap fits int32; a padded row stride or a transposed copy does not.
+    assert not dilation_wide(20000, 12000, 12000, 1, 32, 64)
+    assert dilation_wide(20000, 12000, 200000, 1, 32, 64)
+    assert dilation_wide(20000, 12000, 1, 200000, 32, 64)  # column stride alone

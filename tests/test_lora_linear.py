@@ -10,7 +10,7 @@ if not CUDA:  # Triton kernels run under the CPU interpreter; must be set before
 
 import torch.nn.functional as F  # noqa: E402
 
-from fnf_kernels import lora as L  # noqa: E402
+from fnf_kernels.backends import select  # noqa: E402
 from fnf_kernels.lora import lora_linear, lora_linear_reference  # noqa: E402
 
 peft = pytest.importorskip("peft")
@@ -279,14 +279,14 @@ def test_backend_selection(monkeypatch):
     args = _args()
     if not CUDA:
         with pytest.raises(ValueError, match="backend='cpu'|cannot run"):
-            L.select_backend("cpu", torch.device("cuda"), torch.float32)
+            select("lora_linear", "cpu", torch.device("cuda"), torch.float32)
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(ValueError, match="Triton needs CUDA tensors"):
             lora_linear(**args, backend="triton")
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert L.select_backend("auto", torch.device("cpu"), torch.float32) == "torch"
+    assert select("lora_linear", "auto", torch.device("cpu"), torch.float32) == "torch"
     with pytest.raises(TypeError, match="float64"):
-        L.select_backend("triton", torch.device(DEV), torch.float64)
+        select("lora_linear", "triton", torch.device(DEV), torch.float64)
     y = lora_linear(**args)
     ref = lora_linear_reference(*(args[k] for k in ("x", "weight", "bias", "lora_A", "lora_B", "scale")))
     torch.testing.assert_close(y, ref)

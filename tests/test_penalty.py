@@ -205,3 +205,81 @@ try:
             check(pair, image, reference, mask, squared=squared, reduction="none")
 except ImportError:  # pragma: no cover
     pass
+
+
+# ----------------------------------------------------------------------------- CPU kernel accuracy
+cpu_kernel = pytest.mark.skipif(("cpu", "cpu") not in PAIRS, reason="the C++ CPU kernels are not built")
+
+
+@cpu_kernel
+@pytest.mark.parametrize("kind", ["constant", "random"])
+def test_cpu_float32_4096_plane_within_1e6_of_float64(kind):
+    """One 4096 x 4096 float32 plane (16.8M terms): relative error <= 1e-6 against the float64 reference.
+
+    A constant difference is the worst case for float summation (every rounding has the same sign): a
+    single float accumulator is off by ~2e-2, float blocks of 4096 by ~2e-5."""
+    n = 4096
+    seed = 1234
+    print(f"seed={seed}")
+    g = torch.Generator().manual_seed(seed)
+    if kind == "constant":
+        image, reference = torch.full((1, 1, n, n), 0.1), torch.full((1, 1, n, n), 0.8)
+        mask = torch.zeros(1, 1, n, n)
+    else:
+        image, reference = torch.rand(1, 1, n, n, generator=g), torch.rand(1, 1, n, n, generator=g)
+        mask = torch.rand(1, 1, n, n, generator=g) * 1.2 - 0.1
+    x = image.clone().requires_grad_()
+    value = fnf_kernels.masked_frobenius_penalty(x, reference, mask, reduction="sum", backend="cpu")
+    x64 = image.double().requires_grad_()
+    want = ref.masked_frobenius_penalty(x64, reference.double(), mask.double(), reduction="sum")
+    rel = abs(value.double().item() - want.item()) / want.item()
+    print(f"{kind}: relative error {rel:.3g}")
+    assert rel <= 1e-6
+    value.backward()
+    want.backward()
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=2e-6, atol=1e-12)
+
+
+@cpu_kernel
+def test_cpu_norms_do_not_depend_on_thread_count():
+    """Blocks, not threads, define the partial sums: 1 and 2 threads give bitwise the same norms."""
+    image, reference, mask = make((2, 3, 300, 301), torch.float32, "cpu", layout="strided")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fnf_kernels.masked_frobenius_penalty(image, reference, mask, reduction="none", backend="cpu")
+        torch.set_num_threads(2)
+        two = fnf_kernels.masked_frobenius_penalty(image, reference, mask, reduction="none", backend="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+# ----------------------------------------------------------------------------- Triton index width
+from fnf_kernels.triton_kernels.index_width import INT32_LIMIT, penalty_wide  # noqa: E402
+
+
+def test_penalty_index_width_flat_index_at_int32_boundary():
+    """A contiguous sample walked as one dim: 64-bit exactly when the padded flat index passes 2**31 - 1."""
+    per_program = 4096
+    fits = (INT32_LIMIT + 1) // per_program * per_program  # flat indices 0 .. fits - 1 = 2**31 - 1
+    assert not penalty_wide(1, (1, 1, fits), [(0, 0, 1)], per_program)
+    assert penalty_wide(1, (1, 1, fits + 1), [(0, 0, 1)], per_program)  # padded up to one more program
+
+
+def test_penalty_index_width_offsets_at_int32_boundary():
+    """Few elements, large strides: 64-bit exactly when some (masked lanes included) offset passes 2**31 - 1."""
+    per_program = 64
+    # (C, H*W) walk, C = 2 planes of 32 elements: the flat index reaches 63, i0 at most 1.
+    dims = (1, 2, 32)
+    for stride in (INT32_LIMIT - 31, INT32_LIMIT - 30):
+        want = (2 - 1) * stride + 31 > INT32_LIMIT
+        assert penalty_wide(2, dims, [(0, stride, 1)], per_program) == want
+    assert not penalty_wide(2, dims, [(0, INT32_LIMIT - 31, 1)], per_program)
+    # Padding to whole programs adds rows past the last plane: C = 3 with 64-element programs walks i0 = 0..3.
+    dims = (1, 3, 32)
+    stride = (INT32_LIMIT - 31) // 2  # fits for i0 <= 2 ...
+    assert penalty_wide(2, dims, [(0, stride, 1)], per_program)  # ... but the padded walk reaches i0 = 3
+    assert not penalty_wide(2, dims, [(0, (INT32_LIMIT - 31) // 3, 1)], per_program)
+    # Any of the tensors can force it (here the third, with a stride-0 broadcast in the second).
+    assert penalty_wide(3, (2, 3, 4), [(12, 4, 1), (0, 0, 1), (2**30, 4, 1)], 32)

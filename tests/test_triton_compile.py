@@ -88,6 +88,11 @@ for _dt, _shape, _sy, _bh, _bw, _wide in _COLUMN:
     _case("dilation", "_column_kernel", f"{_dt}-{_bh}x{_bw}" + ("-wide" if _wide else ""),
           dict(op="dilate", dtype=_dt, shape=_shape, row_stride=_sy, out="bool", disk=False),
           dict(BLOCK_H=_bh, BLOCK_W=_bw, WIDE=_wide, ACC="fp64" if _dt == "float64" else "fp32"))
+# WIDE from the column stride alone: a (1, 20000, 12000) view with row stride 1, column stride 200000.
+_case("dilation", "_column_kernel", "float32-64x32-wide-colstride",
+      dict(op="dilate", dtype="float32", shape=(1, 20000, 12000), row_stride=None, col_stride=200000, out="bool",
+           disk=False),
+      dict(BLOCK_H=64, BLOCK_W=32, WIDE=True, ACC="fp32"))
 
 # dilation, row pass: output dtype (bool is stored through a uint8 view), DISK, TILED (rows longer than
 # 4096), (ROWS, BLOCK) = (64, 64) / (8, 512) / (2, 512) / (1, 4096).
@@ -227,7 +232,10 @@ def _run_launcher(call, tf32):
                 _body(penalty.triton_penalty_backward)(grad, image, reference, mask, norms, False)
         elif op == "dilate":
             b, h, w = call["shape"]
-            if call["row_stride"]:
+            if call.get("col_stride"):
+                sx = call["col_stride"]
+                heatmap = torch.empty_strided((b, h, w), (w * sx, 1, sx), dtype=dt, **meta)
+            elif call["row_stride"]:
                 sy = call["row_stride"]
                 heatmap = torch.empty_strided((b, h, w), (h * sy, sy, 1), dtype=dt, **meta)
             else:

@@ -435,3 +435,39 @@ def test_dilate_opcheck(dtype):
         torch.library.opcheck(torch.ops.fnf_kernels.triton_threshold_dilate.default,
                               (hm, threshold, radius, disk, dtype))
 
+
+
+class _Spy:
+    """Wraps a Triton kernel: ``spy[grid](...)`` records the keyword arguments (constexprs), then launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.kwargs = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.kwargs.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced", "permuted"])
+def test_penalty_forced_wide_offsets_match(monkeypatch, layout):
+    """The 64-bit offset path (WIDE=True, forced on a small tensor) gives the reference's values and grads."""
+    norms_spy, backward_spy = _Spy(tpen._norms_kernel), _Spy(tpen._backward_kernel)
+    monkeypatch.setattr(tpen, "_norms_kernel", norms_spy)
+    monkeypatch.setattr(tpen, "_backward_kernel", backward_spy)
+    monkeypatch.setattr(tpen, "_OVERRIDE", {"block": 32, "iters": 2, "wide": True})
+    image, reference = _images((2, 3, 7, 9), torch.float64, layout)
+    mask = _make_mask("soft", 2, 3, 7, 9, torch.float64, DEVICE)
+    _check_penalty(image, reference, mask)
+    assert [k["WIDE"] for k in norms_spy.kwargs + backward_spy.kwargs] == [True, True]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced"])
+def test_dilate_forced_wide_offsets_match(monkeypatch, layout):
+    """The column pass with 64-bit row and column offsets (forced on a small heatmap) matches the reference."""
+    spy = _Spy(tdil._column_kernel)
+    monkeypatch.setattr(tdil, "_column_kernel", spy)
+    monkeypatch.setattr(tdil, "_OVERRIDE", {"col": (4, 8), "wide": True})
+    _check_dilate(_heatmap(2, 9, 13, nan_fraction=0.02, layout=layout), 0.9, 2, "disk")
+    assert [k["WIDE"] for k in spy.kwargs] == [True]

@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include "fnf/cuda_launchers.h"
+#include "fnf/penalty_grid.h"
 #include "../ops.h"
 #include "../tensor_args.h"
 
@@ -20,9 +21,10 @@ at::Tensor penalty_norms_cuda(const at::Tensor& image, const at::Tensor& referen
   TORCH_CHECK_VALUE(image.is_cuda(), "penalty_norms_cuda takes CUDA tensors");
   const c10::cuda::CUDAGuard guard(image.device());
   const PenaltyArgs a = make_penalty_args(image, reference, mask);
-  const int64_t chunks = cuda::penalty_chunks_per_plane(a);
-  TORCH_CHECK_VALUE(chunks <= 65535, "image planes are too large for the CUDA kernel: ",
-                    a.size[1] * a.size[2], " elements");
+  const PenaltyGrid grid = penalty_grid(a.batch * a.size[0], a.size[1] * a.size[2]);
+  TORCH_CHECK_VALUE(grid.ok, "image planes are too large for the CUDA kernel: ", a.size[1] * a.size[2],
+                    " elements, at most ", kMaxGridX * kPenaltyChunk);
+  const int64_t chunks = grid.chunks;
   at::Tensor partial = at::empty({a.batch, a.size[0] * chunks}, image.options().dtype(accumulate_type(image.scalar_type())));
   check_launch(cuda::penalty_partials(a, partial.data_ptr(), c10::cuda::getCurrentCUDAStream().stream()), "penalty_partials");
   at::Tensor sumsq = partial.sum(1);

@@ -1,6 +1,8 @@
 // CUDA kernels of the masked Frobenius penalty (no torch headers; launched from bindings_cuda.cpp).
 //
-// Forward: grid (B * D0 planes, chunks of kChunk elements). Each block reads kChunk elements of image,
+// Forward: grid (chunks of kChunk elements, planes) from penalty_grid(): chunks on x (up to 2^31 - 1, so
+// planes above 65535 * kChunk = 134M elements work), planes on y (a block strides over planes beyond
+// 65535). Each block reads kChunk elements of image,
 // reference and mask (3 loads per element, mask often broadcast from cache) and writes one partial sum;
 // the partials are summed by the caller in a fixed order: deterministic, no atomics.
 // Backward: same grid, 3 loads and 1 store per element. Both are memory bound: at (16,3,1024,1024)
@@ -10,14 +12,15 @@
 #include "fnf/cuda_launchers.h"
 #include "fnf/cuda_types.h"
 #include "fnf/penalty_core.h"
+#include "fnf/penalty_grid.h"
 
 namespace fnf {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kItems = 8;
-constexpr int64_t kChunk = int64_t(kThreads) * kItems;
+constexpr int kThreads = kPenaltyThreads;
+constexpr int kItems = kPenaltyItems;
+constexpr int64_t kChunk = kPenaltyChunk;
 
 template <bool kDense>
 __device__ __forceinline__ int64_t in_plane(const View4& v, int64_t j, int64_t d2) {
@@ -43,25 +46,28 @@ __device__ __forceinline__ acc_t block_sum(acc_t v) {
 template <typename scalar_t, bool kDense>
 __global__ void __launch_bounds__(kThreads) partials_kernel(PenaltyArgs a, typename AccOf<scalar_t>::type* partials) {
   using acc_t = typename AccOf<scalar_t>::type;
-  const int64_t plane = blockIdx.x;
-  const int64_t b = plane / a.size[0], i0 = plane - b * a.size[0];
+  const int64_t planes = a.batch * a.size[0];
   const int64_t n = a.size[1] * a.size[2], d2 = a.size[2];
-  const auto p = penalty::plane<scalar_t>(a, b, i0);
-  const scalar_t *x = p.x, *r = p.r, *m = p.m;
-  const int64_t start = int64_t(blockIdx.y) * kChunk;
-  acc_t acc = 0;
+  const int64_t start = int64_t(blockIdx.x) * kChunk;
+  for (int64_t plane = blockIdx.y; plane < planes; plane += gridDim.y) {
+    const int64_t b = plane / a.size[0], i0 = plane - b * a.size[0];
+    const auto p = penalty::plane<scalar_t>(a, b, i0);
+    const scalar_t *x = p.x, *r = p.r, *m = p.m;
+    acc_t acc = 0;
 #pragma unroll
-  for (int k = 0; k < kItems; ++k) {
-    const int64_t j = start + int64_t(k) * kThreads + threadIdx.x;
-    if (j < n) {
-      const acc_t d = penalty::masked_diff<acc_t>(to_acc(x[in_plane<kDense>(a.image_view, j, d2)]),
-                                                  to_acc(r[in_plane<kDense>(a.reference_view, j, d2)]),
-                                                  to_acc(m[in_plane<kDense>(a.mask_view, j, d2)]));
-      acc += d * d;
+    for (int k = 0; k < kItems; ++k) {
+      const int64_t j = start + int64_t(k) * kThreads + threadIdx.x;
+      if (j < n) {
+        const acc_t d = penalty::masked_diff<acc_t>(to_acc(x[in_plane<kDense>(a.image_view, j, d2)]),
+                                                    to_acc(r[in_plane<kDense>(a.reference_view, j, d2)]),
+                                                    to_acc(m[in_plane<kDense>(a.mask_view, j, d2)]));
+        acc += d * d;
+      }
     }
+    acc = block_sum(acc);
+    if (threadIdx.x == 0) partials[plane * int64_t(gridDim.x) + blockIdx.x] = acc;
+    __syncthreads();  // block_sum's shared memory is reused by the next plane
   }
-  acc = block_sum(acc);
-  if (threadIdx.x == 0) partials[plane * gridDim.y + blockIdx.y] = acc;
 }
 
 template <typename scalar_t, bool kDense>
@@ -69,28 +75,35 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(PenaltyArgs a, View4
                                                             const typename AccOf<scalar_t>::type* coef,
                                                             scalar_t* grad) {
   using acc_t = typename AccOf<scalar_t>::type;
-  const int64_t plane = blockIdx.x;
-  const int64_t b = plane / a.size[0], i0 = plane - b * a.size[0];
+  const int64_t planes = a.batch * a.size[0];
   const int64_t n = a.size[1] * a.size[2], d2 = a.size[2];
-  const auto p = penalty::plane<scalar_t>(a, b, i0);
-  const scalar_t *x = p.x, *r = p.r, *m = p.m;
-  scalar_t* g = grad + b * gv.stride[0] + i0 * gv.stride[1];
-  const acc_t c = coef[b];
-  const int64_t start = int64_t(blockIdx.y) * kChunk;
+  const int64_t start = int64_t(blockIdx.x) * kChunk;
+  for (int64_t plane = blockIdx.y; plane < planes; plane += gridDim.y) {
+    const int64_t b = plane / a.size[0], i0 = plane - b * a.size[0];
+    const auto p = penalty::plane<scalar_t>(a, b, i0);
+    const scalar_t *x = p.x, *r = p.r, *m = p.m;
+    scalar_t* g = grad + b * gv.stride[0] + i0 * gv.stride[1];
+    const acc_t c = coef[b];
 #pragma unroll
-  for (int k = 0; k < kItems; ++k) {
-    const int64_t j = start + int64_t(k) * kThreads + threadIdx.x;
-    if (j < n) {
-      const acc_t v = penalty::grad_image<acc_t>(to_acc(x[in_plane<kDense>(a.image_view, j, d2)]),
-                                                 to_acc(r[in_plane<kDense>(a.reference_view, j, d2)]),
-                                                 to_acc(m[in_plane<kDense>(a.mask_view, j, d2)]), c);
-      g[in_plane<kDense>(gv, j, d2)] = from_acc<scalar_t>(v);
+    for (int k = 0; k < kItems; ++k) {
+      const int64_t j = start + int64_t(k) * kThreads + threadIdx.x;
+      if (j < n) {
+        const acc_t v = penalty::grad_image<acc_t>(to_acc(x[in_plane<kDense>(a.image_view, j, d2)]),
+                                                   to_acc(r[in_plane<kDense>(a.reference_view, j, d2)]),
+                                                   to_acc(m[in_plane<kDense>(a.mask_view, j, d2)]), c);
+        g[in_plane<kDense>(gv, j, d2)] = from_acc<scalar_t>(v);
+      }
     }
   }
 }
 
+PenaltyGrid grid_geometry(const PenaltyArgs& a) {
+  return penalty_grid(a.batch * a.size[0], a.size[1] * a.size[2], kChunk);
+}
+
 dim3 grid_of(const PenaltyArgs& a) {
-  return dim3(unsigned(a.batch * a.size[0]), unsigned(penalty_chunks_per_plane(a)));
+  const PenaltyGrid g = grid_geometry(a);
+  return dim3(unsigned(g.x), unsigned(g.y));
 }
 
 template <typename scalar_t>
@@ -123,13 +136,10 @@ cudaError_t launch_backward(const PenaltyArgs& a, const View4& gv, bool grad_den
 
 int64_t penalty_chunk_elements() { return kChunk; }
 
-int64_t penalty_chunks_per_plane(const PenaltyArgs& a) {
-  const int64_t n = a.size[1] * a.size[2];
-  return (n + kChunk - 1) / kChunk;
-}
+int64_t penalty_chunks_per_plane(const PenaltyArgs& a) { return grid_geometry(a).chunks; }
 
 cudaError_t penalty_partials(const PenaltyArgs& a, void* partials, cudaStream_t stream) {
-  if (penalty_chunks_per_plane(a) > 65535) return cudaErrorInvalidConfiguration;
+  if (!grid_geometry(a).ok) return cudaErrorInvalidConfiguration;
   switch (a.dtype) {
     case DType::F16: return launch_partials<__half>(a, partials, stream);
     case DType::BF16: return launch_partials<__nv_bfloat16>(a, partials, stream);
@@ -141,7 +151,7 @@ cudaError_t penalty_partials(const PenaltyArgs& a, void* partials, cudaStream_t 
 
 cudaError_t penalty_backward(const PenaltyArgs& a, const View4& grad_view, bool grad_dense, const void* coef,
                              void* grad, cudaStream_t stream) {
-  if (penalty_chunks_per_plane(a) > 65535) return cudaErrorInvalidConfiguration;
+  if (!grid_geometry(a).ok) return cudaErrorInvalidConfiguration;
   switch (a.dtype) {
     case DType::F16: return launch_backward<__half>(a, grad_view, grad_dense, coef, grad, stream);
     case DType::BF16: return launch_backward<__nv_bfloat16>(a, grad_view, grad_dense, coef, grad, stream);

@@ -7,9 +7,6 @@ import os
 import torch
 import triton.language as tl
 
-# Offsets at or above this need 64-bit index arithmetic.
-INT32_LIMIT = 2**31 - 1
-
 TL_DTYPES = {
     torch.float16: tl.float16,
     torch.bfloat16: tl.bfloat16,
@@ -64,7 +61,3 @@ def plan_dims(sizes, strides_per_tensor, order_by: int = 0):
     strides = [(0,) * pad + tuple(ms) for ms in merged_strides]
     return ndim, dims, strides
 
-
-def max_offset(dims, strides) -> int:
-    """Largest element offset (within one sample) that the planned walk reaches."""
-    return sum((n - 1) * s for n, s in zip(dims, strides))

@@ -23,9 +23,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INT32_LIMIT, accumulate_tl, device_guard, interpreter
+from ._common import accumulate_tl, device_guard, interpreter
+from .index_width import dilation_wide
 
-# Test hook: {"col": (BLOCK_H, BLOCK_W), "row": (ROWS, BLOCK)} forces the tile shapes.
+# Test hooks: {"col": (BLOCK_H, BLOCK_W), "row": (ROWS, BLOCK)} forces the tile shapes; {"wide": True} forces
+# 64-bit heatmap offsets in the column pass (to check that path on a small tensor).
 _OVERRIDE: dict = {}
 # Longest row handled as a single block by the row pass; longer rows use the tiled path.
 MAX_ROW_BLOCK = 4096
@@ -61,9 +63,11 @@ def _column_kernel(hm_ptr, thr_ptr, sc_ptr, H, W, shb, shy, shx, cap,
         ok = (y < H)[:, None] & col_ok[None, :]
         if WIDE:
             row_off = y.to(tl.int64) * shy
+            col_off = cols.to(tl.int64) * shx
         else:
             row_off = y * shy
-        v = tl.load(hm_ptr + row_off[:, None] + cols[None, :] * shx, mask=ok, other=0.0).to(ACC)
+            col_off = cols * shx
+        v = tl.load(hm_ptr + row_off[:, None] + col_off[None, :], mask=ok, other=0.0).to(ACC)
         nan = v != v
         act = ok & ((v > thr) | nan)
         nan = ok & nan
@@ -231,8 +235,8 @@ def triton_threshold_dilate(heatmap: torch.Tensor, threshold: torch.Tensor, radi
     out_view = out.view(torch.uint8) if dtype == torch.bool else out
     shb, shy, shx = heatmap.stride()
     block_h, block_w, warps = _column_config(batch, height, width)
-    # Row offsets are computed for whole tiles (rows past H are masked): 64-bit if they could overflow.
-    wide = (height - 1 + block_h) * shy + (width - 1) * shx > INT32_LIMIT
+    # Heatmap offsets (rows and columns, whole tiles) in 64 bits when int32 could overflow.
+    wide = _OVERRIDE.get("wide", False) or dilation_wide(height, width, shy, shx, block_h, block_w)
     rows, block, tiled, row_warps = _row_config(batch * height, width)
     with device_guard(heatmap):
         _column_kernel[(batch, triton.cdiv(width, block_w))](

@@ -22,9 +22,11 @@ import triton.language as tl
 
 from .. import penalty as _penalty
 from .. import reference as _ref
-from ._common import INT32_LIMIT, accumulate_tl, device_guard, interpreter, max_offset, plan_dims
+from ._common import accumulate_tl, device_guard, interpreter, plan_dims
+from .index_width import penalty_wide
 
-# Test hook: {"block": int, "iters": int} forces the launch shape (e.g. several chunks per sample).
+# Test hooks: {"block": int, "iters": int} forces the launch shape (e.g. several chunks per sample);
+# {"wide": True} forces 64-bit offsets (to check that path on a small tensor).
 _OVERRIDE: dict = {}
 
 
@@ -126,7 +128,7 @@ def _backward_kernel(coef_ptr, x_ptr, r_ptr, m_ptr, o_ptr, N, D1, D2,
 
 def _launch_shape(numel: int, batch: int) -> tuple[int, int, int]:
     """(BLOCK, ITERS, num_warps): elements per program = BLOCK * ITERS."""
-    if _OVERRIDE:
+    if "block" in _OVERRIDE:
         return _OVERRIDE["block"], _OVERRIDE.get("iters", 1), 4
     if interpreter():
         # The interpreter pays per program, not per element: few large programs.
@@ -139,11 +141,10 @@ def _launch_shape(numel: int, batch: int) -> tuple[int, int, int]:
     return block, iters, 4
 
 
-def _walk(image: torch.Tensor, tensors: list[torch.Tensor]):
+def _walk(image: torch.Tensor, tensors: list[torch.Tensor], elements_per_program: int):
     """Plan the element walk shared by ``tensors`` (all image-shaped); return (ndim, dims, strides, wide)."""
     ndim, dims, strides = plan_dims(tuple(image.shape[1:]), [tuple(t.stride()[1:]) for t in tensors])
-    numel = image[0].numel()
-    wide = numel + 2**16 > INT32_LIMIT or any(max_offset(dims, s) > INT32_LIMIT for s in strides)
+    wide = _OVERRIDE.get("wide", False) or penalty_wide(ndim, dims, strides, elements_per_program)
     return ndim, dims, strides, wide
 
 
@@ -165,8 +166,8 @@ def triton_penalty_norms(image: torch.Tensor, reference: torch.Tensor, mask: tor
     acc_dtype = _ref.accumulate_dtype(image.dtype)
     if image.numel() == 0:
         return torch.zeros((batch,), dtype=acc_dtype, device=image.device)
-    ndim, (_, d1, d2), (sx, sr, sm), wide = _walk(image, [image, reference, mask])
     block, iters, warps = _launch_shape(numel, batch)
+    ndim, (_, d1, d2), (sx, sr, sm), wide = _walk(image, [image, reference, mask], block * iters)
     n_chunks = triton.cdiv(numel, block * iters)
     partials = torch.empty((batch, n_chunks), dtype=acc_dtype, device=image.device)
     with device_guard(image):
@@ -197,8 +198,8 @@ def triton_penalty_backward(grad: torch.Tensor, image: torch.Tensor, reference: 
     out = torch.empty_like(image)
     if image.numel() == 0:
         return out
-    ndim, (_, d1, d2), (sx, sr, sm, so), wide = _walk(image, [image, reference, mask, out])
     block, iters, warps = _launch_shape(numel, batch)
+    ndim, (_, d1, d2), (sx, sr, sm, so), wide = _walk(image, [image, reference, mask, out], block * iters)
     n_chunks = triton.cdiv(numel, block * iters)
     with device_guard(image):
         _backward_kernel[(n_chunks, batch)](
