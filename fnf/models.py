@@ -59,6 +59,11 @@ class DiffusionModel:
     text_encoders: list = field(default_factory=list)
     tokenizers: list = field(default_factory=list)
     force_zeros_for_empty_prompt: bool = False
+    vae_upcast: bool = False       # VAE kept in float32, decoded with autocast off (see set_vae_precision)
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
 
     @property
     def vae_scale_factor(self) -> int:
@@ -129,7 +134,9 @@ def load_model(path: str, *, kind: str = "auto", weight_dtype: str = "fp32", dev
     dtype = DTYPES[weight_dtype]
     kw = dict(local_files_only=True)
     unet = _load("unet", path, lambda f: UNet2DConditionModel.from_pretrained(f, torch_dtype=dtype, **kw))
-    vae = _load("vae", path, lambda f: AutoencoderKL.from_pretrained(f, torch_dtype=dtype, **kw))
+    # fp16: read the VAE in float32 (set_vae_precision casts it down unless its config sets force_upcast).
+    vae_read = torch.float32 if dtype == torch.float16 else dtype
+    vae = _load("vae", path, lambda f: AutoencoderKL.from_pretrained(f, torch_dtype=vae_read, **kw))
     scheduler = _load("scheduler", path, lambda f: DDIMScheduler.from_config(DDIMScheduler.load_config(f, **kw)))
     encoders = [_load("text_encoder", path, lambda f: CLIPTextModel.from_pretrained(f, torch_dtype=dtype, **kw))]
     tokenizers = [_load("tokenizer", path, lambda f: CLIPTokenizer.from_pretrained(f, **kw))]
@@ -141,9 +148,26 @@ def load_model(path: str, *, kind: str = "auto", weight_dtype: str = "fp32", dev
         module.requires_grad_(False)
         module.eval()
         module.to(device)
-    return DiffusionModel(path=path, kind=kind, unet=unet, vae=vae, scheduler=scheduler, text_encoders=encoders,
-                          tokenizers=tokenizers,
-                          force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", kind == "sdxl")))
+    model = DiffusionModel(path=path, kind=kind, unet=unet, vae=vae, scheduler=scheduler, text_encoders=encoders,
+                           tokenizers=tokenizers,
+                           force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", kind == "sdxl")))
+    set_vae_precision(model, dtype)
+    return model
+
+
+def set_vae_precision(model: DiffusionModel, weight_dtype: torch.dtype, fp16_autocast: bool = False) -> bool:
+    """Cast the VAE to ``weight_dtype``, except when its config sets ``force_upcast`` (SD and SDXL VAEs overflow
+    in float16) and float16 is in play (fp16 weights or fp16 autocast): then the VAE is kept in float32 and
+    :func:`fnf.sampling.decode` runs it with autocast off, as the diffusers pipelines do. Sets and returns
+    ``model.vae_upcast``."""
+    if model.vae is None:
+        return False
+    fp16 = weight_dtype == torch.float16 or fp16_autocast
+    model.vae_upcast = bool(fp16 and getattr(model.vae.config, "force_upcast", False))
+    target = torch.float32 if model.vae_upcast else weight_dtype
+    if model.vae_dtype != target:
+        model.vae.to(target)
+    return model.vae_upcast
 
 
 # ----------------------------------------------------------------------------------------------- prompts
@@ -206,7 +230,41 @@ def add_lora(model: DiffusionModel, *, rank: int, alpha: float, target_modules, 
             p.requires_grad_(False)
     if not params:
         raise ValueError(f"lora.target_modules={list(target_modules)} matched no UNet module")
+    _dropout_off(model.unet)
     return params
+
+
+def _dropout_off(unet) -> None:
+    """New peft layers start in training mode: LoRA dropout stays off outside lora_dropout_active."""
+    for layer in lora_dropout_layers(unet):
+        layer.eval()
+
+
+def lora_dropout_layers(unet) -> list[torch.nn.Module]:
+    """peft's lora_dropout layers (nn.Dropout, or nn.Identity for p = 0) of every LoRA module in ``unet``."""
+    layers = []
+    for module in unet.modules():
+        dropout = getattr(module, "lora_dropout", None)
+        if isinstance(dropout, torch.nn.ModuleDict):
+            layers.extend(dropout.values())
+    return layers
+
+
+@contextlib.contextmanager
+def lora_dropout_active(unet, active: bool = True):
+    """LoRA dropout on (``active``) inside the block, whatever the UNet's train/eval mode; restored after.
+
+    The trainer keeps the UNet in eval mode and switches LoRA dropout on only for the UNet calls that carry
+    gradient: the no-grad steps of the fine-tuned trajectory then match a no-dropout run, and I0 never sees it."""
+    layers = lora_dropout_layers(unet) if active else []
+    before = [layer.training for layer in layers]
+    for layer in layers:
+        layer.train(True)
+    try:
+        yield unet
+    finally:
+        for layer, mode in zip(layers, before):
+            layer.train(mode)
 
 
 @contextlib.contextmanager
@@ -256,3 +314,4 @@ def load_lora_for_sampling(model: DiffusionModel, directory: str, adapter_name: 
     state, alphas, metadata = cls.lora_state_dict(directory, return_lora_metadata=True)
     cls.load_lora_into_unet(state, network_alphas=alphas, unet=model.unet, adapter_name=adapter_name,
                             metadata=metadata)
+    _dropout_off(model.unet)  # a LoRA saved with lora_dropout > 0 must not drop out while sampling

@@ -9,11 +9,13 @@ batch with a per-sample LoRA scale (0 | 1) on a UNet switched to ``fnf_kernels``
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 import fnf_kernels
 
-from .models import DiffusionModel, PromptEmbeds
+from .models import DiffusionModel, PromptEmbeds, lora_dropout_active
 
 
 def initial_latents(model: DiffusionModel, batch: int, height: int, width: int,
@@ -79,6 +81,8 @@ def denoise(model: DiffusionModel, x_T: torch.Tensor, cond: PromptEmbeds, uncond
     batch (copy-major: shape (n*B, ...)).
     ``start=i`` continues a trajectory: x_T is then the latent after the first i steps (e.g. from
     :func:`denoise_batched`) and ``generator`` must have drawn what those steps drew (eta > 0).
+    LoRA dropout (peft's lora_dropout) acts only in the grad-carrying UNet calls, and only when grad is
+    enabled (:func:`fnf.models.lora_dropout_active`): the no-grad steps are those of a no-dropout model.
     """
     unet = unet if unet is not None else model.unet
     sched = model.scheduler
@@ -91,20 +95,21 @@ def denoise(model: DiffusionModel, x_T: torch.Tensor, cond: PromptEmbeds, uncond
     x = x_T
     with torch.no_grad():
         x = run_steps(model, x, timesteps[start:first_grad], cond, uncond, **kw)
-    if first_grad < len(timesteps):
-        x = run_steps(model, x.detach(), timesteps[first_grad:], cond, uncond, **kw)
-    if lv_copies <= 0:
-        return x
-    x0 = x.detach()
-    t_last = timesteps[-1]
-    copies = []
-    for _ in range(lv_copies):
-        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device) if generator is not None \
-            else torch.randn_like(x0)
-        x_t = sched.add_noise(x0, noise, t_last.reshape(1))
-        out = predict_noise(model, unet, x_t, t_last, cond, uncond, guidance_scale)
-        copies.append(sched.step(out, t_last, x_t, eta=eta, generator=generator, return_dict=False)[0])
-    return torch.cat(copies)
+    with lora_dropout_active(model.unet, torch.is_grad_enabled()):
+        if first_grad < len(timesteps):
+            x = run_steps(model, x.detach(), timesteps[first_grad:], cond, uncond, **kw)
+        if lv_copies <= 0:
+            return x
+        x0 = x.detach()
+        t_last = timesteps[-1]
+        copies = []
+        for _ in range(lv_copies):
+            noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device) \
+                if generator is not None else torch.randn_like(x0)
+            x_t = sched.add_noise(x0, noise, t_last.reshape(1))
+            out = predict_noise(model, unet, x_t, t_last, cond, uncond, guidance_scale)
+            copies.append(sched.step(out, t_last, x_t, eta=eta, generator=generator, return_dict=False)[0])
+        return torch.cat(copies)
 
 
 @torch.no_grad()
@@ -150,13 +155,17 @@ def denoise_batched(model: DiffusionModel, x_T: torch.Tensor, cond: PromptEmbeds
 
 
 def decode(model: DiffusionModel, latents: torch.Tensor) -> torch.Tensor:
-    """VAE decode (with grad whenever grad is enabled) to float32 images in [0, 1], (B, 3, H, W)."""
+    """VAE decode (with grad whenever grad is enabled) to float32 images in [0, 1], (B, 3, H, W).
+
+    With ``model.vae_upcast`` (the VAE config's force_upcast with fp16 in play) the float32 VAE runs with
+    autocast off: an fp16 decode of SD/SDXL VAEs overflows to NaN images."""
     vae = model.vae
-    z = latents / vae.config.scaling_factor
+    z = (latents.float() if model.vae_upcast else latents) / vae.config.scaling_factor
     shift = getattr(vae.config, "shift_factor", None)
     if shift:
         z = z + shift
-    x = vae.decode(z.to(vae.dtype), return_dict=False)[0]
+    with torch.autocast(z.device.type, enabled=False) if model.vae_upcast else contextlib.nullcontext():
+        x = vae.decode(z.to(vae.dtype), return_dict=False)[0]
     return (x.to(torch.promote_types(x.dtype, torch.float32)) / 2 + 0.5).clamp(0, 1)
 
 
