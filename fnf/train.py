@@ -34,7 +34,8 @@ from .config import Config
 from .images import grid, save_png
 from .localize import build_localizer, overlay
 from .models import (DTYPES, DiffusionModel, adapters_disabled, add_lora, encode_prompts, load_lora_state_dict,
-                     load_model, lora_state_dict, offload_text_encoders, save_lora_diffusers)
+                     load_model, lora_dropout_active, lora_state_dict, offload_text_encoders, save_lora_diffusers,
+                     set_vae_precision)
 from .objectives import focus_n_fix_loss
 from .rewards import build_reward, evaluate, prepare_reward
 from .sampling import decode, denoise, denoise_batched, grad_start, initial_latents
@@ -85,10 +86,13 @@ class Session:
             dtype = DTYPES[cfg.model.weight_dtype]
             for module in [model.unet, model.vae, *model.text_encoders]:
                 module.requires_grad_(False).eval().to(self.device)
-                if next(module.parameters()).dtype != dtype:
+                if module is not model.vae and next(module.parameters()).dtype != dtype:
                     module.to(dtype)
         self.model = model
         m = self.model
+        # fp16 weights or autocast with a force_upcast VAE config: VAE in fp32, decoded with autocast off.
+        if set_vae_precision(m, DTYPES[cfg.model.weight_dtype], fp16_autocast=self.autocast_dtype == torch.float16):
+            self.acc.print("fnf: VAE kept in fp32, decode with autocast off (its config sets force_upcast)")
         self.height = cfg.sampling.height or m.native_size
         self.width = cfg.sampling.width or m.native_size
         torch.manual_seed(cfg.train.seed)  # identical LoRA init on every process
@@ -102,13 +106,13 @@ class Session:
             self.params = add_lora(m, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
                                    target_modules=cfg.lora.target_modules, dropout=cfg.lora.dropout)
         self._broadcast_params()
-        if cfg.lora.dropout > 0:
-            m.unet.train()
+        # The UNet stays in eval mode: LoRA dropout acts only in the grad-carrying UNet calls (sampling.denoise).
         if cfg.memory.unet_checkpointing and self.sepen is None:  # sepen: see fnf/sepen/train_step.py
             m.unet.enable_gradient_checkpointing()
         if cfg.memory.vae_checkpointing:
             m.vae.enable_gradient_checkpointing()
-        self.fused_lora, why = fused_lora.enable(m.unet, cfg.memory.fused_lora, self.device)
+        with lora_dropout_active(m.unet):  # patch_lora refuses LoRA dropout in training mode: auto falls back
+            self.fused_lora, why = fused_lora.enable(m.unet, cfg.memory.fused_lora, self.device)
         if cfg.memory.fused_lora != "off":
             self.acc.print(f"fnf: fused LoRA path {why}")
         if self.sepen is not None:
@@ -201,8 +205,9 @@ class Session:
         s = cfg.sampling
         seed = step_seed(cfg.train.seed, step, micro, self.rank)
         gen = torch.Generator().manual_seed(seed)
-        if self.sepen is not None:
-            return self.sepen.micro_batch(self, gen)
+        if self.sepen is not None:  # its LoRA-on UNet call is the grad-carrying one (I0 runs adapters off)
+            with lora_dropout_active(m.unet):
+                return self.sepen.micro_batch(self, gen)
         b = cfg.train.batch_size
         if self.pool is not None:  # entries of the fixed (prompt, seed) pool
             entries = torch.randint(self.pool.size, (b,), generator=gen)
@@ -271,18 +276,9 @@ class Session:
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + v / accum
         grad_norm = float("nan")
+        overflow = False
         if not skipped:
-            self.sync_grads()
-            self.scaler.unscale_(self.optimizer)
-            clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
-            if not math.isfinite(grad_norm):
-                skipped, reason = True, "non-finite gradient"
-                self.scaler.update()
-            else:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.lr_schedule.step()
+            skipped, reason, overflow, grad_norm = self._apply_gradients(step)
         self.optimizer.zero_grad(set_to_none=True)
         keys = sorted(totals)
         if keys:
@@ -290,10 +286,39 @@ class Session:
                                                     device=self.device))
             totals = dict(zip(keys, vec.tolist()))
         record = {"step": step + 1, **totals, "grad_norm": grad_norm, "lr": self.optimizer.param_groups[0]["lr"],
-                  "skipped": skipped}
+                  "skipped": skipped, "scaler_overflow": overflow}
+        if self.scaler.is_enabled():
+            record["grad_scale"] = float(self.scaler.get_scale())
         if skipped:
             record["skip_reason"] = reason
         return record, last
+
+    def _apply_gradients(self, step: int) -> tuple[bool, str, bool, float]:
+        """Sync, unscale, clip and step; returns (skipped, reason, scaler_overflow, grad_norm).
+
+        Non-finite gradients are the fp16 grad scaler's own overflow when it is on (its scale was too high: no
+        optimizer step, scaler.update lowers the scale; not a data problem, logged with ``scaler_overflow: true``),
+        else a "non-finite gradient" skip. The decision is taken on all processes alike; the parameters after a
+        step are checked finite (a non-finite one raises before any checkpoint holds it)."""
+        self.sync_grads()
+        self.scaler.unscale_(self.optimizer)
+        clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
+        if not self.any_process(not math.isfinite(grad_norm)):
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.lr_schedule.step()
+            if self.any_process(not bool(torch.stack([torch.isfinite(p).all() for p in self.params]).all())):
+                raise FloatingPointError(f"step {step + 1}: the trained parameters became non-finite after a "
+                                         "finite-gradient step; lower train.lr or set train.grad_clip")
+            return False, "", False, grad_norm
+        if self.scaler.is_enabled():  # no optimizer step; update() backs the scale off (unscale_ saw the inf)
+            before = self.scaler.get_scale()
+            self.scaler.update()
+            after = self.scaler.get_scale()
+            how = f"scale lowered to {after:g}" if after < before else f"scale {after:g}"
+            return True, f"fp16 grad-scaler overflow ({how})", True, grad_norm
+        return True, "non-finite gradient", False, grad_norm
 
     # ------------------------------------------------------------------ state
     def training_state(self) -> dict:
