@@ -1,4 +1,7 @@
-"""DRaFT-K truncation, DRaFT-LV, and where gradients flow (LoRA parameters only)."""
+"""DRaFT-K truncation, DRaFT-LV, and where gradients flow (LoRA parameters only).
+
+Which UNet calls carry grad is checked here; the values of dL/dLoRA against a hand-unrolled DDIM loop in float64
+are in test_draft_gradients.py."""
 import os
 import sys
 

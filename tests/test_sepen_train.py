@@ -86,13 +86,15 @@ def test_lora_option_trains_only_to_k_adapters(sd, tmp_path):
 
 
 def test_resume_matches_uninterrupted(sd, tmp_path):
+    """Bit for bit: the resumed run is the same computation on the same machine (not a second path), as in
+    test_fnf_train; a tolerance here would hide a resume that perturbs RNG or optimizer state slightly."""
     full = train(sepen_config(sd, str(tmp_path / "full"), **{"train.steps": 3}))
     train(sepen_config(sd, str(tmp_path / "part"), **{"train.steps": 2, "train.checkpoint_every": 2}))
     resumed = train(sepen_config(sd, str(tmp_path / "part"), **{"train.steps": 3, "train.resume": "latest"}))
     a, b = full.model.unet.state_dict(), resumed.model.unet.state_dict()
     for k in a:
         if k.endswith("attn2.to_k.weight"):
-            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-7)
+            assert torch.equal(a[k], b[k]), k
 
 
 def _separate_on(model, prompts, objects, seed=0):
