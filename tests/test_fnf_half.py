@@ -10,8 +10,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fnf_tiny_models import IMAGE_SIZE, cached_model, tiny_config, one_torch_thread  # noqa: E402,F401
-from fnf.models import (add_lora, adapters_disabled, encode_prompts, load_model, lora_dropout_layers,  # noqa: E402
-                        lora_state_dict, set_vae_precision)
+from fnf.models import (add_lora, encode_prompts, load_model, lora_dropout_layers, lora_state_dict,  # noqa: E402
+                        set_vae_precision)
 from fnf.sampling import decode, denoise, initial_latents, sample_images  # noqa: E402
 from fnf.train import Session, train  # noqa: E402
 
