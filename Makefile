@@ -45,3 +45,19 @@ gpu-wheels: $(PY)
 	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 	  -d .whl diffusers==0.42.1 kornia==0.9.0 kornia_rs==0.2.0 importlib_metadata==10.2.0 zipp
+
+# The dependency floors of setup.py (ci/floors.txt) installed together in their own venv, then the fnf tests on
+# them (kernels use their torch fallbacks there: FNF_NO_EXTENSION=1 skips the C++ build).
+FLOOR_VENV ?= .venv-floor
+FLOOR_TESTS ?= tests/test_fnf_train.py tests/test_fnf_models.py tests/test_fnf_sampling.py tests/test_configs.py \
+  tests/test_fnf_config.py tests/test_fnf_localize.py tests/test_fnf_checkpoint.py
+.PHONY: floor-check
+floor-check:
+	test -x $(FLOOR_VENV)/bin/python || $(PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/python -m pip --disable-pip-version-check install -q -c ci/floors.txt "setuptools>=64" wheel \
+	  torch numpy diffusers peft accelerate transformers safetensors tqdm PyYAML Pillow matplotlib pytest hypothesis \
+	  expecttest
+	FNF_NO_EXTENSION=1 $(FLOOR_VENV)/bin/python -m pip --disable-pip-version-check install -q --no-build-isolation \
+	  --no-deps -e .
+	$(FLOOR_VENV)/bin/python -m pip --disable-pip-version-check list 2>/dev/null | grep -iE "^(torch|diffusers|peft|accelerate|transformers) "
+	$(FLOOR_VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not slow" $(FLOOR_TESTS)

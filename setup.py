@@ -68,15 +68,18 @@ setup(
     packages=find_packages(include=["fnf_kernels", "fnf_kernels.*", "fnf", "fnf.*"]),
     include_package_data=True,
     package_data={"fnf": ["assets/**/*"]},
+    # Floors are the versions `make floor-check` installs together (ci/floors.txt) and runs the fnf tests on;
+    # diffusers 0.34 is the first with LoRA adapter metadata (save_lora_weights / lora_state_dict); transformers
+    # 4.48 fails bf16 CLIP text encoding on torch 2.13 (causal mask overflow), 4.53 passes.
     install_requires=[
-        "torch>=2.4",
-        "numpy",
+        "torch>=2.13.0",
+        "numpy>=1.26.4",
         "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
     extras_require={
-        "train": ["diffusers>=0.30", "peft>=0.12", "accelerate>=0.30", "transformers>=4.40",
-                  "safetensors", "tqdm", "PyYAML", "matplotlib", "Pillow"],
-        "test": ["pytest", "hypothesis", "pytest-benchmark", "expecttest"],
+        "train": ["diffusers>=0.34.0", "peft>=0.15.0", "accelerate>=1.0.0", "transformers>=4.53.0",
+                  "safetensors>=0.4.3", "tqdm>=4.66.0", "PyYAML>=6.0", "matplotlib>=3.8.0", "Pillow>=10.0.0"],
+        "test": ["pytest>=8.0.0", "hypothesis>=6.100.0", "pytest-benchmark", "expecttest>=0.2.1"],
         "bench": ["pytest-benchmark", "kornia"],
     },
     entry_points={"console_scripts": ["fnf=fnf.cli:main"]},

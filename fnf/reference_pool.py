@@ -18,7 +18,7 @@ from .sampling import decode, denoise, initial_latents
 
 def entry_seed(seed: int, entry: int) -> int:
     """The noise seed of pool entry ``entry`` (independent of step, rank and batch composition)."""
-    return int(np.random.SeedSequence([seed, 0x9E3779B9, entry]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return int(np.random.SeedSequence([seed, 0x9E3779B9, entry]).generate_state(1, dtype=np.uint64)[0]) >> 1
 
 
 class ReferencePool:
