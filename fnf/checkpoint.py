@@ -49,12 +49,12 @@ def _barrier():
         d.barrier()
 
 
-def _stage(name: str) -> None:
+def _stage(name: str, what: str = "") -> None:
     """Fault-test hook: with $FNF_CHECKPOINT_TEST_PAUSE=<seconds> set, announce each stage of a write on
     stderr and wait there, so that tests/test_checkpoint_faults.py can kill the process inside it."""
     pause = os.environ.get(PAUSE_ENV)
     if pause:
-        print(f"fnf-checkpoint-stage {name}", file=sys.stderr, flush=True)
+        print(f"fnf-checkpoint-stage {name} {what}", file=sys.stderr, flush=True)
         time.sleep(float(pause))
 
 
@@ -256,7 +256,7 @@ def _remove(root: str, folder: str) -> None:
     trash = os.path.join(root, f".del-{os.path.basename(folder).lstrip('.')}-{os.getpid()}-{time.time_ns()}")
     os.replace(folder, trash)
     fsync_dir(root)
-    _stage("deleting")
+    _stage("deleting", os.path.basename(folder))
     shutil.rmtree(trash, ignore_errors=True)
 
 
@@ -293,13 +293,13 @@ def save(root: str, step: int, lora: dict[str, torch.Tensor], training_state: di
     if is_main:
         save_file({k: v.detach().cpu().contiguous() for k, v in lora.items()}, os.path.join(tmp, "lora.safetensors"))
         fsync_file(os.path.join(tmp, "lora.safetensors"))
-        _stage("lora-written")
+        _stage("lora-written", name)
         save_state(os.path.join(tmp, "training_state"), training_state)
-        _stage("files-written")
+        _stage("files-written", name)
         write_json(os.path.join(tmp, "state.json"), {"format": FORMAT, "step": step, "run_id": run_id,
                                                      "world_size": world_size})
         fsync_dir(tmp)
-        _stage("tmp-complete")
+        _stage("tmp-complete", name)
         if os.path.isdir(final):
             if os.path.isdir(old):  # a superseded copy left by an earlier crash; step-N is complete
                 if read_meta(old) is not None and not _is_ours(old, run_id):
@@ -307,14 +307,14 @@ def save(root: str, step: int, lora: dict[str, torch.Tensor], training_state: di
                 _remove(root, old)
             os.replace(final, old)
             fsync_dir(root)
-            _stage("old-moved")
+            _stage("old-moved", name)
         os.replace(tmp, final)
         fsync_dir(root)
-        _stage("renamed")
+        _stage("renamed", name)
         if os.path.isdir(old) and _is_ours(old, run_id):
             _remove(root, old)
         prune(root, run_id, keep)
-        _stage("saved")
+        _stage("saved", name)
     _barrier()
     return final
 

@@ -424,7 +424,7 @@ def train(cfg: Config, accelerator=None, model: DiffusionModel | None = None) ->
                 save_grid(os.path.join(out, "samples", f"step-{done:07d}.png"), last)
             if t.checkpoint_every and (done % t.checkpoint_every == 0 or done == t.steps):
                 ckpt.save(ckpt_root, done, lora_state_dict(session.model.unet), session.training_state(),
-                          rank=session.rank, is_main=is_main, keep=t.keep_checkpoints, run_id=run["run_id"],
+                          rank=session.rank, is_main=is_main, keep=t.keep_checkpoints, run_id=run.get("run_id"),
                           world_size=session.world)
     finally:
         if progress is not None:

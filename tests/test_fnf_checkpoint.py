@@ -154,7 +154,10 @@ def test_a_crash_anywhere_in_a_replacing_save_leaves_a_loadable_checkpoint(tmp_p
             real(a, b)
         monkeypatch.setattr(ckpt.os, "replace", replace)
     else:
-        monkeypatch.setattr(ckpt, "_stage", lambda name: (_ for _ in ()).throw(Died) if name == fail_at else None)
+        def stage(name, what=""):
+            if name == fail_at:
+                raise Died
+        monkeypatch.setattr(ckpt, "_stage", stage)
     try:
         _save(root, 2, "r", keep=1, value=22)
         died = False
