@@ -110,6 +110,7 @@ def test_triton_matches_reference(shape, dtype):
     _compare(shape, dtype)
 
 
+@pytest.mark.slow  # ~30 s under the Triton interpreter on 2 cores
 @needs_triton
 def test_triton_several_chunks(monkeypatch):
     from fnf_kernels.triton_kernels import attention_losses as tk
@@ -202,6 +203,7 @@ hypothesis = pytest.importorskip("hypothesis")
 st = hypothesis.strategies
 
 
+@pytest.mark.slow  # ~60 s under the Triton interpreter on 2 cores
 @needs_triton
 @hypothesis.settings(max_examples=10, deadline=None)
 @hypothesis.given(b=st.integers(1, 2), h=st.integers(1, 3), k=st.integers(2, 4), hh=st.integers(2, 9),

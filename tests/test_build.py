@@ -23,6 +23,7 @@ def test_cu_files_include_no_torch_headers():
             assert f"#include <{banned}" not in text, f"{path} includes a {banned} header"
 
 
+@pytest.mark.slow  # ~6 s per file and arch
 @needs_nvcc
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 @pytest.mark.parametrize("path", CU_FILES, ids=[os.path.relpath(p, ROOT) for p in CU_FILES])
@@ -46,6 +47,7 @@ def _cuda_include():
     return None
 
 
+@pytest.mark.slow  # ~40 s: parses torch's headers
 @pytest.mark.skipif(_cuda_include() is None, reason="CUDA headers not found")
 def test_cuda_bindings_syntax(tmp_path):
     """The torch-side CUDA binding parses against this torch's headers (a stub stands in for the one

@@ -7,6 +7,17 @@ from fnf_kernels import reference as ref
 from tests.backends import ids, runnable
 
 PAIRS = runnable()
+SIZES = [(1, 1, 1), (2, 37, 53), (3, 8, 1), (1, 1, 29)]
+
+
+def _slow_on_interpreter(pair, big=True):
+    """Triton on CPU tensors runs under the interpreter: ~10 s per call at (2, 37, 53) on 2 cores."""
+    return (pytest.mark.slow,) if pair == ("cpu", "triton") and big else ()
+
+
+PAIR_SIZES = [pytest.param(p, s, marks=_slow_on_interpreter(p, s[1] * s[2] > 100),
+                           id=f"{p[0]}-{p[1]}-{'x'.join(map(str, s))}") for p in PAIRS for s in SIZES]
+PAIRS_SLOW_ON_INTERPRETER = [pytest.param(p, marks=_slow_on_interpreter(p), id=f"{p[0]}-{p[1]}") for p in PAIRS]
 OUT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.bool, torch.uint8]
 
 
@@ -50,10 +61,9 @@ def test_known_disk_and_square():
     assert disk[0, 1, 3] == 1 and disk[0, 1, 2] == 0 and square[0, 1, 1] == 1
 
 
-@pytest.mark.parametrize("pair", PAIRS, ids=ids(PAIRS))
+@pytest.mark.parametrize("pair, size", PAIR_SIZES)
 @pytest.mark.parametrize("shape", ["square", "disk"])
 @pytest.mark.parametrize("radius", [0, 1, 2, 5, 15, 200])
-@pytest.mark.parametrize("size", [(1, 1, 1), (2, 37, 53), (3, 8, 1), (1, 1, 29)])
 def test_backends_match_reference(pair, shape, radius, size):
     device, backend = pair
     heatmap = torch.rand(size, device=device)
@@ -91,7 +101,7 @@ def test_input_dtypes(pair, in_dtype):
     assert same(out, exp)
 
 
-@pytest.mark.parametrize("pair", PAIRS, ids=ids(PAIRS))
+@pytest.mark.parametrize("pair", PAIRS_SLOW_ON_INTERPRETER)
 def test_layouts(pair):
     device, backend = pair
     base = torch.rand(2, 1, 20, 31, device=device)

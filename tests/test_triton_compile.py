@@ -466,6 +466,8 @@ if __name__ == "__main__" and "--worker" in sys.argv:
 
 import pytest  # noqa: E402
 
+pytestmark = pytest.mark.slow  # a worker process and ptxas per case: ~1-40 s each on 2 cores
+
 pytest.importorskip("triton")
 try:
     from triton.backends.compiler import GPUTarget  # noqa: E402,F401
