@@ -16,7 +16,8 @@ Writing: every file goes to ``.tmp-step-N`` beside the final folder and is fsync
 then the folder. An existing ``step-N`` is first renamed to ``.old-step-N``, the new folder renamed into
 place, the parent fsynced, and only then the old one removed: at every instant a complete ``step-N`` or
 ``.old-step-N`` exists. Readers ignore ``.tmp-*`` and ``.del-*`` folders and take ``.old-step-N`` as step N
-when ``step-N`` is missing (a crash between the two renames). Pruning renames a checkpoint to ``.del-*``
+when ``step-N`` is missing (a crash between the two renames; :func:`recover`, run when a run starts,
+renames it back). Pruning renames a checkpoint to ``.del-*``
 before deleting it, and only touches checkpoints whose run id is this run's.
 """
 from __future__ import annotations
@@ -317,6 +318,21 @@ def save(root: str, step: int, lora: dict[str, torch.Tensor], training_state: di
         _stage("saved", name)
     _barrier()
     return final
+
+
+def recover(root: str) -> list[str]:
+    """Rename each ``.old-step-N`` whose ``step-N`` is missing (a crash between the two renames of a replace)
+    back to ``step-N``; returns the recovered folders. Main process only."""
+    recovered = []
+    if os.path.isdir(root):
+        for name in sorted(os.listdir(root)):
+            final = os.path.join(root, name[len(".old-"):])
+            if name.startswith(".old-") and STEP_DIR.match(name) and not os.path.exists(final):
+                os.replace(os.path.join(root, name), final)
+                recovered.append(final)
+        if recovered:
+            fsync_dir(root)
+    return recovered
 
 
 def resolve(resume: str, root: str, run_id: str | None = None, fallback: str | None = None) -> str | None:

@@ -122,6 +122,7 @@ def begin(out: str, resume: str, overwrite: bool) -> tuple[str, str | None]:
     moved = move_aside(out) if overwrite else None
     if moved:
         print(f"fnf: --overwrite: moved the earlier run's files to {moved}")
+    ckpt.recover(checkpoint_root(out))
     run = read_run(out)
     folder = resolve(resume, out, run)
     if folder is not None:

@@ -187,7 +187,7 @@ def test_sigkill_at_random_moments_always_leaves_a_resumable_checkpoint_and_the_
         rng.shuffle(plan)
         print(f"uninterrupted run {duration:.1f} s (setup {setup_s:.1f} s, {step_s:.2f} s/step); plan {plan}")
 
-        runs, out, attempt, killed, stages_hit = [], None, 0, 0, []
+        runs, finished, out, attempt, killed, stages_hit = [], set(), None, 0, 0, []
         renamed: dict[str, int] = {}      # run folder -> newest step whose checkpoint rename had completed
         while plan:
             if out is None:
@@ -229,6 +229,7 @@ def test_sigkill_at_random_moments_always_leaves_a_resumable_checkpoint_and_the_
                 if name == "renamed":
                     renamed[out] = max(renamed.get(out, 0), int(step_dir.split("-")[1]))
             if rc == 0:                                             # finished before the kill: next run
+                finished.add(out)
                 out = None
                 continue
             assert rc == -signal.SIGKILL, f"attempt {attempt} exited with {rc}:\n" + open(log).read()[-3000:]
@@ -244,7 +245,7 @@ def test_sigkill_at_random_moments_always_leaves_a_resumable_checkpoint_and_the_
                 ck = ckpt.read(latest)
                 assert ck["step"] >= renamed[out] and ck["lora"].keys() == ckpt_keys
         for out in runs:                                            # resume every interrupted run to its end
-            if not os.path.isfile(os.path.join(out, "lora", "pytorch_lora_weights.safetensors")):
+            if out not in finished:
                 attempt += 1
                 log = str(logs / f"attempt{attempt:03d}.log")
                 zyg.start(["train", "--config", str(cfg), "--out", out, "--resume"], log, {})
@@ -261,8 +262,9 @@ def test_sigkill_at_random_moments_always_leaves_a_resumable_checkpoint_and_the_
     _assert_same(_final_lora(ref_cli_out), reference, "python -m fnf train vs the zygote's uninterrupted run")
     for out in runs:
         _assert_same(_final_lora(out), reference, f"{out} (killed and resumed)")
-        _assert_same(load_file(os.path.join(out, "checkpoints", f"step-{STEPS:07d}", "lora.safetensors")),
-                     load_file(last), f"{out} last checkpoint")
+        latest = run_dir.resolve("latest", out)
+        assert latest.endswith(f"step-{STEPS:07d}"), latest
+        _assert_same(load_file(os.path.join(latest, "lora.safetensors")), load_file(last), f"{out} last checkpoint")
         lines = [json.loads(x) for x in open(os.path.join(out, "log.jsonl"))]
         assert lines[-1]["step"] == STEPS
 

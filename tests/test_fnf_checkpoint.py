@@ -128,6 +128,8 @@ def test_leftover_temp_old_and_deleted_folders(tmp_path):
     os.replace(os.path.join(root, "step-0000001"), os.path.join(root, ".old-step-0000001"))  # between renames
     assert _steps_of(root, "r") == [1]
     assert ckpt.resolve("latest", root, "r").endswith(".old-step-0000001")
+    assert ckpt.recover(root) == [os.path.join(root, "step-0000001")]           # renamed back when a run starts
+    assert ckpt.resolve("latest", root, "r").endswith("/step-0000001")
     _save(root, 2, "r", keep=1, value=2)
     assert sorted(os.listdir(root)) == ["step-0000002"]
 
