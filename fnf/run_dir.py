@@ -17,7 +17,7 @@ import uuid
 from . import checkpoint as ckpt
 
 RUN_FILE = "run.json"
-# Files and folders a training run writes into <out>; the first group is data that refuses a fresh run.
+# What a training run writes into <out>: DATA refuses a fresh run there; --overwrite moves all of these aside.
 DATA = ("checkpoints", "log.jsonl", "lora", "to_k.safetensors", "samples", "tensorboard")
 MOVED_ON_OVERWRITE = DATA + (RUN_FILE, "config.yaml")
 
@@ -67,7 +67,9 @@ def _inside(path: str, folder: str) -> bool:
 
 
 def check(out: str, resume: str, overwrite: bool) -> None:
-    """Raise :class:`OutDirInUse` when a run into ``out`` would clobber an earlier run's data. Read-only.
+    """Raise :class:`OutDirInUse` when a run into ``out`` would clobber an earlier run's data. Read-only:
+    every process calls it before building the Session (whose parameter broadcast is the first collective),
+    so all of them see the folder before the main process changes it in :func:`begin`.
 
     Allowed: an empty (or unused) folder; ``resume='latest'`` (continue the run there; a fresh start when it
     has no checkpoint); ``resume=<folder>`` of the run that owns ``out`` (or into an unused ``out``);

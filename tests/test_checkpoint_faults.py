@@ -150,6 +150,7 @@ def _assert_same(a: dict, b: dict, what: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, "fork") or not hasattr(signal, "SIGKILL"), reason="needs fork and SIGKILL")
 def test_sigkill_at_random_moments_always_leaves_a_resumable_checkpoint_and_the_same_lora(sd, tmp_path):
     from fnf import checkpoint as ckpt
     from fnf import run_dir
