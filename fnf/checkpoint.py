@@ -227,8 +227,11 @@ def read(folder: str, *, rank: int = 0, device="cpu") -> dict:
 
 
 def _load_legacy_rng(path: str) -> dict:
-    multiarray = getattr(np, "_core", None) or np.core
-    allowed = [multiarray.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    try:  # numpy >= 2
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+    allowed = [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
     with torch.serialization.safe_globals(allowed):
         state = torch.load(path, weights_only=True)
     name, key, pos, has_gauss, cached = state["numpy"]

@@ -29,10 +29,10 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from . import fused_lora, run_dir
+from . import fused_lora, preflight, run_dir
 from .config import Config
 from .images import grid, save_png
-from .localize import build_localizer, overlay
+from .localize import localizer_from_config, overlay
 from .models import (DTYPES, DiffusionModel, adapters_disabled, add_lora, encode_prompts, load_lora_state_dict,
                      load_model, lora_dropout_active, lora_state_dict, offload_text_encoders, save_lora_diffusers,
                      set_vae_precision)
@@ -54,7 +54,7 @@ class TrainResult:
 
 def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
     """Independent, reproducible seeds per (seed, step, micro-step, rank)."""
-    return int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1, dtype=np.uint64)[0]) >> 1
 
 
 def make_accelerator(cfg: Config):
@@ -132,10 +132,7 @@ class Session:
         # beta = 0 with no localizer is plain DRaFT-K: the pretrained trajectory I0 is not needed at all.
         self.plain_draft = cfg.objective.beta == 0 and cfg.localize.spec == "none"
         self.reward = prepare_reward(build_reward(cfg.reward.spec, **cfg.reward.kwargs), self.device)
-        lc = cfg.localize
-        self.localizer = build_localizer(lc.spec, self.reward, kwargs=lc.kwargs, normalize=lc.normalize,
-                                         threshold=lc.threshold, threshold_mode=lc.threshold_mode,
-                                         radius=lc.radius, shape=lc.shape)
+        self.localizer = localizer_from_config(cfg, self.reward)
         self.prompts = cfg.all_prompts()
         if not self.prompts:
             raise ValueError("no prompts: set train.prompts or train.prompts_file")
@@ -381,6 +378,7 @@ def train(cfg: Config, accelerator=None, model: DiffusionModel | None = None) ->
 
     ``model``: an already built :class:`fnf.models.DiffusionModel` to train instead of loading ``model.path``
     (it is frozen, cast to ``model.weight_dtype`` and moved to the device; the LoRA is added to it)."""
+    preflight.check(cfg, model=model is None)  # the whole config, before any model is loaded
     run_dir.check(cfg.train.out, cfg.train.resume, cfg.train.overwrite)  # refuse to clobber, before loading
     session = Session(cfg, accelerator, model)
     acc, t = session.acc, cfg.train
