@@ -61,3 +61,21 @@ floor-check:
 	  --no-deps -e .
 	$(FLOOR_VENV)/bin/python -m pip --disable-pip-version-check list 2>/dev/null | grep -iE "^(torch|diffusers|peft|accelerate|transformers) "
 	$(FLOOR_VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not slow" $(FLOOR_TESTS)
+
+# The CUDA build, proven without a GPU: a separate venv with the CUDA build of torch 2.13.0 (~5 GB, made once), a
+# wheel built from a clean clone of HEAD with FNF_CUDA=1 for sm_80 and sm_90, installed, imported, every compiled op
+# registered for CUDA, the wheel's .so holding device code for both (ci/cuda_build_check.py).
+CUDA_VENV ?= .venv-cuda
+CUDA_ARCHS ?= 8.0;9.0
+CUDA_PY = $(abspath $(CUDA_VENV))/bin/python
+.PHONY: cuda-venv cuda-build-check
+cuda-venv:
+	test -x $(CUDA_PY) || { $(PYTHON) -m venv $(CUDA_VENV) && $(CUDA_PY) -m pip --disable-pip-version-check install -q \
+	  "torch==2.13.0,!=2.13.0+cpu" numpy "setuptools>=64" wheel ninja; }
+cuda-build-check: cuda-venv
+	rm -rf build/cuda-check && git clone -q . build/cuda-check
+	cd build/cuda-check && FNF_CUDA=1 TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" $(CUDA_PY) -m pip --disable-pip-version-check \
+	  wheel -q --no-build-isolation --no-deps -w dist .
+	$(CUDA_PY) -m pip --disable-pip-version-check install -q --force-reinstall --no-deps build/cuda-check/dist/focus_n_fix-*.whl
+	cd /tmp && TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" $(CUDA_PY) $(abspath ci/cuda_build_check.py) \
+	  $(abspath build/cuda-check/dist)/focus_n_fix-*.whl

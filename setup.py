@@ -1,7 +1,9 @@
 """Build focus-n-fix: the pure-Python packages plus one torch C++ extension, fnf_kernels._C.
 
 Environment:
-  FNF_CUDA=auto|0|1      build the CUDA kernels: auto (default) when torch has CUDA and nvcc is found.
+  FNF_CUDA=auto|0|1      build the CUDA kernels: auto (default) when torch has CUDA and a matching toolkit is
+                         found (CUDA_HOME, CUDA_PATH, nvcc on PATH, /usr/local/cuda; csrc/cuda_toolkit.py), with a
+                         warning saying why when it is not; 1 stops with that reason instead.
   TORCH_CUDA_ARCH_LIST   GPU architectures; default: the visible GPUs, or 8.0;8.6;8.9;9.0+PTX when none.
   MAX_JOBS               parallel compile jobs (ninja).
   FNF_NO_EXTENSION=1     skip the extension entirely (the ops fall back to Triton / torch).
@@ -15,31 +17,58 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = "8.0;8.6;8.9;9.0+PTX"
 
 
-def _want_cuda(torch_cuda_home) -> bool:
+def _cuda_toolkit():
+    """The CUDA toolkit to build with, or None (CPU kernels only); FNF_CUDA=1 stops when there is none.
+
+    torch's own guess (from where nvcc sits) fails for a wrapper such as /usr/local/bin/nvcc, so the folder is
+    chosen here (csrc/cuda_toolkit.py) and handed to torch as CUDA_HOME before torch.utils.cpp_extension loads."""
+    import sys
+    import warnings
+
     import torch
 
     mode = os.environ.get("FNF_CUDA", "auto").lower()
     if mode not in ("auto", "0", "1"):
         raise SystemExit(f"FNF_CUDA must be auto, 0 or 1; got {mode!r}")
-    usable = torch.version.cuda is not None and torch_cuda_home is not None
-    if mode == "1" and not usable:
-        raise SystemExit("FNF_CUDA=1 but torch has no CUDA (torch.version.cuda is None) or nvcc was not found "
-                         "(set CUDA_HOME)")
-    return mode == "1" or (mode == "auto" and usable)
+    if mode == "0":
+        return None
+    if torch.version.cuda is None:
+        if mode == "1":
+            raise SystemExit(f"FNF_CUDA=1 but this torch ({torch.__version__}) is a CPU build (torch.version.cuda is "
+                             "None): install a CUDA build of torch first")
+        return None
+    sys.path.insert(0, os.path.join(ROOT, "csrc"))
+    from cuda_toolkit import find
+
+    toolkit = find(torch.version.cuda)
+    if toolkit.path is None:
+        why = (f"no usable CUDA toolkit for torch {torch.__version__} (CUDA {torch.version.cuda}): tried "
+               f"{toolkit.explain()}. Set CUDA_HOME to the toolkit folder (the one holding bin/nvcc and "
+               "include/cuda_runtime_api.h)")
+        if mode == "1":
+            raise SystemExit(f"FNF_CUDA=1: {why}.")
+        warnings.warn(f"focus-n-fix: building the CPU kernels only: {why}, or FNF_CUDA=0 to silence this.",
+                      stacklevel=2)
+        return None
+    os.environ["CUDA_HOME"] = toolkit.path
+    print(f"focus-n-fix: building CUDA kernels with the toolkit in {toolkit.path} (CUDA {toolkit.version})")
+    return toolkit.path
 
 
 def extensions():
     if os.environ.get("FNF_NO_EXTENSION") == "1":
         return [], {}
     import torch
-    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    toolkit = _cuda_toolkit()  # sets CUDA_HOME, which cpp_extension reads when it is imported
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))  # noqa: E731
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
     include = [os.path.join(ROOT, "csrc", "include")]
     openmp = ["-fopenmp"]
     cxx = ["-O3", *openmp]
-    if _want_cuda(CUDA_HOME):
+    if toolkit is not None:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
         sources += rel("csrc/cuda/*.cpp") + rel("csrc/cuda/*.cu")
