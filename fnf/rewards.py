@@ -147,24 +147,22 @@ def check_reward_spec(spec: str, kwargs: dict) -> None:
         except TypeError as e:
             raise SpecError(f"reward 'classifier' does not accept kwargs {sorted(kw)}: {e}") from None
         return
-    if spec in REWARDS:
-        _check_call(REWARDS[spec], kwargs, spec, "reward")
-        return
-    if ":" not in spec:
-        raise SpecError(f"unknown reward {spec!r}: expected one of {', '.join(sorted(REWARDS))}, "
-                        "'module:callable' or 'path/to/file.py:callable'")
-    _check_call(load_object(spec, "reward"), kwargs, spec, "reward")
+    _check_spec(spec, kwargs, REWARDS, "reward")
 
 
 def check_heatmap_spec(spec: str, kwargs: dict) -> None:
     """Resolve a heatmap model spec and check its kwargs without building it."""
-    if spec in HEATMAPS:
-        _check_call(HEATMAPS[spec], kwargs, spec, "heatmap model")
+    _check_spec(spec, kwargs, HEATMAPS, "heatmap model")
+
+
+def _check_spec(spec: str, kwargs: dict, registry: dict, what: str) -> None:
+    if spec in registry:
+        _check_call(registry[spec], kwargs, spec, what)
         return
     if ":" not in spec:
-        raise SpecError(f"unknown heatmap model {spec!r}: expected one of {', '.join(sorted(HEATMAPS))}, "
+        raise SpecError(f"unknown {what} {spec!r}: expected one of {', '.join(sorted(registry))}, "
                         "'module:callable' or 'path/to/file.py:callable'")
-    _check_call(load_object(spec, "heatmap model"), kwargs, spec, "heatmap model")
+    _check_call(load_object(spec, what), kwargs, spec, what)
 
 
 def build_reward(spec: str, **kwargs) -> Reward:
