@@ -78,7 +78,8 @@ def test_reward_spec_and_gradients(fresh):
         assert r[d].mean() < r[~d].mean()
 
 
-@pytest.mark.parametrize("spec", ["heatmap:fnf.toy.rewards:defect_heatmap", "heatmap:fnf.toy.rewards:defect_gradcam"])
+@pytest.mark.parametrize("spec", ["heatmap:fnf.toy.rewards:defect_heatmap", "heatmap:fnf.toy.rewards:defect_gradcam",
+                                  "gradcam:classifier.features"])  # the last: explain=problem by default
 def test_localizer_specs_find_the_patch(fresh, spec):
     from fnf.localize import build_localizer
     from fnf.rewards import build_reward

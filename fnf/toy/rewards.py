@@ -3,7 +3,7 @@
     --reward fnf.toy.rewards:defect_reward
     --localizer heatmap:fnf.toy.rewards:defect_heatmap      (the heatmap model)
     --localizer heatmap:fnf.toy.rewards:defect_gradcam      (Grad-CAM of the defect classifier's logit)
-    --localizer gradcam:classifier.features                 (Grad-CAM of the reward itself; see DefectReward)
+    --localizer gradcam:classifier.features                 (Grad-CAM of the problem: evidence against the reward)
 """
 from __future__ import annotations
 
@@ -60,12 +60,12 @@ def defect_heatmap(*, root: str = ""):
 def defect_gradcam(*, layer: str = "classifier.features", root: str = ""):
     """Factory for ``heatmap:fnf.toy.rewards:defect_gradcam``: Grad-CAM of the defect *logit* on ``layer``.
 
-    Grad-CAM keeps ReLU(sum_c mean(dS/dA_c) A_c): evidence *for* S. Run on a reward where higher is better
-    (``gradcam`` localizer), it highlights what makes the image good, not the defect; explaining the defect
-    logit instead highlights the problem region."""
+    Grad-CAM keeps ReLU(sum_c mean(dS/dA_c) A_c): evidence *for* S, and S is the defect logit, so this asks for
+    ``explain="reward"``. (The ``gradcam:classifier.features`` localizer on ``defect_reward`` gives the same map:
+    its default, ``explain="problem"``, explains the evidence against the reward -softplus(logit).)"""
     from ..localize import GradCAM
 
-    cam = GradCAM(DefectLogit(root or None), layer)
+    cam = GradCAM(DefectLogit(root or None), layer, explain="reward")
 
     def heat(images, prompts=None):
         return cam(images.float(), list(prompts) if prompts is not None else [""] * images.shape[0])
