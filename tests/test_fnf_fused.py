@@ -145,6 +145,7 @@ def test_batched_sampling_sdxl_conditioning(tmp_path_factory):
     torch.testing.assert_close(z, ref_z, **TOL64)
 
 
+@pytest.mark.slow  # ~17 s under the Triton interpreter on 2 cores
 def test_batched_sampling_through_triton_kernels(sd):
     """One batched step (scale 0 | 1 rows) through the Triton kernels = the two peft passes, in float32 (the
     kernels' dtypes). Tolerance: one UNet call (~20 layers, GEMM inner sizes <= 128) rounds at ~sqrt(128) u32 =
