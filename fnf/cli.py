@@ -204,7 +204,9 @@ def cmd_sample(args) -> int:
     from .models import ADAPTER, adapters_disabled, load_lora_for_sampling
 
     cfg = config_from_args(args)
-    if not os.path.isfile(os.path.join(args.lora, "pytorch_lora_weights.safetensors")):
+    from .models import LORA_WEIGHTS
+
+    if not os.path.isfile(os.path.join(args.lora, LORA_WEIGHTS)):
         raise FileNotFoundError(f"--lora {args.lora!r}: expected a LoRA folder written by `fnf train` "
                                 "(<out>/lora with pytorch_lora_weights.safetensors)")
     preflight.check(cfg, prompts=not args.prompts, specs=False)  # no reward or localizer is used here

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"   # the file save_lora_weights writes into the LoRA folder
 ADAPTER = "default"
 
 
@@ -300,10 +301,12 @@ def save_lora_diffusers(model: DiffusionModel, directory: str) -> None:
     state = get_peft_model_state_dict(model.unet, adapter_name=ADAPTER)
     state = {k: v.detach().float().cpu().contiguous() for k, v in convert_state_dict_to_diffusers(state).items()}
     cfg = model.unet.peft_config[ADAPTER]
+    # rank_pattern / alpha_pattern: diffusers 0.34 reads them from the metadata unconditionally.
     metadata = {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target_modules": sorted(cfg.target_modules),
-                "lora_dropout": cfg.lora_dropout, "init_lora_weights": True}
+                "lora_dropout": cfg.lora_dropout, "init_lora_weights": True,
+                "rank_pattern": dict(cfg.rank_pattern or {}), "alpha_pattern": dict(cfg.alpha_pattern or {})}
     model.pipeline_class.save_lora_weights(directory, unet_lora_layers=state, safe_serialization=True,
-                                           unet_lora_adapter_metadata=metadata)
+                                           weight_name=LORA_WEIGHTS, unet_lora_adapter_metadata=metadata)
 
 
 def load_lora_for_sampling(model: DiffusionModel, directory: str, adapter_name: str = ADAPTER) -> None:
@@ -311,7 +314,8 @@ def load_lora_for_sampling(model: DiffusionModel, directory: str, adapter_name: 
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"LoRA folder does not exist: {directory!r}")
     cls = model.pipeline_class
-    state, alphas, metadata = cls.lora_state_dict(directory, return_lora_metadata=True)
+    # weight_name explicitly: diffusers < 0.40 refuses a folder without it when HF_HUB_OFFLINE is set.
+    state, alphas, metadata = cls.lora_state_dict(directory, weight_name=LORA_WEIGHTS, return_lora_metadata=True)
     cls.load_lora_into_unet(state, network_alphas=alphas, unet=model.unet, adapter_name=adapter_name,
                             metadata=metadata)
     _dropout_off(model.unet)  # a LoRA saved with lora_dropout > 0 must not drop out while sampling

@@ -204,12 +204,14 @@ def one_torch_thread():
 
 # ------------------------------------------------------------------------------------------ float64 parity helpers
 def to_float64(model) -> "object":
-    """Cast a loaded DiffusionModel in place to float64: UNet (LoRA included), VAE, text encoders and the DDIM
-    schedule (``alphas_cumprod``, so that ``scheduler.step`` computes its coefficients in float64 too).
+    """Cast a loaded DiffusionModel in place to float64: UNet (LoRA included), VAE and the DDIM schedule
+    (``alphas_cumprod``, so that ``scheduler.step`` computes its coefficients in float64 too). The text encoders
+    stay float32: their embeddings are constant inputs (cast to the UNet's dtype where used), and transformers
+    4.x CLIP cannot run in float64 (its causal mask overflows).
 
     For parity tests whose tolerance is float64 rounding (unit roundoff 1.1e-16): two orderings of the same math
     then agree to ~1e-12 relative, where float32 orderings on different CPUs differ by ~1e-4."""
-    for module in [model.unet, model.vae, *model.text_encoders]:
+    for module in [model.unet, model.vae]:
         module.double()
     sched = model.scheduler
     sched.alphas_cumprod = sched.alphas_cumprod.double()
@@ -225,12 +227,24 @@ def float64_session(cfg) -> "object":
     from fnf import models
     from fnf.train import Session
 
+    import fnf.train
+
+    load = fnf.train.load_model
+
+    def load_float64(*args, **kwargs):  # text encoders back to float32 (see to_float64)
+        model = load(*args, **kwargs)
+        for encoder in model.text_encoders:
+            encoder.float()
+        return model
+
     before = models.DTYPES["fp32"]
     models.DTYPES["fp32"] = torch.float64
+    fnf.train.load_model = load_float64
     try:
         session = Session(cfg)
     finally:
         models.DTYPES["fp32"] = before
+        fnf.train.load_model = load
     for p in session.params:
         p.data = p.data.double()
     sched = session.model.scheduler

@@ -49,6 +49,7 @@ def setup(tmp_path_factory):
     m.scheduler.alphas_cumprod, m.scheduler.final_alpha_cumprod = acp.clone(), acp[0].clone()
     cond = encode_prompts(m, ["a photo of a cat", "a red car"], height=IMAGE_SIZE, width=IMAGE_SIZE)
     uncond = encode_prompts(m, [""], height=IMAGE_SIZE, width=IMAGE_SIZE).repeat(2)
+    cond.hidden, uncond.hidden = cond.hidden.double(), uncond.hidden.double()  # text encoders stay float32
     x_T = initial_latents(m, 2, IMAGE_SIZE, IMAGE_SIZE, torch.Generator().manual_seed(3), "cpu").double()
     mask = torch.zeros(2, 1, IMAGE_SIZE, IMAGE_SIZE, dtype=F64)
     mask[0, :, :, : IMAGE_SIZE // 2] = 1        # sample 0: left half free to change

@@ -20,7 +20,7 @@ from fnf_tiny_models import (IMAGE_SIZE, cached_model, float64_session, one_torc
 import fnf_kernels  # noqa: E402
 from fnf import cli, config, fused_lora  # noqa: E402
 from fnf.config import ConfigError  # noqa: E402
-from fnf.models import (adapters_disabled, add_lora, encode_prompts, load_model,  # noqa: E402
+from fnf.models import (LORA_WEIGHTS, adapters_disabled, add_lora, encode_prompts, load_model,  # noqa: E402
                         lora_state_dict)
 from fnf.sampling import denoise, denoise_batched, grad_start, initial_latents, sample_images  # noqa: E402
 from fnf.train import train  # noqa: E402
@@ -258,7 +258,7 @@ def test_exported_lora_from_a_fused_run_loads_with_load_lora_weights(sd, tmp_pat
               height=IMAGE_SIZE, width=IMAGE_SIZE)
     with torch.no_grad():
         base = pipe("a red car", **kw).images
-        pipe.load_lora_weights(res.lora_dir)
+        pipe.load_lora_weights(res.lora_dir, weight_name=LORA_WEIGHTS)
         tuned = pipe("a red car", **kw).images
     assert (tuned - base).abs().max() > 1e-3
     torch.testing.assert_close(tuned, ours, atol=1e-4, rtol=0)

@@ -8,7 +8,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fnf_tiny_models import IMAGE_SIZE, cached_model, tiny_config, one_torch_thread  # noqa: E402,F401
-from fnf.models import adapters_disabled, encode_prompts, lora_state_dict  # noqa: E402
+from fnf.models import LORA_WEIGHTS, adapters_disabled, encode_prompts, lora_state_dict  # noqa: E402
 from fnf.sampling import initial_latents, sample_images  # noqa: E402
 from fnf.train import train  # noqa: E402
 
@@ -44,7 +44,7 @@ def test_sdxl_training_loop_end_to_end(tmp_path_factory, tmp_path):
               height=IMAGE_SIZE, width=IMAGE_SIZE)
     with torch.no_grad():
         base = pipe(prompt, **kw).images
-        pipe.load_lora_weights(res.lora_dir)
+        pipe.load_lora_weights(res.lora_dir, weight_name=LORA_WEIGHTS)
         tuned = pipe(prompt, **kw).images
     assert (tuned - base).abs().max() > 1e-3                   # the exported LoRA does something
     torch.testing.assert_close(base, ours_base, rtol=0, atol=1e-4)

@@ -12,7 +12,7 @@ from fnf_tiny_models import (IMAGE_SIZE, cached_model, float64_session, one_torc
                              randomize_lora_B, tiny_config)
 from fnf import cli  # noqa: E402
 from fnf.images import save_png  # noqa: E402
-from fnf.models import adapters_disabled, encode_prompts, lora_state_dict  # noqa: E402
+from fnf.models import LORA_WEIGHTS, adapters_disabled, encode_prompts, lora_state_dict  # noqa: E402
 from fnf.sampling import initial_latents, sample_images  # noqa: E402
 from fnf.train import train  # noqa: E402
 
@@ -100,7 +100,7 @@ def test_exported_lora_loads_with_load_lora_weights_and_reproduces_images(sd, tm
               height=IMAGE_SIZE, width=IMAGE_SIZE)
     with torch.no_grad():
         base = pipe(prompt, **kw).images
-        pipe.load_lora_weights(res.lora_dir)
+        pipe.load_lora_weights(res.lora_dir, weight_name=LORA_WEIGHTS)
         tuned = pipe(prompt, **kw).images
     assert (tuned - base).abs().max() > 1e-3            # the LoRA does something
     assert torch.allclose(tuned, ours, atol=1e-4), (tuned - ours).abs().max()
