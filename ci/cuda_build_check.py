@@ -27,6 +27,28 @@ def ok(message: str) -> None:
     print(f"ok   {message}", flush=True)
 
 
+def find_cuobjdump() -> str:
+    """cuobjdump from PATH, the toolkit setup.py would pick, or the copy triton ships (a toolkit may lack it)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc"))
+    from cuda_toolkit import find
+
+    import torch
+
+    places = [shutil.which("cuobjdump")]
+    toolkit = find(torch.version.cuda).path
+    if toolkit:
+        places.append(os.path.join(toolkit, "bin", "cuobjdump"))
+    try:
+        import triton
+        places.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+    except ImportError:
+        pass
+    for place in places:
+        if place and os.path.isfile(place) and os.access(place, os.X_OK):
+            return place
+    fail(f"no cuobjdump found (looked in {places})")
+
+
 def main(wheel: str, archs: str) -> None:
     import torch
 
@@ -58,8 +80,7 @@ def main(wheel: str, archs: str) -> None:
             fail(f"{wheel} holds no fnf_kernels/_C*.so")
         with tempfile.TemporaryDirectory() as tmp:
             so = z.extract(libs[0], tmp)
-            cuobjdump = shutil.which("cuobjdump") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"),
-                                                                   "bin", "cuobjdump")
+            cuobjdump = find_cuobjdump()
             listing = subprocess.run([cuobjdump, "--list-elf", so], capture_output=True, text=True)
     found = sorted(set(re.findall(r"sm_(\d+)", listing.stdout)))
     wanted = sorted({a.replace(".", "").replace("+PTX", "") for a in re.split(r"[;\s]+", archs) if a})
