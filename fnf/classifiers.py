@@ -125,11 +125,16 @@ def resnet(arch: str = "resnet50", num_classes: int = 2, checkpoint: str = "", w
         raise SpecError("resnet: needs checkpoint = the path of a local state dict (.safetensors or .pt)")
     net = ResNet(arch, int(num_classes), int(width))
     if checkpoint:
-        missing, unexpected = net.load_state_dict(read_state_dict(checkpoint), strict=False)
-        missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-        if missing or unexpected:
-            raise SpecError(f"classifier checkpoint {checkpoint!r} does not fit {arch} with {num_classes} classes: "
-                            f"missing {missing[:4]}, unexpected {unexpected[:4]}")
+        state, own = read_state_dict(checkpoint), net.state_dict()
+        missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+        unexpected = [k for k in state if k not in own]
+        shapes = [f"{k} {tuple(state[k].shape)} (expected {tuple(own[k].shape)})" for k in own
+                  if k in state and state[k].shape != own[k].shape]
+        if missing or unexpected or shapes:
+            raise SpecError(f"classifier checkpoint {checkpoint!r} does not fit {arch} with {num_classes} classes "
+                            f"(width {width}): missing {missing[:3]}, unexpected {unexpected[:3]}, other shapes "
+                            f"{shapes[:3]}")
+        net.load_state_dict(state, strict=False)
     return net.eval()
 
 
