@@ -260,3 +260,31 @@ def randomize_lora_B(unet, seed: int, std: float = 0.05) -> None:
         for name, p in unet.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype) * std)
+
+
+def ours_and_pipeline_images(model, folder: str, lora_dir: str, prompt: str = "a red car", seed: int = 7,
+                             zero_uncond: bool = False) -> dict:
+    """The same prompt and x_T through fnf's sampler (LoRA on and off) and through the diffusers pipeline of
+    ``folder`` before and after ``pipe.load_lora_weights(lora_dir)``: {"ours", "ours_base", "base", "tuned"}.
+    T = 4 DDIM steps, guidance 3.0, images in [0, 1]."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from fnf.models import LORA_WEIGHTS, adapters_disabled, encode_prompts
+    from fnf.sampling import initial_latents, sample_images
+
+    cond = encode_prompts(model, [prompt], height=IMAGE_SIZE, width=IMAGE_SIZE)
+    uncond = encode_prompts(model, [""], height=IMAGE_SIZE, width=IMAGE_SIZE, zero=zero_uncond)
+    x_T = initial_latents(model, 1, IMAGE_SIZE, IMAGE_SIZE, torch.Generator().manual_seed(seed), "cpu")
+    out = {"ours": sample_images(model, x_T, cond, uncond, steps=4, guidance_scale=3.0)}
+    with adapters_disabled(model.unet):
+        out["ours_base"] = sample_images(model, x_T, cond, uncond, steps=4, guidance_scale=3.0)
+    cls = StableDiffusionXLPipeline if model.kind == "sdxl" else StableDiffusionPipeline
+    pipe = cls.from_pretrained(folder, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(latents=x_T.clone(), num_inference_steps=4, guidance_scale=3.0, output_type="pt",
+              height=IMAGE_SIZE, width=IMAGE_SIZE)
+    with torch.no_grad():
+        out["base"] = pipe(prompt, **kw).images
+        pipe.load_lora_weights(lora_dir, weight_name=LORA_WEIGHTS)
+        out["tuned"] = pipe(prompt, **kw).images
+    return out

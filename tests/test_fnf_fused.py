@@ -16,13 +16,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fnf_tiny_models import (IMAGE_SIZE, cached_model, float64_session, one_torch_thread,  # noqa: E402,F401
+                             ours_and_pipeline_images,
                              randomize_lora_B, tiny_config, to_float64)
 import fnf_kernels  # noqa: E402
 from fnf import cli, config, fused_lora  # noqa: E402
 from fnf.config import ConfigError  # noqa: E402
-from fnf.models import (LORA_WEIGHTS, adapters_disabled, add_lora, encode_prompts, load_model,  # noqa: E402
+from fnf.models import (adapters_disabled, add_lora, encode_prompts, load_model,  # noqa: E402
                         lora_state_dict)
-from fnf.sampling import denoise, denoise_batched, grad_start, initial_latents, sample_images  # noqa: E402
+from fnf.sampling import denoise, denoise_batched, grad_start, initial_latents  # noqa: E402
 from fnf.train import train  # noqa: E402
 
 TOL64 = dict(atol=1e-9, rtol=1e-9)   # float64 latents / images of magnitude O(1)
@@ -242,26 +243,14 @@ def test_exported_lora_from_a_fused_run_loads_with_load_lora_weights(sd, tmp_pat
     """The exported LoRA reproduces fnf's images in diffusers' pipeline. Both sample the same float32 weights with
     the same ops (CFG formula, scheduler.step, decode) and differ only in batching/dispatch, so they agree to
     ~1e-6 on [0, 1] images; atol 1e-4 is 100x that and 10x below the LoRA's effect (> 1e-3, asserted)."""
-    from diffusers import StableDiffusionPipeline
 
     res = train(_cfg(sd, str(tmp_path / "run"), "on", train={"steps": 2, "lr": 5e-2}))
     m = res.model
     # the returned model is a plain peft UNet again
     assert {type(p.processor).__name__ for p in m.unet.modules() if hasattr(p, "to_q")} == {"AttnProcessor2_0"}
-    cond = encode_prompts(m, ["a red car"], height=IMAGE_SIZE, width=IMAGE_SIZE)
-    uncond = encode_prompts(m, [""], height=IMAGE_SIZE, width=IMAGE_SIZE)
-    x_T = initial_latents(m, 1, IMAGE_SIZE, IMAGE_SIZE, torch.Generator().manual_seed(7), "cpu")
-    ours = sample_images(m, x_T, cond, uncond, steps=4, guidance_scale=3.0)
-    pipe = StableDiffusionPipeline.from_pretrained(sd, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    kw = dict(latents=x_T.clone(), num_inference_steps=4, guidance_scale=3.0, output_type="pt",
-              height=IMAGE_SIZE, width=IMAGE_SIZE)
-    with torch.no_grad():
-        base = pipe("a red car", **kw).images
-        pipe.load_lora_weights(res.lora_dir, weight_name=LORA_WEIGHTS)
-        tuned = pipe("a red car", **kw).images
-    assert (tuned - base).abs().max() > 1e-3
-    torch.testing.assert_close(tuned, ours, atol=1e-4, rtol=0)
+    im = ours_and_pipeline_images(m, sd, res.lora_dir)
+    assert (im["tuned"] - im["base"]).abs().max() > 1e-3
+    torch.testing.assert_close(im["tuned"], im["ours"], atol=1e-4, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------ config, CLI, modes

@@ -7,14 +7,12 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fnf_tiny_models import IMAGE_SIZE, cached_model, tiny_config, one_torch_thread  # noqa: E402,F401
-from fnf.models import LORA_WEIGHTS, adapters_disabled, encode_prompts, lora_state_dict  # noqa: E402
-from fnf.sampling import initial_latents, sample_images  # noqa: E402
+from fnf_tiny_models import cached_model, one_torch_thread, ours_and_pipeline_images, tiny_config  # noqa: E402,F401
+from fnf.models import lora_state_dict  # noqa: E402
 from fnf.train import train  # noqa: E402
 
 
 def test_sdxl_training_loop_end_to_end(tmp_path_factory, tmp_path):
-    from diffusers import StableDiffusionXLPipeline
 
     sdxl = cached_model("sdxl", str(tmp_path_factory.getbasetemp()))
     out = tmp_path / "run"
@@ -31,21 +29,7 @@ def test_sdxl_training_loop_end_to_end(tmp_path_factory, tmp_path):
     assert all(torch.isfinite(p).all() for p in lora.values())
     assert max(p.abs().max().item() for n, p in lora.items() if "lora_B" in n) > 1e-4  # B starts at zero
 
-    prompt = "a red car"
-    cond = encode_prompts(m, [prompt], height=IMAGE_SIZE, width=IMAGE_SIZE)
-    uncond = encode_prompts(m, [""], height=IMAGE_SIZE, width=IMAGE_SIZE, zero=True)
-    x_T = initial_latents(m, 1, IMAGE_SIZE, IMAGE_SIZE, torch.Generator().manual_seed(7), "cpu")
-    ours = sample_images(m, x_T, cond, uncond, steps=4, guidance_scale=3.0)
-    with adapters_disabled(m.unet):
-        ours_base = sample_images(m, x_T, cond, uncond, steps=4, guidance_scale=3.0)
-    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    kw = dict(latents=x_T.clone(), num_inference_steps=4, guidance_scale=3.0, output_type="pt",
-              height=IMAGE_SIZE, width=IMAGE_SIZE)
-    with torch.no_grad():
-        base = pipe(prompt, **kw).images
-        pipe.load_lora_weights(res.lora_dir, weight_name=LORA_WEIGHTS)
-        tuned = pipe(prompt, **kw).images
-    assert (tuned - base).abs().max() > 1e-3                   # the exported LoRA does something
-    torch.testing.assert_close(base, ours_base, rtol=0, atol=1e-4)
-    torch.testing.assert_close(tuned, ours, rtol=0, atol=1e-4)
+    im = ours_and_pipeline_images(m, sdxl, res.lora_dir, zero_uncond=True)
+    assert (im["tuned"] - im["base"]).abs().max() > 1e-3       # the exported LoRA does something
+    torch.testing.assert_close(im["base"], im["ours_base"], rtol=0, atol=1e-4)
+    torch.testing.assert_close(im["tuned"], im["ours"], rtol=0, atol=1e-4)

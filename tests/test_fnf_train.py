@@ -9,10 +9,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fnf_tiny_models import (IMAGE_SIZE, cached_model, float64_session, one_torch_thread,  # noqa: E402,F401
+                             ours_and_pipeline_images,
                              randomize_lora_B, tiny_config)
 from fnf import cli  # noqa: E402
 from fnf.images import save_png  # noqa: E402
-from fnf.models import LORA_WEIGHTS, adapters_disabled, encode_prompts, lora_state_dict  # noqa: E402
+from fnf.models import adapters_disabled, encode_prompts, lora_state_dict  # noqa: E402
 from fnf.sampling import initial_latents, sample_images  # noqa: E402
 from fnf.train import train  # noqa: E402
 
@@ -84,26 +85,13 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(sd, tmp_path):
 def test_exported_lora_loads_with_load_lora_weights_and_reproduces_images(sd, tmp_path):
     """fnf's sampler and diffusers' pipeline run the same float32 weights through the same ops (CFG formula,
     scheduler.step, decode): ~1e-6 apart on [0, 1] images, so atol 1e-4, 10x below the LoRA's effect (> 1e-3)."""
-    from diffusers import StableDiffusionPipeline
 
     res = train(tiny_config(sd, str(tmp_path / "run"), train={"steps": 2, "lr": 5e-2}))
     assert os.path.isfile(os.path.join(res.lora_dir, "pytorch_lora_weights.safetensors"))
-    prompt = "a red car"
-    m = res.model
-    cond = encode_prompts(m, [prompt], height=IMAGE_SIZE, width=IMAGE_SIZE)
-    uncond = encode_prompts(m, [""], height=IMAGE_SIZE, width=IMAGE_SIZE)
-    x_T = initial_latents(m, 1, IMAGE_SIZE, IMAGE_SIZE, torch.Generator().manual_seed(7), "cpu")
-    ours = sample_images(m, x_T, cond, uncond, steps=4, guidance_scale=3.0)
-    pipe = StableDiffusionPipeline.from_pretrained(sd, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    kw = dict(latents=x_T.clone(), num_inference_steps=4, guidance_scale=3.0, output_type="pt",
-              height=IMAGE_SIZE, width=IMAGE_SIZE)
-    with torch.no_grad():
-        base = pipe(prompt, **kw).images
-        pipe.load_lora_weights(res.lora_dir, weight_name=LORA_WEIGHTS)
-        tuned = pipe(prompt, **kw).images
-    assert (tuned - base).abs().max() > 1e-3            # the LoRA does something
-    assert torch.allclose(tuned, ours, atol=1e-4), (tuned - ours).abs().max()
+    im = ours_and_pipeline_images(res.model, sd, res.lora_dir)
+    assert (im["tuned"] - im["base"]).abs().max() > 1e-3            # the LoRA does something
+    torch.testing.assert_close(im["base"], im["ours_base"], rtol=0, atol=1e-4)
+    torch.testing.assert_close(im["tuned"], im["ours"], rtol=0, atol=1e-4)
 
 
 def test_nan_step_is_skipped_and_logged(sd, tmp_path):
