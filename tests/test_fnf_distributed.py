@@ -18,12 +18,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, model: str, out: str, tests_dir: str) -> None:
+def _worker_env(rank: int, world: int, port: int, tests_dir: str) -> None:
+    """What torchrun would set for this rank (accelerate reads it), one thread, the test helpers importable."""
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                        "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world),
                        "HF_HUB_OFFLINE": "1"})
     torch.set_num_threads(1)
     sys.path.insert(0, tests_dir)
+
+
+def _worker(rank: int, world: int, port: int, model: str, out: str, tests_dir: str) -> None:
+    _worker_env(rank, world, port, tests_dir)
     from fnf.models import lora_state_dict
     from fnf.train import train
 
@@ -57,11 +62,7 @@ def test_two_process_cpu_run_keeps_lora_identical(tmp_path_factory, tmp_path):
 
 def _grad_worker(rank: int, world: int, port: int, model: str, out: str, tests_dir: str) -> None:
     """One first step on this rank's micro-batch (batch 1, float64): local gradient, synced gradient, grad_norm."""
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world),
-                       "HF_HUB_OFFLINE": "1"})
-    torch.set_num_threads(1)
-    sys.path.insert(0, tests_dir)
+    _worker_env(rank, world, port, tests_dir)
     import torch.distributed as dist
     from fnf_tiny_models import float64_session, randomize_lora_B
 
