@@ -83,7 +83,7 @@ def _add_common(p: argparse.ArgumentParser, *, training: bool) -> None:
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog="fnf", description=DESCRIPTION, epilog=SPEC_HELP, formatter_class=fmt)
-    sub = parser.add_subparsers(dest="command", metavar="{train,localize,sample,demo}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,localize,sample,eval,estimate-memory,demo}")
     p = sub.add_parser("train", help="train a LoRA", description=DESCRIPTION, epilog=SPEC_HELP + """
 examples:
   fnf train --config configs/sd15_artifacts.yaml --model /models/sd-v1-5 --out runs/fix
@@ -105,6 +105,15 @@ examples:
     p.add_argument("--lora", required=True, metavar="DIR", help="LoRA folder written by `fnf train` (<out>/lora)")
     p.add_argument("--prompts", nargs="+", metavar="PROMPT", help="prompts (default: the config's train.prompts)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="S", help="noise seeds (default 0)")
+    from . import evaluate
+    from .memory import cli as memory_cli
+
+    p = sub.add_parser("eval", help="base vs LoRAs on prompts x seeds: reward with intervals, change inside/outside "
+                                    "the base mask, grids", formatter_class=fmt)
+    evaluate.add_arguments(p)
+    p = sub.add_parser("estimate-memory", help="predict a training step's peak GPU memory (no GPU, no weights)",
+                       formatter_class=fmt)
+    memory_cli.add_arguments(p)
     p = sub.add_parser("demo", help="DRaFT vs Focus-N-Fix on the embedded toy model, with a held-out report",
                        description="Fine-tune the embedded toy model (fnf/assets/toy/sd) with DRaFT (beta=0) and "
                                    "Focus-N-Fix (heatmap and Grad-CAM localization), then evaluate on held-out "
@@ -233,6 +242,18 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from . import evaluate
+
+    return evaluate.run(args)
+
+
+def cmd_estimate_memory(args) -> int:
+    from .memory import cli as memory_cli
+
+    return memory_cli.run(args)
+
+
 # What user input can raise (config keys, specs, files, folders, model loading): one line, exit 2.
 USER_ERRORS = (ValueError, TypeError, RuntimeError, OSError, ImportError)
 
@@ -245,7 +266,7 @@ def main(argv=None) -> int:
         return 2
     try:
         return {"train": cmd_train, "localize": cmd_localize, "sample": cmd_sample,
-                "demo": cmd_demo}[args.command](args)
+                "demo": cmd_demo, "eval": cmd_eval, "estimate-memory": cmd_estimate_memory}[args.command](args)
     except USER_ERRORS as e:
         if os.environ.get("FNF_DEBUG") == "1":
             raise

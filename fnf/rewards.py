@@ -337,3 +337,5 @@ def box_heatmap(box=(0.25, 0.75, 0.25, 0.75)):
         out[:, int(box[0] * h):int(box[1] * h), int(box[2] * w):int(box[3] * w)] = 1
         return out
     return heat
+
+from . import reward_models  # noqa: E402,F401  (registers the built-in public reward models)

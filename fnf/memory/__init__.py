@@ -1,0 +1,1 @@
+"""Peak GPU memory estimation by tracing the trainer under fake tensors (being written)."""
