@@ -7,6 +7,7 @@ ever flows from the mask into training.
 from __future__ import annotations
 
 import glob as globlib
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -25,15 +26,26 @@ class LocalizerError(ValueError):
 # ------------------------------------------------------------------------------------------ heatmaps
 class GradCAM:
     """Grad-CAM of a scalar reward: ReLU(sum_c mean_hw(dr/dA_c) * A_c) on a named layer, upsampled
-    bilinearly to the image size. ``layer`` is a dotted submodule name of the reward module; by default
-    the last Conv2d.
+    bilinearly to the image size. ``layer`` is a dotted submodule name of the reward module; by default the
+    reward's ``gradcam_layer`` attribute when it has one, else the last Conv2d.
+
+    The layer may output feature maps (B, C, h, w) or tokens (B, L, C) (also (L, B, C), or a tuple / model
+    output whose first item is that): tokens drop the first ``prefix_tokens`` (CLS etc.; default the reward's
+    ``gradcam_prefix_tokens``, else 1) and the N patch tokens are laid on the patch grid (``grid=(h, w)``, or
+    a sqrt(N) square). For a ViT whose score reads the CLS token, hook a block *before* the last one: the
+    last block's patch outputs never reach the CLS token.
+
+    The CAM covers the window of the image the model sees. A reward that crops (e.g. resize the short side
+    and center crop) says where through ``gradcam_crop(height, width) -> (top, left, crop_h, crop_w)`` in
+    image pixels (see :func:`center_crop_window`); the CAM is pasted there and is 0 outside. Without it the
+    CAM is stretched over the whole image (right for square images).
 
     ``explain="problem"`` (default) maps the evidence against the quantity training maximises, ``w * r``:
     Grad-CAM of ``-sign(w) * r``. With r = -logit(unsafe) and w = 1 that is the unsafe region; with an
     artifact score and w = -1 it is the artifact. ``explain="reward"`` maps the evidence for r itself."""
 
     def __init__(self, reward: torch.nn.Module, layer: str | None = None, explain: str = "problem",
-                 reward_weight: float = 1.0):
+                 reward_weight: float = 1.0, prefix_tokens: int | None = None, grid=None):
         if explain not in ("reward", "problem"):
             raise LocalizerError(f"gradcam: explain must be 'reward' or 'problem', got {explain!r}")
         self.sign = 1.0 if explain == "reward" else (1.0 if reward_weight < 0 else -1.0)
@@ -42,6 +54,8 @@ class GradCAM:
                                  "'saliency' or 'heatmap:SPEC' for plain callables")
         names = dict(reward.named_modules())
         if not layer:
+            layer = getattr(reward, "gradcam_layer", None)
+        if not layer:
             convs = [n for n, m in reward.named_modules() if isinstance(m, torch.nn.Conv2d)]
             if not convs:
                 raise LocalizerError("gradcam: the reward has no Conv2d layer; name one with 'gradcam:<layer>'")
@@ -49,13 +63,17 @@ class GradCAM:
         if layer not in names:
             some = [n for n in names if n][:12]
             raise LocalizerError(f"gradcam: reward has no layer {layer!r}; layers include {some}")
+        if prefix_tokens is None:
+            prefix_tokens = getattr(reward, "gradcam_prefix_tokens", 1)
+        _check_gradcam_options({"prefix_tokens": prefix_tokens, "grid": grid})
         self.reward, self.layer, self.module = reward, layer, names[layer]
+        self.prefix_tokens, self.grid = int(prefix_tokens), (None if grid is None else tuple(int(g) for g in grid))
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         captured = {}
 
         def hook(_module, _inputs, output):
-            captured["a"] = output[0] if isinstance(output, (tuple, list)) else output
+            captured["a"] = _first_tensor(output)
 
         handle = self.module.register_forward_hook(hook)
         try:
@@ -63,17 +81,97 @@ class GradCAM:
                 x = images.detach().float().requires_grad_(True)
                 score = self.sign * torch.as_tensor(self.reward(x, prompts)).reshape(images.shape[0], -1)[:, 0]
                 act = captured.get("a")
-                if act is None or act.dim() != 4:
-                    raise LocalizerError(f"gradcam: layer {self.layer!r} must output (B, C, h, w) activations")
+                if act is None or act.dim() not in (3, 4):
+                    raise LocalizerError(f"gradcam: layer {self.layer!r} must output (B, C, h, w) feature maps "
+                                         f"or (B, L, C) tokens, got "
+                                         f"{None if act is None else tuple(act.shape)}")
                 (grad,) = torch.autograd.grad(score.sum(), act, allow_unused=True)
         finally:
             handle.remove()
         if grad is None:
             grad = torch.zeros_like(act)
+        if act.dim() == 3:
+            act, grad = self._token_maps(act.detach(), grad, images.shape[0])
         weights = grad.mean(dim=(2, 3), keepdim=True)
         cam = torch.relu((weights * act).sum(dim=1, keepdim=True)).detach()
-        cam = F.interpolate(cam.float(), size=images.shape[-2:], mode="bilinear", align_corners=False)
-        return cam[:, 0]
+        crop = getattr(self.reward, "gradcam_crop", None)
+        if crop is None:
+            cam = F.interpolate(cam.float(), size=images.shape[-2:], mode="bilinear", align_corners=False)
+            return cam[:, 0]
+        return _paste_in_window(cam.float(), crop(*images.shape[-2:]), images.shape[-2:])
+
+    def _token_maps(self, act: torch.Tensor, grad: torch.Tensor, batch: int):
+        """(B, L, C) (or (L, B, C)) tokens and their gradient -> (B, C, gh, gw) patch maps."""
+        if act.shape[0] != batch and act.shape[1] == batch:
+            act, grad = act.transpose(0, 1), grad.transpose(0, 1)
+        n = act.shape[1] - self.prefix_tokens
+        gh, gw = self.grid if self.grid is not None else (math.isqrt(max(n, 0)),) * 2
+        if n <= 0 or gh * gw != n:
+            raise LocalizerError(
+                f"gradcam: layer {self.layer!r} gives {act.shape[1]} tokens; after prefix_tokens="
+                f"{self.prefix_tokens} the {n} patch tokens do not fill "
+                + (f"grid={list(self.grid)}" if self.grid else "a square grid; pass localize.kwargs grid: [h, w]"))
+
+        def to_map(t):
+            return t[:, self.prefix_tokens:].transpose(1, 2).reshape(t.shape[0], t.shape[2], gh, gw)
+        return to_map(act), to_map(grad)
+
+
+def _first_tensor(output):
+    """A layer's output, or the first item of a tuple / list / transformers model output."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        return output[0] if output else None
+    try:
+        first = output[0]
+    except (TypeError, KeyError, IndexError):
+        return None
+    return first if isinstance(first, torch.Tensor) else None
+
+
+def center_crop_window(size: int, crop: int | None = None):
+    """``gradcam_crop`` of a reward that resizes the short side to ``size`` and center crops ``crop`` (default
+    ``size``) as :func:`fnf.reward_models.preprocess.clip_preprocess` does: (height, width) -> the window
+    (top, left, crop_h, crop_w) of the image, in image pixels."""
+    crop = size if crop is None else crop
+
+    def window(height: int, width: int):
+        if height <= width:
+            new_h, new_w = size, int(size * width / height)
+        else:
+            new_h, new_w = int(size * height / width), size
+        sy, sx = height / new_h, width / new_w
+        return ((new_h - crop) // 2 * sy, (new_w - crop) // 2 * sx, crop * sy, crop * sx)
+    return window
+
+
+def _paste_in_window(cam: torch.Tensor, window, size) -> torch.Tensor:
+    """(B, 1, gh, gw) CAM -> (B, H, W): resized onto the window (top, left, h, w) of the image, 0 elsewhere."""
+    height, width = size
+    try:
+        top, left, crop_h, crop_w = (float(v) for v in window)
+    except (TypeError, ValueError):
+        raise LocalizerError(f"gradcam: the reward's gradcam_crop must return (top, left, height, width), "
+                             f"got {window!r}") from None
+    t, l = max(0, round(top)), max(0, round(left))
+    b, r = min(height, round(top + crop_h)), min(width, round(left + crop_w))
+    out = cam.new_zeros(cam.shape[0], height, width)
+    if b <= t or r <= l:
+        raise LocalizerError(f"gradcam: the reward's gradcam_crop window {window!r} lies outside the "
+                             f"{height}x{width} image")
+    out[:, t:b, l:r] = F.interpolate(cam, size=(b - t, r - l), mode="bilinear", align_corners=False)[:, 0]
+    return out
+
+
+def _check_gradcam_options(kwargs: dict) -> None:
+    prefix = kwargs.get("prefix_tokens")
+    if prefix is not None and (isinstance(prefix, bool) or not isinstance(prefix, int) or prefix < 0):
+        raise LocalizerError(f"gradcam: prefix_tokens must be an integer >= 0, got {prefix!r}")
+    grid = kwargs.get("grid")
+    if grid is not None and (not isinstance(grid, (list, tuple)) or len(grid) != 2
+                             or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid)):
+        raise LocalizerError(f"gradcam: grid must be two positive integers [h, w], got {grid!r}")
 
 
 class InputSaliency:
@@ -216,22 +314,24 @@ class Localizer:
         return heat, mask
 
 
-GRADCAM_KWARGS = ("explain",)
+GRADCAM_KWARGS = ("explain", "prefix_tokens", "grid")
+KINDS = "gradcam[:layer], saliency, heatmap:SPEC, boxes:PATH.onnx, file:GLOB or none"
 
 
 def build_localizer(spec: str, reward=None, *, kwargs: dict | None = None, normalize="minmax", threshold=0.5,
                     threshold_mode="relative", radius=-1, shape="square", reward_weight: float = 1.0) -> Localizer:
-    """``gradcam[:layer]``, ``saliency``, ``heatmap:SPEC``, ``file:GLOB`` or ``none``.
+    """``gradcam[:layer]``, ``saliency``, ``heatmap:SPEC`` (e.g. ``heatmap:torchscript:PATH``),
+    ``boxes:PATH.onnx``, ``file:GLOB`` or ``none``; ``kwargs`` are the kind's options (gradcam: explain,
+    prefix_tokens, grid; heatmap / boxes: the model's, see :mod:`fnf.reward_models.heatmaps`).
 
     ``reward_weight`` is w of the loss ``-w * r + ...``: Grad-CAM explains the evidence against ``w * r``
     (see :class:`GradCAM`)."""
     kind, _, arg = spec.partition(":")
+    kwargs = dict(kwargs or {})
     if kind == "gradcam":
-        extra = sorted(set(kwargs or {}) - set(GRADCAM_KWARGS))
-        if extra:
-            raise LocalizerError(f"localize.kwargs {extra} are not gradcam options (it takes {list(GRADCAM_KWARGS)})")
-        source = GradCAM(reward, arg or None, explain=(kwargs or {}).get("explain", "problem"),
-                         reward_weight=reward_weight)
+        _check_gradcam_kwargs(kwargs)
+        source = GradCAM(reward, arg or None, explain=kwargs.get("explain", "problem"), reward_weight=reward_weight,
+                         prefix_tokens=kwargs.get("prefix_tokens"), grid=kwargs.get("grid"))
     elif kind == "saliency":
         if reward is None:
             raise LocalizerError("saliency needs a reward")
@@ -239,7 +339,10 @@ def build_localizer(spec: str, reward=None, *, kwargs: dict | None = None, norma
     elif kind == "heatmap":
         if not arg:
             raise LocalizerError("heatmap:SPEC needs a heatmap model spec after the colon")
-        source = HeatmapModel(build_heatmap_model(arg, **(kwargs or {})))
+        source = HeatmapModel(build_heatmap_model(arg, **kwargs))
+    elif kind == "boxes":
+        from .reward_models.heatmaps import BoxDetectorHeatmap
+        source = HeatmapModel(BoxDetectorHeatmap(arg, **kwargs))
     elif kind == "file":
         if not arg:
             raise LocalizerError("file:GLOB needs a glob after the colon")
@@ -247,9 +350,17 @@ def build_localizer(spec: str, reward=None, *, kwargs: dict | None = None, norma
     elif kind == "none":
         source = NoMask()
     else:
-        raise LocalizerError(f"unknown localizer {spec!r}: expected gradcam[:layer], saliency, heatmap:SPEC, "
-                             "file:GLOB or none")
+        raise LocalizerError(f"unknown localizer {spec!r}: expected {KINDS}")
     return Localizer(source, normalize, threshold, threshold_mode, radius, shape)
+
+
+def _check_gradcam_kwargs(kwargs: dict) -> None:
+    extra = sorted(set(kwargs) - set(GRADCAM_KWARGS))
+    if extra:
+        raise LocalizerError(f"localize.kwargs {extra} are not gradcam options (it takes {list(GRADCAM_KWARGS)})")
+    if kwargs.get("explain", "problem") not in ("reward", "problem"):
+        raise LocalizerError(f"gradcam: explain must be 'reward' or 'problem', got {kwargs['explain']!r}")
+    _check_gradcam_options(kwargs)
 
 
 # ------------------------------------------------------------------------------------------ overlays
@@ -270,23 +381,22 @@ def heatmap_rgb(heat: torch.Tensor) -> torch.Tensor:
 
 def check_localizer_spec(spec: str, kwargs: dict | None = None) -> None:
     """Check a localizer spec without building it (cheap; for preflight): the kind, gradcam options, the
-    heatmap model spec and kwargs, that a file glob matches files."""
+    heatmap model spec and kwargs (a TorchScript file is a TorchScript archive), that a box detector's file
+    exists and onnxruntime is installed, that a file glob matches files."""
     kind, _, arg = spec.partition(":")
     kwargs = kwargs or {}
     if kind == "gradcam":
-        extra = sorted(set(kwargs) - set(GRADCAM_KWARGS))
-        if extra:
-            raise LocalizerError(f"localize.kwargs {extra} are not gradcam options (it takes {list(GRADCAM_KWARGS)})")
-        if kwargs.get("explain", "problem") not in ("reward", "problem"):
-            raise LocalizerError(f"gradcam: explain must be 'reward' or 'problem', got {kwargs['explain']!r}")
+        _check_gradcam_kwargs(kwargs)
     elif kind == "heatmap":
         check_heatmap_spec(arg, kwargs)
+    elif kind == "boxes":
+        from .reward_models.heatmaps import check_boxes
+        check_boxes(arg, **kwargs)
     elif kind == "file":
         if not globlib.glob(arg):
             raise LocalizerError(f"localize.spec file:{arg}: no files match")
     elif kind not in ("saliency", "none"):
-        raise LocalizerError(f"unknown localizer {spec!r}: expected gradcam[:layer], saliency, heatmap:SPEC, "
-                             "file:GLOB or none")
+        raise LocalizerError(f"unknown localizer {spec!r}: expected {KINDS}")
 
 
 def localizer_from_config(cfg, reward) -> Localizer:

@@ -52,6 +52,18 @@ def register_heatmap(name: str):
     return wrap
 
 
+HEATMAP_LOADERS: dict[str, tuple[Callable, Callable]] = {}
+
+
+def register_heatmap_loader(prefix: str, check: Callable):
+    """Decorator: ``@register_heatmap_loader("torchscript", check=fn)`` on ``loader(path, **kwargs)``; the heatmap
+    spec ``PREFIX:PATH`` builds ``loader(PATH, **kwargs)`` and preflight runs ``check(PATH, **kwargs)``."""
+    def wrap(loader):
+        HEATMAP_LOADERS[prefix] = (loader, check)
+        return loader
+    return wrap
+
+
 # ------------------------------------------------------------------------------------------ loading
 def load_object(spec: str, what: str = "reward"):
     """Resolve ``module:attr`` or ``file.py:attr`` to the object, with errors that say what went wrong."""
@@ -152,6 +164,10 @@ def check_reward_spec(spec: str, kwargs: dict) -> None:
 
 def check_heatmap_spec(spec: str, kwargs: dict) -> None:
     """Resolve a heatmap model spec and check its kwargs without building it."""
+    prefix, _, path = spec.partition(":")
+    if prefix in HEATMAP_LOADERS:
+        HEATMAP_LOADERS[prefix][1](path, **kwargs)
+        return
     _check_spec(spec, kwargs, HEATMAPS, "heatmap model")
 
 
@@ -179,7 +195,11 @@ def build_reward(spec: str, **kwargs) -> Reward:
 
 
 def build_heatmap_model(spec: str, **kwargs) -> Callable:
-    """Registry name or spec -> callable images (B,3,H,W) -> heatmap (B,H,W)."""
+    """Registry name, ``PREFIX:PATH`` of a registered loader (``torchscript:model.pt``) or spec -> callable
+    images (B,3,H,W) -> heatmap (B,H,W)."""
+    prefix, _, path = spec.partition(":")
+    if prefix in HEATMAP_LOADERS:
+        return HEATMAP_LOADERS[prefix][0](path, **kwargs)
     if spec in HEATMAPS:
         return HEATMAPS[spec](**kwargs)
     if ":" not in spec:
