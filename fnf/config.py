@@ -57,7 +57,7 @@ class RewardConfig:
 
 @dataclass
 class LocalizeConfig:
-    spec: str = "gradcam"          # gradcam[:layer] | saliency | heatmap:SPEC | file:GLOB | none
+    spec: str = "gradcam"          # gradcam[:layer] | saliency | heatmap:SPEC | boxes:PATH.onnx | file:GLOB | none
     kwargs: dict = field(default_factory=dict)   # heatmap:SPEC factory kwargs; gradcam: {explain: reward|problem}
     normalize: str = "minmax"      # per-image heatmap normalisation: minmax | max | none
     threshold: float = 0.5         # ours: half of the normalised heatmap's range
@@ -415,11 +415,12 @@ def validate(cfg: Config) -> Config:
     _require(bool(cfg.localize.spec), "localize.spec", "gradcam[:layer], saliency, heatmap:SPEC, file:GLOB or none",
              cfg.localize.spec)
     head = cfg.localize.spec.split(":", 1)[0]
-    _require(head in ("gradcam", "saliency", "heatmap", "file", "none"), "localize.spec",
-             "gradcam[:layer], saliency, heatmap:SPEC, file:GLOB or none", cfg.localize.spec)
-    if head in ("heatmap", "file"):
+    _require(head in ("gradcam", "saliency", "heatmap", "boxes", "file", "none"), "localize.spec",
+             "gradcam[:layer], saliency, heatmap:SPEC, boxes:PATH.onnx, file:GLOB or none", cfg.localize.spec)
+    argument = {"heatmap": "SPEC", "boxes": "PATH.onnx", "file": "GLOB"}.get(head)
+    if argument:
         _require(":" in cfg.localize.spec and cfg.localize.spec.split(":", 1)[1] != "", "localize.spec",
-                 f"{head}:<{'SPEC' if head == 'heatmap' else 'GLOB'}>", cfg.localize.spec)
+                 f"{head}:<{argument}>", cfg.localize.spec)
     if cfg.objective.name == "sepen":
         _validate_sepen(cfg)
     return cfg
