@@ -209,7 +209,7 @@ def plan(args) -> Plan:
     if args.clip:
         if not os.path.isdir(args.clip):
             raise FileNotFoundError(f"--clip {args.clip!r}: expected a local CLIP model folder, which does not exist")
-        metric_specs.append((CLIP_METRIC, CLIP_METRIC, {"path": args.clip}))
+        metric_specs.append((CLIP_METRIC, CLIP_METRIC, {"model": args.clip}))  # fnf.reward_models.clip
     names = [n for n, _, _ in metric_specs]
     if len(set(names)) != len(names):
         raise ValueError(f"--metric: each metric once, got {names}")

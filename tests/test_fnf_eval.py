@@ -197,12 +197,19 @@ def test_refuses_an_earlier_evaluation_and_overwrite_moves_it_aside(setup, resul
     before = (out / "metrics.json").read_text()
     args = eval_args(setup, out, "--overwrite")
     args[args.index("--lora") + 1:args.index("--prompts")] = [setup["loras"]["zero"]]
+    i = args.index("--localizer")
+    del args[i:i + 2]          # without --localizer (and no --config) the mask is empty: nothing is "inside"
     assert main(args) == 0
     moved = [p for p in out.iterdir() if p.name.startswith("previous-")]
     assert len(moved) == 1 and (moved[0] / "metrics.json").read_text() == before
     assert (moved[0] / "grids" / "grid_000.png").is_file() and (out / "grids" / "grid_000.png").is_file()
     with open(out / "metrics.json") as f:
-        assert list(json.load(f)["models"]) == ["base", "lora_zero"]
+        m = json.load(f)
+    assert list(m["models"]) == ["base", "lora_zero"] and m["settings"]["localizer"] == "none"
+    change = m["models"]["lora_zero"]["change"]
+    assert change["inside_mse"] == {"mean": None, "ci_low": None, "ci_high": None, "n": 0}
+    assert change["outside_mse"]["n"] == SEEDS * len(PROMPTS) and m["settings"]["n_images_with_mask"] == 0
+    assert "| change inside mask, MSE | n/a | 0 |" in (out / "report.md").read_text()
 
 
 @pytest.mark.parametrize("change, message", [
@@ -247,3 +254,38 @@ def test_metric_specs_and_lora_names():
     assert parse_metric('region={"statistic": "redness"}') == ("region", {"statistic": "redness"})
     assert list(lora_names(["runs/fix/lora", "runs/draft/lora", "x/fix/lora", "y/base"])) == \
         ["fix", "draft", "fix-2", "base-2"]
+
+
+def test_lpips_runs_when_the_package_and_its_weights_are_local(setup, tmp_path, monkeypatch):
+    """With an `lpips` module and the AlexNet file present, the inside/outside LPIPS columns appear. A stand-in
+    LPIPS (mean squared difference of the [-1, 1] images, a spatial map) must give 4 x the pixel MSE."""
+    import types
+
+    from fnf.cli import main
+    from fnf.evaluate import lpips_status
+
+    class FakeLPIPS(torch.nn.Module):
+        def __init__(self, net="alex", spatial=False, verbose=True):
+            super().__init__()
+            assert net == "alex" and spatial
+
+        def forward(self, x, y):
+            return ((x - y) ** 2).mean(1, keepdim=True)
+
+    monkeypatch.setitem(sys.modules, "lpips", types.SimpleNamespace(LPIPS=FakeLPIPS))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    assert "AlexNet weights" in lpips_status()
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "alexnet-owt-7be5be79.pth").write_bytes(b"")
+    assert lpips_status() == ""
+    args = eval_args(setup, tmp_path / "out")
+    args[args.index("--lora") + 1:args.index("--prompts")] = [setup["loras"]["rand"]]
+    args[args.index("--seeds") + 1] = "1"
+    assert main(args) == 0
+    with open(tmp_path / "out" / "metrics.json") as f:
+        m = json.load(f)
+    per = m["per_image"]["lora_rand"]
+    assert m["settings"]["lpips"] == "" and "inside_lpips" in m["models"]["lora_rand"]["change"]
+    for where in ("inside", "outside"):
+        assert per[f"{where}_lpips"] == pytest.approx([4 * v for v in per[f"{where}_mse"]], rel=1e-5)
+    assert "LPIPS" in (tmp_path / "out" / "report.md").read_text()

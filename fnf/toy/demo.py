@@ -102,14 +102,13 @@ def eval_masks(images: torch.Tensor) -> torch.Tensor:
 
 
 def metrics(images, base, masks, prompts) -> dict:
+    from ..metrics import masked_mse
     from .evaluate_sd import measure
 
     m = measure(images, prompts)
-    sq = ((images - base) ** 2).mean(dim=1)                      # (B, H, W)
-    out_w, in_w = (~masks).float(), masks.float()
-    outside = (sq * out_w).sum((1, 2)) / out_w.sum((1, 2)).clamp_min(1)
+    inside, outside = masked_mse(images, base, masks)        # fnf eval's metric; NaN where a region is empty
+    outside = torch.nan_to_num(outside, nan=0.0)             # an all-mask image changes nothing outside
     has = masks.flatten(1).any(1)
-    inside = (sq * in_w).sum((1, 2)) / in_w.sum((1, 2)).clamp_min(1)
     return {"defect_score": m["defect_score"], "defect_rate": m["defect_rate"], "alignment": m["alignment"],
             "alignment_exact": m["alignment_exact"], "outside_change_mse": float(outside.mean()),
             "inside_change_mse": float(inside[has].mean()) if has.any() else 0.0, "n_images": len(prompts),
