@@ -1,0 +1,260 @@
+"""`hpsv2` and `sd-safety` rewards on tiny random-weight models saved in the official formats.
+
+hpsv2: an open_clip-format state dict (built here by :class:`RefOpenCLIP`, whose parameter names are open_clip's)
+saved as the official ``{'state_dict': ...}``; our score (transformers path, float32) is compared with this file's
+own float64 forward of open_clip's architecture. sd-safety: a diffusers StableDiffusionSafetyChecker with planted
+concept embeddings, saved with save_pretrained beside a CLIPImageProcessor, against the official forward.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fnf.rewards import SpecError, build_reward, check_reward_spec
+from tests.fnf_tiny_models import one_torch_thread, write_tokenizer  # noqa: F401  (fixture)
+
+SEED = 1234
+PROMPTS = ["a photo of a cat", "a red car in the sky", "the dog", "a blue house"]
+
+
+# ------------------------------------------------------------------------------------------ open_clip reference
+class _Block(nn.Module):
+    """open_clip ResidualAttentionBlock (pre-LN, fused in_proj attention, GELU MLP), batch first."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.ln_1, self.ln_2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attn = nn.Module()
+        self.attn.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.attn.in_proj_bias = nn.Parameter(torch.empty(3 * width))
+        self.attn.out_proj = nn.Linear(width, width)
+        self.mlp = nn.Module()
+        self.mlp.c_fc, self.mlp.c_proj = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+
+    def forward(self, x, causal: bool):
+        b, n, c = x.shape
+        d = c // self.heads
+        q, k, v = F.linear(self.ln_1(x), self.attn.in_proj_weight, self.attn.in_proj_bias).chunk(3, dim=-1)
+        q, k, v = (t.reshape(b, n, self.heads, d).transpose(1, 2) for t in (q, k, v))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(d)
+        if causal:
+            scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+        o = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, c)
+        x = x + self.attn.out_proj(o)
+        return x + self.mlp.c_proj(F.gelu(self.mlp.c_fc(self.ln_2(x))))
+
+
+class _Tower(nn.Module):
+    def __init__(self, width, layers, heads):
+        super().__init__()
+        self.resblocks = nn.ModuleList(_Block(width, heads) for _ in range(layers))
+
+    def forward(self, x, causal=False):
+        for block in self.resblocks:
+            x = block(x, causal)
+        return x
+
+
+class RefOpenCLIP(nn.Module):
+    """open_clip's CLIP (ViT image tower, causal text tower) written out, with open_clip's parameter names and
+    ``encode_image`` / ``encode_text``. Text pooling takes the first end-of-text token (open_clip's argmax of the
+    ids is the same token for its vocabulary, where <|endoftext|> has the largest id)."""
+
+    def __init__(self, vocab, eot_id, ctx=16, width=32, layers=2, heads=2, patch=8, image=32, embed=24):
+        super().__init__()
+        self.eot_id = eot_id
+        grid = image // patch
+        self.visual = nn.Module()
+        v = self.visual
+        v.conv1 = nn.Conv2d(3, width, patch, patch, bias=False)
+        v.class_embedding = nn.Parameter(torch.empty(width))
+        v.positional_embedding = nn.Parameter(torch.empty(grid * grid + 1, width))
+        v.ln_pre, v.ln_post = nn.LayerNorm(width), nn.LayerNorm(width)
+        v.transformer = _Tower(width, layers, heads)
+        v.proj = nn.Parameter(torch.empty(width, embed))
+        self.token_embedding = nn.Embedding(vocab, width)
+        self.positional_embedding = nn.Parameter(torch.empty(ctx, width))
+        self.transformer = _Tower(width, layers, heads)
+        self.ln_final = nn.LayerNorm(width)
+        self.text_projection = nn.Parameter(torch.empty(width, embed))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def randomize(self, seed):
+        g = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name == "logit_scale":
+                continue
+            base = 1.0 if (name.endswith("weight") and p.dim() == 1) else 0.0   # LayerNorm gains around 1
+            scale = 0.1 if p.dim() == 1 else 1.0 / math.sqrt(p.shape[-1])
+            with torch.no_grad():
+                p.copy_(base + scale * torch.randn(p.shape, generator=g))
+        return self
+
+    def encode_image(self, x):
+        v = self.visual
+        x = v.conv1(x).flatten(2).transpose(1, 2)
+        x = torch.cat([v.class_embedding.expand(x.shape[0], 1, -1), x], dim=1) + v.positional_embedding
+        x = v.transformer(v.ln_pre(x))
+        return v.ln_post(x[:, 0]) @ v.proj
+
+    def encode_text(self, ids):
+        x = self.transformer(self.token_embedding(ids) + self.positional_embedding, causal=True)
+        eot = (ids == self.eot_id).int().argmax(dim=-1)
+        return self.ln_final(x)[torch.arange(ids.shape[0]), eot] @ self.text_projection
+
+    def score(self, x, ids):
+        return (F.normalize(self.encode_image(x), dim=-1) * F.normalize(self.encode_text(ids), dim=-1)).sum(-1)
+
+
+@pytest.fixture(scope="module")
+def hps_files(tmp_path_factory):
+    """(checkpoint path, tokenizer folder, float32 reference model, tokenizer)."""
+    from transformers import CLIPTokenizer
+
+    root = tmp_path_factory.mktemp("hps")
+    write_tokenizer(str(root / "tokenizer"))
+    tok = CLIPTokenizer.from_pretrained(str(root / "tokenizer"))
+    print(f"hpsv2 reference seed {SEED}")
+    ref = RefOpenCLIP(len(tok), tok.eos_token_id).randomize(SEED).eval()
+    path = str(root / "HPS_tiny.pt")
+    torch.save({"state_dict": ref.state_dict()}, path)
+    return path, str(root / "tokenizer"), ref, tok
+
+
+def _images(shape, seed):
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _reference_hps(ref, tok, images, prompts):
+    """Float64 reference score: shared preprocessing (normalise), then open_clip's forward in float64."""
+    from fnf.reward_models.preprocess import clip_preprocess
+
+    ids = tok(prompts, padding="max_length", max_length=16, truncation=True, return_tensors="pt").input_ids
+    ref64 = RefOpenCLIP(len(tok), tok.eos_token_id).double()
+    ref64.load_state_dict(ref.state_dict())
+    with torch.no_grad():
+        return ref64.score(clip_preprocess(images, size=32).double(), ids)
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 32, 32), (4, 3, 40, 48)])
+def test_hpsv2_score_matches_float64_open_clip_reference(hps_files, shape):
+    path, tokenizer, ref, tok = hps_files
+    reward = build_reward("hpsv2", checkpoint=path, tokenizer=tokenizer, vision_head_width=16, text_head_width=16,
+                          backend="transformers")
+    images = _images(shape, SEED + 1)
+    with torch.no_grad():
+        ours = reward(images, PROMPTS)
+    expected = _reference_hps(ref, tok, images, PROMPTS)
+    err = (ours.double() - expected).abs().max().item()
+    print(f"hpsv2 {shape}: max |ours (float32) - reference (float64)| = {err:.2e}; scores {expected.tolist()}")
+    assert ours.shape == (4,) and ours.dtype == torch.float32
+    assert expected.std() > 0.02, "reference scores should differ between the pairs"
+    assert err < 2e-5   # float32 through 2+2 tiny blocks: ~1e-6 expected
+
+
+def test_hpsv2_module_prefix_and_broadcast_prompt(hps_files, tmp_path):
+    path, tokenizer, ref, tok = hps_files
+    prefixed = str(tmp_path / "prefixed.pt")
+    torch.save({"state_dict": {f"module.{k}": v for k, v in ref.state_dict().items()}, "epoch": 3}, prefixed)
+    reward = build_reward("hpsv2", checkpoint=prefixed, tokenizer=tokenizer, vision_head_width=16,
+                          text_head_width=16, backend="transformers")
+    images = _images((2, 3, 32, 32), SEED + 2)
+    with torch.no_grad():
+        ours = reward(images, ["a red car"])
+    expected = _reference_hps(ref, tok, images, ["a red car"] * 2)
+    assert (ours.double() - expected).abs().max() < 2e-5
+    with pytest.raises(ValueError, match="prompts"):
+        reward(images, ["a", "b", "c"])
+
+
+def test_hpsv2_gradients_and_gradcam_layer(hps_files):
+    path, tokenizer, _, _ = hps_files
+    reward = build_reward("hpsv2", checkpoint=path, tokenizer=tokenizer, vision_head_width=16, text_head_width=16,
+                          backend="transformers")
+    assert not any(p.requires_grad for p in reward.parameters()) and not reward.training
+    seen = []
+    layer = dict(reward.named_modules())[reward.gradcam_layer]
+    handle = layer.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    images = _images((2, 3, 32, 32), SEED + 3).requires_grad_(True)
+    reward(images, PROMPTS[:2]).sum().backward()
+    handle.remove()
+    assert reward.gradcam_prefix_tokens == 1 and seen == [torch.Size([2, 1 + 16, 32])]
+    g = images.grad
+    assert torch.isfinite(g).all() and (g != 0).float().mean() > 0.99
+
+
+def test_hpsv2_open_clip_backend_uses_create_model(hps_files, monkeypatch):
+    """With open_clip importable the model is open_clip.create_model(arch, pretrained=None) + the state dict
+    (a stand-in open_clip module here: open-clip-torch does not install beside this torch)."""
+    path, tokenizer, ref, tok = hps_files
+    calls = []
+
+    def create_model(arch, pretrained=None):
+        calls.append((arch, pretrained))
+        return RefOpenCLIP(len(tok), tok.eos_token_id)
+
+    fake = types.ModuleType("open_clip")
+    fake.create_model = create_model
+    monkeypatch.setitem(sys.modules, "open_clip", fake)
+    monkeypatch.setattr("fnf.reward_models.hps._open_clip_available", lambda: True)
+    reward = build_reward("hpsv2", checkpoint=path, tokenizer=tokenizer)
+    assert calls == [("ViT-H-14", None)]
+    images = _images((2, 3, 32, 32), SEED + 4)
+    with torch.no_grad():
+        ours = reward(images, PROMPTS[:2])
+    assert (ours.double() - _reference_hps(ref, tok, images, PROMPTS[:2])).abs().max() < 2e-5
+    assert reward.gradcam_layer in dict(reward.named_modules())
+
+
+def _bad_checkpoint(tmp_path, ref, edit):
+    state = dict(ref.state_dict())
+    edit(state)
+    path = str(tmp_path / "bad.pt")
+    torch.save({"state_dict": state}, path)
+    return path
+
+
+def test_hpsv2_errors_name_the_path(hps_files, tmp_path):
+    path, tokenizer, ref, _ = hps_files
+    kw = dict(tokenizer=tokenizer, vision_head_width=16, text_head_width=16, backend="transformers")
+    missing = str(tmp_path / "nope.pt")
+    for call in (check_reward_spec, lambda s, k: build_reward(s, **k)):
+        with pytest.raises(SpecError, match="nope.pt.*does not exist"):
+            call("hpsv2", dict(kw, checkpoint=missing))
+    with pytest.raises(SpecError, match="needs reward.kwargs.checkpoint"):
+        check_reward_spec("hpsv2", dict(kw))
+    with pytest.raises(SpecError, match="tokenizer .*not a folder"):
+        check_reward_spec("hpsv2", dict(kw, checkpoint=path, tokenizer=str(tmp_path / "none")))
+    with pytest.raises(SpecError, match="vision_head_width"):
+        check_reward_spec("hpsv2", dict(kw, checkpoint=path, arch="RN50", vision_head_width=None))
+    check_reward_spec("hpsv2", dict(kw, checkpoint=path))   # the good spec passes
+
+    no_ln = _bad_checkpoint(tmp_path, ref, lambda s: s.pop("visual.ln_post.weight"))
+    with pytest.raises(SpecError, match=r"bad\.pt.*has no 'visual\.ln_post\.weight'"):
+        build_reward("hpsv2", checkpoint=no_ln, **kw)
+    shape = _bad_checkpoint(tmp_path, ref, lambda s: s.update({"transformer.resblocks.1.ln_2.bias": torch.zeros(5)}))
+    with pytest.raises(SpecError, match=r"bad\.pt.*'transformer\.resblocks\.1\.ln_2\.bias' has shape \(5,\), expected \(32,\)"):
+        build_reward("hpsv2", checkpoint=shape, **kw)
+    extra = _bad_checkpoint(tmp_path, ref, lambda s: s.update({"visual.attn_pool.query": torch.zeros(2)}))
+    with pytest.raises(SpecError, match=r"bad\.pt.*visual\.attn_pool\.query"):
+        build_reward("hpsv2", checkpoint=extra, **kw)
+    heads = dict(kw, vision_head_width=5)
+    with pytest.raises(SpecError, match="vision_head_width=5 does not divide"):
+        build_reward("hpsv2", checkpoint=path, **heads)
+    not_state = str(tmp_path / "list.pt")
+    torch.save([1, 2, 3], not_state)
+    with pytest.raises(SpecError, match=r"list\.pt.*no tensor state dict"):
+        build_reward("hpsv2", checkpoint=not_state, **kw)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a torch file")
+    with pytest.raises(SpecError, match=r"garbage\.pt.*could not be read"):
+        build_reward("hpsv2", checkpoint=str(garbage), **kw)
