@@ -117,6 +117,15 @@ class GradCAM:
         return to_map(act), to_map(grad)
 
 
+def layer_name(root: torch.nn.Module, module: torch.nn.Module) -> str:
+    """The dotted name of ``module`` inside ``root``, for a reward's ``gradcam_layer``: found by identity, so it
+    survives library renames (transformers 5's CLIPVisionModel dropped the ``vision_model.`` level)."""
+    for name, candidate in root.named_modules():
+        if candidate is module:
+            return name
+    raise LocalizerError(f"{type(module).__name__} is not a submodule of {type(root).__name__}")
+
+
 def _first_tensor(output):
     """A layer's output, or the first item of a tuple / list / transformers model output."""
     if isinstance(output, torch.Tensor):

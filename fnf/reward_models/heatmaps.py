@@ -126,8 +126,7 @@ def check_torchscript(path: str, **kwargs) -> None:
     what = "heatmap:torchscript"
     _bind(TorchScriptHeatmap, (path,), kwargs, what)
     _existing_file(path, what, TS_EXPECTED)
-    if not zipfile.is_zipfile(path) or not any("/code/" in n or n.startswith("code/")
-                                               for n in zipfile.ZipFile(path).namelist()):
+    if not _is_torchscript_archive(path):
         raise SpecError(f"{what}: {path!r} is not a TorchScript archive (expected {TS_EXPECTED}; a state dict or "
                         "pickled model from torch.save cannot be loaded without its Python class)")
     _size_pair(kwargs.get("size"), what)
@@ -138,6 +137,14 @@ def check_torchscript(path: str, **kwargs) -> None:
     channel = kwargs.get("channel", 0)
     if isinstance(channel, bool) or not isinstance(channel, int):
         raise SpecError(f"{what}: channel must be an integer, got {channel!r}")
+
+
+def _is_torchscript_archive(path: str) -> bool:
+    """torch.jit.save writes a zip with a code/ folder; torch.save's zip (state dicts, pickled models) has none."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any("/code/" in n or n.startswith("code/") for n in archive.namelist())
 
 
 def _bind(cls, args, kwargs, what):
@@ -273,13 +280,20 @@ def _import_onnxruntime():
     return onnxruntime
 
 
+def _have_onnxruntime() -> bool:
+    try:
+        return importlib.util.find_spec("onnxruntime") is not None
+    except ValueError:   # in sys.modules as None (blocked)
+        return False
+
+
 def check_boxes(path: str, need_runtime: bool = True, **kwargs) -> None:
     """Cheap preflight of ``boxes:PATH.onnx``: the file exists, the kwargs are known and well-typed, and
     (``need_runtime``) onnxruntime is installed; nothing is loaded."""
     what = "boxes"
     _bind(BoxDetectorHeatmap, (path,), kwargs, what)
     _existing_file(path, what, ONNX_EXPECTED)
-    if need_runtime and importlib.util.find_spec("onnxruntime") is None:
+    if need_runtime and not _have_onnxruntime():
         raise SpecError(ORT_HINT)
     classes = kwargs.get("classes")
     if classes is not None and (not isinstance(classes, (list, tuple))
