@@ -124,7 +124,7 @@ def _load(cls_name: str, path: str, reward: str) -> nn.Module:
 
     try:
         model = getattr(transformers, cls_name).from_pretrained(path, local_files_only=True)
-    except Exception as e:  # noqa: BLE001 - rewrapped with the path
+    except Exception as e:
         raise SpecError(f"reward {reward!r}: loading {path!r} as a transformers {cls_name} failed: "
                         f"{type(e).__name__}: {e}") from e
     return model.float().eval().requires_grad_(False)
@@ -135,7 +135,7 @@ def _load_tokenizer(path: str, reward: str):
 
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except Exception as e:  # noqa: BLE001 - rewrapped with the path
+    except Exception as e:
         raise SpecError(f"reward {reward!r}: loading the CLIP tokenizer from {path!r} failed: "
                         f"{type(e).__name__}: {e}") from e
 
@@ -199,6 +199,7 @@ class AestheticReward(_CLIPReward):
     def forward(self, images, prompts=None):
         self._check_batch(images, prompts)
         e = self.image_features(images)
+        e = e.to(torch.promote_types(e.dtype, torch.float32))
         e = e / e.norm(dim=-1, keepdim=True)
         return self.head.layers(e)[:, 0]
 
@@ -241,6 +242,7 @@ class CLIPSimilarityReward(_CLIPReward):
         if prompts is None:
             raise ValueError("prompts: expected one prompt per image, got None")
         img = self.image_features(images)
+        img = img.to(torch.promote_types(img.dtype, torch.float32))  # bf16/fp16 autocast: the cosine in float32
         txt = self.text_features(list(prompts)).to(img.dtype)
         cos = (img / img.norm(dim=-1, keepdim=True) * (txt / txt.norm(dim=-1, keepdim=True))).sum(-1)
         if self.clamp_negative:
