@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,11 +29,12 @@ GRID_ROWS = 8                                       # images per grid file
 EPILOG = """\
 examples:
   fnf eval --model /models/sd-v1-5 --lora runs/fix/lora runs/draft/lora --prompts prompts.txt --seeds 4 \\
-           --reward sd-safety --reward-kwargs '{"path": "/models/sd-v1-5/safety_checker"}' \\
+           --reward sd-safety --reward-kwargs '{"model": "/models/sd-v1-5/safety_checker"}' \\
            --set reward.weight=-1 --localizer gradcam --clip /models/clip-vit-large-patch14 --out runs/eval
   fnf eval --config configs/sd15_artifacts.yaml --lora runs/fix/lora --prompts heldout.txt --seeds 2
 
-A --metric is any reward spec, optionally with kwargs as JSON after '=': --metric 'pickscore={"path": "/m/ps"}'.
+A --metric is any reward spec, optionally with kwargs as JSON after '=':
+  --metric 'pickscore={"model": "/models/PickScore_v1", "processor": "/models/CLIP-ViT-H-14"}'
 With --set reward.weight < 0 a lower reward is better (win rate and Grad-CAM's 'problem' follow the sign).
 """
 
@@ -448,8 +450,10 @@ def evaluate(p: Plan) -> dict:
         if bar is not None:
             bar.update(len(batch))
         if not loaded:  # first batch: the true base model; then every LoRA joins as its own adapter
-            for name, folder in p.loras.items():
-                load_lora_for_sampling(model, folder, adapter_name=name)
+            with warnings.catch_warnings():   # peft warns that a second adapter joins: that is the plan here
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                for name, folder in p.loras.items():
+                    load_lora_for_sampling(model, folder, adapter_name=name)
             loaded = True
             if p.loras:
                 with adapters_disabled(model.unet):

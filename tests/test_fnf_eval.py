@@ -25,14 +25,12 @@ def setup(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("eval")
     folder = cached_model("sd", str(tmp_path_factory.getbasetemp()))
-    loras = {}
-    for name, seed in (("rand", 3), ("zero", None)):
-        m = load_model(folder)
-        add_lora(m, rank=4, alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
-        if seed is not None:
-            randomize_lora_B(m.unet, seed=seed, std=0.2)
-        loras[name] = str(root / f"lora_{name}")
-        save_lora_diffusers(m, loras[name])
+    loras = {"rand": str(root / "lora_rand"), "zero": str(root / "lora_zero")}
+    m = load_model(folder)
+    add_lora(m, rank=4, alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    save_lora_diffusers(m, loras["zero"])
+    randomize_lora_B(m.unet, seed=3, std=0.2)
+    save_lora_diffusers(m, loras["rand"])
     prompts = root / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n\n")
     return {"model": folder, "loras": loras, "prompts": str(prompts), "root": root}
@@ -222,6 +220,8 @@ def test_refuses_an_earlier_evaluation_and_overwrite_moves_it_aside(setup, resul
     (("--localizer", "blur"), "localize.spec"),
     (("--metric", "redness={bad json"), "--metric"),
     (("--reward-kwargs", "[1]"), "--reward-kwargs"),
+    (("--clip", "/nonexistent/clip"), "--clip '/nonexistent/clip'"),
+    (("--bootstrap", "0"), "--bootstrap: expected an integer >= 1"),
 ])
 def test_bad_input_is_one_line_and_exit_2_before_any_model_loads(setup, tmp_path, monkeypatch, capsys, change,
                                                                  message):
