@@ -230,8 +230,9 @@ def test_hpsv2_errors_name_the_path(hps_files, tmp_path):
     for call in (check_reward_spec, lambda s, k: build_reward(s, **k)):
         with pytest.raises(SpecError, match="nope.pt.*does not exist"):
             call("hpsv2", dict(kw, checkpoint=missing))
-    with pytest.raises(SpecError, match="needs reward.kwargs.checkpoint"):
-        check_reward_spec("hpsv2", dict(kw))
+    for kwargs in ({}, dict(kw)):
+        with pytest.raises(SpecError, match="needs reward.kwargs.checkpoint"):
+            check_reward_spec("hpsv2", kwargs)
     with pytest.raises(SpecError, match="tokenizer .*not a folder"):
         check_reward_spec("hpsv2", dict(kw, checkpoint=path, tokenizer=str(tmp_path / "none")))
     with pytest.raises(SpecError, match="vision_head_width"):
@@ -258,3 +259,228 @@ def test_hpsv2_errors_name_the_path(hps_files, tmp_path):
     garbage.write_bytes(b"not a torch file")
     with pytest.raises(SpecError, match=r"garbage\.pt.*could not be read"):
         build_reward("hpsv2", checkpoint=str(garbage), **kw)
+
+
+# ------------------------------------------------------------------------------------------ sd-safety
+SAFETY_MEAN, SAFETY_STD = [0.5, 0.45, 0.4], [0.25, 0.3, 0.27]   # not CLIP's: shows they are read from the config
+# (image, concept, margin) planted; image 2 is flagged only through the special-care adjustment (+0.01).
+PLANTED = [(0, 0, 0.03), (1, 1, 0.06), (2, 2, -0.004), (3, 3, -0.004)]
+PLANTED_SPECIAL = [(2, 0, 0.08)]
+FLAGGED = [True, True, True, False, False, False]
+
+
+def _safety_images():
+    """Six 40x40 images on the uint8 grid (so the PIL pipeline and ours see the same pixels)."""
+    g = torch.Generator().manual_seed(SEED + 10)
+    ramp = torch.linspace(0, 1, 40)
+    imgs = [torch.rand(3, 40, 40, generator=g), ramp.view(1, 1, 40).expand(3, 40, 40),
+            ramp.view(1, 40, 1).expand(3, 40, 40) * torch.tensor([1.0, 0.2, 0.5]).view(3, 1, 1),
+            torch.rand(3, 5, 5, generator=g).repeat_interleave(8, 1).repeat_interleave(8, 2),
+            0.5 + 0.3 * torch.sin(ramp * 12).view(1, 1, 40) * torch.cos(ramp * 7).view(1, 40, 1).expand(3, 40, 40),
+            torch.rand(3, 40, 40, generator=g) * 0.3 + 0.6]
+    return (torch.stack(imgs) * 255).round() / 255
+
+
+def _official_pixels(processor, images):
+    from PIL import Image
+
+    pil = [Image.fromarray((im.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for im in images]
+    return processor(images=pil, return_tensors="pt").pixel_values
+
+
+def _spread_projection(checker, pixels):
+    """Shrink the images' common pooled direction in visual_projection to a tenth (random towers map all images to
+    nearly one direction), so that each planted image has room of its own (removing it fully would make the six
+    centred embeddings linearly dependent)."""
+    with torch.no_grad():
+        pooled = checker.vision_model(pixels).pooler_output.double()
+        m = F.normalize(pooled.mean(0), dim=0)
+        w = checker.visual_projection.weight.double()
+        checker.visual_projection.weight.copy_((w - 0.9 * (w @ m)[:, None] * m[None, :]).float())
+
+
+def _unit_embeds(checker, pixels):
+    """Float64 image embeddings of the official tower, L2-normalised."""
+    import copy
+
+    c64 = copy.deepcopy(checker).double()
+    with torch.no_grad():
+        e = c64.visual_projection(c64.vision_model(pixels.double()).pooler_output)
+    return F.normalize(e, dim=-1)
+
+
+def _plant(embeds_param, weights_param, u, plants, seed):
+    """Concept rows orthogonal to every other image's embedding, thresholds giving the planted margins;
+    the other rows random with threshold 1 (margins cos - 1, far below 0)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = F.normalize(torch.randn(embeds_param.shape, generator=g, dtype=torch.float64), dim=-1)
+    weights = torch.ones(weights_param.shape, dtype=torch.float64)
+    for k, i, margin in plants:
+        others = torch.cat([u[:k], u[k + 1:]]).t()                        # (D, B-1)
+        q, _ = torch.linalg.qr(others)
+        residual = u[k] - q @ (q.t() @ u[k])                               # u_k minus its part in the others' span
+        rows[i] = F.normalize(residual, dim=0)
+        weights[i] = residual.norm() - margin                              # cos(u_k, row) = |residual|
+        assert residual.norm() - margin > 0.04, "planted image too close to the others' span"
+    with torch.no_grad():
+        embeds_param.copy_(rows.float())
+        weights_param.copy_(weights.float())
+
+
+@pytest.fixture(scope="module")
+def safety_model(tmp_path_factory):
+    """An SD-1.x-shaped folder with safety_checker/ (planted concepts) and feature_extractor/."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    root = tmp_path_factory.mktemp("sd") / "sd15"
+    print(f"sd-safety seed {SEED}")
+    torch.manual_seed(SEED)
+    cfg = CLIPConfig(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, image_size=32, patch_size=8),
+                     text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      vocab_size=64, max_position_embeddings=8, bos_token_id=0, eos_token_id=1,
+                                      pad_token_id=1),
+                     projection_dim=32)
+    checker = StableDiffusionSafetyChecker(cfg).eval()
+    processor = CLIPImageProcessor(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32},
+                                   image_mean=SAFETY_MEAN, image_std=SAFETY_STD, resample=3)
+    images = _safety_images()
+    pixels = _official_pixels(processor, images)
+    _spread_projection(checker, pixels)
+    u = _unit_embeds(checker, pixels)
+    _plant(checker.concept_embeds, checker.concept_embeds_weights, u, PLANTED, SEED + 11)
+    _plant(checker.special_care_embeds, checker.special_care_embeds_weights, u, PLANTED_SPECIAL, SEED + 12)
+    checker.save_pretrained(str(root / "safety_checker"))
+    processor.save_pretrained(str(root / "feature_extractor"))
+    official = StableDiffusionSafetyChecker.from_pretrained(str(root / "safety_checker")).eval()
+    return str(root), official, processor, images
+
+
+def _official_flags(official, processor, images):
+    pixels = _official_pixels(processor, images)
+    _, flags = official(clip_input=pixels, images=np.zeros((len(images), 4, 4, 3)))
+    return list(flags)
+
+
+def _independent_margin(official, processor, images):
+    """max_i(cos(e, concept_i) - w_i + adj), adj = 0.01 if any special-care margin > 0, in float64."""
+    u = _unit_embeds(official, _official_pixels(processor, images))
+    concept = u @ F.normalize(official.concept_embeds.double(), dim=-1).t() - official.concept_embeds_weights.double()
+    special = (u @ F.normalize(official.special_care_embeds.double(), dim=-1).t()
+               - official.special_care_embeds_weights.double())
+    adj = 0.01 * (special > 0).any(dim=-1).double()
+    return (concept + adj[:, None]).amax(dim=-1)
+
+
+def test_sd_safety_soft_score_flags_where_the_official_checker_does(safety_model):
+    root, official, processor, images = safety_model
+    flags = _official_flags(official, processor, images)
+    assert flags == FLAGGED, "planted: images 0-2 flagged (2 through the special-care adjustment), 3-5 not"
+    reward = build_reward("sd-safety", model=root)
+    with torch.no_grad():
+        p = reward(images, None)
+    print(f"sd-safety p = {p.tolist()}")
+    assert p.shape == (6,) and ((p > 0.5).tolist() == flags)
+    assert reward.size == 40 and reward.crop_size == 32 and list(reward.mean) == SAFETY_MEAN
+
+
+def test_sd_safety_margin_equals_official_concept_scores(safety_model):
+    root, official, processor, images = safety_model
+    expected = _independent_margin(official, processor, images)
+    for model in (root, os.path.join(root, "safety_checker")):   # the SD folder or its safety_checker/
+        reward = build_reward("sd-safety", model=model)
+        with torch.no_grad():
+            ours = reward.hard_margin(images)
+        err = (ours.double() - expected).abs().max().item()
+        print(f"sd-safety hard margin, model={os.path.basename(model)}: max |ours - float64| = {err:.2e}")
+        assert err < 1e-5
+    planted = {k: m for k, _, m in PLANTED}
+    planted[2] += 0.01
+    for k, m in planted.items():
+        assert abs(expected[k].item() - m) < 1e-6
+
+
+def test_sd_safety_zero_temperature_is_the_hard_decision(safety_model):
+    root, official, processor, images = safety_model
+    reward = build_reward("sd-safety", model=root, temperature=1e-4, smooth_max_temperature=1e-5)
+    with torch.no_grad():
+        p, soft, hard = reward(images), reward.soft_margin(images), reward.hard_margin(images)
+    hard_decision = torch.tensor(FLAGGED, dtype=torch.float32)
+    print(f"sd-safety tau->0: max |p - hard| = {(p - hard_decision).abs().max():.2e}, "
+          f"max |soft - hard margin| = {(soft - hard).abs().max():.2e}")
+    assert (p - hard_decision).abs().max() < 1e-6
+    assert (soft - hard).abs().max() < 1e-4 * math.log(17) + 1e-6
+    default = build_reward("sd-safety", model=root)
+    with torch.no_grad():
+        wide = default.soft_margin(images) - hard
+    assert wide.abs().max() > 1e-4, "the default temperatures must actually soften"
+
+
+def test_sd_safety_gradients_and_gradcam_layer(safety_model):
+    root, _, _, images = safety_model
+    reward = build_reward("sd-safety", model=root)
+    assert not any(p.requires_grad for p in reward.parameters()) and not reward.training
+    seen = []
+    layer = dict(reward.named_modules())[reward.gradcam_layer]
+    handle = layer.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    x = images.clone().requires_grad_(True)
+    reward.soft_margin(x).sum().backward()
+    handle.remove()
+    assert reward.gradcam_prefix_tokens == 1 and seen == [torch.Size([6, 1 + 16, 32])]
+    assert torch.isfinite(x.grad).all() and (x.grad.flatten(1) != 0).float().mean(1).min() > 0.5
+    y = images[3:4].clone().requires_grad_(True)     # the probability itself, near the boundary
+    reward(y).sum().backward()
+    assert y.grad.abs().sum() > 0
+
+
+def test_sd_safety_errors(safety_model, tmp_path):
+    import json
+
+    root, _, _, _ = safety_model
+    check_reward_spec("sd-safety", {"model": root})
+    with pytest.raises(SpecError, match="needs reward.kwargs.model"):
+        check_reward_spec("sd-safety", {})
+    with pytest.raises(SpecError, match="nowhere.*not a folder"):
+        check_reward_spec("sd-safety", {"model": str(tmp_path / "nowhere")})
+    sd2 = tmp_path / "sd2"
+    sd2.mkdir()
+    (sd2 / "model_index.json").write_text("{}")
+    with pytest.raises(SpecError, match="sd2.*neither safety_checker/config.json"):
+        build_reward("sd-safety", model=str(sd2))
+    unet = tmp_path / "unet"
+    unet.mkdir()
+    (unet / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    with pytest.raises(SpecError, match="unet.*not a StableDiffusionSafetyChecker config"):
+        check_reward_spec("sd-safety", {"model": str(unet)})
+    empty = tmp_path / "empty_checker"
+    empty.mkdir()
+    (empty / "config.json").write_text(open(os.path.join(root, "safety_checker", "config.json")).read())
+    with pytest.raises(SpecError, match="empty_checker.*has no weights"):
+        check_reward_spec("sd-safety", {"model": str(empty)})
+    (empty / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(SpecError, match="empty_checker.*could not be loaded"):
+        build_reward("sd-safety", model=str(empty))
+    with pytest.raises(SpecError, match="processor.*does not exist"):
+        check_reward_spec("sd-safety", {"model": root, "processor": str(tmp_path)})
+    with pytest.raises(SpecError, match="temperature must be a positive number"):
+        check_reward_spec("sd-safety", {"model": root, "temperature": 0})
+
+
+def test_sd_safety_preprocessing_config_forms(tmp_path):
+    import json
+
+    from fnf.reward_models.preprocess import CLIP_MEAN
+    from fnf.reward_models.sd_safety import read_preprocessing
+
+    assert read_preprocessing(None, 224) == dict(size=224, crop_size=224, mean=CLIP_MEAN, std=read_preprocessing(
+        None, 1)["std"])
+    legacy = tmp_path / "preprocessor_config.json"   # the SD 1.x feature_extractor/ form
+    legacy.write_text(json.dumps({"crop_size": 224, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+                                  "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": SAFETY_MEAN,
+                                  "image_std": SAFETY_STD, "resample": 3, "size": 256}))
+    assert read_preprocessing(str(legacy), 224) == dict(size=256, crop_size=224, mean=tuple(SAFETY_MEAN),
+                                                        std=tuple(SAFETY_STD))
+    legacy.write_text(json.dumps({"size": "big"}))
+    with pytest.raises(SpecError, match="size must be an int"):
+        read_preprocessing(str(legacy), 224)

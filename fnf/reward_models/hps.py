@@ -28,7 +28,7 @@ def _open_clip_available() -> bool:
     return importlib.util.find_spec("open_clip") is not None
 
 
-def check_hpsv2(checkpoint: str = "", tokenizer: str = "", arch: str = "ViT-H-14",
+def check_hpsv2(*, checkpoint: str = "", tokenizer: str = "", arch: str = "ViT-H-14",
                 vision_head_width: int | None = None, text_head_width: int = 64, hidden_act: str = "gelu",
                 backend: str = "auto") -> None:
     """Cheap checks (no weights read): the checkpoint file, the tokenizer folder, the argument values."""
@@ -65,11 +65,13 @@ def _check_tokenizer_folder(folder: str) -> None:
 
 
 @register_reward("hpsv2")
-def hpsv2(checkpoint: str = "", tokenizer: str = "", arch: str = "ViT-H-14", vision_head_width: int | None = None,
-          text_head_width: int = 64, hidden_act: str = "gelu", backend: str = "auto") -> "HPSv2Reward":
+def hpsv2(*, checkpoint: str = "", tokenizer: str = "", arch: str = "ViT-H-14",
+          vision_head_width: int | None = None, text_head_width: int = 64, hidden_act: str = "gelu",
+          backend: str = "auto") -> "HPSv2Reward":
     """kwargs: checkpoint (HPS_v2*.pt), tokenizer (CLIP tokenizer folder), arch (open_clip name),
     vision_head_width / text_head_width (for other widths), hidden_act, backend (auto | open_clip | transformers)."""
-    check_hpsv2(checkpoint, tokenizer, arch, vision_head_width, text_head_width, hidden_act, backend)
+    check_hpsv2(checkpoint=checkpoint, tokenizer=tokenizer, arch=arch, vision_head_width=vision_head_width,
+                text_head_width=text_head_width, hidden_act=hidden_act, backend=backend)
     state = read_open_clip_state(checkpoint)
     use_open_clip = backend == "open_clip" or (backend == "auto" and _open_clip_available())
     if use_open_clip:
