@@ -419,7 +419,7 @@ def evaluate(p: Plan) -> dict:
     """Run a checked :class:`Plan`; writes metrics.json, report.md and grids; returns metrics.json's content."""
     from .cli import _prepare
     from .localize import localizer_from_config
-    from .models import adapters_disabled, load_lora_for_sampling
+    from .models import adapters_disabled
     from .rewards import build_reward, prepare_reward
 
     t0 = time.time()
@@ -449,18 +449,14 @@ def evaluate(p: Plan) -> dict:
         mask_fraction += mask.flatten(1).mean(1).tolist()
         if bar is not None:
             bar.update(len(batch))
-        if not loaded:  # first batch: the true base model; then every LoRA joins as its own adapter
-            with warnings.catch_warnings():   # peft warns that a second adapter joins: that is the plan here
-                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-                for name, folder in p.loras.items():
-                    load_lora_for_sampling(model, folder, adapter_name=name)
+        if not loaded and p.loras:  # first batch: the true base model; then every LoRA joins as its own adapter
+            load_loras(model, p.loras)
             loaded = True
-            if p.loras:
-                with adapters_disabled(model.unet):
-                    again = sample_batch(model, cfg, prompts, seeds, h, w, device)
-                diff = float((again - base).abs().max())
-                checks["adapters-off model reproduces the base images"] = {"max_abs_diff": diff,
-                                                                           "ok": diff <= SAME_IMAGES_ATOL}
+            with adapters_disabled(model.unet):
+                again = sample_batch(model, cfg, prompts, seeds, h, w, device)
+            diff = float((again - base).abs().max())
+            checks["adapters-off model reproduces the base images"] = {"max_abs_diff": diff,
+                                                                       "ok": diff <= SAME_IMAGES_ATOL}
         score_batch(rec, "base", base, base, mask, prompts, reward, metric_fns, lpips_net)
         keep = max(0, min(len(batch), p.grid_images - start))
         grid_cols["base"].append(base[:keep].cpu())
@@ -511,6 +507,16 @@ def evaluate(p: Plan) -> dict:
         except ImportError as e:
             print(f"fnf eval: grids not drawn ({e.name or e} is not installed)")
     return result
+
+
+def load_loras(model, loras: dict) -> None:
+    """Every LoRA folder into the UNet as its own adapter (named as in ``loras``); pick one with set_adapter."""
+    from .models import load_lora_for_sampling
+
+    with warnings.catch_warnings():   # peft warns when a second adapter joins: here that is the plan
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        for name, folder in loras.items():
+            load_lora_for_sampling(model, folder, adapter_name=name)
 
 
 def write_results(p: Plan, result: dict) -> None:

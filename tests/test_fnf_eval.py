@@ -289,3 +289,19 @@ def test_lpips_runs_when_the_package_and_its_weights_are_local(setup, tmp_path, 
     for where in ("inside", "outside"):
         assert per[f"{where}_lpips"] == pytest.approx([4 * v for v in per[f"{where}_mse"]], rel=1e-5)
     assert "LPIPS" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_base_model_alone_over_several_batches(setup, tmp_path):
+    """No --lora: only the base row, batches of 2 images, no adapter to switch."""
+    from fnf.cli import main
+
+    args = eval_args(setup, tmp_path / "out", "--grid-images", "3")
+    del args[args.index("--lora"):args.index("--prompts")]
+    args[args.index("--batch-size") + 1] = "2"
+    assert main(args) == 0
+    with open(tmp_path / "out" / "metrics.json") as f:
+        m = json.load(f)
+    assert list(m["models"]) == ["base"] and m["checks"] == {} and m["settings"]["n_images"] == 6
+    assert m["grids"] == ["grids/grid_000.png"]
+    from PIL import Image
+    assert Image.open(tmp_path / "out" / "grids" / "grid_000.png").size[1] == 4 * (3 * (IMAGE_SIZE + 2) + 2)
