@@ -268,6 +268,9 @@ def test_similarity_matches_official(spec, folders):
     assert len(reward._text_cache) == 2  # the repeated prompt is encoded once
     again = reward(x, PROMPTS).detach()
     assert torch.equal(again, ours)
+    reward.clip.text_model.bfloat16()  # another dtype: the float32 cache must not be reused
+    reward.clip.text_projection.bfloat16()
+    assert reward.text_features(PROMPTS[:1]).dtype == torch.bfloat16 and len(reward._text_cache) == 1
 
 
 def test_clipscore_paper_variant(folders):

@@ -216,19 +216,20 @@ class CLIPSimilarityReward(_CLIPReward):
         max_len = clip.config.text_config.max_position_embeddings
         self.max_length = min(int(getattr(tokenizer, "model_max_length", max_len) or max_len), max_len)
         self._text_cache: dict[str, torch.Tensor] = {}
-
-    def _apply(self, fn, *args, **kwargs):  # .to()/.cuda()/.half(): cached features would be stale
-        self._text_cache = {}
-        return super()._apply(fn, *args, **kwargs)
+        self._text_cache_key = None
 
     @torch.no_grad()
     def text_features(self, prompts: list[str]) -> torch.Tensor:
-        """Unnormalised text embeddings (len(prompts), D), computed once per distinct prompt."""
+        """Unnormalised text embeddings (len(prompts), D), computed once per distinct prompt (the cache is
+        dropped when the text tower moves to another device or dtype)."""
+        weight = self.clip.text_projection.weight
+        if self._text_cache_key != (weight.device, weight.dtype):
+            self._text_cache, self._text_cache_key = {}, (weight.device, weight.dtype)
         new = sorted({p for p in prompts if p not in self._text_cache})
         if new:
             if len(self._text_cache) + len(new) > MAX_CACHED_PROMPTS:
                 self._text_cache = {}
-            device = self.clip.text_projection.weight.device
+            device = weight.device
             for p in new:  # one at a time: no padding, exactly the official single-prompt call
                 tok = self.tokenizer([self.prefix + p], truncation=True, max_length=self.max_length,
                                      return_tensors="pt")
