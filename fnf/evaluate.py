@@ -16,7 +16,7 @@ import json
 import os
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -93,7 +93,6 @@ class Plan:
     grid_images: int
     progress: bool
     lpips_note: str = ""
-    checks: dict = field(default_factory=dict)
 
 
 def _json_object(text: str, what: str) -> dict:
@@ -362,10 +361,11 @@ def report_lines(result: dict) -> list[str]:
     if st["lpips"]:
         lines += ["", f"LPIPS not computed: {st['lpips']}."]
     if result["checks"]:
-        lines += ["", "Checks: " + "; ".join(f"{k}: max |diff| {v['max_abs_diff']:.2e} ({'ok' if v['ok'] else 'FAILED'})"
-                                             for k, v in result["checks"].items())]
+        lines += ["", "Checks: " + "; ".join(f"{k}: max |diff| {v['max_abs_diff']:.2e} "
+                                             f"({'ok' if v['ok'] else 'FAILED'})" for k, v in result["checks"].items())]
     if result["grids"]:
-        lines += ["", "Grids: base | " + " | ".join(list(models)[1:]) + ", the base image's mask outlined in green.", ""]
+        names = " | ".join(["base"] + list(models)[1:])
+        lines += ["", f"Grids: {names}, the base image's mask outlined in green.", ""]
         lines += [f"![grid]({g})" for g in result["grids"]]
     return lines + [""]
 
@@ -522,12 +522,12 @@ def load_loras(model, loras: dict) -> None:
 def write_results(p: Plan, result: dict) -> None:
     from .run_dir import move_aside
 
-    check_out(p.out, p.overwrite)  # nothing appeared there while sampling
     os.makedirs(p.out, exist_ok=True)
-    if p.overwrite:
-        moved = move_aside(p.out, OUTPUTS)
-        if moved:
-            print(f"fnf eval: --overwrite: moved the earlier evaluation to {moved}")
+    # With --overwrite: the earlier evaluation. Without: plan() refused one, so what is there now appeared while
+    # this one ran; it is moved aside too rather than losing either.
+    moved = move_aside(p.out, OUTPUTS)
+    if moved:
+        print(f"fnf eval: moved the earlier evaluation in {p.out} to {moved}")
     with open(os.path.join(p.out, "metrics.json"), "w", encoding="utf-8") as f:
         json.dump(M.finite_or_none(result), f, indent=1)
     with open(os.path.join(p.out, "report.md"), "w", encoding="utf-8") as f:
