@@ -70,7 +70,8 @@ class PlantedClipRedness(torch.nn.Module):
                         proj.bias.zero_()
         self.image_size = image_size
         self.gradcam_layer = layer_name(self, vm.encoder.layers[layers - 2])
-        self.last_layer, self.post_layernorm = layer_name(self, vm.encoder.layers[-1]), layer_name(self, vm.post_layernorm)
+        self.last_layer = layer_name(self, vm.encoder.layers[-1])
+        self.post_layernorm = layer_name(self, vm.post_layernorm)
         self.gradcam_prefix_tokens = 1
         if crop:
             self.gradcam_crop = center_crop_window(image_size)
