@@ -134,43 +134,86 @@ def _images(shape, seed):
     return torch.rand(shape, generator=torch.Generator().manual_seed(seed))
 
 
-def _reference_hps(ref, tok, images, prompts):
-    """Float64 reference score: shared preprocessing (normalise), then open_clip's forward in float64."""
-    from fnf.reward_models.preprocess import clip_preprocess
-
+def _reference_hps(ref, tok, pixels, prompts):
+    """Float64 reference score of open_clip's forward on model-ready pixels (B, 3, 32, 32)."""
     ids = tok(prompts, padding="max_length", max_length=16, truncation=True, return_tensors="pt").input_ids
     ref64 = RefOpenCLIP(len(tok), tok.eos_token_id).double()
     ref64.load_state_dict(ref.state_dict())
     with torch.no_grad():
-        return ref64.score(clip_preprocess(images, size=32).double(), ids)
+        return ref64.score(pixels.double(), ids)
 
 
-@pytest.mark.parametrize("shape", [(4, 3, 32, 32), (4, 3, 40, 48)])
-def test_hpsv2_score_matches_float64_open_clip_reference(hps_files, shape):
+def _square_pixels(images):
+    """Square images: resize to 32 and normalise (the same under HPS's pad-to-square and a center crop)."""
+    from fnf.reward_models.preprocess import clip_preprocess
+
+    return clip_preprocess(images, size=32)
+
+
+def _hps(path, tokenizer, **kw):
+    return build_reward("hpsv2", checkpoint=path, tokenizer=tokenizer, vision_head_width=16, text_head_width=16,
+                        backend="transformers", **kw)
+
+
+@pytest.mark.parametrize("shape,resize", [((4, 3, 32, 32), "longest"), ((4, 3, 64, 64), "longest"),
+                                          ((4, 3, 40, 48), "longest"), ((4, 3, 48, 40), "shortest")])
+def test_hpsv2_score_matches_float64_open_clip_reference(hps_files, shape, resize):
     path, tokenizer, ref, tok = hps_files
-    reward = build_reward("hpsv2", checkpoint=path, tokenizer=tokenizer, vision_head_width=16, text_head_width=16,
-                          backend="transformers")
+    reward = _hps(path, tokenizer, resize=resize)
     images = _images(shape, SEED + 1)
     with torch.no_grad():
         ours = reward(images, PROMPTS)
-    expected = _reference_hps(ref, tok, images, PROMPTS)
+    # non-square: the model-ready pixels are ours (their geometry is checked against PIL below)
+    pixels = _square_pixels(images) if shape[-1] == shape[-2] else reward.preprocess(images)
+    expected = _reference_hps(ref, tok, pixels, PROMPTS)
     err = (ours.double() - expected).abs().max().item()
-    print(f"hpsv2 {shape}: max |ours (float32) - reference (float64)| = {err:.2e}; scores {expected.tolist()}")
+    print(f"hpsv2 {shape} {resize}: max |ours (float32) - reference (float64)| = {err:.2e}; "
+          f"scores {expected.tolist()}")
     assert ours.shape == (4,) and ours.dtype == torch.float32
     assert expected.std() > 0.02, "reference scores should differ between the pairs"
-    assert err < 2e-5   # float32 through 2+2 tiny blocks: ~1e-6 expected
+    assert err < 2e-5   # float32 through 2+2 tiny blocks: ~1e-7 measured
+
+
+@pytest.mark.parametrize("hw", [(40, 48), (48, 40)])
+def test_hpsv2_pad_to_square_matches_pil_resize_max_size(hw):
+    """HPS v2's eval transform (open_clip ResizeMaxSize: long side to 32 with PIL bicubic, black padding
+    centred) on a smooth image: the padding is exact, the resized part within PIL's uint8 rounding + filter."""
+    from PIL import Image
+
+    from fnf.reward_models.hps import hps_preprocess
+    from fnf.reward_models.preprocess import CLIP_MEAN, CLIP_STD
+
+    h, w = hw
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+    img = torch.stack([0.5 + 0.4 * torch.sin(3 * xx + 2 * yy), yy, 1 - xx * yy]).unsqueeze(0)
+    img = (img * 255).round() / 255
+    ours = hps_preprocess(img, 32, "longest")[0]
+    scale = 32 / max(h, w)
+    nh, nw = round(h * scale), round(w * scale)
+    pil = Image.fromarray((img[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).resize(
+        (nw, nh), Image.BICUBIC)
+    canvas = Image.new("RGB", (32, 32), (0, 0, 0))
+    canvas.paste(pil, ((32 - nw) // 2, (32 - nh) // 2))
+    x = torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1).float() / 255
+    expected = (x - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
+    pad = torch.ones(32, 32, dtype=torch.bool)
+    top, left = (32 - nh) // 2, (32 - nw) // 2
+    pad[top:top + nh, left:left + nw] = False
+    assert pad.sum() > 0 and torch.equal(ours[:, pad], expected[:, pad])
+    err = (ours[:, ~pad] - expected[:, ~pad]).abs().max().item()
+    print(f"hpsv2 pad-to-square {hw}: max |ours - PIL| inside = {err:.3e} (normalised units)")
+    assert err < 0.03   # ~1.4e-2 measured: PIL rounds to uint8 (1/255 / std = 0.015)
 
 
 def test_hpsv2_module_prefix_and_broadcast_prompt(hps_files, tmp_path):
     path, tokenizer, ref, tok = hps_files
     prefixed = str(tmp_path / "prefixed.pt")
     torch.save({"state_dict": {f"module.{k}": v for k, v in ref.state_dict().items()}, "epoch": 3}, prefixed)
-    reward = build_reward("hpsv2", checkpoint=prefixed, tokenizer=tokenizer, vision_head_width=16,
-                          text_head_width=16, backend="transformers")
+    reward = _hps(prefixed, tokenizer)
     images = _images((2, 3, 32, 32), SEED + 2)
     with torch.no_grad():
         ours = reward(images, ["a red car"])
-    expected = _reference_hps(ref, tok, images, ["a red car"] * 2)
+    expected = _reference_hps(ref, tok, _square_pixels(images), ["a red car"] * 2)
     assert (ours.double() - expected).abs().max() < 2e-5
     with pytest.raises(ValueError, match="prompts"):
         reward(images, ["a", "b", "c"])
@@ -178,8 +221,7 @@ def test_hpsv2_module_prefix_and_broadcast_prompt(hps_files, tmp_path):
 
 def test_hpsv2_gradients_and_gradcam_layer(hps_files):
     path, tokenizer, _, _ = hps_files
-    reward = build_reward("hpsv2", checkpoint=path, tokenizer=tokenizer, vision_head_width=16, text_head_width=16,
-                          backend="transformers")
+    reward = _hps(path, tokenizer)
     assert not any(p.requires_grad for p in reward.parameters()) and not reward.training
     seen = []
     layer = dict(reward.named_modules())[reward.gradcam_layer]
@@ -211,7 +253,7 @@ def test_hpsv2_open_clip_backend_uses_create_model(hps_files, monkeypatch):
     images = _images((2, 3, 32, 32), SEED + 4)
     with torch.no_grad():
         ours = reward(images, PROMPTS[:2])
-    assert (ours.double() - _reference_hps(ref, tok, images, PROMPTS[:2])).abs().max() < 2e-5
+    assert (ours.double() - _reference_hps(ref, tok, _square_pixels(images), PROMPTS[:2])).abs().max() < 2e-5
     assert reward.gradcam_layer in dict(reward.named_modules())
 
 
@@ -237,6 +279,8 @@ def test_hpsv2_errors_name_the_path(hps_files, tmp_path):
         check_reward_spec("hpsv2", dict(kw, checkpoint=path, tokenizer=str(tmp_path / "none")))
     with pytest.raises(SpecError, match="vision_head_width"):
         check_reward_spec("hpsv2", dict(kw, checkpoint=path, arch="RN50", vision_head_width=None))
+    with pytest.raises(SpecError, match="resize must be"):
+        check_reward_spec("hpsv2", dict(kw, checkpoint=path, resize="stretch"))
     check_reward_spec("hpsv2", dict(kw, checkpoint=path))   # the good spec passes
 
     no_ln = _bad_checkpoint(tmp_path, ref, lambda s: s.pop("visual.ln_post.weight"))

@@ -30,8 +30,11 @@ def _open_clip_available() -> bool:
 
 def check_hpsv2(*, checkpoint: str = "", tokenizer: str = "", arch: str = "ViT-H-14",
                 vision_head_width: int | None = None, text_head_width: int = 64, hidden_act: str = "gelu",
-                backend: str = "auto") -> None:
+                backend: str = "auto", resize: str = "longest") -> None:
     """Cheap checks (no weights read): the checkpoint file, the tokenizer folder, the argument values."""
+    if resize not in RESIZE_MODES:
+        raise SpecError(f"hpsv2: resize must be 'longest' (official: pad to square) or 'shortest' (center crop), "
+                        f"got {resize!r}")
     if backend not in BACKENDS:
         raise SpecError(f"hpsv2: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "open_clip" and not _open_clip_available():
@@ -67,20 +70,21 @@ def _check_tokenizer_folder(folder: str) -> None:
 @register_reward("hpsv2")
 def hpsv2(*, checkpoint: str = "", tokenizer: str = "", arch: str = "ViT-H-14",
           vision_head_width: int | None = None, text_head_width: int = 64, hidden_act: str = "gelu",
-          backend: str = "auto") -> "HPSv2Reward":
+          backend: str = "auto", resize: str = "longest") -> "HPSv2Reward":
     """kwargs: checkpoint (HPS_v2*.pt), tokenizer (CLIP tokenizer folder), arch (open_clip name),
-    vision_head_width / text_head_width (for other widths), hidden_act, backend (auto | open_clip | transformers)."""
+    vision_head_width / text_head_width (for other widths), hidden_act, backend (auto | open_clip | transformers),
+    resize (longest: the official pad-to-square | shortest: center crop)."""
     check_hpsv2(checkpoint=checkpoint, tokenizer=tokenizer, arch=arch, vision_head_width=vision_head_width,
-                text_head_width=text_head_width, hidden_act=hidden_act, backend=backend)
+                text_head_width=text_head_width, hidden_act=hidden_act, backend=backend, resize=resize)
     state = read_open_clip_state(checkpoint)
     use_open_clip = backend == "open_clip" or (backend == "auto" and _open_clip_available())
     if use_open_clip:
-        return _open_clip_reward(state, checkpoint, arch, tokenizer)
+        return _open_clip_reward(state, checkpoint, arch, tokenizer, resize)
     tok = _hf_tokenizer(tokenizer)
     vhw = int(vision_head_width or VISION_HEAD_WIDTH[arch])
     clip = open_clip_to_transformers(state, checkpoint, vhw, int(text_head_width), hidden_act, tok)
     return HPSv2Reward(clip, tok, image_size=clip.config.vision_config.image_size,
-                       context_length=clip.config.text_config.max_position_embeddings)
+                       context_length=clip.config.text_config.max_position_embeddings, resize=resize)
 
 
 hpsv2.check = check_hpsv2
@@ -270,22 +274,47 @@ def _prompt_list(prompts, batch: int) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ rewards
+RESIZE_MODES = ("longest", "shortest")
+
+
+def hps_preprocess(images: torch.Tensor, size: int, resize: str = "longest") -> torch.Tensor:
+    """HPS v2's evaluation transform, differentiable: ``longest`` (official: open_clip ResizeMaxSize, i.e. the
+    long side bicubic-resized to ``size``, then zero-padded to a centred square) or ``shortest`` (short side
+    resized, center crop). Then CLIP mean/std. Square images give the same input either way."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images: expected a (B, 3, H, W) tensor, got "
+                         f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
+    h, w = images.shape[-2:]
+    if resize == "longest" and h != w:
+        scale = size / max(h, w)
+        new_h, new_w = round(h * scale), round(w * scale)
+        x = images.float()
+        if (new_h, new_w) != (h, w):
+            x = nn.functional.interpolate(x, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
+        pad_h, pad_w = size - new_h, size - new_w
+        images = nn.functional.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+    return clip_preprocess(images, size=size, mean=CLIP_MEAN, std=CLIP_STD)
+
+
 class HPSv2Reward(nn.Module):
     """HPS v2 on a transformers CLIPModel: cos(image, text) of (images in [0, 1], prompts) -> (B,)."""
 
     gradcam_prefix_tokens = 1
 
-    def __init__(self, clip, tokenizer, image_size: int = 224, context_length: int = 77):
+    def __init__(self, clip, tokenizer, image_size: int = 224, context_length: int = 77, resize: str = "longest"):
         super().__init__()
         self.clip, self.tokenizer = clip, tokenizer
-        self.image_size, self.context_length = int(image_size), int(context_length)
+        self.image_size, self.context_length, self.resize = int(image_size), int(context_length), resize
         self.gradcam_layer = f"clip.vision_model.encoder.layers.{clip.config.vision_config.num_hidden_layers - 1}" \
                              ".layer_norm1"
         self.eval().requires_grad_(False)
 
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        return hps_preprocess(images, self.image_size, self.resize)
+
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         dtype = self.clip.visual_projection.weight.dtype
-        x = clip_preprocess(images, size=self.image_size, mean=CLIP_MEAN, std=CLIP_STD).to(dtype)
+        x = self.preprocess(images).to(dtype)
         return self.clip.visual_projection(self.clip.vision_model(pixel_values=x).pooler_output)
 
     @torch.no_grad()
@@ -307,25 +336,28 @@ class OpenCLIPHPSv2Reward(nn.Module):
 
     gradcam_prefix_tokens = 1
 
-    def __init__(self, model, tokenize, image_size: int = 224, context_length: int = 77):
+    def __init__(self, model, tokenize, image_size: int = 224, context_length: int = 77, resize: str = "longest"):
         super().__init__()
         self.model, self.tokenize = model, tokenize
-        self.image_size, self.context_length = int(image_size), int(context_length)
+        self.image_size, self.context_length, self.resize = int(image_size), int(context_length), resize
         # A batch-first open_clip (>= 2.24) feeds (B, 1 + N, C) through ln_1 of the last vision block.
         self.gradcam_layer = f"model.visual.transformer.resblocks.{len(model.visual.transformer.resblocks) - 1}.ln_1"
         self.eval().requires_grad_(False)
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        return hps_preprocess(images, self.image_size, self.resize)
 
     def forward(self, images: torch.Tensor, prompts=None) -> torch.Tensor:
         device = next(self.model.parameters()).device
         with torch.no_grad():
             text = self.model.encode_text(self.tokenize(_prompt_list(prompts, images.shape[0])).to(device))
         dtype = next(self.model.parameters()).dtype
-        x = clip_preprocess(images, size=self.image_size, mean=CLIP_MEAN, std=CLIP_STD).to(dtype)
+        x = self.preprocess(images).to(dtype)
         img = self.model.encode_image(x)
         return (nn.functional.normalize(img.float(), dim=-1) * nn.functional.normalize(text.float(), dim=-1)).sum(-1)
 
 
-def _open_clip_reward(state: dict, path: str, arch: str, tokenizer: str) -> OpenCLIPHPSv2Reward:
+def _open_clip_reward(state: dict, path: str, arch: str, tokenizer: str, resize: str) -> OpenCLIPHPSv2Reward:
     import open_clip
 
     model = open_clip.create_model(arch, pretrained=None)
@@ -343,4 +375,4 @@ def _open_clip_reward(state: dict, path: str, arch: str, tokenizer: str) -> Open
         tokenize = open_clip.get_tokenizer(arch)
     grid = state["visual.positional_embedding"].shape[0] - 1
     size = round(grid ** 0.5) * state["visual.conv1.weight"].shape[-1]
-    return OpenCLIPHPSv2Reward(model, tokenize, image_size=size, context_length=ctx)
+    return OpenCLIPHPSv2Reward(model, tokenize, image_size=size, context_length=ctx, resize=resize)
