@@ -50,13 +50,14 @@ gpu-wheels: $(PY)
 # them (kernels use their torch fallbacks there: FNF_NO_EXTENSION=1 skips the C++ build).
 FLOOR_VENV ?= .venv-floor
 FLOOR_TESTS ?= tests/test_fnf_train.py tests/test_fnf_models.py tests/test_fnf_sampling.py tests/test_configs.py \
-  tests/test_fnf_config.py tests/test_fnf_localize.py tests/test_fnf_checkpoint.py
+  tests/test_fnf_config.py tests/test_fnf_localize.py tests/test_fnf_checkpoint.py tests/test_localizers_vit.py \
+  tests/test_reward_models_clip.py tests/test_reward_models_hps_safety.py tests/test_fnf_eval.py
 .PHONY: floor-check
 floor-check:
 	test -x $(FLOOR_VENV)/bin/python || $(PYTHON) -m venv $(FLOOR_VENV)
 	$(FLOOR_VENV)/bin/python -m pip --disable-pip-version-check install -q -c ci/floors.txt "setuptools>=64" wheel \
 	  torch numpy diffusers peft accelerate transformers safetensors tqdm PyYAML Pillow matplotlib pytest hypothesis \
-	  expecttest
+	  expecttest onnx onnxruntime
 	FNF_NO_EXTENSION=1 $(FLOOR_VENV)/bin/python -m pip --disable-pip-version-check install -q --no-build-isolation \
 	  --no-deps -e .
 	$(FLOOR_VENV)/bin/python -m pip --disable-pip-version-check list 2>/dev/null | grep -iE "^(torch|diffusers|peft|accelerate|transformers) "
