@@ -305,3 +305,44 @@ def test_base_model_alone_over_several_batches(setup, tmp_path):
     assert m["grids"] == ["grids/grid_000.png"]
     from PIL import Image
     assert Image.open(tmp_path / "out" / "grids" / "grid_000.png").size[1] == 4 * (3 * (IMAGE_SIZE + 2) + 2)
+
+
+def test_clip_folder_adds_the_clipscore_metric(setup, tmp_path):
+    """--clip DIR scores every image with the `clipscore` reward spec (fnf.reward_models.clip) built from DIR: the
+    per-image values of metrics.json are that spec's on the same images; the zero-B LoRA changes nothing."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from fnf import evaluate as E
+    from fnf.cli import main
+    from fnf.config import from_dict
+    from fnf.models import load_model
+    from fnf.rewards import build_reward
+    from fnf_tiny_models import write_tokenizer
+
+    seed = 5
+    print(f"seed {seed}")
+    torch.manual_seed(seed)
+    clip_dir = str(tmp_path / "clip")
+    cfg = CLIPConfig(text_config={"vocab_size": 128, "hidden_size": 32, "intermediate_size": 64,
+                                  "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 16,
+                                  "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2},
+                     vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                    "num_attention_heads": 2, "image_size": 28, "patch_size": 7}, projection_dim=16)
+    CLIPModel(cfg).eval().save_pretrained(clip_dir)
+    write_tokenizer(clip_dir)
+    CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}).save_pretrained(clip_dir)
+    args = eval_args(setup, tmp_path / "out", "--clip", clip_dir)
+    args[args.index("--seeds") + 1] = "1"
+    assert main(args) == 0
+    with open(tmp_path / "out" / "metrics.json") as f:
+        m = json.load(f)
+    assert m["settings"]["metrics"]["clipscore"] == {"spec": "clipscore", "kwargs": {"model": clip_dir}}
+    zero = m["models"]["lora_zero"]["metrics"]["clipscore"]
+    assert zero["delta"]["mean"] == 0.0 and zero["mean"] == m["models"]["base"]["metrics"]["clipscore"]["mean"]
+    sample_cfg = from_dict({"model": {"path": setup["model"]}, "sampling": {"steps": 2, "guidance_scale": 3.0,
+                                                                            "truncation_k": 1}})
+    model = load_model(setup["model"])
+    base = E.sample_batch(model, sample_cfg, PROMPTS, [0] * len(PROMPTS), IMAGE_SIZE, IMAGE_SIZE, "cpu")
+    with torch.no_grad():
+        direct = build_reward("clipscore", model=clip_dir)(base, PROMPTS)
+    assert m["per_image"]["base"]["metric:clipscore"] == pytest.approx(direct.tolist(), abs=1e-3)  # of 100 cos
