@@ -228,6 +228,9 @@ def test_read_processor_config(tmp_path, folders):
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5, 0.5]}))
     with pytest.raises(ValueError, match="image_mean"):
         read_processor_config(str(tmp_path))
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"resample": 2}))
+    with pytest.raises(ValueError, match="only bicubic"):
+        read_processor_config(str(tmp_path))
 
 
 # ------------------------------------------------------------------------------------------ scores

@@ -233,8 +233,9 @@ class CLIPSimilarityReward(_CLIPReward):
             for p in new:  # one at a time: no padding, exactly the official single-prompt call
                 tok = self.tokenizer([self.prefix + p], truncation=True, max_length=self.max_length,
                                      return_tensors="pt")
+                mask = tok.get("attention_mask")
                 out = self.clip.text_model(input_ids=tok["input_ids"].to(device),
-                                           attention_mask=tok["attention_mask"].to(device))
+                                           attention_mask=None if mask is None else mask.to(device))
                 self._text_cache[p] = self.clip.text_projection(out.pooler_output)[0]
         return torch.stack([self._text_cache[p] for p in prompts])
 

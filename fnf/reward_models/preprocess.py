@@ -89,7 +89,7 @@ def _size_setting(value, key: str, path: str):
 
 def read_processor_config(folder: str | None) -> dict:
     """``size``, ``crop_size``, ``mean``, ``std`` for :func:`clip_preprocess` from ``folder/preprocessor_config.json``
-    (transformers' image processor file); CLIP's defaults (224, 224, CLIP_MEAN, CLIP_STD) for what it lacks or
+    (transformers' image processor file; ``resample`` must be bicubic); CLIP's defaults (224, 224, CLIP_MEAN, CLIP_STD) for what it lacks or
     when there is no such file. A malformed file is a ValueError naming it."""
     settings = {"size": 224, "crop_size": None, "mean": CLIP_MEAN, "std": CLIP_STD}
     path = os.path.join(folder, PROCESSOR_CONFIG) if folder else ""
@@ -102,6 +102,9 @@ def read_processor_config(folder: str | None) -> dict:
         raise ValueError(f"{path}: not a readable JSON image processor config ({e})") from e
     if not isinstance(cfg, dict):
         raise ValueError(f"{path}: expected a JSON object (transformers' preprocessor_config.json)")
+    if cfg.get("resample", 3) != 3:
+        raise ValueError(f"{path}: 'resample' is {cfg['resample']!r}; only bicubic (3, what CLIP models use) is "
+                         "implemented")
     if "size" in cfg:
         settings["size"] = _size_setting(cfg["size"], "size", path)
     if cfg.get("crop_size") is not None and cfg.get("do_center_crop", True):
