@@ -528,3 +528,29 @@ def test_sd_safety_preprocessing_config_forms(tmp_path):
     legacy.write_text(json.dumps({"size": "big"}))
     with pytest.raises(SpecError, match="size must be an int"):
         read_preprocessing(str(legacy), 224)
+
+
+# ------------------------------------------------------------------------------------------ Grad-CAM plumbing
+def test_gradcam_windows_follow_the_preprocessing(hps_files, safety_model):
+    """gradcam_crop: the image window each model input covers (pad-to-square reaches past the image)."""
+    path, tokenizer, _, _ = hps_files
+    hps = _hps(path, tokenizer)
+    assert hps.gradcam_crop(40, 48) == (-3.0, 0.0, 48.0, 48.0)   # 40x48 -> 27x32 + 2 rows of padding on top
+    assert hps.gradcam_crop(64, 64) == (0.0, 0.0, 64.0, 64.0)
+    shortest = _hps(path, tokenizer, resize="shortest").gradcam_crop(40, 48)   # 40x48 -> 32x38, crop from col 3
+    assert shortest == pytest.approx((0.0, 3 * 48 / 38, 40.0, 32 * 48 / 38))
+    root, _, _, _ = safety_model
+    assert build_reward("sd-safety", model=root).gradcam_crop(40, 40) == (4.0, 4.0, 32.0, 32.0)  # 40 -> crop 32
+
+
+def test_gradcam_runs_on_both_rewards(hps_files, safety_model):
+    """fnf's Grad-CAM on each reward's own gradcam_layer: a (B, H, W) map, finite, >= 0, not all zero."""
+    from fnf.localize import GradCAM
+
+    path, tokenizer, _, _ = hps_files
+    root, _, _, images = safety_model
+    for reward, weight, x, prompts in ((_hps(path, tokenizer), 1.0, _images((2, 3, 32, 32), SEED + 5), PROMPTS[:2]),
+                                       (build_reward("sd-safety", model=root), -1.0, images, None)):
+        cam = GradCAM(reward, reward_weight=weight)(x, prompts)
+        assert cam.shape == (x.shape[0],) + x.shape[-2:] and torch.isfinite(cam).all() and (cam >= 0).all()
+        assert (cam.flatten(1).amax(1) > 0).any()

@@ -5,6 +5,7 @@ The checkpoint is the official ``torch.save({'state_dict': ...})`` file in open_
 ``open_clip`` imports, the model is ``open_clip.create_model(arch, pretrained=None)`` with that state dict;
 otherwise the state dict is converted to a transformers ``CLIPModel`` (the same architecture), its shapes read
 from the tensors. Text is tokenised with a local CLIP tokenizer folder (an SD 1.x ``tokenizer/`` holds the same BPE).
+Images go through HPS's eval transform (long side to 224, zero-padded to a square; square images: a plain resize).
 """
 from __future__ import annotations
 
@@ -296,10 +297,30 @@ def hps_preprocess(images: torch.Tensor, size: int, resize: str = "longest") -> 
     return clip_preprocess(images, size=size, mean=CLIP_MEAN, std=CLIP_STD)
 
 
-class HPSv2Reward(nn.Module):
-    """HPS v2 on a transformers CLIPModel: cos(image, text) of (images in [0, 1], prompts) -> (B,)."""
+def hps_window(height: int, width: int, size: int, resize: str = "longest"):
+    """``gradcam_crop`` of :func:`hps_preprocess`: the window (top, left, h, w), in image pixels, that the model
+    input covers. Pad-to-square covers more than the image (negative top or left: the padding)."""
+    if resize == "shortest" or height == width:
+        from ..localize import center_crop_window
 
+        return center_crop_window(size)(height, width)
+    scale = max(height, width) / size
+    new_h, new_w = round(height / scale), round(width / scale)
+    return (-((size - new_h) // 2) * scale, -((size - new_w) // 2) * scale, size * scale, size * scale)
+
+
+class _HPSBase(nn.Module):
     gradcam_prefix_tokens = 1
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        return hps_preprocess(images, self.image_size, self.resize)
+
+    def gradcam_crop(self, height: int, width: int):
+        return hps_window(height, width, self.image_size, self.resize)
+
+
+class HPSv2Reward(_HPSBase):
+    """HPS v2 on a transformers CLIPModel: cos(image, text) of (images in [0, 1], prompts) -> (B,)."""
 
     def __init__(self, clip, tokenizer, image_size: int = 224, context_length: int = 77, resize: str = "longest"):
         super().__init__()
@@ -308,9 +329,6 @@ class HPSv2Reward(nn.Module):
         self.gradcam_layer = f"clip.vision_model.encoder.layers.{clip.config.vision_config.num_hidden_layers - 1}" \
                              ".layer_norm1"
         self.eval().requires_grad_(False)
-
-    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        return hps_preprocess(images, self.image_size, self.resize)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         dtype = self.clip.visual_projection.weight.dtype
@@ -331,10 +349,8 @@ class HPSv2Reward(nn.Module):
         return (nn.functional.normalize(img.float(), dim=-1) * nn.functional.normalize(text.float(), dim=-1)).sum(-1)
 
 
-class OpenCLIPHPSv2Reward(nn.Module):
+class OpenCLIPHPSv2Reward(_HPSBase):
     """HPS v2 on an open_clip model (``model.encode_image`` / ``encode_text``); same score."""
-
-    gradcam_prefix_tokens = 1
 
     def __init__(self, model, tokenize, image_size: int = 224, context_length: int = 77, resize: str = "longest"):
         super().__init__()
@@ -343,9 +359,6 @@ class OpenCLIPHPSv2Reward(nn.Module):
         # A batch-first open_clip (>= 2.24) feeds (B, 1 + N, C) through ln_1 of the last vision block.
         self.gradcam_layer = f"model.visual.transformer.resblocks.{len(model.visual.transformer.resblocks) - 1}.ln_1"
         self.eval().requires_grad_(False)
-
-    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        return hps_preprocess(images, self.image_size, self.resize)
 
     def forward(self, images: torch.Tensor, prompts=None) -> torch.Tensor:
         device = next(self.model.parameters()).device

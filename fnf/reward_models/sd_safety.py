@@ -155,6 +155,12 @@ class SDSafetyReward(nn.Module):
         self.gradcam_layer = next(n for n, _ in self.named_modules() if n.endswith(last))
         self.eval().requires_grad_(False)
 
+    def gradcam_crop(self, height: int, width: int):
+        """The window (top, left, h, w) of the image the checker sees (short-side resize + center crop)."""
+        from ..localize import center_crop_window
+
+        return center_crop_window(self.size, self.crop_size)(height, width)
+
     def image_embeds(self, images: torch.Tensor) -> torch.Tensor:
         x = clip_preprocess(images, size=self.size, mean=self.mean, std=self.std, crop_size=self.crop_size)
         x = x.to(self.checker.visual_projection.weight.dtype)
