@@ -201,7 +201,7 @@ class AestheticReward(_CLIPReward):
         e = self.image_features(images)
         e = e.to(torch.promote_types(e.dtype, torch.float32))
         e = e / e.norm(dim=-1, keepdim=True)
-        return self.head.layers(e)[:, 0]
+        return self.head.layers(e.to(self.head.layers[0].weight.dtype))[:, 0]
 
 
 class CLIPSimilarityReward(_CLIPReward):
