@@ -19,6 +19,7 @@ loss, reward or gradient is NaN/Inf on any process is skipped on all of them and
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -57,6 +58,18 @@ def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1, dtype=np.uint64)[0]) >> 1
 
 
+class Probe:
+    """The trainer's estimation hook (``fnf estimate-memory``, fnf/memory/): the Session labels its phases and says
+    where models live. This default does nothing; the estimator's probe counts device memory by phase."""
+
+    def phase(self, name: str, host: bool = False):
+        """Context for one phase of a step (``host``: what is allocated inside stays on the host)."""
+        return contextlib.nullcontext()
+
+    def placed(self, modules, on_device: bool) -> None:
+        """``modules`` (a list of nn.Modules) now live on the device (True) or on the host (False)."""
+
+
 def make_accelerator(cfg: Config):
     from accelerate import Accelerator
 
@@ -70,8 +83,9 @@ class Session:
     """Everything the loop needs, built once from a Config: model with LoRA, reward, localizer, prompt
     embeddings, optimizer and schedules."""
 
-    def __init__(self, cfg: Config, accelerator=None, model: DiffusionModel | None = None):
+    def __init__(self, cfg: Config, accelerator=None, model: DiffusionModel | None = None, probe: Probe | None = None):
         self.cfg = cfg
+        self.probe = probe = probe or Probe()
         self.acc = accelerator or make_accelerator(cfg)
         self.device = self.acc.device
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
@@ -103,8 +117,9 @@ class Session:
             self.sepen = SepenObjective(cfg, m)
             self.params = self.sepen.params
         else:
-            self.params = add_lora(m, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
-                                   target_modules=cfg.lora.target_modules, dropout=cfg.lora.dropout)
+            with probe.phase("LoRA params"):
+                self.params = add_lora(m, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
+                                       target_modules=cfg.lora.target_modules, dropout=cfg.lora.dropout)
         self._broadcast_params()
         # The UNet stays in eval mode: LoRA dropout acts only in the grad-carrying UNet calls (sampling.denoise).
         if cfg.memory.unet_checkpointing and self.sepen is None:  # sepen: see fnf/sepen/train_step.py
@@ -131,26 +146,34 @@ class Session:
         """Reward, localizer and prompt embeddings of the Focus-N-Fix / DRaFT objective."""
         # beta = 0 with no localizer is plain DRaFT-K: the pretrained trajectory I0 is not needed at all.
         self.plain_draft = cfg.objective.beta == 0 and cfg.localize.spec == "none"
-        self.reward = prepare_reward(build_reward(cfg.reward.spec, **cfg.reward.kwargs), self.device)
-        self.localizer = localizer_from_config(cfg, self.reward)
+        with self.probe.phase("reward build", host=True):  # built on the host, then moved
+            reward = build_reward(cfg.reward.spec, **cfg.reward.kwargs)
+        self.reward = prepare_reward(reward, self.device)
+        if isinstance(self.reward, torch.nn.Module):
+            self.probe.placed([self.reward], on_device=True)
+        with self.probe.phase("localizer build"):
+            self.localizer = localizer_from_config(cfg, self.reward)
         self.prompts = cfg.all_prompts()
         if not self.prompts:
             raise ValueError("no prompts: set train.prompts or train.prompts_file")
-        self.embeds = encode_prompts(m, self.prompts, height=self.height, width=self.width)
-        neg = cfg.sampling.negative_prompt
-        self.negative = encode_prompts(m, [neg], height=self.height, width=self.width,
-                                       zero=(m.kind == "sdxl" and not neg and m.force_zeros_for_empty_prompt))
+        with self.probe.phase("prompt encoding"):
+            self.embeds = encode_prompts(m, self.prompts, height=self.height, width=self.width)
+            neg = cfg.sampling.negative_prompt
+            self.negative = encode_prompts(m, [neg], height=self.height, width=self.width,
+                                           zero=(m.kind == "sdxl" and not neg and m.force_zeros_for_empty_prompt))
         self.pool = None
         if cfg.train.seeds_per_prompt > 0:
             from .reference_pool import ReferencePool
-            self.pool = ReferencePool(
-                m, self.embeds, self.negative, self.localizer, self.prompts, seeds_per_prompt=cfg.train.seeds_per_prompt,
-                seed=cfg.train.seed, height=self.height, width=self.width, steps=cfg.sampling.steps,
-                guidance_scale=cfg.sampling.guidance_scale, batch_size=cfg.train.batch_size, device=self.device,
-                autocast=self.autocast, references=not self.plain_draft,
-                progress=cfg.train.progress and self.acc.is_main_process)
+            with self.probe.phase("reference pool"):
+                self.pool = ReferencePool(
+                    m, self.embeds, self.negative, self.localizer, self.prompts,
+                    seeds_per_prompt=cfg.train.seeds_per_prompt, seed=cfg.train.seed, height=self.height,
+                    width=self.width, steps=cfg.sampling.steps, guidance_scale=cfg.sampling.guidance_scale,
+                    batch_size=cfg.train.batch_size, device=self.device, autocast=self.autocast,
+                    references=not self.plain_draft, progress=cfg.train.progress and self.acc.is_main_process)
         if cfg.memory.offload_text_encoder:
             offload_text_encoders(m)
+            self.probe.placed(m.text_encoders, on_device=False)
 
     # ------------------------------------------------------------------ distributed helpers
     def _dist(self):
@@ -198,7 +221,7 @@ class Session:
 
     def micro_batch(self, step: int, micro: int):
         """Sample I0, M(I0) and I for one micro-batch; return (loss, stats, images dict)."""
-        cfg, m = self.cfg, self.model
+        cfg, m, phase = self.cfg, self.model, self.probe.phase
         s = cfg.sampling
         seed = step_seed(cfg.train.seed, step, micro, self.rank)
         gen = torch.Generator().manual_seed(seed)
@@ -227,23 +250,30 @@ class Session:
             x_ft, start = x_T, 0
         elif self.fused_lora:  # shared no-grad steps in one batch; x_ft is I's latent at its first grad step
             with torch.no_grad(), self.autocast():
-                z_ref, x_ft = denoise_batched(m, x_T, cond, uncond, grad_steps=s.truncation_k, lv_copies=s.lv_copies,
-                                              generators=(gen_ref, gen_ft), **kw)
-                ref = decode(m, z_ref).float()
+                with phase("no-grad sampling"):
+                    z_ref, x_ft = denoise_batched(m, x_T, cond, uncond, grad_steps=s.truncation_k,
+                                                  lv_copies=s.lv_copies, generators=(gen_ref, gen_ft), **kw)
+                with phase("I0 decode"):
+                    ref = decode(m, z_ref).float()
             start = grad_start(s.steps, s.truncation_k, s.lv_copies)
         else:
             with torch.no_grad(), adapters_disabled(m.unet), self.autocast():
-                z_ref = denoise(m, x_T, cond, uncond, grad_steps=0, generator=gen_ref, **kw)
-                ref = decode(m, z_ref).float()
+                with phase("no-grad sampling"):
+                    z_ref = denoise(m, x_T, cond, uncond, grad_steps=0, generator=gen_ref, **kw)
+                with phase("I0 decode"):
+                    ref = decode(m, z_ref).float()
             x_ft, start = x_T, 0
         if not self.plain_draft and self.pool is None:  # before the grad-carrying steps: its backward peaks alone
-            heat, mask = self.localizer(ref, prompts, idx)
+            with phase("localizer"):
+                heat, mask = self.localizer(ref, prompts, idx)
         with self.autocast():
-            z = denoise(m, x_ft, cond, uncond, grad_steps=s.truncation_k, lv_copies=s.lv_copies, generator=gen_ft,
-                        start=start, **kw)
-            images = decode(m, z)
+            with phase("denoiser (grad steps)"):  # the fine-tuned trajectory; its last K steps carry grad
+                z = denoise(m, x_ft, cond, uncond, grad_steps=s.truncation_k, lv_copies=s.lv_copies,
+                            generator=gen_ft, start=start, **kw)
+            with phase("VAE decode"):
+                images = decode(m, z)
         copies = max(1, s.lv_copies)
-        with self.autocast():
+        with self.autocast(), phase("reward"):
             rewards = evaluate(self.reward, images, prompts * copies, checkpoint=cfg.memory.reward_checkpointing)
         if self.plain_draft:
             loss = -cfg.reward.weight * rewards.float().mean()
@@ -269,14 +299,16 @@ class Session:
             if self.any_process(not finite):
                 skipped, reason = True, "non-finite loss or reward"
                 break
-            self.scaler.scale(loss / accum).backward()
+            with self.probe.phase("backward"):
+                self.scaler.scale(loss / accum).backward()
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + v / accum
         grad_norm = float("nan")
         overflow = False
-        if not skipped:
-            skipped, reason, overflow, grad_norm = self._apply_gradients(step)
-        self.optimizer.zero_grad(set_to_none=True)
+        with self.probe.phase("optimizer"):
+            if not skipped:
+                skipped, reason, overflow, grad_norm = self._apply_gradients(step)
+            self.optimizer.zero_grad(set_to_none=True)
         keys = sorted(totals)
         if keys:
             vec = self.all_reduce_mean(torch.tensor([totals[k] for k in keys], dtype=torch.float64,

@@ -1,0 +1,343 @@
+"""Trace the trainer's own ``Session.optimizer_step`` (twice, so AdamW's state is live) and count device bytes.
+
+``fake=True`` (the command): under torch's FakeTensorMode, models built from config.json files alone (no
+weights read, no compute). ``fake=False``: the same code on real CPU tensors (tests check the two agree).
+CUDA's autocast fp32 ops, its attention backend and foreach AdamW are imitated (cuda_rules.py); models the
+trainer keeps on the host (offloaded text encoders, a reward built on the host before it moves) are not counted.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from . import cuda_rules
+from .archs import ARCHS, TOY_TOKENIZER
+from .counter import StorageCounter, rounded
+
+GIB = 2 ** 30
+# What a dispatch-level counter cannot see, as a margin on top of the estimate (uncalibrated until the first
+# GPU run of benchmarks/train_memory.py): cuDNN convolution and cuBLAS workspaces and kernel scratch pass
+# through the caching allocator and so count in max_memory_allocated.
+MARGIN_FRACTION, MARGIN_BYTES = 0.10, GIB // 4
+NOT_INCLUDED = ("CUDA context (~0.3-0.6 GiB, outside max_memory_allocated)",
+                "reserved-but-unallocated memory of the caching allocator (fragmentation; typically 5-20% more "
+                "in torch.cuda.max_memory_reserved)")
+REWARD_STAND_INS = {"clip-l14": "fnf.memory.archs:clip_l14_reward"}
+
+# The memory ladder: each row adds one lever to the row before (memory.* keys; train.* for the pool).
+LADDER = [
+    ("naive", {"memory": {"unet_checkpointing": False, "vae_checkpointing": False, "reward_checkpointing": False,
+                          "offload_text_encoder": False, "fused_lora": "off"}, "train": {"seeds_per_prompt": 0}}),
+    ("+ UNet checkpointing", {"memory": {"unet_checkpointing": True}}),
+    ("+ VAE checkpointing", {"memory": {"vae_checkpointing": True}}),
+    ("+ text encoders offloaded (fnf defaults)", {"memory": {"offload_text_encoder": True}}),
+    ("+ reward checkpointing", {"memory": {"reward_checkpointing": True}}),
+    ("+ fused LoRA", {"memory": {"fused_lora": "on"}}),
+    ("+ reference pool", {"memory": {"fused_lora": "off"}, "train": {"seeds_per_prompt": 1}}),
+]
+
+
+class _TraceAccelerator:
+    """The few accelerator attributes a Session reads: one process, on the (traced) CPU."""
+
+    device = torch.device("cpu")
+    process_index, num_processes, is_main_process = 0, 1, True
+
+    def __init__(self):
+        self.notes: list[str] = []
+
+    def print(self, *args, **_):
+        self.notes.append(" ".join(str(a) for a in args))
+
+    def wait_for_everyone(self):
+        pass
+
+
+class CounterProbe:
+    """The Session's estimation hook (fnf.train.Probe) backed by a StorageCounter."""
+
+    def __init__(self, counter: StorageCounter):
+        self.counter = counter
+
+    def phase(self, name: str, host: bool = False):
+        if not host:
+            return self.counter.phase(name)
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.counter.phase(name))
+        stack.enter_context(self.counter.host())
+        return stack
+
+    def placed(self, modules, on_device: bool) -> None:
+        for module in modules:
+            self.counter.place([*module.parameters(), *module.buffers()], on_device)
+
+
+@contextlib.contextmanager
+def _fake_module_moves():
+    """``Module.to()`` swaps FakeTensor parameters (torch >= 2.4), which fails: every fake tensor is weakly
+    memoised by its FakeTensorMode. Inside, a swap of two fake tensors sets ``.data`` instead."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    original = torch.utils.swap_tensors
+
+    def swap(t1, t2):
+        if isinstance(t1, FakeTensor) and isinstance(t2, FakeTensor):
+            with torch.no_grad():
+                t1.data = t2
+            return None
+        return original(t1, t2)
+
+    torch.utils.swap_tensors = swap
+    try:
+        yield
+    finally:
+        torch.utils.swap_tensors = original
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+# ------------------------------------------------------------------------------------------ model specs
+def model_spec(model_dir: str | None = None, arch: str | None = None) -> dict:
+    """The architecture to build: a named one, or the config.json files of a diffusers folder (no weights)."""
+    if arch:
+        if arch not in ARCHS:
+            raise ValueError(f"--arch: unknown architecture {arch!r}; expected one of {', '.join(sorted(ARCHS))}")
+        return {"name": arch, "tokenizers": None, **copy.deepcopy(ARCHS[arch])}
+    from ..models import ModelLoadError, _read_index, detect_kind
+
+    try:
+        index = _read_index(model_dir or "")
+    except ModelLoadError as e:
+        raise ValueError(str(e)) from None
+    kind = detect_kind(model_dir, index)
+
+    def read(component: str) -> dict:
+        for name in ("config.json", "scheduler_config.json"):
+            path = os.path.join(model_dir, component, name)
+            if os.path.isfile(path):
+                with open(path, encoding="utf-8") as f:
+                    return {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+        raise ValueError(f"model folder {model_dir!r}: {component}/config.json is missing (estimate-memory builds "
+                         "each component from its config.json)")
+
+    encoders = [("CLIPTextModel", read("text_encoder"))]
+    if kind == "sdxl":
+        encoders.append(("CLIPTextModelWithProjection", read("text_encoder_2")))
+    tokenizers = [os.path.join(model_dir, t) for t in ("tokenizer", "tokenizer_2")[:len(encoders)]]
+    return {"name": os.path.basename(os.path.normpath(model_dir)), "kind": kind, "unet": read("unet"),
+            "vae": read("vae"), "text": encoders, "scheduler": read("scheduler"), "tokenizers": tokenizers,
+            "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", kind == "sdxl"))}
+
+
+def build_model(spec: dict, weight_dtype: str, fp16_autocast: bool = False):
+    """A frozen DiffusionModel with random (under FakeTensorMode: fake) weights in the training dtypes."""
+    import transformers
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTokenizer
+
+    from ..models import DTYPES, DiffusionModel
+
+    dtype = DTYPES[weight_dtype]
+    fp16 = dtype == torch.float16 or fp16_autocast
+    vae_dtype = torch.float32 if fp16 and spec["vae"].get("force_upcast", True) else dtype
+    with _default_dtype(dtype):
+        unet = UNet2DConditionModel.from_config(spec["unet"])
+        encoders = []
+        for cls_name, cfg in spec["text"]:
+            config_cls = transformers.CLIPTextConfig
+            fields = {k: v for k, v in cfg.items() if k not in ("architectures", "torch_dtype", "dtype",
+                                                                  "transformers_version")}
+            encoders.append(getattr(transformers, cls_name)(config_cls(**fields)))
+    with _default_dtype(vae_dtype):
+        vae = AutoencoderKL.from_config(spec["vae"])
+    toks = []
+    for i in range(len(encoders)):
+        folder = (spec.get("tokenizers") or [None, None])[i]
+        if folder and os.path.isdir(folder):
+            toks.append(CLIPTokenizer.from_pretrained(folder, local_files_only=True))
+        else:  # a named architecture: any CLIP BPE tokenizer padded to the encoder's length does
+            length = spec["text"][i][1].get("max_position_embeddings", 77)
+            toks.append(CLIPTokenizer.from_pretrained(TOY_TOKENIZER, model_max_length=length, local_files_only=True))
+    for module in [unet, vae, *encoders]:
+        module.requires_grad_(False).eval()
+    scheduler = DDIMScheduler.from_config(spec["scheduler"])
+    model = DiffusionModel(path=f"<{spec['name']}>", kind=spec["kind"], unet=unet, vae=vae, scheduler=scheduler,
+                           text_encoders=encoders, tokenizers=toks,
+                           force_zeros_for_empty_prompt=spec.get("force_zeros_for_empty_prompt", False))
+    model.vae_upcast = vae_dtype != dtype
+    return model
+
+
+# ------------------------------------------------------------------------------------------ the trace
+@dataclass
+class Estimate:
+    peak_bytes: int
+    peak_phase: str
+    peak_step: str
+    held_at_peak: dict
+    phases: dict
+    persistent: dict
+    settings: dict
+    attention_backends: dict
+    trace_seconds: float
+    notes: list = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        gib = lambda b: round(b / GIB, 4)  # noqa: E731
+        return {
+            "estimate_of": "torch.cuda.max_memory_allocated", "peak_gib": gib(self.peak_bytes),
+            "peak_bytes": self.peak_bytes, "peak_phase": self.peak_phase, "peak_step": self.peak_step,
+            "plan_for_gib": gib(self.peak_bytes * (1 + MARGIN_FRACTION) + MARGIN_BYTES),
+            "margin": {"fraction": MARGIN_FRACTION, "gib": gib(MARGIN_BYTES),
+                       "covers": "cuDNN/cuBLAS workspaces and kernel scratch (not visible to the trace)"},
+            "not_included": list(NOT_INCLUDED),
+            "held_at_peak_gib": {k: gib(v) for k, v in self.held_at_peak.items()},
+            "phases": {k: {kk: gib(vv) for kk, vv in v.items()} for k, v in self.phases.items()},
+            "persistent_gib": {k: gib(v) for k, v in self.persistent.items()},
+            "settings": self.settings, "attention_backends": self.attention_backends,
+            "trace_seconds": round(self.trace_seconds, 2)}
+
+
+def trace_config(cfg, height: int = 0, width: int = 0, sampling_steps: int = 0):
+    """The config as traced: T = K + 2 DDIM steps (the peak does not depend on T), CPU, no side output."""
+    cfg = copy.deepcopy(cfg)
+    s = cfg.sampling
+    grad_steps = 1 if s.lv_copies > 0 else s.truncation_k
+    s.steps = sampling_steps or min(s.steps, grad_steps + 2)
+    if height:
+        s.height = height
+    if width:
+        s.width = width
+    t = cfg.train
+    t.device, t.progress, t.tensorboard = "cpu", False, False
+    if cfg.memory.fused_lora == "auto":  # on a CUDA machine with triton, auto is on
+        cfg.memory.fused_lora = "on"
+    return cfg
+
+
+def _apply(cfg, overrides: dict):
+    for section, values in overrides.items():
+        for key, value in values.items():
+            setattr(getattr(cfg, section), key, value)
+    return cfg
+
+
+def run_trace(cfg, spec: dict, *, fake: bool = True, cuda: bool = True, optimizer_steps: int = 2,
+              round_bytes: bool = True) -> Estimate:
+    """Build the model, then a Session, then run ``optimizer_steps`` optimizer steps under the counter."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ..train import Session
+
+    acc = _TraceAccelerator()
+    fp16_autocast = cfg.memory.mixed_precision == "fp16"
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
+    if fake and os.environ.get("FNF_FAKE_CACHE") == "0":
+        fake_mode.cache_enabled = False
+    rules = cuda_rules.CudaRules() if cuda else contextlib.nullcontext()
+    began = time.time()
+    marks: dict[str, int] = {}
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_fake_module_moves())
+        stack.enter_context(fake_mode)
+        model = build_model(spec, cfg.model.weight_dtype, fp16_autocast)
+        counter = stack.enter_context(StorageCounter(scalar_answers=fake, round_to=512 if round_bytes else 1))
+        if cuda:
+            stack.enter_context(rules)
+        counter.register([t for m in [model.unet, model.vae, *model.text_encoders]
+                          for t in [*m.parameters(), *m.buffers()]], "weights (frozen)")
+        session = Session(cfg, acc, model, probe=CounterProbe(counter))
+        if cuda:  # torch.optim picks foreach on CUDA tensors
+            for group in session.optimizer.param_groups:
+                group["foreach"] = True
+        phases = {f"build: {k}": v for k, v in counter.phase_stats.items()}
+        marks["session build"] = counter.peak
+        peak_step = "session build"
+        for step in range(optimizer_steps):
+            counter.phase_stats = {}
+            before = counter.peak
+            with counter.phase("other (step)"):
+                record, _ = session.optimizer_step(step)
+            if record["skipped"]:
+                raise RuntimeError(f"the traced step was skipped ({record.get('skip_reason')}); "
+                                   "cannot estimate its memory")
+            if counter.peak > before:
+                peak_step = f"optimizer step {step + 1}"
+            marks[f"optimizer step {step + 1}"] = counter.peak
+        phases.update({k: v for k, v in counter.phase_stats.items()})
+        params = session.params
+        state_bytes = sum(rounded(v.untyped_storage().nbytes(), counter.round_to)
+                          for st in session.optimizer.state.values() for v in st.values()
+                          if isinstance(v, torch.Tensor))
+        param_bytes = sum(rounded(p.untyped_storage().nbytes(), counter.round_to) for p in params)
+        persistent = {"weights (frozen, on the device)": counter.by_phase.get("weights (frozen)", 0),
+                      "LoRA params": param_bytes, "LoRA grads (during backward)": param_bytes,
+                      "AdamW state": state_bytes}
+        result = Estimate(
+            peak_bytes=counter.peak, peak_phase=counter.peak_phase, peak_step=peak_step,
+            held_at_peak=dict(sorted(counter.peak_by_phase.items(), key=lambda kv: -kv[1])),
+            phases={k: {"at_entry": v["entry"], "peak": v["peak"], "added": v["peak"] - v["entry"]}
+                    for k, v in phases.items()},
+            persistent=persistent, settings={}, trace_seconds=0.0, notes=acc.notes,
+            attention_backends=dict(rules.backends) if cuda else {})
+        del session, model
+    result.trace_seconds = time.time() - began
+    return result
+
+
+def settings_of(cfg, spec: dict) -> dict:
+    s, m = cfg.sampling, cfg.memory
+    return {"model": spec["name"], "kind": spec["kind"], "height": s.height, "width": s.width,
+            "weight_dtype": cfg.model.weight_dtype, "mixed_precision": m.mixed_precision,
+            "lora_rank": cfg.lora.rank, "truncation_k": s.truncation_k, "lv_copies": s.lv_copies,
+            "guidance_scale": s.guidance_scale, "batch_size": cfg.train.batch_size,
+            "grad_accum": cfg.train.grad_accum, "reward": cfg.reward.spec, "localizer": cfg.localize.spec,
+            "beta": cfg.objective.beta, "sampling_steps_traced": s.steps,
+            "memory": {k: getattr(m, k) for k in ("unet_checkpointing", "vae_checkpointing",
+                                                   "reward_checkpointing", "offload_text_encoder", "fused_lora")},
+            "seeds_per_prompt": cfg.train.seeds_per_prompt}
+
+
+def estimate(cfg, *, model_dir: str | None = None, arch: str | None = None, height: int = 0, width: int = 0,
+             reward_model: str = "", fake: bool = True, sampling_steps: int = 0) -> Estimate:
+    """Peak device memory of one training step of ``cfg`` (see the module docstring)."""
+    if not cuda_rules.torch_supported():
+        raise RuntimeError(f"estimate-memory needs torch >= {'.'.join(map(str, cuda_rules.MIN_TORCH))}")
+    spec = model_spec(model_dir or (None if arch else cfg.model.path), arch)
+    cfg = trace_config(cfg, height, width, sampling_steps)
+    if not cfg.sampling.height:  # the model's native size
+        native = int(spec["unet"]["sample_size"]) * 2 ** (len(spec["vae"]["block_out_channels"]) - 1)
+        cfg.sampling.height = cfg.sampling.height or native
+        cfg.sampling.width = cfg.sampling.width or native
+    if reward_model:
+        if reward_model not in REWARD_STAND_INS:
+            raise ValueError(f"--reward-model: unknown stand-in {reward_model!r}; expected one of "
+                             f"{', '.join(REWARD_STAND_INS)}")
+        cfg.reward.spec = REWARD_STAND_INS[reward_model]
+        cfg.reward.kwargs = {"dtype": cfg.model.weight_dtype}
+    result = run_trace(cfg, spec, fake=fake)
+    result.settings = settings_of(cfg, spec)
+    return result
+
+
+def ladder(cfg, **kwargs) -> list[tuple[str, Estimate]]:
+    """The estimate for each memory lever added one at a time (LADDER)."""
+    rows, current = [], copy.deepcopy(cfg)
+    for name, overrides in LADDER:
+        current = _apply(current, overrides)
+        rows.append((name, estimate(current, **kwargs)))
+    return rows
