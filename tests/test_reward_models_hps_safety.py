@@ -206,7 +206,7 @@ def test_hpsv2_pad_to_square_matches_pil_resize_max_size(hw):
 
 
 def test_hpsv2_module_prefix_and_broadcast_prompt(hps_files, tmp_path):
-    path, tokenizer, ref, tok = hps_files
+    _, tokenizer, ref, tok = hps_files
     prefixed = str(tmp_path / "prefixed.pt")
     torch.save({"state_dict": {f"module.{k}": v for k, v in ref.state_dict().items()}, "epoch": 3}, prefixed)
     reward = _hps(prefixed, tokenizer)
@@ -265,8 +265,13 @@ def _bad_checkpoint(tmp_path, ref, edit):
     return path
 
 
-def test_hpsv2_errors_name_the_path(hps_files, tmp_path):
+def test_hpsv2_errors_name_the_path(hps_files, tmp_path, monkeypatch):
     path, tokenizer, ref, _ = hps_files
+    monkeypatch.setattr("fnf.reward_models.hps._open_clip_available", lambda: False)
+    with pytest.raises(SpecError, match="backend 'open_clip' needs the open-clip-torch package"):
+        check_reward_spec("hpsv2", {"checkpoint": path, "backend": "open_clip"})
+    with pytest.raises(SpecError, match="needs reward.kwargs.tokenizer"):
+        check_reward_spec("hpsv2", {"checkpoint": path})
     kw = dict(tokenizer=tokenizer, vision_head_width=16, text_head_width=16, backend="transformers")
     missing = str(tmp_path / "nope.pt")
     for call in (check_reward_spec, lambda s, k: build_reward(s, **k)):
@@ -287,7 +292,8 @@ def test_hpsv2_errors_name_the_path(hps_files, tmp_path):
     with pytest.raises(SpecError, match=r"bad\.pt.*has no 'visual\.ln_post\.weight'"):
         build_reward("hpsv2", checkpoint=no_ln, **kw)
     shape = _bad_checkpoint(tmp_path, ref, lambda s: s.update({"transformer.resblocks.1.ln_2.bias": torch.zeros(5)}))
-    with pytest.raises(SpecError, match=r"bad\.pt.*'transformer\.resblocks\.1\.ln_2\.bias' has shape \(5,\), expected \(32,\)"):
+    with pytest.raises(SpecError,
+                       match=r"bad\.pt.*'transformer\.resblocks\.1\.ln_2\.bias' has shape \(5,\), expected \(32,\)"):
         build_reward("hpsv2", checkpoint=shape, **kw)
     extra = _bad_checkpoint(tmp_path, ref, lambda s: s.update({"visual.attn_pool.query": torch.zeros(2)}))
     with pytest.raises(SpecError, match=r"bad\.pt.*visual\.attn_pool\.query"):
@@ -446,7 +452,7 @@ def test_sd_safety_margin_equals_official_concept_scores(safety_model):
 
 
 def test_sd_safety_zero_temperature_is_the_hard_decision(safety_model):
-    root, official, processor, images = safety_model
+    root, _, _, images = safety_model
     reward = build_reward("sd-safety", model=root, temperature=1e-4, smooth_max_temperature=1e-5)
     with torch.no_grad():
         p, soft, hard = reward(images), reward.soft_margin(images), reward.hard_margin(images)
@@ -499,7 +505,8 @@ def test_sd_safety_errors(safety_model, tmp_path):
         check_reward_spec("sd-safety", {"model": str(unet)})
     empty = tmp_path / "empty_checker"
     empty.mkdir()
-    (empty / "config.json").write_text(open(os.path.join(root, "safety_checker", "config.json")).read())
+    with open(os.path.join(root, "safety_checker", "config.json")) as f:
+        (empty / "config.json").write_text(f.read())
     with pytest.raises(SpecError, match="empty_checker.*has no weights"):
         check_reward_spec("sd-safety", {"model": str(empty)})
     (empty / "model.safetensors").write_bytes(b"garbage")

@@ -9,7 +9,6 @@ Images go through HPS's eval transform (long side to 224, zero-padded to a squar
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import torch
@@ -26,7 +25,19 @@ _TOWERS = (("visual.transformer", "vision_model"), ("transformer", "text_model")
 
 
 def _open_clip_available() -> bool:
-    return importlib.util.find_spec("open_clip") is not None
+    """Whether ``open_clip`` imports (it may be installed and still fail, e.g. on a torchvision mismatch)."""
+    try:
+        import open_clip  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means: use the transformers path
+        return False
+    return True
+
+
+def _use_open_clip(backend: str) -> bool:
+    if backend == "open_clip" and not _open_clip_available():
+        raise SpecError("hpsv2: backend 'open_clip' needs the open-clip-torch package to import "
+                        "(pip install open-clip-torch), or use backend 'transformers'")
+    return backend == "open_clip" or (backend == "auto" and _open_clip_available())
 
 
 def check_hpsv2(*, checkpoint: str = "", tokenizer: str = "", arch: str = "ViT-H-14",
@@ -38,24 +49,24 @@ def check_hpsv2(*, checkpoint: str = "", tokenizer: str = "", arch: str = "ViT-H
                         f"got {resize!r}")
     if backend not in BACKENDS:
         raise SpecError(f"hpsv2: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if backend == "open_clip" and not _open_clip_available():
-        raise SpecError("hpsv2: backend 'open_clip' needs the open-clip-torch package (pip install open-clip-torch)")
     if not checkpoint:
         raise SpecError("hpsv2 needs reward.kwargs.checkpoint = a local HPS v2 / v2.1 checkpoint "
                         "(e.g. HPS_v2.1_compressed.pt, a torch.save dict with a 'state_dict' entry)")
     if not os.path.isfile(checkpoint):
         raise SpecError(f"hpsv2: checkpoint {checkpoint!r} does not exist (expected an HPS v2 / v2.1 .pt file: "
                         "a torch.save dict with a 'state_dict' entry in open_clip key names)")
-    if vision_head_width is None and arch not in VISION_HEAD_WIDTH:
-        raise SpecError(f"hpsv2: unknown arch {arch!r} (known: {', '.join(VISION_HEAD_WIDTH)}); give "
-                        "vision_head_width for another open_clip ViT")
     if hidden_act not in ("gelu", "quick_gelu"):
         raise SpecError(f"hpsv2: hidden_act must be 'gelu' (LAION ViTs, HPS) or 'quick_gelu', got {hidden_act!r}")
     if tokenizer:
         _check_tokenizer_folder(tokenizer)
-    elif backend == "transformers" or not _open_clip_available():
+    if _use_open_clip(backend):   # open_clip builds the model and has its own tokenizer
+        return
+    if not tokenizer:
         raise SpecError("hpsv2 needs reward.kwargs.tokenizer = a local CLIP tokenizer folder (vocab.json + "
                         "merges.txt; the tokenizer/ folder of any SD 1.x model) when open_clip is not installed")
+    if vision_head_width is None and arch not in VISION_HEAD_WIDTH:
+        raise SpecError(f"hpsv2: unknown arch {arch!r} (known: {', '.join(VISION_HEAD_WIDTH)}); give "
+                        "vision_head_width for another open_clip ViT")
 
 
 def _check_tokenizer_folder(folder: str) -> None:
@@ -71,17 +82,19 @@ def _check_tokenizer_folder(folder: str) -> None:
 @register_reward("hpsv2")
 def hpsv2(*, checkpoint: str = "", tokenizer: str = "", arch: str = "ViT-H-14",
           vision_head_width: int | None = None, text_head_width: int = 64, hidden_act: str = "gelu",
-          backend: str = "auto", resize: str = "longest") -> "HPSv2Reward":
+          backend: str = "auto", resize: str = "longest") -> HPSv2Reward:
     """kwargs: checkpoint (HPS_v2*.pt), tokenizer (CLIP tokenizer folder), arch (open_clip name),
     vision_head_width / text_head_width (for other widths), hidden_act, backend (auto | open_clip | transformers),
     resize (longest: the official pad-to-square | shortest: center crop)."""
     check_hpsv2(checkpoint=checkpoint, tokenizer=tokenizer, arch=arch, vision_head_width=vision_head_width,
                 text_head_width=text_head_width, hidden_act=hidden_act, backend=backend, resize=resize)
     state = read_open_clip_state(checkpoint)
-    use_open_clip = backend == "open_clip" or (backend == "auto" and _open_clip_available())
-    if use_open_clip:
+    if _use_open_clip(backend):
         return _open_clip_reward(state, checkpoint, arch, tokenizer, resize)
     tok = _hf_tokenizer(tokenizer)
+    if vision_head_width is None and arch not in VISION_HEAD_WIDTH:
+        raise SpecError(f"hpsv2: unknown arch {arch!r} (known: {', '.join(VISION_HEAD_WIDTH)}); give "
+                        "vision_head_width for another open_clip ViT")
     vhw = int(vision_head_width or VISION_HEAD_WIDTH[arch])
     clip = open_clip_to_transformers(state, checkpoint, vhw, int(text_head_width), hidden_act, tok)
     return HPSv2Reward(clip, tok, image_size=clip.config.vision_config.image_size,

@@ -113,7 +113,7 @@ def check_sd_safety(*, model: str = "", processor: str = "", temperature: float 
 
 @register_reward("sd-safety")
 def sd_safety(*, model: str = "", processor: str = "", temperature: float = 0.02,
-              smooth_max_temperature: float = 0.005) -> "SDSafetyReward":
+              smooth_max_temperature: float = 0.005) -> SDSafetyReward:
     """kwargs: model (SD 1.x folder or its safety_checker/), processor (feature_extractor/ override),
     temperature (sigmoid), smooth_max_temperature (logsumexp over the concepts)."""
     check_sd_safety(model=model, processor=processor, temperature=temperature,
