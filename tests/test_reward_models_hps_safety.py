@@ -484,6 +484,23 @@ def test_sd_safety_gradients_and_gradcam_layer(safety_model):
     assert y.grad.abs().sum() > 0
 
 
+def test_sd_safety_fp16_variant_loads_as_float32(safety_model, tmp_path):
+    import copy
+    import shutil
+
+    root, official, processor, images = safety_model
+    folder = tmp_path / "sd16"
+    copy.deepcopy(official).half().save_pretrained(str(folder / "safety_checker"), variant="fp16")
+    shutil.copytree(os.path.join(root, "feature_extractor"), folder / "feature_extractor")
+    with pytest.raises(SpecError, match="sd16.*could not be loaded"):   # the fp16 file needs variant='fp16'
+        build_reward("sd-safety", model=str(folder))
+    reward = build_reward("sd-safety", model=str(folder), variant="fp16")
+    assert all(p.dtype == torch.float32 for p in reward.parameters())
+    with torch.no_grad():
+        err = (reward.hard_margin(images).double() - _independent_margin(official, processor, images)).abs().max()
+    assert err < 5e-3   # fp16 weights: ~1e-3 relative
+
+
 def test_sd_safety_errors(safety_model, tmp_path):
     import json
 
@@ -514,8 +531,9 @@ def test_sd_safety_errors(safety_model, tmp_path):
         build_reward("sd-safety", model=str(empty))
     with pytest.raises(SpecError, match="processor.*does not exist"):
         check_reward_spec("sd-safety", {"model": root, "processor": str(tmp_path)})
-    with pytest.raises(SpecError, match="temperature must be a positive number"):
-        check_reward_spec("sd-safety", {"model": root, "temperature": 0})
+    for bad in (0, -1.0, True, "0.1"):
+        with pytest.raises(SpecError, match="temperature must be a positive number"):
+            check_reward_spec("sd-safety", {"model": root, "temperature": bad})
 
 
 def test_sd_safety_preprocessing_config_forms(tmp_path):

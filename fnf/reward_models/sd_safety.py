@@ -103,26 +103,29 @@ def read_preprocessing(path: str | None, image_size: int) -> dict:
 
 
 def check_sd_safety(*, model: str = "", processor: str = "", temperature: float = 0.02,
-                    smooth_max_temperature: float = 0.005) -> None:
+                    smooth_max_temperature: float = 0.005, variant: str | None = None) -> None:
     """Cheap checks (no weights read): the folders and config files, the temperatures."""
     for name, value in (("temperature", temperature), ("smooth_max_temperature", smooth_max_temperature)):
-        if not isinstance(value, (int, float)) or not value > 0:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise SpecError(f"sd-safety: {name} must be a positive number, got {value!r}")
+    if variant is not None and (not isinstance(variant, str) or not variant):
+        raise SpecError(f"sd-safety: variant must be a weights variant name such as 'fp16', got {variant!r}")
     resolve_folders(model, processor)
 
 
 @register_reward("sd-safety")
 def sd_safety(*, model: str = "", processor: str = "", temperature: float = 0.02,
-              smooth_max_temperature: float = 0.005) -> SDSafetyReward:
+              smooth_max_temperature: float = 0.005, variant: str | None = None) -> SDSafetyReward:
     """kwargs: model (SD 1.x folder or its safety_checker/), processor (feature_extractor/ override),
-    temperature (sigmoid), smooth_max_temperature (logsumexp over the concepts)."""
+    temperature (sigmoid), smooth_max_temperature (logsumexp over the concepts), variant (e.g. 'fp16' for
+    model.fp16.safetensors). Weights are used in float32."""
     check_sd_safety(model=model, processor=processor, temperature=temperature,
-                    smooth_max_temperature=smooth_max_temperature)
+                    smooth_max_temperature=smooth_max_temperature, variant=variant)
     folder, preprocessor = resolve_folders(model, processor)
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 
     try:
-        checker = StableDiffusionSafetyChecker.from_pretrained(folder)
+        checker = StableDiffusionSafetyChecker.from_pretrained(folder, variant=variant).float()
     except Exception as e:  # noqa: BLE001 - rewrapped with the path
         raise SpecError(f"sd-safety: {folder!r} could not be loaded as a diffusers StableDiffusionSafetyChecker: "
                         f"{type(e).__name__}: {e}") from e
