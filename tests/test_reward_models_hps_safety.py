@@ -208,7 +208,9 @@ def test_hpsv2_pad_to_square_matches_pil_resize_max_size(hw):
 def test_hpsv2_module_prefix_and_broadcast_prompt(hps_files, tmp_path):
     _, tokenizer, ref, tok = hps_files
     prefixed = str(tmp_path / "prefixed.pt")
-    torch.save({"state_dict": {f"module.{k}": v for k, v in ref.state_dict().items()}, "epoch": 3}, prefixed)
+    state = {f"module.{k}": v for k, v in ref.state_dict().items()}
+    state["module.attn_mask"] = torch.full((16, 16), float("-inf")).triu(1)   # older open_clip saved this buffer
+    torch.save({"state_dict": state, "epoch": 3}, prefixed)
     reward = _hps(prefixed, tokenizer)
     images = _images((2, 3, 32, 32), SEED + 2)
     with torch.no_grad():

@@ -220,7 +220,8 @@ def open_clip_to_transformers(state: dict, path: str, vision_head_width: int = 8
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     rows = _key_map(config)
     known = {oc for oc, _, _ in rows}
-    unexpected = sorted(k for k in state if k not in known)
+    # attn_mask: the causal mask, a buffer some open_clip versions saved with the weights (rebuilt here)
+    unexpected = sorted(k for k in state if k not in known and not k.endswith("attn_mask"))
     if unexpected:
         raise SpecError(f"hpsv2: checkpoint {path!r} has keys this architecture does not use: {unexpected[:4]} "
                         f"(expected a plain open_clip ViT CLIP such as HPS v2's ViT-H-14)")
