@@ -506,6 +506,8 @@ def test_sd_safety_fp16_variant_loads_as_float32(safety_model, tmp_path):
 def test_sd_safety_errors(safety_model, tmp_path):
     import json
 
+    from fnf.reward_models.sd_safety import resolve_folders
+
     root, _, _, _ = safety_model
     check_reward_spec("sd-safety", {"model": root})
     with pytest.raises(SpecError, match="needs reward.kwargs.model"):
@@ -531,6 +533,9 @@ def test_sd_safety_errors(safety_model, tmp_path):
     (empty / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(SpecError, match="empty_checker.*could not be loaded"):
         build_reward("sd-safety", model=str(empty))
+    assert resolve_folders(str(empty)) == (str(empty), None)   # no processor config: CLIP defaults
+    (empty / "preprocessor_config.json").write_text("{}")      # a standalone checker snapshot's own file
+    assert resolve_folders(str(empty))[1] == str(empty / "preprocessor_config.json")
     with pytest.raises(SpecError, match="processor.*does not exist"):
         check_reward_spec("sd-safety", {"model": root, "processor": str(tmp_path)})
     for bad in (0, -1.0, True, "0.1"):

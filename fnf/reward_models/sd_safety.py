@@ -53,10 +53,14 @@ def resolve_folders(model: str, processor: str = "") -> tuple[str, str | None]:
     except (OSError, ValueError) as e:
         raise SpecError(f"sd-safety: {cfg_path!r} is not readable JSON: {e}") from e
     archs = (cfg.get("architectures") or []) if isinstance(cfg, dict) else []
-    if not isinstance(cfg, dict) or "vision_config" not in cfg or (archs and "StableDiffusionSafetyChecker"
-                                                                     not in archs):
-        raise SpecError(f"sd-safety: {cfg_path!r} is not a StableDiffusionSafetyChecker config (expected a CLIP "
-                        f"config with vision_config; architectures {archs})")
+    if archs:
+        is_checker = "StableDiffusionSafetyChecker" in archs
+    else:  # older configs name no architecture: a CLIP config with a vision tower
+        is_checker = isinstance(cfg, dict) and (cfg.get("model_type") == "clip" or "vision_config" in cfg
+                                                or "vision_config_dict" in cfg)
+    if not is_checker:
+        raise SpecError(f"sd-safety: {cfg_path!r} is not a StableDiffusionSafetyChecker config (expected "
+                        f"architectures ['StableDiffusionSafetyChecker'] or a CLIP config; got architectures {archs})")
     if not any(os.path.isfile(os.path.join(folder, w)) for w in _WEIGHT_FILES):
         raise SpecError(f"sd-safety: {folder!r} has no weights (expected one of {', '.join(_WEIGHT_FILES[:2])})")
     if processor:
@@ -65,8 +69,14 @@ def resolve_folders(model: str, processor: str = "") -> tuple[str, str | None]:
             raise SpecError(f"sd-safety: processor {processor!r}: {path!r} does not exist (expected a "
                             "feature_extractor/ folder with preprocessor_config.json)")
         return folder, path
-    sibling = os.path.join(os.path.dirname(os.path.abspath(folder)), "feature_extractor", "preprocessor_config.json")
-    return folder, sibling if os.path.isfile(sibling) else None
+    # an SD folder's feature_extractor/ (beside safety_checker/), or the checker's own file (a standalone
+    # CompVis/stable-diffusion-safety-checker snapshot has one)
+    parent = os.path.dirname(os.path.abspath(folder))
+    for path in (os.path.join(parent, "feature_extractor", "preprocessor_config.json"),
+                 os.path.join(folder, "preprocessor_config.json")):
+        if os.path.isfile(path):
+            return folder, path
+    return folder, None
 
 
 def read_preprocessing(path: str | None, image_size: int) -> dict:
