@@ -57,8 +57,6 @@ class StorageCounter(TorchDispatchMode):
     def _add(self, storage, phase: str, host: bool) -> None:
         if storage in self._entries:
             return
-        if storage.device.type == "meta":
-            return
         entry = _Entry(rounded(storage.nbytes(), self.round_to), phase, host)
         self._entries[storage] = entry
         if not host:
@@ -82,23 +80,30 @@ class StorageCounter(TorchDispatchMode):
 
     @staticmethod
     def _storages(tensors):
+        """Storages of the tensors among ``tensors`` (true meta tensors hold no memory; fake ones report a
+        meta storage but stand for device memory)."""
         for t in tree_leaves(tensors):
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
                 yield t.untyped_storage()
 
     def register(self, tensors, phase: str, on_device: bool = True) -> None:
         for s in self._storages(tensors):
             self._add(s, phase, host=not on_device)
 
-    def place(self, tensors, on_device: bool) -> None:
-        """Existing storages now live on the device (counted) or on the host (not counted)."""
+    def place(self, tensors, on_device: bool, label: str | None = None) -> None:
+        """Existing storages now live on the device (counted) or on the host (not counted); ``label``
+        renames the phase they are counted under."""
         for s in self._storages(tensors):
             entry = self._entries.get(s)
             if entry is None:
-                self._add(s, self.phase_name, host=not on_device)
-            elif entry.host == on_device:
-                entry.host = not on_device
-                self._count(entry, +1 if on_device else -1)
+                self._add(s, label or self.phase_name, host=not on_device)
+                continue
+            if not entry.host:
+                self._count(entry, -1)
+            entry.host = not on_device
+            entry.phase = label or entry.phase
+            if not entry.host:
+                self._count(entry, +1)
 
     @contextlib.contextmanager
     def phase(self, name: str):
@@ -125,9 +130,8 @@ class StorageCounter(TorchDispatchMode):
             return _scalar(args[0])
         out = func(*args, **kwargs)
         host = self._host_depth > 0
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self._add(t.untyped_storage(), self.phase_name, host)
+        for storage in self._storages(out):
+            self._add(storage, self.phase_name, host)
         return out
 
 

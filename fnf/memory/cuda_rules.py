@@ -6,9 +6,9 @@
   float32 inputs (or ``dtype=float32``) and run with autocast off, as on CUDA: autograd then saves float32
   tensors, and backward and checkpoint recomputation (which restores the autocast state) see the same.
 * Attention: ``scaled_dot_product_attention`` runs the backend a CUDA GPU (sm80+) would choose for the shapes
-  and dtypes: flash (half precision, head dim <= 256, no mask) or memory-efficient (float32 or a mask) save the
-  output and a float32 logsumexp; the math backend (float64, unsupported head dims) materialises B*H*L^2
-  scores. CPU's flash kernel saves the same as CUDA's; the math case is run as the math op.
+  and dtypes: flash (half precision, head dim <= 256, no mask) or memory-efficient (float32, a mask, larger
+  head dims) save the output and a float32 logsumexp; the math backend (float64, head dims that are not
+  multiples of 8) materialises B*H*L^2 scores. CPU's flash kernel saves the same as CUDA's; the math case is run as the math op.
 """
 from __future__ import annotations
 
@@ -50,13 +50,15 @@ def _to_fp32(x):
 
 
 def gpu_attention_backend(q: torch.Tensor, k: torch.Tensor, attn_mask) -> str:
-    """flash | efficient | math: the SDPA backend torch picks on an sm80+ GPU (torch 2.x defaults)."""
+    """flash | efficient | math: the SDPA backend torch picks on an sm80+ GPU (torch 2.x priority order:
+    flash for half precision, head dim <= 256 and no mask; else memory-efficient for head dims that are
+    multiples of 8 in float32/half; else math)."""
     head = q.shape[-1]
-    if q.dtype == torch.float64 or head > 256 or head % 8 or k.shape[-1] != head:
-        return "math"
-    if q.dtype in HALF and attn_mask is None:
+    if q.dtype in HALF and attn_mask is None and head <= 256 and head % 8 == 0 and k.shape[-1] == head:
         return "flash"
-    return "efficient"
+    if q.dtype != torch.float64 and head % 8 == 0:
+        return "efficient"
+    return "math"
 
 
 def _targets() -> list[tuple[object, str, str]]:

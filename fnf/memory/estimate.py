@@ -74,8 +74,9 @@ class CounterProbe:
         return stack
 
     def placed(self, modules, on_device: bool) -> None:
+        label = "weights (moved to the device)" if on_device else None
         for module in modules:
-            self.counter.place([*module.parameters(), *module.buffers()], on_device)
+            self.counter.place([*module.parameters(), *module.buffers()], on_device, label)
 
 
 @contextlib.contextmanager
