@@ -143,16 +143,9 @@ def center_crop_window(size: int, crop: int | None = None):
     """``gradcam_crop`` of a reward that resizes the short side to ``size`` and center crops ``crop`` (default
     ``size``) as :func:`fnf.reward_models.preprocess.clip_preprocess` does: (height, width) -> the window
     (top, left, crop_h, crop_w) of the image, in image pixels."""
-    crop = size if crop is None else crop
+    from .reward_models.preprocess import crop_window
 
-    def window(height: int, width: int):
-        if height <= width:
-            new_h, new_w = size, int(size * width / height)
-        else:
-            new_h, new_w = int(size * height / width), size
-        sy, sx = height / new_h, width / new_w
-        return ((new_h - crop) // 2 * sy, (new_w - crop) // 2 * sx, crop * sy, crop * sx)
-    return window
+    return lambda height, width: crop_window(height, width, size, crop)
 
 
 def _paste_in_window(cam: torch.Tensor, window, size) -> torch.Tensor:
@@ -163,13 +156,17 @@ def _paste_in_window(cam: torch.Tensor, window, size) -> torch.Tensor:
     except (TypeError, ValueError):
         raise LocalizerError(f"gradcam: the reward's gradcam_crop must return (top, left, height, width), "
                              f"got {window!r}") from None
-    t, l = max(0, round(top)), max(0, round(left))
-    b, r = min(height, round(top + crop_h)), min(width, round(left + crop_w))
+    top_i, left_i = round(top), round(left)
+    win_h, win_w = round(top + crop_h) - top_i, round(left + crop_w) - left_i
+    t, l = max(0, top_i), max(0, left_i)
+    b, r = min(height, top_i + win_h), min(width, left_i + win_w)
     out = cam.new_zeros(cam.shape[0], height, width)
     if b <= t or r <= l:
         raise LocalizerError(f"gradcam: the reward's gradcam_crop window {window!r} lies outside the "
                              f"{height}x{width} image")
-    out[:, t:b, l:r] = F.interpolate(cam, size=(b - t, r - l), mode="bilinear", align_corners=False)[:, 0]
+    # the CAM covers the whole window; a window reaching past the image (zero-padded inputs) keeps its inner part
+    full = F.interpolate(cam, size=(win_h, win_w), mode="bilinear", align_corners=False)[:, 0]
+    out[:, t:b, l:r] = full[:, t - top_i:b - top_i, l - left_i:r - left_i]
     return out
 
 

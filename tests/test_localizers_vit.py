@@ -346,3 +346,15 @@ def test_onnx_box_detector_errors(tmp_path, monkeypatch):
     _red_box_detector(path)
     with pytest.raises(SpecError, match=r"outputs .* do not match"):
         build_localizer(f"boxes:{path}", kwargs={"outputs": ["bbox", "scores", "labels"]})
+
+
+def test_a_window_reaching_past_the_image_keeps_the_inner_part_of_the_cam():
+    """Pad-to-square inputs (HPS): the window (-3, 0, 48, 48) of a 40x48 image; the CAM spans the whole window
+    and only its rows 3..42 land on the image (not the whole CAM squeezed into the image)."""
+    from fnf.localize import _paste_in_window
+
+    rows = torch.arange(48, dtype=torch.float64).view(1, 1, 48, 1).expand(1, 1, 48, 48)
+    out = _paste_in_window(rows, (-3.0, 0.0, 48.0, 48.0), (40, 48))
+    assert torch.equal(out[0, :, 0], torch.arange(3, 43, dtype=torch.float64))
+    inside = _paste_in_window(rows, (4.0, 0.0, 32.0, 48.0), (40, 48))   # a window inside: resized onto it
+    assert inside[0, :4].abs().max() == 0 and inside[0, 36:].abs().max() == 0

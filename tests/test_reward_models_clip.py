@@ -389,3 +389,28 @@ def test_config_with_aesthetic_passes_preflight(folders, tmp_path):
     cfg.reward.kwargs["head"] = str(tmp_path / "missing.pth")
     with pytest.raises(SpecError, match="missing.pth"):
         preflight.check(cfg, model=False)
+
+
+@pytest.mark.parametrize("spec", ["aesthetic", "pickscore", "clipscore"])
+def test_gradcam_on_each_clip_reward_lands_in_its_crop_window(spec, folders):
+    """fnf's Grad-CAM on the reward's own gradcam_layer, non-square image: a finite map >= 0, zero outside the
+    window the model sees (crop_window of the folder's processor settings), not all zero inside it."""
+    from fnf.localize import build_localizer
+    from fnf.reward_models.preprocess import crop_window
+
+    kwargs = {"clip": folders["clip"], "head": folders["head"]} if spec == "aesthetic" else {"model": folders["clip"]}
+    reward = build_reward(spec, **kwargs)
+    x = smooth_images(2, 40, 64, seed=SEED + 3).float()
+    top, left, h, w = crop_window(40, 64, SIZE, CROP)
+    assert reward.gradcam_crop(40, 64) == (top, left, h, w)
+    # 40x64 -> 30x48; the 28x28 crop starts at row 1, column 10 of the resized image
+    assert (top, left, h, w) == pytest.approx((40 / 30, 10 * 64 / 48, 28 * 40 / 30, 28 * 64 / 48))
+    # both signs: which evidence a random model shows is random, each sign must map somewhere for some image
+    cams = [build_localizer("gradcam", reward, kwargs={"explain": e}).heatmap(x, PROMPTS[:2]) for e in
+            ("problem", "reward")]
+    for cam in cams:
+        assert cam.shape == (2, 40, 64) and torch.isfinite(cam).all() and (cam >= 0).all()
+        outside = torch.ones(40, 64, dtype=torch.bool)
+        outside[round(top):round(top + h), round(left):round(left + w)] = False
+        assert cam[:, outside].abs().max() == 0
+    assert max(float(c.amax()) for c in cams) > 0

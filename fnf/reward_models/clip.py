@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..rewards import SpecError, register_reward
-from .preprocess import clip_preprocess, read_processor_config
+from .preprocess import clip_preprocess, crop_window, read_processor_config
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
                 "pytorch_model.bin.index.json")
@@ -165,6 +165,10 @@ class _CLIPReward(nn.Module):
         dtype = self.clip.visual_projection.weight.dtype
         x = clip_preprocess(images, **self.processor).to(dtype)
         return self.clip.visual_projection(self.clip.vision_model(pixel_values=x).pooler_output)
+
+    def gradcam_crop(self, height: int, width: int):
+        """The window (top, left, h, w) of the image the CLIP tower sees (short-side resize + center crop)."""
+        return crop_window(height, width, self.processor["size"], self.processor.get("crop_size"))
 
     def train(self, mode: bool = True):  # frozen: dropout stays off
         return super().train(False)

@@ -54,6 +54,22 @@ def center_crop(images: torch.Tensor, size) -> torch.Tensor:
     return images[..., top:top + ch, left:left + cw]
 
 
+def resized_size(height: int, width: int, size) -> tuple[int, int]:
+    """The (h, w) that :func:`resize_short_side` gives a ``height`` x ``width`` image."""
+    if isinstance(size, int):
+        return (size, int(size * width / height)) if height <= width else (int(size * height / width), size)
+    return _pair(size, "size")
+
+
+def crop_window(height: int, width: int, size=224, crop_size=None) -> tuple[float, float, float, float]:
+    """Where :func:`clip_preprocess`'s model input lies in a ``height`` x ``width`` image: (top, left, h, w) in
+    image pixels (a reward's ``gradcam_crop``, so Grad-CAM maps land on the right pixels of non-square images)."""
+    new_h, new_w = resized_size(height, width, size)
+    ch, cw = _pair(size if crop_size is None else crop_size, "crop_size")
+    sy, sx = height / new_h, width / new_w
+    return ((new_h - ch) // 2 * sy, (new_w - cw) // 2 * sx, ch * sy, cw * sx)
+
+
 def clip_preprocess(images: torch.Tensor, size=224, mean=CLIP_MEAN, std=CLIP_STD,
                     crop_size=None) -> torch.Tensor:
     """(B, 3, H, W) floats in [0, 1] -> normalised (B, 3, crop, crop) model input, differentiable.
