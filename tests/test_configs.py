@@ -37,7 +37,17 @@ def local_files(tmp_path_factory):
     dims = {0: torch.export.Dim("b"), 2: torch.export.Dim("h"), 3: torch.export.Dim("w")}
     torch.export.save(torch.export.export(BlueHeatmap(), (torch.rand(2, 3, 32, 32),), dynamic_shapes=({**dims},)),
                       heatmap)
-    return {".safetensors": resnet, ".pt2": heatmap, "sd": cached_model("sd", str(root)),
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig
+
+    safety = root / "sd-with-safety-checker"   # an SD 1.x folder's safety_checker/ (random, tiny)
+    StableDiffusionSafetyChecker(CLIPConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         vocab_size=64, max_position_embeddings=8), projection_dim=32)).save_pretrained(
+        str(safety / "safety_checker"))
+    return {".safetensors": resnet, ".pt2": heatmap, "": str(safety), "sd": cached_model("sd", str(root)),
             "sdxl": cached_model("sdxl", str(root))}
 
 
@@ -46,7 +56,7 @@ def _is_placeholder(value) -> bool:
 
 
 def _localised(value, files):
-    """Placeholder paths in (nested) kwargs replaced by the local files of the same kind."""
+    """Placeholder paths in (nested) kwargs replaced by the local files of the same kind (a folder: no suffix)."""
     if isinstance(value, dict):
         return {k: _localised(v, files) for k, v in value.items()}
     if _is_placeholder(value):
