@@ -26,6 +26,9 @@ Variants (cumulative: each adds one memory feature to the one before):
 Goals (issue 7): SD-1.5 at 512^2 full <= 8 GiB; SDXL at 1024^2 full <= 16 GiB; full step <= 1.25x draft_k step.
 Records go to --json as a list of {"benchmark", "device", "commit", "date", "command", "model", "resolution",
 "variant", "peak_gib", "step_s", ...}; peak_gib is null on CPU.
+On a GPU (or with --estimate) each record also holds ``fnf estimate-memory``'s prediction for the same variant
+(``estimate_gib``, ``estimate_peak_phase``, and ``measured_over_estimate`` on a GPU): the first GPU run calibrates
+the estimator's margin.
 """
 from __future__ import annotations
 
@@ -253,12 +256,41 @@ def run_variant(arch: str, variant: str, steps: int, device: str, sampling_steps
     return record
 
 
+def estimator_spec(arch: str) -> dict:
+    """This script's architecture as an ``fnf.memory.estimate`` model spec (same configs, nothing loaded)."""
+    from transformers import CLIPTextConfig  # noqa: F401  (the estimator builds the encoders from these dicts)
+
+    a = ARCHS[arch]
+    classes = ["CLIPTextModel", "CLIPTextModelWithProjection"]
+    return {"name": arch, "kind": a["kind"], "unet": dict(a["unet"]),
+            "vae": {**a["vae"], "sample_size": a["resolution"], "scaling_factor": a["scaling"]},
+            "text": [(classes[i], dict(t)) for i, t in enumerate(a["text"])],
+            "scheduler": dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1),
+            "tokenizers": None, "force_zeros_for_empty_prompt": a["kind"] == "sdxl"}
+
+
+def estimate_variant(arch: str, variant: str, sampling_steps: int) -> dict:
+    """fnf estimate-memory's prediction of peak_gib for one variant (fake tensors, on the CPU)."""
+    from fnf.memory.estimate import run_trace, trace_config
+
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            cfg = make_config(arch, variant, 1, out, "cpu", sampling_steps)
+            est = run_trace(trace_config(cfg), estimator_spec(arch))
+    except Exception as e:  # noqa: BLE001 - the measurement still counts; the record says why
+        return {"estimate_gib": None, "estimate_error": f"{type(e).__name__}: {e}"[:300]}
+    return {"estimate_gib": round(est.peak_bytes / 2**30, 3), "estimate_peak_phase": est.peak_phase,
+            "estimate_s": round(est.trace_seconds, 1)}
+
+
 def print_table(records: list[dict]) -> None:
-    print(f"\n{'variant':<24}{'peak GiB':>10}{'step s':>10}{'skipped':>9}")
+    print(f"\n{'variant':<24}{'peak GiB':>10}{'estimate':>10}{'step s':>10}{'skipped':>9}")
     for r in records:
         peak = "oom" if r["oom"] else ("-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}")
+        est = "-" if r.get("estimate_gib") is None else f"{r['estimate_gib']:.2f}"
         step = "-" if r["step_s"] is None else f"{r['step_s']:.3f}"
-        print(f"{r['variant']:<24}{peak:>10}{step:>10}{r['skipped_steps']:>9}")
+        print(f"{r['variant']:<24}{peak:>10}{est:>10}{step:>10}{r['skipped_steps']:>9}")
     by = {r["variant"]: r for r in records}
     for name in ("full", "full+reference_pool"):
         if by.get(name, {}).get("step_s") and by.get("draft_k", {}).get("step_s"):
@@ -274,6 +306,8 @@ def main(argv=None) -> int:
     p.add_argument("--sampling-steps", type=int, default=50, help="DDIM steps T (default 50)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     p.add_argument("--json", default="", help="write the records here (a JSON list)")
+    p.add_argument("--estimate", choices=("auto", "on", "off"), default="auto",
+                   help="record fnf estimate-memory's prediction next to the measurement (auto: on a GPU)")
     args = p.parse_args(argv)
     names = list(ALL_VARIANTS) if args.variants == "all" else [v.strip() for v in args.variants.split(",") if v.strip()]
     for n in names:
@@ -293,6 +327,10 @@ def main(argv=None) -> int:
     records = []
     for n in names:
         r = {**meta, **run_variant(args.model, n, args.steps, device, args.sampling_steps)}
+        if args.estimate == "on" or (args.estimate == "auto" and device == "cuda"):
+            r.update(estimate_variant(args.model, n, args.sampling_steps))
+            if r.get("estimate_gib") and r["peak_gib"]:
+                r["measured_over_estimate"] = round(r["peak_gib"] / r["estimate_gib"], 4)
         records.append(r)
         print(json.dumps(r), flush=True)
     print_table(records)
