@@ -22,6 +22,9 @@ commands:
   train      train a LoRA (YAML config + --set overrides + flags); writes <out>/lora for pipe.load_lora_weights
   localize   write I0, heatmap, mask and overlay PNGs for prompts (check the localizer before training)
   sample     base and fine-tuned images side by side, same seeds
+  eval       base vs LoRAs on prompts x seeds: reward with bootstrap intervals, win rate, change inside and
+             outside the base image's mask; report.md, metrics.json, grids
+  estimate-memory  predict a training step's peak GPU memory from the model folder's configs (no GPU, no weights)
   demo       DRaFT vs Focus-N-Fix (and Separate-and-Enhance) on the embedded toy model, with a held-out report
 
 Errors in the input (config keys, specs, files, folders) print one line and exit with status 2; set
@@ -30,12 +33,15 @@ FNF_DEBUG=1 to see the traceback instead.
 
 SPEC_HELP = """\
 specs:
-  reward     a registered name (brightness, darkness, redness, saturation, contrast, region, classifier),
+  reward     a public model from local files: aesthetic, pickscore, clipscore, hpsv2, sd-safety (see README);
+             a toy/statistic: brightness, darkness, redness, saturation, contrast, region, classifier;
              'package.module:callable' or 'path/to/file.py:callable'; the callable maps
              (images [B,3,H,W] in [0,1], prompts) -> [B]. Keyword arguments: --set reward.kwargs={...}
-  localizer  gradcam[:layer]   Grad-CAM of the reward on a named layer (default: its last Conv2d)
+  localizer  gradcam[:layer]   Grad-CAM of the reward on a named layer (default: the reward's gradcam_layer,
+                               a ViT block for the public models, else its last Conv2d)
              saliency          |d reward / d pixel|
-             heatmap:SPEC      a heatmap model (redness, box, module:callable, file.py:callable)
+             heatmap:SPEC      a heatmap model (torchscript:PATH, redness, box, module:callable, file.py:callable)
+             boxes:PATH.onnx   an ONNX box detector; the chosen classes' boxes are the mask (onnxruntime)
              file:GLOB         mask images; the i-th sorted file pairs with the i-th prompt
              none              no mask: the whole image is held to I0
 

@@ -3,8 +3,9 @@
 A reward is any callable ``reward(images, prompts) -> (B,)`` with images (B, 3, H, W) float in [0, 1].
 Specs name one:
 
-* a registry name: ``brightness``, ``darkness``, ``redness``, ``saturation``, ``contrast``, ``region``,
-  ``classifier`` (see :data:`REWARDS`);
+* a registry name: the public models read from local files (``aesthetic``, ``pickscore``, ``clipscore``,
+  ``hpsv2``, ``sd-safety``: :mod:`fnf.reward_models`), ``brightness``, ``darkness``, ``redness``, ``saturation``,
+  ``contrast``, ``region``, ``classifier`` (see :data:`REWARDS`);
 * ``package.module:callable`` (imported);
 * ``path/to/file.py:callable`` (loaded from the file).
 
