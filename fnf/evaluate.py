@@ -438,7 +438,7 @@ def evaluate(p: Plan) -> dict:
     if p.progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=len(items) * len(models), desc="fnf eval", unit="image", dynamic_ncols=True)
-    loaded = False
+    loaded, adapters = False, {}
     for start in range(0, len(items), p.batch_size):
         batch = items[start:start + p.batch_size]
         idx, prompts, seeds = [b[0] for b in batch], [b[1] for b in batch], [b[2] for b in batch]
@@ -450,7 +450,7 @@ def evaluate(p: Plan) -> dict:
         if bar is not None:
             bar.update(len(batch))
         if not loaded and p.loras:  # first batch: the true base model; then every LoRA joins as its own adapter
-            load_loras(model, p.loras)
+            adapters = load_loras(model, p.loras)
             loaded = True
             with adapters_disabled(model.unet):
                 again = sample_batch(model, cfg, prompts, seeds, h, w, device)
@@ -462,7 +462,7 @@ def evaluate(p: Plan) -> dict:
         grid_cols["base"].append(base[:keep].cpu())
         grid_masks.append(mask[:keep].cpu())
         for name in p.loras:
-            model.unet.set_adapter(name)
+            model.unet.set_adapter(adapters[name])
             images = sample_batch(model, cfg, prompts, seeds, h, w, device)
             score_batch(rec, name, images, base, mask, prompts, reward, metric_fns, lpips_net)
             grid_cols[name].append(images[:keep].cpu())
@@ -509,14 +509,18 @@ def evaluate(p: Plan) -> dict:
     return result
 
 
-def load_loras(model, loras: dict) -> None:
-    """Every LoRA folder into the UNet as its own adapter (named as in ``loras``); pick one with set_adapter."""
+def load_loras(model, loras: dict) -> dict:
+    """Every LoRA folder into the UNet as its own adapter; returns report name -> adapter name (pick one with
+    set_adapter). Adapter names are ``fnf_eval_<i>``, never the report name: peft makes each adapter name an
+    attribute of every LoRA layer, so a folder called e.g. ``train`` or ``forward`` would clash with nn.Module."""
     from .models import load_lora_for_sampling
 
+    adapters = {name: f"fnf_eval_{i}" for i, name in enumerate(loras)}
     with warnings.catch_warnings():   # peft warns when a second adapter joins: here that is the plan
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         for name, folder in loras.items():
-            load_lora_for_sampling(model, folder, adapter_name=name)
+            load_lora_for_sampling(model, folder, adapter_name=adapters[name])
+    return adapters
 
 
 def write_results(p: Plan, result: dict) -> None:

@@ -346,3 +346,20 @@ def test_clip_folder_adds_the_clipscore_metric(setup, tmp_path):
     with torch.no_grad():
         direct = build_reward("clipscore", model=clip_dir)(base, PROMPTS)
     assert m["per_image"]["base"]["metric:clipscore"] == pytest.approx(direct.tolist(), abs=1e-3)  # of 100 cos
+
+
+def test_lora_folders_named_like_module_attributes(setup, tmp_path):
+    """runs/train/lora is reported as 'train'; its peft adapter must not be called 'train' (nn.Module.train)."""
+    import shutil
+
+    from fnf.cli import main
+
+    folder = tmp_path / "train" / "lora"
+    shutil.copytree(setup["loras"]["rand"], folder)
+    out = tmp_path / "out"
+    args = ["eval", "--model", setup["model"], "--lora", str(folder), "--prompts", setup["prompts"], "--seeds", "1",
+            "--steps", "2", "--reward", "brightness", "--out", str(out), "--bootstrap", "50", "--no-progress"]
+    assert main(args) == 0
+    with open(out / "metrics.json") as f:
+        models = json.load(f)["models"]
+    assert list(models) == ["base", "train"] and models["train"]["change"]["outside_mse"]["mean"] > 1e-6
