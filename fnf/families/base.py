@@ -1,0 +1,92 @@
+"""The model-family seam: what differs between SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1 and FLUX.2.
+
+A family turns a local diffusers folder into a :class:`fnf.models.DiffusionModel` and knows, for that model,
+how to encode prompts, draw x_T, build the sampling schedule, run one guided denoiser call, take one sampler
+step, re-noise for DRaFT-LV, decode latents and save/load LoRA in the format its diffusers pipeline's
+``load_lora_weights`` reads. The samplers (``fnf.sampling``) and the trainer are written once over this
+interface; nothing outside ``fnf/families/`` branches on the family.
+
+Conventions every family follows (the contract the tests check):
+
+* ``model.unet`` holds the denoiser (a UNet or a transformer; ``model.denoiser`` is the same object) and
+  ``model.family`` the family instance; LoRA lives on the denoiser (peft, adapter ``fnf.models.ADAPTER``),
+  the frozen model is the same denoiser with adapters disabled.
+* Steps are indexed: ``timesteps = family.schedule(model, steps, h, w, device)`` configures
+  ``model.scheduler`` and returns the T timesteps; step ``i`` goes from noise level i to i + 1 with
+  ``x = family.step(model, family.predict(model, denoiser, x, i, t, cond, uncond, g), i, t, x, eta=, generator=)``.
+  ``step`` must be a pure function of its arguments (no scheduler step counter), so a trajectory can be split
+  into a no-grad part and a grad part, or continued from any ``i``.
+* ``predict`` returns the guided model output in float32 (float64 for a float64 denoiser); it applies CFG when
+  ``family.uses_cfg(model, uncond, g)`` (with the batch order ``[uncond rows, cond rows]``), or a guidance
+  embedding (guidance-distilled FLUX: no batch doubling).
+* x_T is drawn on the CPU from the caller's generator in float32, with the shape and scaling the family's
+  diffusers pipeline uses when given a CPU generator, so a sample equals the pipeline's image for the same seed.
+* ``decode`` returns float32 images in [0, 1], (B, 3, H, W), with gradient whenever grad is enabled.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class ModelFamily:
+    """Base class: one instance per family, registered in :data:`fnf.families.FAMILIES` by name."""
+
+    name: str = ""
+    pipeline_classes: tuple[str, ...] = ()   # model_index.json "_class_name" values this family loads
+    components: tuple[str, ...] = ()         # subfolders a folder must hold (preflight checks them)
+    lora_targets: tuple[str, ...] = ()       # default LoRA target module names on the denoiser
+    supports_sepen: bool = False             # Separate-and-Enhance needs separate cross-attention keys
+    native_size: int = 512                   # default image side when the config gives none
+
+    # -------------------------------------------------------------------------------- loading
+    def load(self, path: str, index: dict, *, weight_dtype: torch.dtype, device="cpu"):
+        """All components from the local folder (``local_files_only``), frozen, eval, on ``device``."""
+        raise NotImplementedError
+
+    def pipeline_class(self):
+        """The diffusers pipeline class (its ``save_lora_weights`` / ``lora_state_dict`` / loaders)."""
+        raise NotImplementedError
+
+    # -------------------------------------------------------------------------------- conditioning
+    def encode(self, model, prompts: list[str], *, height: int, width: int, zero: bool = False):
+        """Text conditioning (:class:`fnf.models.PromptEmbeds`) as the pipeline computes it; ``zero``: the
+        all-zero negative conditioning of pipelines that use it for an empty negative prompt."""
+        raise NotImplementedError
+
+    def uses_cfg(self, model, uncond, guidance_scale: float) -> bool:
+        """Whether :meth:`predict` doubles the batch for classifier-free guidance."""
+        return uncond is not None and guidance_scale > 1.0
+
+    # -------------------------------------------------------------------------------- sampling
+    def initial_latents(self, model, batch: int, height: int, width: int, generator: torch.Generator,
+                        device) -> torch.Tensor:
+        raise NotImplementedError
+
+    def schedule(self, model, steps: int, height: int, width: int, device) -> torch.Tensor:
+        """Configure ``model.scheduler`` for ``steps`` steps at this image size; return the timesteps."""
+        raise NotImplementedError
+
+    def predict(self, model, denoiser, x: torch.Tensor, i: int, t, cond, uncond, guidance_scale: float):
+        """One denoiser call at step ``i`` (timestep ``t``) and the guided output."""
+        raise NotImplementedError
+
+    def step(self, model, out: torch.Tensor, i: int, t, x: torch.Tensor, *, eta: float = 0.0,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """x at noise level i -> x at level i + 1, given the guided output (pure)."""
+        raise NotImplementedError
+
+    def renoise(self, model, x0: torch.Tensor, noise: torch.Tensor, i: int, t) -> torch.Tensor:
+        """DRaFT-LV: clean latents x0 put back at step i's noise level with ``noise``."""
+        raise NotImplementedError
+
+    def decode(self, model, latents: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -------------------------------------------------------------------------------- LoRA
+    def save_lora(self, model, directory: str) -> None:
+        """The trained adapter in the format ``pipeline.load_lora_weights(directory)`` reads."""
+        raise NotImplementedError
+
+    def load_lora(self, model, directory: str, adapter_name: str) -> None:
+        """A LoRA folder written by :meth:`save_lora` (or by diffusers) into ``model.unet``."""
+        raise NotImplementedError
