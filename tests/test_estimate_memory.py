@@ -150,10 +150,21 @@ def test_real_counter_within_5_percent_of_profiler_allocator_events(sd, tmp_path
 
 
 @pytest.mark.slow
+def test_initialised_adamw_state_gives_the_peak_of_two_traced_steps(sdxl, tmp_path):
+    from fnf.memory.estimate import model_spec, run_trace, trace_config
+
+    cfg = trace_config(memory_config(sdxl, str(tmp_path)))
+    fast = run_trace(cfg, model_spec(sdxl), init_state=True)
+    both = run_trace(cfg, model_spec(sdxl), init_state=False)
+    assert fast.peak_bytes == both.peak_bytes and fast.held_at_peak == both.held_at_peak
+    assert fast.peak_step == both.peak_step == "optimizer step 2"
+
+
+@pytest.mark.slow
 def test_peak_does_not_depend_on_the_number_of_ddim_steps(sd, tmp_path):
     cfg = memory_config(sd, str(tmp_path))
     short = estimate(cfg, model_dir=sd, sampling_steps=4)
-    longer = estimate(cfg, model_dir=sd, sampling_steps=6)
+    longer = estimate(cfg, model_dir=sd, sampling_steps=5)
     assert short.peak_bytes == longer.peak_bytes and short.settings["sampling_steps_traced"] == 4
 
 

@@ -64,8 +64,8 @@ def report(est, title: str = "") -> str:
         mark = "  <- peak" if name == est.peak_phase else ""
         lines.append(f"  {name:<56}{_gib(p['at_entry']):>9}{_gib(p['peak']):>8}{_gib(p['added']):>8}{mark}")
     backends = ", ".join(f"{k} {v}" for k, v in sorted(est.attention_backends.items()))
-    lines.append(f"traced: T = {s['sampling_steps_traced']} DDIM steps, 2 optimizer steps, {est.trace_seconds:.1f} s"
-                 + (f"; attention backends (calls): {backends}" if backends else ""))
+    lines.append(f"traced: T = {s['sampling_steps_traced']} DDIM steps, optimizer step 2 (AdamW state live), "
+                 f"{est.trace_seconds:.1f} s" + (f"; attention backends (calls): {backends}" if backends else ""))
     return "\n".join(lines)
 
 

@@ -105,6 +105,17 @@ class StorageCounter(TorchDispatchMode):
             if not entry.host:
                 self._count(entry, +1)
 
+    def bytes_by_phase(self, tensors) -> dict[str, int]:
+        """Counted bytes of the distinct storages of ``tensors``, by the phase that allocated them."""
+        out: dict[str, int] = {}
+        seen = set()
+        for s in self._storages(tensors):
+            entry = self._entries.get(s)
+            if entry is not None and not entry.host and id(entry) not in seen:
+                seen.add(id(entry))
+                out[entry.phase] = out.get(entry.phase, 0) + entry.nbytes
+        return out
+
     @contextlib.contextmanager
     def phase(self, name: str):
         before = self.phase_name
