@@ -166,16 +166,15 @@ def _prepare(cfg):
 def _sample(model, cfg, prompt: str, seed: int, h: int, w: int, device):
     import torch
 
-    from .models import encode_prompts
+    from .models import encode_negative, encode_prompts
     from .sampling import initial_latents, sample_images
 
     cond = encode_prompts(model, [prompt], height=h, width=w)
-    neg = cfg.sampling.negative_prompt
-    uncond = encode_prompts(model, [neg], height=h, width=w,
-                            zero=model.kind == "sdxl" and not neg and model.force_zeros_for_empty_prompt)
+    uncond = encode_negative(model, cfg.sampling.negative_prompt, 1, height=h, width=w)
     x_T = initial_latents(model, 1, h, w, torch.Generator().manual_seed(seed), device)
     return sample_images(model, x_T, cond, uncond, steps=cfg.sampling.steps,
-                         guidance_scale=cfg.sampling.guidance_scale, eta=cfg.sampling.eta, seed=seed)
+                         guidance_scale=cfg.sampling.guidance_scale, eta=cfg.sampling.eta, seed=seed,
+                         height=h, width=w)
 
 
 def cmd_train(args) -> int:

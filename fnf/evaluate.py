@@ -230,17 +230,16 @@ def plan(args) -> Plan:
 # ------------------------------------------------------------------------------------------ sampling
 def sample_batch(model, cfg, prompts: list[str], seeds: list[int], h: int, w: int, device) -> torch.Tensor:
     """Images of ``prompts[i]`` from the noise of ``seeds[i]`` (the x_T `fnf sample` draws for that seed)."""
-    from .models import encode_prompts
+    from .models import encode_negative, encode_prompts
     from .sampling import initial_latents, sample_images
 
     cond = encode_prompts(model, prompts, height=h, width=w)
-    neg = cfg.sampling.negative_prompt
-    uncond = encode_prompts(model, [neg] * len(prompts), height=h, width=w,
-                            zero=model.kind == "sdxl" and not neg and model.force_zeros_for_empty_prompt)
+    uncond = encode_negative(model, cfg.sampling.negative_prompt, len(prompts), height=h, width=w)
     x_T = torch.cat([initial_latents(model, 1, h, w, torch.Generator().manual_seed(s), device) for s in seeds])
     # eta > 0 runs batches of one (plan), so the DDIM noise of an image depends only on its seed.
     return sample_images(model, x_T, cond, uncond, steps=cfg.sampling.steps,
-                         guidance_scale=cfg.sampling.guidance_scale, eta=cfg.sampling.eta, seed=seeds[0]).float()
+                         guidance_scale=cfg.sampling.guidance_scale, eta=cfg.sampling.eta, seed=seeds[0],
+                         height=h, width=w).float()
 
 
 def _lpips_model(device):

@@ -1,4 +1,4 @@
-"""Load a local Stable Diffusion folder (SD 1.x/2.x or SDXL), encode prompts, attach and export LoRA.
+"""Load a local diffusers folder through its model family (fnf/families/), encode prompts, attach and export LoRA.
 
 Only local diffusers folders are read (``local_files_only=True``); nothing is ever fetched from a hub.
 The frozen pretrained model is the same UNet with its adapters disabled (:func:`adapters_disabled`):
@@ -50,10 +50,14 @@ class PromptEmbeds:
 
 @dataclass
 class DiffusionModel:
-    """The components of one pipeline folder, loaded for training and sampling."""
+    """The components of one pipeline folder, loaded for training and sampling.
+
+    ``family`` (:class:`fnf.families.base.ModelFamily`) knows how to sample, decode and export this model;
+    ``unet`` holds the denoiser (a UNet or a transformer, also reachable as ``denoiser``); ``extras`` holds
+    family-specific state."""
 
     path: str
-    kind: str                      # "sd" or "sdxl"
+    kind: str                      # the family name: "sd", "sdxl", ...
     unet: torch.nn.Module
     vae: torch.nn.Module
     scheduler: object
@@ -61,6 +65,18 @@ class DiffusionModel:
     tokenizers: list = field(default_factory=list)
     force_zeros_for_empty_prompt: bool = False
     vae_upcast: bool = False       # VAE kept in float32, decoded with autocast off (see set_vae_precision)
+    family: object = None          # ModelFamily; None: the family named by ``kind``
+    extras: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.family is None:
+            from .families import family_by_name
+
+            self.family = family_by_name(self.kind)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.unet
 
     @property
     def vae_dtype(self) -> torch.dtype:
@@ -72,13 +88,14 @@ class DiffusionModel:
 
     @property
     def native_size(self) -> int:
-        return int(self.unet.config.sample_size) * self.vae_scale_factor
+        sample = getattr(self.unet.config, "sample_size", None)
+        if not isinstance(sample, int):
+            return int(self.family.native_size)
+        return int(sample) * self.vae_scale_factor
 
     @property
     def pipeline_class(self):
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-        return StableDiffusionXLPipeline if self.kind == "sdxl" else StableDiffusionPipeline
+        return self.family.pipeline_class()
 
     def lora_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(n, p) for n, p in self.unet.named_parameters() if p.requires_grad]
@@ -102,57 +119,38 @@ def _read_index(path: str) -> dict:
         raise ModelLoadError(f"{index_file} is not valid JSON: {e}") from None
 
 
-def detect_kind(path: str, index: dict | None = None) -> str:
-    """"sdxl" when the folder holds a second text encoder (StableDiffusionXLPipeline), else "sd"."""
+def family_of(path: str, index: dict | None = None):
+    """The :class:`~fnf.families.base.ModelFamily` of a folder, from its model_index.json ``_class_name``.
+
+    An index without ``_class_name`` (hand-made folders) is SD or SDXL (SDXL when it lists text_encoder_2);
+    a pipeline class fnf does not support is a ModelLoadError naming it and the supported ones."""
+    from .families import PIPELINE_MODULES, family_by_name, family_for_index
+
     index = index if index is not None else _read_index(path)
-    if "text_encoder_2" in index or "XL" in str(index.get("_class_name", "")):
-        return "sdxl"
-    return "sd"
+    if "_class_name" not in index:
+        return family_by_name("sdxl" if "text_encoder_2" in index else "sd")
+    family = family_for_index(index)
+    if family is None:
+        raise ModelLoadError(f"{path!r} holds a {index['_class_name']!r} (model_index.json _class_name), which fnf "
+                             f"does not support; supported pipelines: {', '.join(PIPELINE_MODULES)}")
+    return family
 
 
-def _load(component: str, path: str, loader):
-    folder = os.path.join(path, component)
-    if not os.path.isdir(folder):
-        raise ModelLoadError(f"model folder {path!r} has no '{component}' subfolder; a Stable Diffusion "
-                             "pipeline folder needs unet, vae, text_encoder, tokenizer and scheduler")
-    try:
-        return loader(folder)
-    except Exception as e:  # noqa: BLE001 - rewrapped with the component name
-        raise ModelLoadError(f"could not load '{component}' from {folder!r}: {type(e).__name__}: {e}") from e
+def detect_kind(path: str, index: dict | None = None) -> str:
+    """The family name of the folder ("sd", "sdxl", ...), see :func:`family_of`."""
+    return family_of(path, index).name
 
 
 def load_model(path: str, *, kind: str = "auto", weight_dtype: str = "fp32", device="cpu") -> DiffusionModel:
-    """Load UNet, VAE, text encoder(s), tokenizer(s) and a DDIM scheduler from a local folder, all frozen."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
+    """Every component of a local diffusers folder, all frozen, through the folder's model family."""
     index = _read_index(path)
-    found = detect_kind(path, index)
-    if kind == "auto":
-        kind = found
-    elif kind != found:
-        raise ModelLoadError(f"model.kind is {kind!r} but {path!r} looks like {found!r}")
-    dtype = DTYPES[weight_dtype]
-    kw = dict(local_files_only=True)
-    unet = _load("unet", path, lambda f: UNet2DConditionModel.from_pretrained(f, torch_dtype=dtype, **kw))
-    # fp16: read the VAE in float32 (set_vae_precision casts it down unless its config sets force_upcast).
-    vae_read = torch.float32 if dtype == torch.float16 else dtype
-    vae = _load("vae", path, lambda f: AutoencoderKL.from_pretrained(f, torch_dtype=vae_read, **kw))
-    scheduler = _load("scheduler", path, lambda f: DDIMScheduler.from_config(DDIMScheduler.load_config(f, **kw)))
-    encoders = [_load("text_encoder", path, lambda f: CLIPTextModel.from_pretrained(f, torch_dtype=dtype, **kw))]
-    tokenizers = [_load("tokenizer", path, lambda f: CLIPTokenizer.from_pretrained(f, **kw))]
-    if kind == "sdxl":
-        encoders.append(_load("text_encoder_2", path,
-                              lambda f: CLIPTextModelWithProjection.from_pretrained(f, torch_dtype=dtype, **kw)))
-        tokenizers.append(_load("tokenizer_2", path, lambda f: CLIPTokenizer.from_pretrained(f, **kw)))
-    for module in [unet, vae, *encoders]:
-        module.requires_grad_(False)
-        module.eval()
-        module.to(device)
-    model = DiffusionModel(path=path, kind=kind, unet=unet, vae=vae, scheduler=scheduler, text_encoders=encoders,
-                           tokenizers=tokenizers,
-                           force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", kind == "sdxl")))
-    set_vae_precision(model, dtype)
+    family = family_of(path, index)
+    if kind not in ("auto", family.name):
+        raise ModelLoadError(f"model.kind is {kind!r} but {path!r} looks like {family.name!r}")
+    if weight_dtype not in DTYPES:
+        raise ValueError(f"weight_dtype must be one of {', '.join(DTYPES)}, got {weight_dtype!r}")
+    model = family.load(path, index, weight_dtype=DTYPES[weight_dtype], device=device)
+    model.family = family
     return model
 
 
@@ -172,35 +170,23 @@ def set_vae_precision(model: DiffusionModel, weight_dtype: torch.dtype, fp16_aut
 
 
 # ----------------------------------------------------------------------------------------------- prompts
-def _tokenize(tokenizer, prompts: list[str], device) -> torch.Tensor:
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    return ids.to(device)
-
-
 @torch.no_grad()
 def encode_prompts(model: DiffusionModel, prompts: list[str], *, height: int, width: int,
                    zero: bool = False) -> PromptEmbeds:
-    """Text conditioning as the diffusers pipelines compute it (SD: last hidden state; SDXL: penultimate
-    hidden states of both encoders concatenated, pooled output of the second, time ids).
+    """Text conditioning as the model's diffusers pipeline computes it (``model.family.encode``).
 
-    ``zero`` gives SDXL's all-zero negative conditioning (force_zeros_for_empty_prompt)."""
-    device = model.unet.device
-    if model.kind == "sd":
-        enc = model.text_encoders[0]
-        hidden = enc(_tokenize(model.tokenizers[0], prompts, enc.device))[0]
-        return PromptEmbeds(hidden.to(device))
-    hiddens, pooled = [], None
-    for tok, enc in zip(model.tokenizers, model.text_encoders):
-        out = enc(_tokenize(tok, prompts, enc.device), output_hidden_states=True)
-        hiddens.append(out.hidden_states[-2])
-        pooled = out.text_embeds if hasattr(out, "text_embeds") else out[0]
-    hidden = torch.cat(hiddens, dim=-1).to(device)
-    pooled = pooled.to(device)
-    if zero:
-        hidden, pooled = torch.zeros_like(hidden), torch.zeros_like(pooled)
-    time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=hidden.dtype, device=device)
-    return PromptEmbeds(hidden, pooled, time_ids.repeat(len(prompts), 1))
+    ``zero`` gives the all-zero negative conditioning of pipelines that use it (SDXL's
+    force_zeros_for_empty_prompt); families without it ignore it."""
+    return model.family.encode(model, prompts, height=height, width=width, zero=zero)
+
+
+@torch.no_grad()
+def encode_negative(model: DiffusionModel, negative_prompt: str, batch: int, *, height: int,
+                    width: int) -> PromptEmbeds:
+    """The negative (unconditional) conditioning for ``batch`` rows: all zeros for an empty negative prompt
+    when the folder's pipeline sets force_zeros_for_empty_prompt."""
+    zero = not negative_prompt and model.force_zeros_for_empty_prompt
+    return encode_prompts(model, [negative_prompt] * batch, height=height, width=width, zero=zero)
 
 
 def offload_text_encoders(model: DiffusionModel) -> None:
@@ -294,28 +280,14 @@ def load_lora_state_dict(unet, state: dict[str, torch.Tensor]) -> None:
 
 
 def save_lora_diffusers(model: DiffusionModel, directory: str) -> None:
-    """Write the LoRA in diffusers format so that ``pipe.load_lora_weights(directory)`` loads it."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    state = get_peft_model_state_dict(model.unet, adapter_name=ADAPTER)
-    state = {k: v.detach().float().cpu().contiguous() for k, v in convert_state_dict_to_diffusers(state).items()}
-    cfg = model.unet.peft_config[ADAPTER]
-    # rank_pattern / alpha_pattern: diffusers 0.34 reads them from the metadata unconditionally.
-    metadata = {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target_modules": sorted(cfg.target_modules),
-                "lora_dropout": cfg.lora_dropout, "init_lora_weights": True,
-                "rank_pattern": dict(cfg.rank_pattern or {}), "alpha_pattern": dict(cfg.alpha_pattern or {})}
-    model.pipeline_class.save_lora_weights(directory, unet_lora_layers=state, safe_serialization=True,
-                                           weight_name=LORA_WEIGHTS, unet_lora_adapter_metadata=metadata)
+    """Write the LoRA so that the family's ``pipe.load_lora_weights(directory)`` loads it."""
+    model.family.save_lora(model, directory)
 
 
 def load_lora_for_sampling(model: DiffusionModel, directory: str, adapter_name: str = ADAPTER) -> None:
-    """Load a diffusers-format LoRA folder into the model's UNet (the same loader pipe.load_lora_weights uses)."""
+    """Load a LoRA folder (written by :func:`save_lora_diffusers` or diffusers) into the model's denoiser, with
+    the loader the family's ``pipe.load_lora_weights`` uses."""
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"LoRA folder does not exist: {directory!r}")
-    cls = model.pipeline_class
-    # weight_name explicitly: diffusers < 0.40 refuses a folder without it when HF_HUB_OFFLINE is set.
-    state, alphas, metadata = cls.lora_state_dict(directory, weight_name=LORA_WEIGHTS, return_lora_metadata=True)
-    cls.load_lora_into_unet(state, network_alphas=alphas, unet=model.unet, adapter_name=adapter_name,
-                            metadata=metadata)
+    model.family.load_lora(model, directory, adapter_name)
     _dropout_off(model.unet)  # a LoRA saved with lora_dropout > 0 must not drop out while sampling

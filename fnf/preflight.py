@@ -12,25 +12,37 @@ import torch
 
 from .config import Config, ConfigError
 from .localize import check_localizer_spec
-from .models import ModelLoadError, _read_index, detect_kind
+from .models import ModelLoadError, _read_index, family_of
 from .rewards import check_reward_spec
-
-COMPONENTS = {"sd": ("unet", "vae", "scheduler", "text_encoder", "tokenizer"),
-              "sdxl": ("unet", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")}
 
 
 def check_model_folder(path: str, kind: str = "auto") -> str:
-    """The folder is a diffusers pipeline folder of the given kind with every component; returns the kind."""
+    """The folder is a diffusers pipeline folder of a supported family (the given kind, unless auto) with every
+    component the family lists; returns the family name."""
     index = _read_index(path)
-    found = detect_kind(path, index)
-    if kind not in ("auto", found):
-        raise ModelLoadError(f"model.kind is {kind!r} but {path!r} looks like {found!r}")
-    missing = [c for c in COMPONENTS[found] if not os.path.isdir(os.path.join(path, c))]
+    family = family_of(path, index)
+    if kind not in ("auto", family.name):
+        raise ModelLoadError(f"model.kind is {kind!r} but {path!r} looks like {family.name!r}")
+    missing = [c for c in family.components if not os.path.isdir(os.path.join(path, c))]
     if missing:
         raise ModelLoadError(f"model folder {path!r} has no {', '.join(repr(m) for m in missing)} subfolder(s); a "
-                             f"{'SDXL' if found == 'sdxl' else 'Stable Diffusion'} pipeline folder needs "
-                             f"{', '.join(COMPONENTS[found])}")
-    return found
+                             f"{family.title or family.name} pipeline folder needs {', '.join(family.components)}")
+    return family.name
+
+
+def check_objective(cfg: Config) -> None:
+    """Separate-and-Enhance needs a family with separate cross-attention keys (the UNet families)."""
+    if cfg.objective.name != "sepen" or not cfg.model.path:
+        return
+    family = family_of(cfg.model.path)
+    if not family.supports_sepen:
+        raise ConfigError(sepen_unsupported(family))
+
+
+def sepen_unsupported(family) -> str:
+    return (f"config key 'objective.name': sepen (Separate-and-Enhance) needs a model with separate "
+            f"cross-attention keys (SD 1.x/2.x, SDXL); {family.title or family.name!r} models use joint attention, "
+            "which has none. Use objective.name=fnf")
 
 
 def check_prompts(cfg: Config) -> list[str]:
@@ -72,3 +84,4 @@ def check(cfg: Config, *, model: bool = True, prompts: bool = True, specs: bool 
         check_specs(cfg)
     if model:
         check_model_folder(cfg.model.path, cfg.model.kind)
+        check_objective(cfg)

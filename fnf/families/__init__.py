@@ -39,9 +39,10 @@ def all_families() -> list[ModelFamily]:
 
 
 def family_by_name(name: str) -> ModelFamily:
-    for fam in all_families():
-        if fam.name == name:
-            return fam
+    for module in dict.fromkeys(PIPELINE_MODULES.values()):  # module by module: stop at the first match
+        for fam in _module_families(module):
+            if fam.name == name:
+                return fam
     raise ValueError(f"unknown model family {name!r}: expected one of {[f.name for f in all_families()]}")
 
 

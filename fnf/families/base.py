@@ -37,6 +37,7 @@ class ModelFamily:
     lora_targets: tuple[str, ...] = ()       # default LoRA target module names on the denoiser
     supports_sepen: bool = False             # Separate-and-Enhance needs separate cross-attention keys
     native_size: int = 512                   # default image side when the config gives none
+    title: str = ""                          # the name errors and messages use (default: ``name``)
 
     # -------------------------------------------------------------------------------- loading
     def load(self, path: str, index: dict, *, weight_dtype: torch.dtype, device="cpu"):
@@ -61,6 +62,13 @@ class ModelFamily:
     def initial_latents(self, model, batch: int, height: int, width: int, generator: torch.Generator,
                         device) -> torch.Tensor:
         raise NotImplementedError
+
+    def image_size(self, model, latents: torch.Tensor) -> tuple[int, int]:
+        """(height, width) of the images ``latents`` decode to, for callers that pass only latents to the
+        samplers. Default: unpacked (B, C, h, w) latents times ``model.vae_scale_factor``; families with
+        packed latents override it (or their callers pass height/width)."""
+        f = model.vae_scale_factor
+        return int(latents.shape[-2]) * f, int(latents.shape[-1]) * f
 
     def schedule(self, model, steps: int, height: int, width: int, device) -> torch.Tensor:
         """Configure ``model.scheduler`` for ``steps`` steps at this image size; return the timesteps."""
