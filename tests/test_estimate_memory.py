@@ -42,7 +42,7 @@ def test_counter_counts_storages_once_rounded_and_frees_them():
         assert counter.live == rounded(4000) == 4096
         with counter.phase("a"):
             y = torch.empty(10, dtype=torch.float64)  # 80 B -> 512
-        assert counter.live == 4096 + 512 and counter.by_phase == {"setup": 4096, "a": 512}
+        assert counter.live == 4096 + 512 and counter.by_phase == {"other": 4096, "a": 512}
         del x
         assert counter.live == 4096 + 512         # the view keeps the storage alive
         del view

@@ -46,8 +46,9 @@ def report(est, title: str = "") -> str:
 
     s = est.settings
     lines = [f"fnf estimate-memory: {s['model']} ({s['kind']}) at {s['width']}x{s['height']}, weights "
-             f"{s['weight_dtype']}, autocast {s['mixed_precision']}, LoRA rank {s['lora_rank']}, K={s['truncation_k']}, "
-             f"CFG {s['guidance_scale']}, batch {s['batch_size']}, reward {s['reward']}, localizer {s['localizer']}"]
+             f"{s['weight_dtype']}, autocast {s['mixed_precision']}, LoRA rank {s['lora_rank']}, "
+             f"K={s['truncation_k']}, CFG {s['guidance_scale']}, batch {s['batch_size']}, reward {s['reward']}, "
+             f"localizer {s['localizer']}"]
     if title:
         lines.append(f"  configuration: {title}")
     plan = est.peak_bytes * (1 + MARGIN_FRACTION) + MARGIN_BYTES

@@ -48,7 +48,7 @@ class StorageCounter(TorchDispatchMode):
         self.by_phase: dict[str, int] = {}      # live bytes by allocating phase
         self.peak_by_phase: dict[str, int] = {}  # by_phase at the moment of the peak
         self.peak_phase = ""                     # the current phase when the peak was reached
-        self.phase_name = "setup"
+        self.phase_name = "other"
         self.phase_stats: dict[str, dict] = {}   # name -> {"entry": live at first entry, "peak": max live inside}
         self._host_depth = 0
         self.scalar_answers = scalar_answers     # answer .item() on fake tensors (see _scalar)

@@ -1,14 +1,16 @@
 """What a CUDA run would do differently from the CPU trace, imitated above autograd.
 
 * Autocast: CUDA's autocast runs a list of ops in float32 (``autocast_mode.cpp``, the ``fp32`` and
-  ``fp32_set_opt_dtype`` policies) where CPU autocast keeps bfloat16/float16 (group_norm, layer_norm, softmax,
+  ``fp32_set_opt_dtype`` policies) where CPU autocast keeps bfloat16/float16 (group_norm, layer_norm,
+  softmax,
   upsampling, exp, pow, norms, ...). Inside an autocast region with a half-precision input these ops get
   float32 inputs (or ``dtype=float32``) and run with autocast off, as on CUDA: autograd then saves float32
   tensors, and backward and checkpoint recomputation (which restores the autocast state) see the same.
 * Attention: ``scaled_dot_product_attention`` runs the backend a CUDA GPU (sm80+) would choose for the shapes
   and dtypes: flash (half precision, head dim <= 256, no mask) or memory-efficient (float32, a mask, larger
   head dims) save the output and a float32 logsumexp; the math backend (float64, head dims that are not
-  multiples of 8) materialises B*H*L^2 scores. CPU's flash kernel saves the same as CUDA's; the math case is run as the math op.
+  multiples of 8) materialises B*H*L^2 scores. CPU's flash kernel saves the same as CUDA's; the math case
+  is run as the math op.
 """
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ import copy
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -237,20 +238,25 @@ def _apply(cfg, overrides: dict):
     return cfg
 
 
+def _trained(session) -> list:
+    return [p for group in session.optimizer.param_groups for p in group["params"]]
+
+
 def _init_adamw_state(session) -> None:
     """AdamW's state as a first optimizer step leaves it (zero gradients, one step), without tracing that step:
     the second step of a run, the one holding the state through its forward and backward, is then traced alone."""
-    for p in session.params:
+    for p in _trained(session):
         p.grad = torch.zeros_like(p)
     session.optimizer.step()
     session.optimizer.zero_grad(set_to_none=True)
 
 
 def run_trace(cfg, spec: dict, *, fake: bool = True, cuda: bool = True, optimizer_steps: int = 2,
-              round_bytes: bool = True, init_state: bool = True) -> Estimate:
+              round_bytes: bool = True, init_state: bool = True, model_hook=None) -> Estimate:
     """Build the model, then a Session, then trace optimizer steps under the counter: with ``init_state``
     (default) AdamW's state is set up as step 1 leaves it and step 2 alone is traced (half the time, the same
-    peak: step 1 holds no state; tests check both ways agree); else ``optimizer_steps`` steps are traced."""
+    peak: step 1 holds no state; tests check both ways agree); else ``optimizer_steps`` steps are traced.
+    ``model_hook(model)`` may change the built model first (experiments with memory levers)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from ..train import Session
@@ -258,15 +264,17 @@ def run_trace(cfg, spec: dict, *, fake: bool = True, cuda: bool = True, optimize
     acc = _TraceAccelerator()
     fp16_autocast = cfg.memory.mixed_precision == "fp16"
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
-    if fake and os.environ.get("FNF_FAKE_CACHE") == "0":
-        fake_mode.cache_enabled = False
     rules = cuda_rules.CudaRules() if cuda else contextlib.nullcontext()
     began = time.time()
-    marks: dict[str, int] = {}
     with contextlib.ExitStack() as stack:
+        stack.enter_context(warnings.catch_warnings())
+        # fnf_kernels' fused-LoRA weight cache keys on data_ptr(), which fake tensors report as 0 (same bytes)
+        warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
         stack.enter_context(_fake_module_moves())
         stack.enter_context(fake_mode)
         model = build_model(spec, cfg.model.weight_dtype, fp16_autocast)
+        if model_hook is not None:
+            model_hook(model)
         counter = stack.enter_context(StorageCounter(scalar_answers=fake, round_to=512 if round_bytes else 1))
         if cuda:
             stack.enter_context(rules)
@@ -277,7 +285,6 @@ def run_trace(cfg, spec: dict, *, fake: bool = True, cuda: bool = True, optimize
             for group in session.optimizer.param_groups:
                 group["foreach"] = True
         phases = {f"build: {k}": v for k, v in counter.phase_stats.items()}
-        marks["session build"] = counter.peak
         peak_step = "session build"
         first = 0
         if init_state:
@@ -294,7 +301,6 @@ def run_trace(cfg, spec: dict, *, fake: bool = True, cuda: bool = True, optimize
                                    "cannot estimate its memory")
             if counter.peak > before:
                 peak_step = f"optimizer step {step + 1}"
-            marks[f"optimizer step {step + 1}"] = counter.peak
         peak, held = counter.peak, dict(counter.peak_by_phase)
         step_phases = counter.phase_stats
         if init_state and peak_step != "session build":  # step 1's `last` would be alive all through step 2
@@ -305,7 +311,7 @@ def run_trace(cfg, spec: dict, *, fake: bool = True, cuda: bool = True, optimize
                 held[name] = held.get(name, 0) + nbytes
             step_phases = {k: {"entry": v["entry"] + shift, "peak": v["peak"] + shift} for k, v in step_phases.items()}
         phases.update(step_phases)
-        params = session.params
+        params = _trained(session)
         state_bytes = sum(rounded(v.untyped_storage().nbytes(), counter.round_to)
                           for st in session.optimizer.state.values() for v in st.values()
                           if isinstance(v, torch.Tensor))
