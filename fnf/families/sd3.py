@@ -1,0 +1,254 @@
+"""Stable Diffusion 3 / 3.5 (StableDiffusion3Pipeline folders): an MMDiT transformer with flow-matching Euler.
+
+Everything follows ``diffusers.StableDiffusion3Pipeline`` so a sample equals the pipeline's image for the same
+seed: prompts through CLIP-L, CLIP-G (penultimate hidden states, concatenated, zero-padded to T5's width) and T5
+(its tokens appended along the sequence; all zeros when the folder has no T5 or it is skipped), pooled = both
+CLIP projections concatenated; CFG on ``[uncond, cond]``; x_T ~ N(0, I) unscaled; the scheduler's (shifted)
+sigmas; decode ``vae(z / scaling_factor + shift_factor)``. LoRA sits on the transformer's attention projections
+and is written with ``StableDiffusion3Pipeline.save_lora_weights`` (``pipe.load_lora_weights`` reads it).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from . import flow
+from .base import ModelFamily
+
+T5_MAX_SEQUENCE_LENGTH = 256          # StableDiffusion3Pipeline's default max_sequence_length
+SD3_DEFAULT_MAX_SHIFT = 1.16          # the pipeline's fallback for a dynamic-shifting config without max_shift
+# the joint-attention context projections (the text stream), which diffusers' SD3 LoRA scripts also target
+JOINT_LORA_TARGETS = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+
+def _dtype(weight_dtype) -> torch.dtype:
+    from fnf.models import DTYPES
+
+    if isinstance(weight_dtype, torch.dtype):
+        return weight_dtype
+    if weight_dtype in DTYPES:
+        return DTYPES[weight_dtype]
+    raise ValueError(f"weight_dtype: expected a torch dtype or one of {sorted(DTYPES)}, got {weight_dtype!r}")
+
+
+def _load(component: str, path: str, loader):
+    from fnf.models import ModelLoadError
+
+    folder = os.path.join(path, component)
+    if not os.path.isdir(folder):
+        raise ModelLoadError(f"model folder {path!r} has no '{component}' subfolder; a StableDiffusion3Pipeline "
+                             "folder needs transformer, vae, scheduler, text_encoder(_2), tokenizer(_2) "
+                             "(text_encoder_3 / tokenizer_3 are optional)")
+    try:
+        return loader(folder)
+    except Exception as e:
+        raise ModelLoadError(f"could not load '{component}' from {folder!r}: {type(e).__name__}: {e}") from e
+
+
+def _index_has(index: dict, component: str) -> bool:
+    entry = index.get(component)
+    return isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[0] is not None and entry[1] is not None
+
+
+class SD3Family(ModelFamily):
+    name = "sd3"
+    pipeline_classes = ("StableDiffusion3Pipeline",)
+    components = ("transformer", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
+    joint_lora_targets = lora_targets + JOINT_LORA_TARGETS
+    supports_sepen = False
+    native_size = 1024
+
+    # -------------------------------------------------------------------------------- loading
+    def pipeline_class(self):
+        from diffusers import StableDiffusion3Pipeline
+
+        return StableDiffusion3Pipeline
+
+    def load(self, path: str, index: dict, *, weight_dtype, device="cpu", text_encoder_3: bool = True,
+             max_sequence_length: int = T5_MAX_SEQUENCE_LENGTH):
+        """All components frozen, eval, on ``device``. ``text_encoder_3=False`` skips T5 (also skipped when the
+        folder has none): its tokens are then zeros, as the pipeline loaded with ``text_encoder_3=None`` does."""
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+        from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+        from fnf.models import DiffusionModel, ModelLoadError, set_vae_precision
+
+        dtype = _dtype(weight_dtype)
+        if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) \
+                or max_sequence_length < 1:
+            raise ValueError(f"max_sequence_length: expected a positive int, got {max_sequence_length!r}")
+        sched_entry = index.get("scheduler") or [None, None]
+        if sched_entry[1] not in (None, "FlowMatchEulerDiscreteScheduler"):
+            raise ModelLoadError(f"{path!r}: the SD3 family samples with FlowMatchEulerDiscreteScheduler, but "
+                                 f"model_index.json names scheduler {sched_entry[1]!r}")
+        kw = {"local_files_only": True}
+        transformer = _load("transformer", path,
+                            lambda f: SD3Transformer2DModel.from_pretrained(f, torch_dtype=dtype, **kw))
+        # fp16: read the VAE in float32 (set_vae_precision casts it down unless its config sets force_upcast).
+        vae_read = torch.float32 if dtype == torch.float16 else dtype
+        vae = _load("vae", path, lambda f: AutoencoderKL.from_pretrained(f, torch_dtype=vae_read, **kw))
+        scheduler = _load("scheduler", path, lambda f: FlowMatchEulerDiscreteScheduler.from_config(
+            FlowMatchEulerDiscreteScheduler.load_config(f, **kw)))
+        clip = lambda f: CLIPTextModelWithProjection.from_pretrained(f, torch_dtype=dtype, **kw)
+        encoders = [_load("text_encoder", path, clip), _load("text_encoder_2", path, clip)]
+        tokenizers = [_load(name, path, lambda f: CLIPTokenizer.from_pretrained(f, **kw))
+                      for name in ("tokenizer", "tokenizer_2")]
+        if text_encoder_3 and _index_has(index, "text_encoder_3"):
+            encoders.append(_load("text_encoder_3", path,
+                                  lambda f: T5EncoderModel.from_pretrained(f, torch_dtype=dtype, **kw)))
+            tokenizers.append(_load("tokenizer_3", path, lambda f: T5TokenizerFast.from_pretrained(f, **kw)))
+        for module in [transformer, vae, *encoders]:
+            module.requires_grad_(False)
+            module.eval()
+            module.to(device)
+        model = DiffusionModel(path=path, kind=self.name, unet=transformer, vae=vae, scheduler=scheduler,
+                               text_encoders=encoders, tokenizers=tokenizers, force_zeros_for_empty_prompt=False)
+        model.family = self
+        extras = dict(getattr(model, "extras", None) or {})
+        extras.update(max_sequence_length=max_sequence_length, t5=len(encoders) == 3)
+        model.extras = extras
+        set_vae_precision(model, dtype)
+        return model
+
+    # -------------------------------------------------------------------------------- conditioning
+    @torch.no_grad()
+    def encode(self, model, prompts: list[str], *, height: int, width: int, zero: bool = False):
+        """``StableDiffusion3Pipeline.encode_prompt`` for ``prompts`` (also its negative prompt branch)."""
+        from fnf.models import PromptEmbeds
+
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise TypeError(f"prompts: expected a list of str, got {prompts!r}")
+        device = model.unet.device
+        clip_l = model.text_encoders[0]
+        max_len = model.tokenizers[0].model_max_length      # the pipeline's tokenizer_max_length (both CLIPs)
+        hiddens, pooled = [], []
+        for tok, enc in zip(model.tokenizers[:2], model.text_encoders[:2]):
+            ids = tok(prompts, padding="max_length", max_length=max_len, truncation=True,
+                      return_tensors="pt").input_ids
+            out = enc(ids.to(enc.device), output_hidden_states=True)
+            pooled.append(out[0].to(device))
+            hiddens.append(out.hidden_states[-2].to(dtype=clip_l.dtype, device=device))
+        t5_tokens = self._t5_embeds(model, prompts, device, clip_l.dtype)
+        clip_hidden = torch.cat(hiddens, dim=-1)
+        clip_hidden = torch.nn.functional.pad(clip_hidden, (0, t5_tokens.shape[-1] - clip_hidden.shape[-1]))
+        hidden = torch.cat([clip_hidden, t5_tokens], dim=-2)
+        pooled = torch.cat(pooled, dim=-1)
+        if zero:
+            hidden, pooled = torch.zeros_like(hidden), torch.zeros_like(pooled)
+        return PromptEmbeds(hidden, pooled)
+
+    def _t5_embeds(self, model, prompts, device, zeros_dtype):
+        seq = int(getattr(model, "extras", {}).get("max_sequence_length", T5_MAX_SEQUENCE_LENGTH))
+        if len(model.text_encoders) < 3:
+            width = model.unet.config.joint_attention_dim
+            return torch.zeros((len(prompts), seq, width), device=device, dtype=zeros_dtype)
+        tok, enc = model.tokenizers[2], model.text_encoders[2]
+        ids = tok(prompts, padding="max_length", max_length=seq, truncation=True, add_special_tokens=True,
+                  return_tensors="pt").input_ids
+        return enc(ids.to(enc.device))[0].to(dtype=enc.dtype, device=device)
+
+    # -------------------------------------------------------------------------------- sampling
+    def _latent_hw(self, model, height: int, width: int) -> tuple[int, int]:
+        f = model.vae_scale_factor
+        multiple = f * int(model.unet.config.patch_size)
+        for name, v in (("height", height), ("width", width)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % multiple:
+                raise ValueError(f"{name}: expected a positive multiple of {multiple} (VAE factor {f} x patch "
+                                 f"size), got {v!r}")
+        return height // f, width // f
+
+    def initial_latents(self, model, batch: int, height: int, width: int, generator, device) -> torch.Tensor:
+        """x_T ~ N(0, I) (no init_noise_sigma), drawn as the pipeline's prepare_latents draws with a CPU
+        generator."""
+        h, w = self._latent_hw(model, height, width)
+        shape = (batch, model.unet.config.in_channels, h, w)
+        return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+
+    def schedule(self, model, steps: int, height: int, width: int, device) -> torch.Tensor:
+        """The scheduler's sigmas for ``steps`` steps; dynamic shifting (mu from the image token count) when the
+        scheduler config asks for it, as the pipeline computes it."""
+        mu = None
+        if model.scheduler.config.get("use_dynamic_shifting", False):
+            h, w = self._latent_hw(model, height, width)
+            p = int(model.unet.config.patch_size)
+            mu = flow.shift_mu(model.scheduler, (h // p) * (w // p), default_max_shift=SD3_DEFAULT_MAX_SHIFT)
+        return flow.flow_schedule(model.scheduler, steps, device, mu=mu)
+
+    def predict(self, model, denoiser, x: torch.Tensor, i: int, t, cond, uncond, guidance_scale: float):
+        from fnf.models import PromptEmbeds
+
+        cfg = self.uses_cfg(model, uncond, guidance_scale)
+        emb = PromptEmbeds.cat(uncond, cond) if cfg else cond
+        if emb.pooled is None:
+            raise ValueError("cond: SD3 needs pooled prompt embeddings (encode them with the SD3 family)")
+        x_in = torch.cat([x, x]) if cfg else x
+        dtype = model.unet.dtype
+        timestep = torch.as_tensor(t, device=x_in.device).expand(x_in.shape[0])
+        out = denoiser(hidden_states=x_in.to(dtype), timestep=timestep, encoder_hidden_states=emb.hidden.to(dtype),
+                       pooled_projections=emb.pooled.to(dtype), return_dict=False)[0]
+        out = out.to(torch.promote_types(out.dtype, torch.float32))  # half -> float32; float64 stays float64
+        if cfg:
+            out_uncond, out_cond = out.chunk(2)
+            out = out_uncond + guidance_scale * (out_cond - out_uncond)
+        return out
+
+    def step(self, model, out, i: int, t, x, *, eta: float = 0.0, generator=None) -> torch.Tensor:
+        if eta:
+            raise ValueError(f"sampling.eta: the SD3 flow-matching Euler sampler is deterministic; expected 0, "
+                             f"got {eta!r}")
+        return flow.euler_step(model.scheduler, out, i, x, generator=generator)
+
+    def renoise(self, model, x0, noise, i: int, t) -> torch.Tensor:
+        return flow.renoise(model.scheduler, x0, noise, i)
+
+    def decode(self, model, latents: torch.Tensor) -> torch.Tensor:
+        """``vae.decode(z / scaling_factor + shift_factor)`` to float32 images in [0, 1]; with grad when enabled."""
+        vae = model.vae
+        z = (latents.float() if model.vae_upcast else latents) / vae.config.scaling_factor
+        shift = getattr(vae.config, "shift_factor", None)
+        if shift:
+            z = z + shift
+        with torch.autocast(z.device.type, enabled=False) if model.vae_upcast else contextlib.nullcontext():
+            x = vae.decode(z.to(vae.dtype), return_dict=False)[0]
+        return (x.to(torch.promote_types(x.dtype, torch.float32)) / 2 + 0.5).clamp(0, 1)
+
+    # -------------------------------------------------------------------------------- LoRA
+    def save_lora(self, model, directory: str) -> None:
+        """``StableDiffusion3Pipeline.save_lora_weights(transformer_lora_layers=...)`` with the adapter's config
+        as metadata (what diffusers' SD3 LoRA training script writes)."""
+        from peft.utils import get_peft_model_state_dict
+
+        from fnf.models import ADAPTER, LORA_WEIGHTS
+
+        state = get_peft_model_state_dict(model.unet, adapter_name=ADAPTER)
+        state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+        cfg = model.unet.peft_config[ADAPTER]
+        # rank_pattern / alpha_pattern: diffusers 0.34 reads them from the metadata unconditionally.
+        metadata = {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target_modules": sorted(cfg.target_modules),
+                    "lora_dropout": cfg.lora_dropout, "init_lora_weights": True,
+                    "rank_pattern": dict(cfg.rank_pattern or {}), "alpha_pattern": dict(cfg.alpha_pattern or {})}
+        self.pipeline_class().save_lora_weights(directory, transformer_lora_layers=state, safe_serialization=True,
+                                                weight_name=LORA_WEIGHTS, transformer_lora_adapter_metadata=metadata)
+
+    def load_lora(self, model, directory: str, adapter_name: str) -> None:
+        """A LoRA folder (``save_lora`` or diffusers' SD3 format) into the transformer, as load_lora_weights."""
+        from fnf.models import LORA_WEIGHTS, lora_dropout_layers
+
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"LoRA folder does not exist: {directory!r}")
+        if not os.path.isfile(os.path.join(directory, LORA_WEIGHTS)):
+            raise FileNotFoundError(f"LoRA folder {directory!r} has no {LORA_WEIGHTS}")
+        cls = self.pipeline_class()
+        # weight_name explicitly: diffusers < 0.40 refuses a folder without it when HF_HUB_OFFLINE is set.
+        state, metadata = cls.lora_state_dict(directory, weight_name=LORA_WEIGHTS, return_lora_metadata=True)
+        if not any(k.startswith("transformer.") for k in state):
+            raise ValueError(f"LoRA folder {directory!r} holds no transformer LoRA (keys {sorted(state)[:3]})")
+        cls.load_lora_into_transformer(state, transformer=model.unet, adapter_name=adapter_name, metadata=metadata)
+        for layer in lora_dropout_layers(model.unet):   # a LoRA saved with dropout must not drop out while sampling
+            layer.eval()
+
+
+FAMILIES = [SD3Family()]
