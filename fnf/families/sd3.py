@@ -2,7 +2,8 @@
 
 Everything follows ``diffusers.StableDiffusion3Pipeline`` so a sample equals the pipeline's image for the same
 seed: prompts through CLIP-L, CLIP-G (penultimate hidden states, concatenated, zero-padded to T5's width) and T5
-(its tokens appended along the sequence; all zeros when the folder has no T5 or it is skipped), pooled = both
+(its tokens appended along the sequence; zeros when the folder has no T5 or it is skipped, as many as the
+installed pipeline uses), pooled = both
 CLIP projections concatenated; CFG on ``[uncond, cond]``; x_T ~ N(0, I) unscaled; the scheduler's (shifted)
 sigmas; decode ``vae(z / scaling_factor + shift_factor)``. LoRA sits on the transformer's attention projections
 and is written with ``StableDiffusion3Pipeline.save_lora_weights`` (``pipe.load_lora_weights`` reads it).
@@ -45,6 +46,17 @@ def _load(component: str, path: str, loader):
         return loader(folder)
     except Exception as e:
         raise ModelLoadError(f"could not load '{component}' from {folder!r}: {type(e).__name__}: {e}") from e
+
+
+def _zero_t5_uses_clip_length() -> bool:
+    """Without T5 the pipeline's zero T5 tokens have CLIP's length (77) before diffusers 0.36 and
+    ``max_sequence_length`` (256) from 0.36 on (diffusers PR #12531); we follow the installed pipeline."""
+    import re
+
+    import diffusers
+
+    major, minor = (int(n) for n in re.findall(r"\d+", diffusers.__version__)[:2])
+    return (major, minor) < (0, 36)
 
 
 def _index_has(index: dict, component: str) -> bool:
@@ -144,7 +156,8 @@ class SD3Family(ModelFamily):
         seq = int(getattr(model, "extras", {}).get("max_sequence_length", T5_MAX_SEQUENCE_LENGTH))
         if len(model.text_encoders) < 3:
             width = model.unet.config.joint_attention_dim
-            return torch.zeros((len(prompts), seq, width), device=device, dtype=zeros_dtype)
+            zeros_len = model.tokenizers[0].model_max_length if _zero_t5_uses_clip_length() else seq
+            return torch.zeros((len(prompts), zeros_len, width), device=device, dtype=zeros_dtype)
         tok, enc = model.tokenizers[2], model.text_encoders[2]
         ids = tok(prompts, padding="max_length", max_length=seq, truncation=True, add_special_tokens=True,
                   return_tensors="pt").input_ids
