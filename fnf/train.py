@@ -1,21 +1,12 @@
-"""The training loop: DRaFT-K + LoRA with the Focus-N-Fix region penalty, on accelerate.
+"""The training loop: an objective's loss on a model family, LoRA, on accelerate.
 
 One process, CPU, or several processes (``accelerate launch`` / ``torchrun``; NCCL or gloo). Per optimizer
-step and per micro-batch, on every process:
-
-1. draw prompts and x_T from a generator seeded by (seed, step, micro-step, rank);
-2. I0 = pretrained sample (same UNet, adapters off, no grad);
-3. M(I0) = localizer mask (no grad);
-4. I = fine-tuned sample, DRaFT-K (last K steps and the VAE decode with grad);
-5. loss = -w r(I, c) + beta ||(1 - M) (I0 - I)||_F, backward.
-
-With ``memory.fused_lora`` on (fnf/fused_lora.py) steps 2 and 4 share their no-grad denoising steps: one UNet
-batch per step holds the I0 rows (LoRA scale 0) and the fine-tuned rows (scale 1), see
-``sampling.denoise_batched``; I0 then finishes alone and the fine-tuned trajectory runs its grad steps as before.
-
-Then the LoRA gradients are averaged across processes (one all-reduce of a flat buffer: DDP's wrapper
-does not fit K UNet calls per backward nor the adapters-off pass), clipped, and AdamW steps. A step whose
-loss, reward or gradient is NaN/Inf on any process is skipped on all of them and logged.
+step and per micro-batch, on every process: a generator seeded by (seed, step, micro-step, rank), the
+objective's loss (fnf/objectives/: Focus-N-Fix / DRaFT-K, Separate-and-Enhance), backward. Then the trained
+gradients are averaged across processes (one all-reduce of a flat buffer: DDP's wrapper does not fit K
+denoiser calls per backward nor the adapters-off pass), clipped, and AdamW steps. A step whose loss or
+gradient is NaN/Inf on any process is skipped on all of them and logged. What differs between models lives in
+the model family (fnf/families/, ``model.family``), what differs between objectives in the objective.
 """
 from __future__ import annotations
 
@@ -33,13 +24,10 @@ from . import checkpoint as ckpt
 from . import fused_lora, preflight, run_dir
 from .config import Config
 from .images import grid, save_png
-from .localize import localizer_from_config, overlay
-from .models import (DTYPES, DiffusionModel, adapters_disabled, add_lora, encode_prompts, load_lora_state_dict,
-                     load_model, lora_dropout_active, lora_state_dict, offload_text_encoders, save_lora_diffusers,
-                     set_vae_precision)
-from .objectives import focus_n_fix_loss
-from .rewards import build_reward, evaluate, prepare_reward
-from .sampling import decode, denoise, denoise_batched, grad_start, initial_latents
+from .localize import overlay
+from .models import DTYPES, DiffusionModel, load_lora_state_dict, load_model, lora_dropout_active, lora_state_dict
+from .models import set_vae_precision
+from .objectives import objective_class
 
 AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -80,8 +68,8 @@ def make_accelerator(cfg: Config):
 
 
 class Session:
-    """Everything the loop needs, built once from a Config: model with LoRA, reward, localizer, prompt
-    embeddings, optimizer and schedules."""
+    """Everything the loop needs, built once from a Config: the model (its family), the objective (its
+    parameters, reward, prompts, ...), the optimizer and schedules."""
 
     def __init__(self, cfg: Config, accelerator=None, model: DiffusionModel | None = None, probe: Probe | None = None):
         self.cfg = cfg
@@ -93,6 +81,7 @@ class Session:
         if mp == "no" and cfg.model.weight_dtype != "fp32":
             mp = cfg.model.weight_dtype  # half-precision weights need autocast
         self.autocast_dtype = AUTOCAST.get(mp)
+        objective_cls = objective_class(cfg.objective.name)
         if model is None:
             model = load_model(cfg.model.path, kind=cfg.model.kind, weight_dtype=cfg.model.weight_dtype,
                                device=self.device)
@@ -102,27 +91,18 @@ class Session:
                 module.requires_grad_(False).eval().to(self.device)
                 if module is not model.vae and next(module.parameters()).dtype != dtype:
                     module.to(dtype)
-        self.model = model
-        m = self.model
+        self.model = m = model
         # fp16 weights or autocast with a force_upcast VAE config: VAE in fp32, decoded with autocast off.
         if set_vae_precision(m, DTYPES[cfg.model.weight_dtype], fp16_autocast=self.autocast_dtype == torch.float16):
             self.acc.print("fnf: VAE kept in fp32, decode with autocast off (its config sets force_upcast)")
         self.height = cfg.sampling.height or m.native_size
         self.width = cfg.sampling.width or m.native_size
         torch.manual_seed(cfg.train.seed)  # identical LoRA init on every process
-        self.sepen = None
-        self.plain_draft = False   # set by _setup_fnf
-        if cfg.objective.name == "sepen":  # Separate-and-Enhance: only attn2.to_k trains (fnf/sepen/)
-            from .sepen.train_step import SepenObjective
-            self.sepen = SepenObjective(cfg, m)
-            self.params = self.sepen.params
-        else:
-            with probe.phase("LoRA params"):
-                self.params = add_lora(m, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
-                                       target_modules=cfg.lora.target_modules, dropout=cfg.lora.dropout)
+        self.objective = objective_cls(self)
+        self.params = self.objective.params
         self._broadcast_params()
-        # The UNet stays in eval mode: LoRA dropout acts only in the grad-carrying UNet calls (sampling.denoise).
-        if cfg.memory.unet_checkpointing and self.sepen is None:  # sepen: see fnf/sepen/train_step.py
+        # The denoiser stays in eval mode: LoRA dropout acts only in its grad-carrying calls (sampling.denoise).
+        if cfg.memory.unet_checkpointing and self.objective.denoiser_checkpointing:
             m.unet.enable_gradient_checkpointing()
         if cfg.memory.vae_checkpointing:
             m.vae.enable_gradient_checkpointing()
@@ -130,10 +110,7 @@ class Session:
             self.fused_lora, why = fused_lora.enable(m.unet, cfg.memory.fused_lora, self.device)
         if cfg.memory.fused_lora != "off":
             self.acc.print(f"fnf: fused LoRA path {why}")
-        if self.sepen is not None:
-            self.sepen.install(m.unet)
-        else:
-            self._setup_fnf(cfg, m)
+        self.objective.setup(self)
         t = cfg.train
         self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
                                            weight_decay=t.weight_decay)
@@ -142,38 +119,24 @@ class Session:
             self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
 
-    def _setup_fnf(self, cfg: Config, m: DiffusionModel) -> None:
-        """Reward, localizer and prompt embeddings of the Focus-N-Fix / DRaFT objective."""
-        # beta = 0 with no localizer is plain DRaFT-K: the pretrained trajectory I0 is not needed at all.
-        self.plain_draft = cfg.objective.beta == 0 and cfg.localize.spec == "none"
-        with self.probe.phase("reward build", host=True):  # built on the host, then moved
-            reward = build_reward(cfg.reward.spec, **cfg.reward.kwargs)
-        self.reward = prepare_reward(reward, self.device)
-        if isinstance(self.reward, torch.nn.Module):
-            self.probe.placed([self.reward], on_device=True)
-        with self.probe.phase("localizer build"):
-            self.localizer = localizer_from_config(cfg, self.reward)
-        self.prompts = cfg.all_prompts()
-        if not self.prompts:
-            raise ValueError("no prompts: set train.prompts or train.prompts_file")
-        with self.probe.phase("prompt encoding"):
-            self.embeds = encode_prompts(m, self.prompts, height=self.height, width=self.width)
-            neg = cfg.sampling.negative_prompt
-            self.negative = encode_prompts(m, [neg], height=self.height, width=self.width,
-                                           zero=(m.kind == "sdxl" and not neg and m.force_zeros_for_empty_prompt))
-        self.pool = None
-        if cfg.train.seeds_per_prompt > 0:
-            from .reference_pool import ReferencePool
-            with self.probe.phase("reference pool"):
-                self.pool = ReferencePool(
-                    m, self.embeds, self.negative, self.localizer, self.prompts,
-                    seeds_per_prompt=cfg.train.seeds_per_prompt, seed=cfg.train.seed, height=self.height,
-                    width=self.width, steps=cfg.sampling.steps, guidance_scale=cfg.sampling.guidance_scale,
-                    batch_size=cfg.train.batch_size, device=self.device, autocast=self.autocast,
-                    references=not self.plain_draft, progress=cfg.train.progress and self.acc.is_main_process)
-        if cfg.memory.offload_text_encoder:
-            offload_text_encoders(m)
-            self.probe.placed(m.text_encoders, on_device=False)
+    def __getattr__(self, name: str):
+        """The objective's own state (reward, prompts, embeds, pool, ...) reads through the session."""
+        objective = self.__dict__.get("objective")
+        if objective is None or name.startswith("__"):
+            raise AttributeError(name)
+        try:
+            return getattr(objective, name)
+        except AttributeError:
+            raise AttributeError(f"{type(self).__name__!r} object (objective {type(objective).__name__}) has no "
+                                 f"attribute {name!r}") from None
+
+    @property
+    def reward(self):
+        return self.objective.reward
+
+    @reward.setter
+    def reward(self, fn) -> None:  # e.g. a test's stand-in reward
+        self.objective.reward = fn
 
     # ------------------------------------------------------------------ distributed helpers
     def _dist(self):
@@ -220,72 +183,10 @@ class Session:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
 
     def micro_batch(self, step: int, micro: int):
-        """Sample I0, M(I0) and I for one micro-batch; return (loss, stats, images dict)."""
-        cfg, m, phase = self.cfg, self.model, self.probe.phase
-        s = cfg.sampling
-        seed = step_seed(cfg.train.seed, step, micro, self.rank)
-        gen = torch.Generator().manual_seed(seed)
-        if self.sepen is not None:  # its LoRA-on UNet call is the grad-carrying one (I0 runs adapters off)
-            with lora_dropout_active(m.unet):
-                return self.sepen.micro_batch(self, gen)
-        b = cfg.train.batch_size
-        if self.pool is not None:  # entries of the fixed (prompt, seed) pool
-            entries = torch.randint(self.pool.size, (b,), generator=gen)
-            idx = self.pool.prompt_index[entries]
-            x_T = self.pool.latents(entries, self.device)
-        else:
-            idx = torch.randint(len(self.prompts), (b,), generator=gen)
-            x_T = initial_latents(m, b, self.height, self.width, gen, self.device)
-        prompts = [self.prompts[i] for i in idx.tolist()]
-        cond = self.embeds.index(idx.to(self.embeds.hidden.device))
-        uncond = self.negative.repeat(b)
-        noise_seed = int(torch.randint(2**62, (1,), generator=gen))
-        # I0 and I draw the same DDIM noise (eta > 0): one generator each, seeded alike.
-        gen_ref, gen_ft = torch.Generator().manual_seed(noise_seed), torch.Generator().manual_seed(noise_seed)
-        kw = dict(steps=s.steps, guidance_scale=s.guidance_scale, eta=s.eta)
-        if self.plain_draft:  # plain DRaFT-K: no pretrained trajectory I0, no mask, no penalty
-            x_ft, start = x_T, 0
-        elif self.pool is not None:  # I0 and its mask were computed before training
-            ref, heat, mask = self.pool.lookup(entries, self.device)
-            x_ft, start = x_T, 0
-        elif self.fused_lora:  # shared no-grad steps in one batch; x_ft is I's latent at its first grad step
-            with torch.no_grad(), self.autocast():
-                with phase("no-grad sampling"):
-                    z_ref, x_ft = denoise_batched(m, x_T, cond, uncond, grad_steps=s.truncation_k,
-                                                  lv_copies=s.lv_copies, generators=(gen_ref, gen_ft), **kw)
-                with phase("I0 decode"):
-                    ref = decode(m, z_ref).float()
-            start = grad_start(s.steps, s.truncation_k, s.lv_copies)
-        else:
-            with torch.no_grad(), adapters_disabled(m.unet), self.autocast():
-                with phase("no-grad sampling"):
-                    z_ref = denoise(m, x_T, cond, uncond, grad_steps=0, generator=gen_ref, **kw)
-                with phase("I0 decode"):
-                    ref = decode(m, z_ref).float()
-            x_ft, start = x_T, 0
-        if not self.plain_draft and self.pool is None:  # before the grad-carrying steps: its backward peaks alone
-            with phase("localizer"):
-                heat, mask = self.localizer(ref, prompts, idx)
-        with self.autocast():
-            with phase("denoiser (grad steps)"):  # the fine-tuned trajectory; its last K steps carry grad
-                z = denoise(m, x_ft, cond, uncond, grad_steps=s.truncation_k, lv_copies=s.lv_copies,
-                            generator=gen_ft, start=start, **kw)
-            with phase("VAE decode"):
-                images = decode(m, z)
-        copies = max(1, s.lv_copies)
-        with self.autocast(), phase("reward"):
-            rewards = evaluate(self.reward, images, prompts * copies, checkpoint=cfg.memory.reward_checkpointing)
-        if self.plain_draft:
-            loss = -cfg.reward.weight * rewards.float().mean()
-            stats = {"reward": rewards.detach().float().mean().item(), "loss": loss.detach().item()}
-            last = {"images": images[:b]}
-        else:
-            loss, stats = focus_n_fix_loss(rewards.float(), images.float(), ref.repeat(copies, 1, 1, 1),
-                                           mask.repeat(copies, 1, 1, 1), beta=cfg.objective.beta,
-                                           reward_weight=cfg.reward.weight, squared=cfg.objective.squared)
-            last = {"ref": ref, "mask": mask, "heat": heat, "images": images[:b]}
-        finite = bool(torch.isfinite(loss).item() and torch.isfinite(rewards).all().item())
-        return loss, stats, finite, last
+        """The objective's loss for one micro-batch; returns (loss, stats, finite, images for the grid)."""
+        gen = torch.Generator().manual_seed(step_seed(self.cfg.train.seed, step, micro, self.rank))
+        loss, stats, images = self.objective.loss(self, gen)
+        return loss, stats, bool(torch.isfinite(loss).item()), images
 
     # ------------------------------------------------------------------ one optimizer step
     def optimizer_step(self, step: int) -> tuple[dict, dict]:
@@ -448,8 +349,7 @@ def train(cfg: Config, accelerator=None, model: DiffusionModel | None = None) ->
                 logger.log(record)
             if progress is not None:
                 progress.update(1)
-                keys = ("separate", "enhance") if session.sepen is not None else ("reward", "penalty")
-                progress.set_postfix({k: f"{record.get(k, float('nan')):.4f}" for k in keys})
+                progress.set_postfix({k: f"{record.get(k, float('nan')):.4f}" for k in session.objective.progress_keys})
             if is_main and t.sample_every and (done % t.sample_every == 0 or done == t.steps) and last:
                 save_grid(os.path.join(out, "samples", f"step-{done:07d}.png"), last)
             if t.checkpoint_every and (done % t.checkpoint_every == 0 or done == t.steps):
@@ -460,13 +360,8 @@ def train(cfg: Config, accelerator=None, model: DiffusionModel | None = None) ->
         if progress is not None:
             progress.close()
         logger.close()
-    lora_dir = os.path.join(out, "lora")
-    if session.sepen is not None:
-        session.sepen.uninstall(session.model.unet)
+    session.objective.finish(session)
     fused_lora.disable(session.model.unet)  # back to diffusers' processors: the returned model is plain peft
-    if is_main and session.sepen is not None:
-        lora_dir = session.sepen.export(session.model, out)  # LoRA folder or to_k.safetensors
-    elif is_main:
-        save_lora_diffusers(session.model, lora_dir)
+    lora_dir = session.objective.export(session, out) if is_main else os.path.join(out, "lora")
     acc.wait_for_everyone()
     return TrainResult(out=out, steps_done=t.steps, lora_dir=lora_dir, history=history, model=session.model)

@@ -172,17 +172,17 @@ def test_plain_draft_skips_the_pretrained_trajectory_and_matches_beta_zero(sd, t
     Gradient parity on the first step in float64 sessions: the loss-level tensors pass through float32 in
     fnf/train.py, so the two paths agree to a few float32 ulps (u32 = 6e-8): rtol 1e-6. Not on weights after
     AdamW steps, whose first updates are ~lr * sign(g) and amplify rounding in near-zero entries."""
-    import fnf.train as train_mod
+    import fnf.objectives.focus_n_fix as fnf_objective  # runs the trajectories (was fnf.train before issue 14)
 
     kw = dict(objective={"beta": 0.0}, train={"steps": 2, "lr": 1e-2, "sample_every": 1})
     calls = []
-    real = train_mod.denoise
-    monkeypatch.setattr(train_mod, "denoise", lambda *a, **k: calls.append(k.get("grad_steps")) or real(*a, **k))
+    real = fnf_objective.denoise
+    monkeypatch.setattr(fnf_objective, "denoise", lambda *a, **k: calls.append(k.get("grad_steps")) or real(*a, **k))
     plain = train(tiny_config(sd, str(tmp_path / "plain"), localize={"spec": "none"}, **kw))
     assert len(calls) == 2 and all(c > 0 for c in calls)
     assert "penalty" not in plain.history[0] and "reward" in plain.history[0]
     assert os.path.isfile(tmp_path / "plain" / "samples" / "step-0000002.png")
-    monkeypatch.setattr(train_mod, "denoise", real)
+    monkeypatch.setattr(fnf_objective, "denoise", real)
 
     masked = float64_session(tiny_config(sd, str(tmp_path / "m64"), localize={"spec": "saliency"}, **kw))
     plain64 = float64_session(tiny_config(sd, str(tmp_path / "p64"), localize={"spec": "none"}, **kw))
@@ -248,6 +248,7 @@ def test_training_with_unet_checkpointing_on_end_to_end(sd, tmp_path):
 def test_reference_pool_precomputes_i0_once_and_resumes_exactly(sd, tmp_path, monkeypatch):
     """train.seeds_per_prompt = N: the P x N pretrained images are sampled once (LoRA off) before training, each
     step runs only the fine-tuned trajectory, and a resumed run rebuilds the same pool."""
+    import fnf.objectives.focus_n_fix as fnf_objective  # runs the trajectories (was fnf.train before issue 14)
     import fnf.reference_pool as pool_mod
     import fnf.train as train_mod
     from fnf.reference_pool import entry_seed
@@ -255,8 +256,8 @@ def test_reference_pool_precomputes_i0_once_and_resumes_exactly(sd, tmp_path, mo
     extra = dict(localize={"spec": "saliency"}, train={"steps": 3, "seeds_per_prompt": 2, "batch_size": 2,
                                                        "checkpoint_every": 1})
     calls, pool_calls = [], []
-    real = train_mod.denoise
-    monkeypatch.setattr(train_mod, "denoise", lambda *a, **k: calls.append(k.get("grad_steps")) or real(*a, **k))
+    real = fnf_objective.denoise
+    monkeypatch.setattr(fnf_objective, "denoise", lambda *a, **k: calls.append(k.get("grad_steps")) or real(*a, **k))
     monkeypatch.setattr(pool_mod, "denoise", lambda *a, **k: pool_calls.append(a[1].shape[0]) or real(*a, **k))
     full = train(tiny_config(sd, str(tmp_path / "full"), **extra))
     assert len(calls) == 3 and all(c == 2 for c in calls)          # training steps: the fine-tuned chain only

@@ -1,0 +1,24 @@
+"""Training objectives (:class:`~fnf.objectives.base.Objective`): what a micro-batch's loss is and what a run exports.
+
+* :class:`~fnf.objectives.focus_n_fix.FocusNFix`: DRaFT-K with the Focus-N-Fix region penalty (beta = 0: DRaFT);
+* :class:`~fnf.objectives.sepen.SeparateAndEnhance`: Separate-and-Enhance on the cross-attention keys (fnf/sepen/).
+
+``objective.name`` in the config picks one (:func:`objective_class`).
+"""
+from __future__ import annotations
+
+from .base import Objective
+from .penalty import focus_n_fix_loss, region_penalty
+
+__all__ = ["Objective", "focus_n_fix_loss", "objective_class", "region_penalty"]
+
+
+def objective_class(name: str) -> type:
+    """The Objective class of ``objective.name``."""
+    from .focus_n_fix import FocusNFix
+    from .sepen import SeparateAndEnhance
+
+    classes = {"fnf": FocusNFix, "sepen": SeparateAndEnhance}
+    if name not in classes:
+        raise ValueError(f"objective.name must be one of {', '.join(classes)}, got {name!r}")
+    return classes[name]

@@ -1,0 +1,130 @@
+"""The model-family seam for the UNet families: detection from model_index.json, the unsupported-pipeline error,
+preflight's component check, the step-index contract the samplers rely on, and Separate-and-Enhance refused on
+families without separate cross-attention keys."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fnf_tiny_models import IMAGE_SIZE, cached_model, one_torch_thread, tiny_config  # noqa: E402,F401
+from fnf import preflight  # noqa: E402
+from fnf.config import ConfigError  # noqa: E402
+from fnf.families import family_by_name, family_for_index  # noqa: E402
+from fnf.families.unet import SD, SDXL, StableDiffusionFamily  # noqa: E402
+from fnf.models import DiffusionModel, ModelLoadError, detect_kind, encode_prompts, family_of, load_model  # noqa: E402
+from fnf.sampling import denoise, initial_latents  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    return cached_model("sd", str(tmp_path_factory.getbasetemp()))
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    return cached_model("sdxl", str(tmp_path_factory.getbasetemp()))
+
+
+def test_families_are_detected_from_the_pipeline_class(sd, sdxl):
+    assert family_for_index({"_class_name": "StableDiffusionPipeline"}) is SD
+    assert family_for_index({"_class_name": "StableDiffusionXLPipeline"}) is SDXL
+    assert family_for_index({"_class_name": "KandinskyPipeline"}) is None
+    assert family_by_name("sd") is SD and family_by_name("sdxl") is SDXL
+    assert family_of(sd) is SD and family_of(sdxl) is SDXL
+    # A hand-made index without _class_name: the old rule (text_encoder_2 -> SDXL).
+    assert family_of("x", {}) is SD and family_of("x", {"text_encoder_2": ["transformers", "C"]}) is SDXL
+    m = load_model(sd)
+    assert m.family is SD and m.kind == "sd" and m.denoiser is m.unet and m.extras == {}
+    assert m.pipeline_class.__name__ == "StableDiffusionPipeline"
+    # A DiffusionModel built in memory (benchmarks, the memory estimator) gets the family its kind names.
+    built = DiffusionModel(path="", kind="sdxl", unet=m.unet, vae=m.vae, scheduler=m.scheduler)
+    assert built.family is SDXL
+    # The family's components are what a folder must hold.
+    assert all(os.path.isdir(os.path.join(sdxl, c)) for c in SDXL.components)
+    assert set(SDXL.components) - set(SD.components) == {"text_encoder_2", "tokenizer_2"}
+    assert SD.supports_sepen and SDXL.supports_sepen
+
+
+def test_an_unsupported_pipeline_class_is_named_with_the_supported_ones(tmp_path):
+    folder = tmp_path / "kandinsky"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
+    for call in (lambda: load_model(str(folder)), lambda: detect_kind(str(folder)),
+                 lambda: preflight.check_model_folder(str(folder))):
+        with pytest.raises(ModelLoadError, match="'KandinskyPipeline'.*not support.*StableDiffusionPipeline, "
+                                                 "StableDiffusionXLPipeline"):
+            call()
+
+
+def test_preflight_lists_the_family_components(sdxl, tmp_path):
+    folder = tmp_path / "partial"
+    os.makedirs(folder / "unet")
+    with open(os.path.join(sdxl, "model_index.json")) as f:
+        (folder / "model_index.json").write_text(f.read())
+    with pytest.raises(ModelLoadError, match="no 'vae', .*'tokenizer_2' subfolder.*an? SDXL pipeline folder needs "
+                                             + ", ".join(SDXL.components)):
+        preflight.check_model_folder(str(folder))
+    assert preflight.check_model_folder(sdxl) == "sdxl"
+
+
+class CountingFamily(StableDiffusionFamily):
+    """The SD family, recording the step index of every predict / step / renoise call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def predict(self, model, denoiser, x, i, t, *a, **k):
+        self.calls.append(("predict", i, int(t)))
+        return super().predict(model, denoiser, x, i, t, *a, **k)
+
+    def step(self, model, out, i, t, x, **k):
+        self.calls.append(("step", i, int(t)))
+        return super().step(model, out, i, t, x, **k)
+
+    def renoise(self, model, x0, noise, i, t):
+        self.calls.append(("renoise", i, int(t)))
+        return super().renoise(model, x0, noise, i, t)
+
+
+def test_samplers_call_the_family_with_step_indices(sd):
+    """The contract transformer families rely on: step i pairs with timesteps[i], a continuation from start=s
+    begins at index s, and DRaFT-LV re-noises at the last index."""
+    m = load_model(sd)
+    m.family = fam = CountingFamily()
+    cond = encode_prompts(m, ["a cat"], height=IMAGE_SIZE, width=IMAGE_SIZE)
+    x_T = initial_latents(m, 1, IMAGE_SIZE, IMAGE_SIZE, torch.Generator().manual_seed(0), "cpu")
+    denoise(m, x_T, cond, None, steps=4, guidance_scale=1.0)
+    ts = [int(t) for t in m.scheduler.timesteps]
+    assert fam.calls == [(kind, i, ts[i]) for i in range(4) for kind in ("predict", "step")]
+    fam.calls.clear()
+    denoise(m, x_T, cond, None, steps=4, guidance_scale=1.0, start=2)
+    assert [c[1] for c in fam.calls] == [2, 2, 3, 3]
+    fam.calls.clear()
+    denoise(m, x_T, cond, None, steps=4, guidance_scale=1.0, lv_copies=2, generator=torch.Generator().manual_seed(1))
+    assert fam.calls[8:] == [("renoise", 3, ts[3]), ("predict", 3, ts[3]), ("step", 3, ts[3])] * 2
+
+
+class JointAttentionFamily(StableDiffusionFamily):
+    name, title, supports_sepen = "joint", "Joint", False
+
+
+def test_sepen_on_a_family_without_cross_attention_keys_is_refused(sd, tmp_path, monkeypatch):
+    import fnf.families
+    from fnf.train import Session
+
+    cfg = tiny_config(sd, str(tmp_path / "s"), objective={"name": "sepen"},
+                      sepen={"concepts": ["cat", "dog", "car"], "downsample": 1})
+    preflight.check(cfg)   # the SD family supports it
+    monkeypatch.setattr(fnf.families, "family_for_index", lambda index: JointAttentionFamily())
+    with pytest.raises(ConfigError, match="objective.name.*sepen.*'Joint' models use joint attention"):
+        preflight.check(cfg)   # before any model is loaded
+    monkeypatch.undo()
+    m = load_model(sd)
+    m.family = JointAttentionFamily()
+    with pytest.raises(ValueError, match="sepen.*'Joint' models use joint attention"):
+        Session(cfg, model=m)
