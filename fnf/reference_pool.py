@@ -4,7 +4,7 @@ With ``train.seeds_per_prompt = N > 0`` every training sample is one of the P x 
 k); entry j = p * N + k starts from the latent drawn from :func:`entry_seed` (train.seed, j). Before training,
 the pool samples each entry's I0 with the LoRA off and localizes it (heatmap and mask), in fixed batches, and
 keeps the results on the CPU; a training step then runs only the fine-tuned trajectory, as DRaFT-K does. The
-pool is rebuilt identically on resume, so resuming stays exact. DDIM must be deterministic (sampling.eta = 0):
+pool is rebuilt identically on resume, so resuming stays exact. The sampler must be deterministic (sampling.eta = 0):
 with eta > 0, I's noise could not match the noise I0 drew.
 """
 from __future__ import annotations
@@ -49,7 +49,7 @@ class ReferencePool:
             cond = embeds.index(idx.to(embeds.hidden.device))
             with torch.no_grad(), adapters_disabled(model.unet), autocast():
                 z = denoise(model, self.latents(j, device), cond, negative.repeat(len(j)), steps=steps,
-                            guidance_scale=guidance_scale)
+                            guidance_scale=guidance_scale, height=self.height, width=self.width)
                 ref = decode(model, z).float()
             heat, mask = localizer(ref, [prompts[i] for i in idx.tolist()], idx)
             refs.append(ref.cpu())
