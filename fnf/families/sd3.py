@@ -66,6 +66,7 @@ def _index_has(index: dict, component: str) -> bool:
 
 class SD3Family(ModelFamily):
     name = "sd3"
+    title = "Stable Diffusion 3 / 3.5"
     pipeline_classes = ("StableDiffusion3Pipeline",)
     components = ("transformer", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
