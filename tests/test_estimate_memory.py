@@ -111,18 +111,41 @@ def test_math_attention_materialises_the_scores():
 
 
 # ------------------------------------------------------------------------------------------ the trace
+@pytest.fixture(scope="module")
+def sd_fake(sd, tmp_path_factory):
+    """The fake-tensor estimate of the tiny SD model (T = K + 2, step 2 traced after AdamW's state is set up)."""
+    return estimate(memory_config(sd, str(tmp_path_factory.mktemp("run"))), model_dir=sd, fake=True)
+
+
+def _same(a, b) -> None:
+    assert a.peak_bytes == b.peak_bytes > 0
+    assert a.held_at_peak == b.held_at_peak and a.peak_phase == b.peak_phase and a.persistent == b.persistent
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sd", "sdxl"])
-def test_fake_trace_equals_the_real_tensor_counter(kind, sd, sdxl, tmp_path):
-    """Same code on fake and on real CPU tensors: the same bytes at the peak, phase by phase (~20 s per kind)."""
+def test_fake_trace_equals_the_real_tensor_counter(kind, sd, sdxl, sd_fake, tmp_path):
+    """Same code on fake and on real CPU tensors: the same bytes at the peak, phase by phase."""
     folder = sd if kind == "sd" else sdxl
     cfg = memory_config(folder, str(tmp_path))
-    fake = estimate(cfg, model_dir=folder, fake=True)
-    real = estimate(cfg, model_dir=folder, fake=False)
-    assert fake.peak_bytes == real.peak_bytes > 0
-    assert fake.held_at_peak == real.held_at_peak
-    assert fake.peak_phase == real.peak_phase
-    assert fake.persistent == real.persistent
+    fake = sd_fake if kind == "sd" else estimate(cfg, model_dir=folder, fake=True)
+    _same(fake, estimate(cfg, model_dir=folder, fake=False))
+
+
+@pytest.mark.slow
+def test_initialised_adamw_state_gives_the_peak_of_two_traced_steps(sd, sd_fake, tmp_path):
+    from fnf.memory.estimate import model_spec, run_trace, trace_config
+
+    both = run_trace(trace_config(memory_config(sd, str(tmp_path))), model_spec(sd), init_state=False)
+    _same(sd_fake, both)
+    assert sd_fake.peak_step == both.peak_step == "optimizer step 2"
+
+
+@pytest.mark.slow
+def test_peak_does_not_depend_on_the_number_of_ddim_steps(sd, sd_fake, tmp_path):
+    longer = estimate(memory_config(sd, str(tmp_path)), model_dir=sd, sampling_steps=5)
+    _same(sd_fake, longer)
+    assert sd_fake.settings["sampling_steps_traced"] == 4 and longer.settings["sampling_steps_traced"] == 5
 
 
 def _profiler_peak(prof) -> int:
@@ -149,26 +172,6 @@ def test_real_counter_within_5_percent_of_profiler_allocator_events(sd, tmp_path
     assert abs(est.peak_bytes - measured) <= 0.05 * measured
 
 
-@pytest.mark.slow
-def test_initialised_adamw_state_gives_the_peak_of_two_traced_steps(sdxl, tmp_path):
-    from fnf.memory.estimate import model_spec, run_trace, trace_config
-
-    cfg = trace_config(memory_config(sdxl, str(tmp_path)))
-    fast = run_trace(cfg, model_spec(sdxl), init_state=True)
-    both = run_trace(cfg, model_spec(sdxl), init_state=False)
-    assert fast.peak_bytes == both.peak_bytes and fast.held_at_peak == both.held_at_peak
-    assert fast.peak_step == both.peak_step == "optimizer step 2"
-
-
-@pytest.mark.slow
-def test_peak_does_not_depend_on_the_number_of_ddim_steps(sd, tmp_path):
-    cfg = memory_config(sd, str(tmp_path))
-    short = estimate(cfg, model_dir=sd, sampling_steps=4)
-    longer = estimate(cfg, model_dir=sd, sampling_steps=5)
-    assert short.peak_bytes == longer.peak_bytes and short.settings["sampling_steps_traced"] == 4
-
-
-# ------------------------------------------------------------------------------------------ the command
 @pytest.mark.slow
 def test_command_prints_and_writes_json_with_consistent_phases(sd, tmp_path, capsys):
     cfg_file = tmp_path / "c.yaml"
