@@ -110,6 +110,23 @@ def test_math_attention_materialises_the_scores():
     torch.testing.assert_close(out, ref)
 
 
+# ------------------------------------------------------------------------------------------ architectures
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,unet_m,text_m,size", [("sd15", 859.5, [123.1], 512), ("sd21", 865.9, [340.4], 768),
+                                                     ("sdxl", 2567.5, [123.1, 694.7], 1024)])
+def test_named_architectures_have_the_released_parameter_counts(arch, unet_m, text_m, size):
+    """Built under fake tensors (no memory, ~1 s each once diffusers is imported)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fnf.memory.estimate import build_model, model_spec
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        m = build_model(model_spec(arch=arch), "bf16")
+    count = lambda mod: round(sum(p.numel() for p in mod.parameters()) / 1e6, 1)  # noqa: E731
+    assert count(m.unet) == unet_m and [count(e) for e in m.text_encoders] == text_m and count(m.vae) == 83.7
+    assert m.native_size == size and next(m.unet.parameters()).dtype == torch.bfloat16
+
+
 # ------------------------------------------------------------------------------------------ the trace
 @pytest.fixture(scope="module")
 def sd_fake(sd, tmp_path_factory):

@@ -8,7 +8,7 @@ from .archs import ARCHS
 
 EPILOG = """\
 The estimate is of torch.cuda.max_memory_allocated over a run (weights, LoRA, AdamW state and the step's peak).
-It traces the trainer's own optimizer step twice under fake tensors, with T = K + 2 DDIM steps (the peak does
+It traces the trainer's own optimizer step 2 (AdamW state live) under fake tensors, T = K + 2 DDIM steps (the peak does
 not depend on T), imitating CUDA's autocast fp32 ops, attention backend and foreach AdamW.
 
 examples:
