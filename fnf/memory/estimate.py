@@ -1,4 +1,4 @@
-"""Trace the trainer's own ``Session.optimizer_step`` (twice, so AdamW's state is live) and count device bytes.
+"""Trace the trainer's own ``Session.optimizer_step`` (step 2, AdamW's state live) and count device bytes.
 
 ``fake=True`` (the command): under torch's FakeTensorMode, models built from config.json files alone (no
 weights read, no compute). ``fake=False``: the same code on real CPU tensors (tests check the two agree).
