@@ -349,7 +349,8 @@ def train(cfg: Config, accelerator=None, model: DiffusionModel | None = None) ->
                 logger.log(record)
             if progress is not None:
                 progress.update(1)
-                progress.set_postfix({k: f"{record.get(k, float('nan')):.4f}" for k in session.objective.progress_keys})
+                keys = session.objective.progress_keys
+                progress.set_postfix({k: f"{record.get(k, float('nan')):.4f}" for k in keys})
             if is_main and t.sample_every and (done % t.sample_every == 0 or done == t.steps) and last:
                 save_grid(os.path.join(out, "samples", f"step-{done:07d}.png"), last)
             if t.checkpoint_every and (done % t.checkpoint_every == 0 or done == t.steps):
