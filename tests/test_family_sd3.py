@@ -276,3 +276,27 @@ def test_shipped_config_and_preflight(folder):
     cfg.objective.name = "sepen"
     with pytest.raises(ConfigError, match="joint attention"):
         preflight.check_objective(cfg)
+
+
+def test_resume_is_exact(folder, tmp_path):
+    """3 steps straight == 2 steps, then resumed from the latest checkpoint for the third (torch.equal)."""
+    from fnf_tiny_models import tiny_config
+
+    from fnf.models import lora_state_dict
+    from fnf.train import train
+
+    print("seed", SEED)
+    extra = {"sampling": {"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                 "train": {"steps": 3, "grad_accum": 2, "checkpoint_every": 1}}
+    full = train(tiny_config(folder, str(tmp_path / "full"), **extra))
+    part_cfg = tiny_config(folder, str(tmp_path / "part"), **extra)
+    part_cfg.train.steps = 2
+    train(part_cfg)
+    resumed_cfg = tiny_config(folder, str(tmp_path / "part"), **extra)
+    resumed_cfg.train.resume = "latest"
+    resumed = train(resumed_cfg)
+    a, b = lora_state_dict(full.model.unet), lora_state_dict(resumed.model.unet)
+    assert a.keys() == b.keys() and a
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert resumed.history[0]["loss"] == full.history[2]["loss"]
