@@ -133,7 +133,17 @@ class TrainConfig:
 class MemoryConfig:
     mixed_precision: str = "no"    # no | fp16 | bf16 (autocast; LoRA params and optimizer stay fp32)
     unet_checkpointing: bool = True
-    vae_checkpointing: bool = True
+    # Activation checkpointing of the VAE decode that carries the reward's gradient (fnf/vae_memory.py):
+    #   resnet: a checkpoint per ResNet, upsampler and mid-block attention of the decoder and one for its tail;
+    #           same images and gradients as off, same recompute cost as blocks, less memory (default).
+    #   blocks: diffusers' enable_gradient_checkpointing (backward recomputes a whole up-block at once).
+    #   off:    none. true means resnet, false off.
+    vae_checkpointing: str = "resnet"
+    # Tiled VAE decode (diffusers' tiled_decode, a checkpoint per tile when vae_checkpointing is not off):
+    # tiles of this many pixels (a multiple of 8), a quarter of a tile blended with its neighbours; 0: one
+    # full decode (default). Differentiable, but a different image from the full decode (group norms and the
+    # mid-block attention see one tile); I and I0 are decoded the same way. Only tiles images larger than it.
+    vae_tile: int = 0
     reward_checkpointing: bool = False
     offload_text_encoder: bool = True  # embeddings are computed once; then the text encoders leave the device
     # Fused LoRA path (fnf/fused_lora.py): fnf_kernels' LoRA-fused attention, and the no-grad denoising steps of
@@ -181,6 +191,7 @@ CHOICES = {
     "localize.shape": ("square", "disk"),
     "memory.mixed_precision": ("no", "fp16", "bf16"),
     "memory.fused_lora": ("auto", "on", "off"),
+    "memory.vae_checkpointing": ("resnet", "blocks", "off"),
     "train.device": ("auto", "cpu", "cuda"),
 }
 
@@ -189,6 +200,8 @@ CHOICES = {
 # which the string coercion turns into "yes"/"no").
 ALIASES = {
     "memory.fused_lora": {"yes": "on", "true": "on", "1": "on", "no": "off", "false": "off", "0": "off"},
+    "memory.vae_checkpointing": {"yes": "resnet", "true": "resnet", "1": "resnet", "on": "resnet",
+                                 "no": "off", "false": "off", "0": "off"},
 }
 
 
@@ -370,6 +383,9 @@ def validate(cfg: Config) -> Config:
                    "train.seed": cfg.train.seed, "train.seeds_per_prompt": cfg.train.seeds_per_prompt}
     for key, value in nonneg_ints.items():
         _require(value >= 0, key, "an integer >= 0", value)
+    tile = cfg.memory.vae_tile
+    _require(tile == 0 or (tile >= 64 and tile % 8 == 0), "memory.vae_tile",
+             "0 (no tiling) or a multiple of 8 pixels >= 64", tile)
     _require(cfg.localize.radius >= -1, "localize.radius", "an integer >= 0 (or -1 for 1/64 of the image side)",
              cfg.localize.radius)
     for key in ("sampling.height", "sampling.width"):

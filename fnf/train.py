@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from . import fused_lora, preflight, run_dir
+from . import fused_lora, preflight, run_dir, vae_memory
 from .config import Config
 from .images import grid, save_png
 from .localize import overlay
@@ -104,8 +104,7 @@ class Session:
         # The denoiser stays in eval mode: LoRA dropout acts only in its grad-carrying calls (sampling.denoise).
         if cfg.memory.unet_checkpointing and self.objective.denoiser_checkpointing:
             m.unet.enable_gradient_checkpointing()
-        if cfg.memory.vae_checkpointing:
-            m.vae.enable_gradient_checkpointing()
+        vae_memory.apply(m.vae, cfg.memory.vae_checkpointing, cfg.memory.vae_tile)
         with lora_dropout_active(m.unet):  # patch_lora refuses LoRA dropout in training mode: auto falls back
             self.fused_lora, why = fused_lora.enable(m.unet, cfg.memory.fused_lora, self.device)
         if cfg.memory.fused_lora != "off":
