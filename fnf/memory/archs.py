@@ -53,6 +53,61 @@ ARCHS = {
              "scheduler": _SCHEDULER, "force_zeros_for_empty_prompt": True},
 }
 
+# ------------------------------------------------------------------ the transformer (flow-matching) families
+# Specs as model_index.json lists the components ({component: [class, config.json values]}); fnf/memory/flow_models.py
+# builds them. Values from the released folders' config.json files.
+_FLOW_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, layers_per_block=2,
+                 block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
+                 up_block_types=["UpDecoderBlock2D"] * 4, norm_num_groups=32, act_fn="silu", sample_size=1024,
+                 force_upcast=True, use_quant_conv=False, use_post_quant_conv=False)
+_CLIP_G = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+               num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
+# google/t5-v1_1-xxl (the encoder half: 4762.3M parameters)
+_T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+               relative_attention_num_buckets=32, relative_attention_max_distance=128, dropout_rate=0.1,
+               layer_norm_epsilon=1e-6, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+               is_encoder_decoder=True, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+_SD3_TEXT = {"text_encoder": ["CLIPTextModelWithProjection", _CLIP_L],
+             "text_encoder_2": ["CLIPTextModelWithProjection", _CLIP_G],
+             "text_encoder_3": ["T5EncoderModel", _T5_XXL]}
+_SD3_SCHEDULER = ["FlowMatchEulerDiscreteScheduler", dict(num_train_timesteps=1000, shift=3.0)]
+
+
+def _sd3(layers: int, heads: int, caption_dim: int, pos_embed_max_size: int, dual: list) -> dict:
+    transformer = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=layers,
+                       attention_head_dim=64, num_attention_heads=heads, joint_attention_dim=4096,
+                       caption_projection_dim=caption_dim, pooled_projection_dim=2048,
+                       pos_embed_max_size=pos_embed_max_size, dual_attention_layers=dual, qk_norm="rms_norm")
+    return {"kind": "sd3", "pipeline": "StableDiffusion3Pipeline", "components": {
+        "transformer": ["SD3Transformer2DModel", transformer],
+        "vae": ["AutoencoderKL", {**_FLOW_VAE, "scaling_factor": 1.5305, "shift_factor": 0.0609}],
+        "scheduler": _SD3_SCHEDULER, **_SD3_TEXT}}
+
+
+def _flux(guidance: bool, scheduler: dict) -> dict:
+    transformer = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                       num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                       guidance_embeds=guidance, axes_dims_rope=[16, 56, 56])
+    return {"kind": "flux", "pipeline": "FluxPipeline", "components": {
+        "transformer": ["FluxTransformer2DModel", transformer],
+        "vae": ["AutoencoderKL", {**_FLOW_VAE, "scaling_factor": 0.3611, "shift_factor": 0.1159}],
+        "scheduler": ["FlowMatchEulerDiscreteScheduler", scheduler],
+        "text_encoder": ["CLIPTextModel", _CLIP_L], "text_encoder_2": ["T5EncoderModel", _T5_XXL]},
+        "extras": {"max_sequence_length": 512 if guidance else 256}}
+
+
+ARCHS.update({
+    # stabilityai/stable-diffusion-3.5-medium (MMDiT-X 2243.2M, dual attention in blocks 0-12; CLIP-L, CLIP-G, T5-XXL)
+    "sd35-medium": _sd3(24, 24, 1536, 384, list(range(13))),
+    # stabilityai/stable-diffusion-3.5-large (MMDiT 8056.7M)
+    "sd35-large": _sd3(38, 38, 2432, 192, []),
+    # black-forest-labs/FLUX.1-dev (11901.4M, guidance-distilled: no CFG batch; CLIP-L, T5-XXL 512 tokens)
+    "flux1-dev": _flux(True, dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                  max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)),
+    # black-forest-labs/FLUX.1-schnell (no guidance embedding, T5 256 tokens, shift 1)
+    "flux1-schnell": _flux(False, dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)),
+})
+
 TOY_TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "toy", "sd",
                              "tokenizer")
 
