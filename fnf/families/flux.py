@@ -1,0 +1,275 @@
+"""FLUX.1 (``flux``): FluxPipeline folders (FLUX.1-dev, FLUX.1-schnell), flow-matching Euler on packed latents.
+
+Everything follows diffusers' ``FluxPipeline``: T5 sequence embeddings + CLIP-L pooled output
+(``encode_prompt``), 2x2-packed latents with latent image ids (``prepare_latents``), custom sigmas
+``linspace(1, 1/T, T)`` with ``mu`` from the image sequence length (``calculate_shift``), the transformer called
+with ``timestep / 1000``, the VAE's scaling and shift factors. Guidance-distilled folders (FLUX.1-dev:
+``transformer.config.guidance_embeds``) get the guidance scale as an embedding and never double the batch;
+other folders (FLUX.1-schnell) run true CFG (the pipeline's ``true_cfg_scale`` with a negative prompt) when the
+guidance scale is > 1 and a negative conditioning is given, else no guidance.
+
+The T5 encoder is required: FluxPipeline has no path without it (its ``encode_prompt`` always runs
+``text_encoder_2``). To save memory, encode the prompts once and move the encoders off the device
+(``fnf.models.offload_text_encoders``).
+
+Latents are packed, (B, (h/2)*(w/2), 4*C); their image size is the one of the last :meth:`initial_latents`
+or :meth:`schedule` call (``model.extras["image_size"]``), else square.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+
+import numpy as np
+import torch
+
+from . import flow
+from .base import ModelFamily
+
+MAX_SEQUENCE_LENGTH = 512   # FluxPipeline's default max_sequence_length for the T5 tokens
+
+
+def _load(component: str, path: str, loader, needs: tuple[str, ...]):
+    from ..models import ModelLoadError
+
+    folder = os.path.join(path, component)
+    if not os.path.isdir(folder):
+        extra = (" (FluxPipeline cannot run without its T5 encoder)" if component in ("text_encoder_2", "tokenizer_2")
+                 else "")
+        raise ModelLoadError(f"model folder {path!r} has no '{component}' subfolder{extra}; a FLUX.1 pipeline "
+                             f"folder needs {', '.join(needs)}")
+    try:
+        return loader(folder)
+    except Exception as e:  # noqa: BLE001 - rewrapped with the component name
+        raise ModelLoadError(f"could not load '{component}' from {folder!r}: {type(e).__name__}: {e}") from e
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, (h/2)*(w/2), 4*C): FluxPipeline._pack_latents."""
+    b, c, h, w = latents.shape
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(latents: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, (h/2)*(w/2), 4*C) -> (B, C, h, w) for latent height/width h, w: FluxPipeline._unpack_latents."""
+    b, n, c4 = latents.shape
+    if n != (h // 2) * (w // 2):
+        raise ValueError(f"latents: expected {(h // 2) * (w // 2)} packed tokens for a {h}x{w} latent grid, got {n}")
+    x = latents.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c4 // 4, h, w)
+
+
+def latent_image_ids(h2: int, w2: int, device, dtype) -> torch.Tensor:
+    """(h2*w2, 3) position ids of the packed tokens (row, column): FluxPipeline._prepare_latent_image_ids."""
+    ids = torch.zeros(h2, w2, 3)
+    ids[..., 1] = ids[..., 1] + torch.arange(h2)[:, None]
+    ids[..., 2] = ids[..., 2] + torch.arange(w2)[None, :]
+    return ids.reshape(h2 * w2, 3).to(device=device, dtype=dtype)
+
+
+def _tokenize(tokenizer, prompts: list[str], max_length: int) -> torch.Tensor:
+    return tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+class FluxFamily(ModelFamily):
+    """FLUX.1: FluxTransformer2DModel, CLIP-L (pooled) + T5 (sequence), 16-channel VAE, flow-matching Euler."""
+
+    name = "flux"
+    title = "FLUX.1"
+    pipeline_classes = ("FluxPipeline",)
+    components = ("transformer", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
+    # optional targets: the text stream's projections of the double blocks, the single blocks' MLP / output
+    lora_targets_text = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    lora_targets_single = ("proj_mlp", "proj_out")
+    supports_sepen = False
+    native_size = 1024
+
+    # -------------------------------------------------------------------------------- loading
+    def load(self, path: str, index: dict, *, weight_dtype: torch.dtype, device="cpu"):
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+        from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+        from ..models import DiffusionModel, set_vae_precision
+
+        dtype, kw, need = weight_dtype, dict(local_files_only=True), self.components
+        transformer = _load("transformer", path, lambda f: FluxTransformer2DModel.from_pretrained(
+            f, torch_dtype=dtype, **kw), need)
+        vae_read = torch.float32 if dtype == torch.float16 else dtype
+        vae = _load("vae", path, lambda f: AutoencoderKL.from_pretrained(f, torch_dtype=vae_read, **kw), need)
+        scheduler = _load("scheduler", path, lambda f: FlowMatchEulerDiscreteScheduler.from_config(
+            FlowMatchEulerDiscreteScheduler.load_config(f, **kw)), need)
+        clip = _load("text_encoder", path, lambda f: CLIPTextModel.from_pretrained(f, torch_dtype=dtype, **kw), need)
+        clip_tok = _load("tokenizer", path, lambda f: CLIPTokenizer.from_pretrained(f, **kw), need)
+        t5 = _load("text_encoder_2", path, lambda f: T5EncoderModel.from_pretrained(f, torch_dtype=dtype, **kw), need)
+        t5_tok = _load("tokenizer_2", path, lambda f: T5TokenizerFast.from_pretrained(f, **kw), need)
+        for module in [transformer, vae, clip, t5]:
+            module.requires_grad_(False)
+            module.eval()
+            module.to(device)
+        extras = {"guidance_embeds": bool(transformer.config.guidance_embeds),
+                  "max_sequence_length": MAX_SEQUENCE_LENGTH}
+        model = DiffusionModel(path=path, kind=self.name, unet=transformer, vae=vae, scheduler=scheduler,
+                               text_encoders=[clip, t5], tokenizers=[clip_tok, t5_tok],
+                               force_zeros_for_empty_prompt=False, family=self, extras=extras)
+        set_vae_precision(model, dtype)
+        return model
+
+    def pipeline_class(self):
+        from diffusers import FluxPipeline
+
+        return FluxPipeline
+
+    # -------------------------------------------------------------------------------- conditioning
+    def encode(self, model, prompts: list[str], *, height: int, width: int, zero: bool = False):
+        """FluxPipeline.encode_prompt: T5 last hidden state (``max_sequence_length`` tokens) as ``hidden``, the
+        CLIP text model's pooled output as ``pooled`` (``zero``: both all-zero; FluxPipeline never uses it)."""
+        from ..models import PromptEmbeds
+
+        clip, t5 = model.text_encoders
+        clip_tok, t5_tok = model.tokenizers
+        device = model.unet.device
+        with torch.no_grad():
+            pooled = clip(_tokenize(clip_tok, prompts, clip_tok.model_max_length).to(clip.device),
+                          output_hidden_states=False).pooler_output
+            max_len = int(model.extras.get("max_sequence_length", MAX_SEQUENCE_LENGTH))
+            hidden = t5(_tokenize(t5_tok, prompts, max_len).to(t5.device), output_hidden_states=False)[0]
+        hidden, pooled = hidden.to(device=device, dtype=t5.dtype), pooled.to(device=device, dtype=clip.dtype)
+        if zero:
+            hidden, pooled = torch.zeros_like(hidden), torch.zeros_like(pooled)
+        return PromptEmbeds(hidden, pooled)
+
+    def uses_cfg(self, model, uncond, guidance_scale: float) -> bool:
+        """Guidance-distilled (FLUX.1-dev): never (the scale is an embedding). Otherwise true CFG when a negative
+        conditioning is given and the scale is > 1 (FluxPipeline's ``true_cfg_scale`` with a negative prompt)."""
+        if model.extras.get("guidance_embeds", False):
+            return False
+        return uncond is not None and guidance_scale > 1.0
+
+    # -------------------------------------------------------------------------------- sampling
+    def _latent_hw(self, model, height: int, width: int) -> tuple[int, int]:
+        """Latent grid size as FluxPipeline.prepare_latents rounds it (a multiple of 2 for the 2x2 packing)."""
+        f = model.vae_scale_factor
+        for name, side in (("height", height), ("width", width)):
+            if isinstance(side, bool) or not isinstance(side, int) or side < 2 * f:
+                raise ValueError(f"{name}: expected an int >= {2 * f} (FLUX packs 2x2 latent patches of the "
+                                 f"{f}x-downsampled image), got {side!r}")
+        model.extras["image_size"] = (int(height), int(width))
+        return 2 * (height // (f * 2)), 2 * (width // (f * 2))
+
+    def image_size(self, model, latents: torch.Tensor) -> tuple[int, int]:
+        n = int(latents.shape[1])
+        f = model.vae_scale_factor
+        size = model.extras.get("image_size")
+        if size is not None:
+            h, w = self._latent_hw(model, *size)
+            if (h // 2) * (w // 2) == n:
+                return size
+        side = math.isqrt(n)
+        if side * side != n:
+            raise ValueError(f"latents: {n} packed tokens are not a square grid and no image size is known; pass "
+                             "height and width (or draw them with initial_latents)")
+        return 2 * side * f, 2 * side * f
+
+    def initial_latents(self, model, batch: int, height: int, width: int, generator: torch.Generator,
+                        device) -> torch.Tensor:
+        """FluxPipeline.prepare_latents with a CPU generator: N(0, I) of (B, C, h, w), packed 2x2."""
+        h, w = self._latent_hw(model, height, width)
+        channels = model.unet.config.in_channels // 4
+        x = torch.randn((batch, channels, h, w), generator=generator, dtype=torch.float32)
+        return pack_latents(x).to(device)
+
+    def schedule(self, model, steps: int, height: int, width: int, device) -> torch.Tensor:
+        """FluxPipeline's schedule: sigmas linspace(1, 1/T, T) (none with use_flow_sigmas), mu from the packed
+        sequence length (used with dynamic shifting)."""
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps: expected a positive int, got {steps!r}")
+        h, w = self._latent_hw(model, height, width)
+        sched = model.scheduler
+        sigmas = None if sched.config.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / steps, steps)
+        mu = flow.shift_mu(sched, (h // 2) * (w // 2), default_max_shift=1.15)
+        return flow.flow_schedule(sched, None if sigmas is not None else steps, device, mu=mu, sigmas=sigmas)
+
+    def predict(self, model, denoiser, x: torch.Tensor, i: int, t, cond, uncond, guidance_scale: float):
+        """One transformer call (``timestep / 1000``, guidance embedding for guidance-distilled folders, text ids
+        zeros, latent image ids) and the guided velocity in float32 (float64 for a float64 transformer); with
+        true CFG the batch is ``[uncond rows of x, cond rows of x]``."""
+        from ..models import PromptEmbeds
+
+        cfg = self.uses_cfg(model, uncond, guidance_scale)
+        emb = PromptEmbeds.cat(uncond, cond) if cfg else cond
+        x_in = torch.cat([x, x]) if cfg else x
+        dtype, n = model.unet.dtype, x_in.shape[0]
+        h, w = self._latent_hw(model, *self.image_size(model, x))
+        img_ids = latent_image_ids(h // 2, w // 2, x.device, dtype)
+        txt_ids = torch.zeros(emb.hidden.shape[1], 3, device=x.device, dtype=dtype)
+        t = torch.as_tensor(t, device=x.device)
+        timestep = (t.expand(n) if t.dim() == 0 else t.repeat(n // t.shape[0])).to(dtype)
+        guidance = None
+        if model.extras.get("guidance_embeds", False):
+            guidance = torch.full([1], guidance_scale, device=x.device, dtype=torch.float32).expand(n)
+        out = denoiser(hidden_states=x_in.to(dtype), timestep=timestep / 1000, guidance=guidance,
+                       pooled_projections=emb.pooled.to(dtype), encoder_hidden_states=emb.hidden.to(dtype),
+                       txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+        out = out.to(torch.promote_types(out.dtype, torch.float32))
+        if cfg:
+            out_uncond, out_cond = out.chunk(2)
+            out = out_uncond + guidance_scale * (out_cond - out_uncond)
+        return out
+
+    def step(self, model, out: torch.Tensor, i: int, t, x: torch.Tensor, *, eta: float = 0.0,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """``FlowMatchEulerDiscreteScheduler.step`` from sigma_i to sigma_{i+1} (``eta`` is DDIM's; unused)."""
+        return flow.euler_step(model.scheduler, out, i, x, generator=generator)
+
+    def renoise(self, model, x0: torch.Tensor, noise: torch.Tensor, i: int, t) -> torch.Tensor:
+        return flow.renoise(model.scheduler, x0, noise, i)
+
+    def decode(self, model, latents: torch.Tensor) -> torch.Tensor:
+        """Unpack, ``z / scaling_factor + shift_factor``, VAE decode, ``x / 2 + 0.5`` clamped: float32 in [0, 1]."""
+        vae = model.vae
+        f = model.vae_scale_factor
+        height, width = self.image_size(model, latents)
+        z = unpack_latents(latents, 2 * (height // (f * 2)), 2 * (width // (f * 2)))
+        z = (z.float() if model.vae_upcast else z) / vae.config.scaling_factor + vae.config.shift_factor
+        with torch.autocast(z.device.type, enabled=False) if model.vae_upcast else contextlib.nullcontext():
+            x = vae.decode(z.to(vae.dtype), return_dict=False)[0]
+        return (x.to(torch.promote_types(x.dtype, torch.float32)) / 2 + 0.5).clamp(0, 1)
+
+    # -------------------------------------------------------------------------------- LoRA
+    def save_lora(self, model, directory: str) -> None:
+        """``FluxPipeline.save_lora_weights(transformer_lora_layers=...)`` (peft key format, as diffusers' FLUX
+        LoRA training script writes it) with peft's adapter metadata."""
+        from peft.utils import get_peft_model_state_dict
+
+        from ..models import ADAPTER, LORA_WEIGHTS
+
+        state = get_peft_model_state_dict(model.unet, adapter_name=ADAPTER)
+        state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+        cfg = model.unet.peft_config[ADAPTER]
+        metadata = {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target_modules": sorted(cfg.target_modules),
+                    "lora_dropout": cfg.lora_dropout, "init_lora_weights": True,
+                    "rank_pattern": dict(cfg.rank_pattern or {}), "alpha_pattern": dict(cfg.alpha_pattern or {})}
+        self.pipeline_class().save_lora_weights(directory, transformer_lora_layers=state, safe_serialization=True,
+                                                weight_name=LORA_WEIGHTS, transformer_lora_adapter_metadata=metadata)
+
+    def load_lora(self, model, directory: str, adapter_name: str) -> None:
+        """The loader ``pipe.load_lora_weights`` uses (``lora_state_dict`` + ``load_lora_into_transformer``)."""
+        from ..models import LORA_WEIGHTS
+
+        cls = self.pipeline_class()
+        state, alphas, metadata = cls.lora_state_dict(directory, weight_name=LORA_WEIGHTS, return_alphas=True,
+                                                      return_lora_metadata=True)
+        if not any(k.startswith(f"{cls.transformer_name}.") for k in state):
+            raise ValueError(f"LoRA folder {directory!r} holds no transformer LoRA weights (keys like "
+                             f"'{cls.transformer_name}.transformer_blocks.0.attn.to_q.lora_A.weight')")
+        state = {k: v for k, v in state.items() if k.startswith(f"{cls.transformer_name}.")}
+        cls.load_lora_into_transformer(state, network_alphas=alphas, transformer=model.unet,
+                                       adapter_name=adapter_name, metadata=metadata)
+
+
+FLUX = FluxFamily()
+FAMILIES = [FLUX]
