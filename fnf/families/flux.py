@@ -69,6 +69,16 @@ def latent_image_ids(h2: int, w2: int, device, dtype) -> torch.Tensor:
     return ids.reshape(h2 * w2, 3).to(device=device, dtype=dtype)
 
 
+def _dtype(weight_dtype) -> torch.dtype:
+    from ..models import DTYPES
+
+    if isinstance(weight_dtype, torch.dtype):
+        return weight_dtype
+    if weight_dtype in DTYPES:
+        return DTYPES[weight_dtype]
+    raise ValueError(f"weight_dtype: expected a torch dtype or one of {sorted(DTYPES)}, got {weight_dtype!r}")
+
+
 def _tokenize(tokenizer, prompts: list[str], max_length: int) -> torch.Tensor:
     return tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
                      return_tensors="pt").input_ids
@@ -93,9 +103,13 @@ class FluxFamily(ModelFamily):
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
         from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-        from ..models import DiffusionModel, set_vae_precision
+        from ..models import DiffusionModel, ModelLoadError, set_vae_precision
 
-        dtype, kw, need = weight_dtype, dict(local_files_only=True), self.components
+        dtype, kw, need = _dtype(weight_dtype), dict(local_files_only=True), self.components
+        sched_entry = index.get("scheduler") or [None, None]
+        if sched_entry[-1] not in (None, "FlowMatchEulerDiscreteScheduler"):
+            raise ModelLoadError(f"{path!r}: the FLUX.1 family samples with FlowMatchEulerDiscreteScheduler, but "
+                                 f"model_index.json names {sched_entry[-1]!r}")
         transformer = _load("transformer", path, lambda f: FluxTransformer2DModel.from_pretrained(
             f, torch_dtype=dtype, **kw), need)
         vae_read = torch.float32 if dtype == torch.float16 else dtype
@@ -129,6 +143,10 @@ class FluxFamily(ModelFamily):
         CLIP text model's pooled output as ``pooled`` (``zero``: both all-zero; FluxPipeline never uses it)."""
         from ..models import PromptEmbeds
 
+        if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)) or \
+                not all(isinstance(p, str) for p in prompts):
+            raise TypeError(f"prompts: expected a list of str, got {prompts!r}")
+        prompts = list(prompts)
         clip, t5 = model.text_encoders
         clip_tok, t5_tok = model.tokenizers
         device = model.unet.device
@@ -222,7 +240,10 @@ class FluxFamily(ModelFamily):
 
     def step(self, model, out: torch.Tensor, i: int, t, x: torch.Tensor, *, eta: float = 0.0,
              generator: torch.Generator | None = None) -> torch.Tensor:
-        """``FlowMatchEulerDiscreteScheduler.step`` from sigma_i to sigma_{i+1} (``eta`` is DDIM's; unused)."""
+        """``FlowMatchEulerDiscreteScheduler.step`` from sigma_i to sigma_{i+1}."""
+        if eta:
+            raise ValueError(f"sampling.eta: the FLUX flow-matching Euler sampler is deterministic; expected 0, "
+                             f"got {eta!r}")
         return flow.euler_step(model.scheduler, out, i, x, generator=generator)
 
     def renoise(self, model, x0: torch.Tensor, noise: torch.Tensor, i: int, t) -> torch.Tensor:
@@ -260,6 +281,10 @@ class FluxFamily(ModelFamily):
         """The loader ``pipe.load_lora_weights`` uses (``lora_state_dict`` + ``load_lora_into_transformer``)."""
         from ..models import LORA_WEIGHTS
 
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"LoRA folder does not exist: {directory!r}")
+        if not os.path.isfile(os.path.join(directory, LORA_WEIGHTS)):
+            raise FileNotFoundError(f"LoRA folder {directory!r} has no {LORA_WEIGHTS}")
         cls = self.pipeline_class()
         state, alphas, metadata = cls.lora_state_dict(directory, weight_name=LORA_WEIGHTS, return_alphas=True,
                                                       return_lora_metadata=True)
