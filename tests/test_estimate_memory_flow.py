@@ -36,9 +36,11 @@ def flux(tmp_path_factory):
     return tiny_flux.cached_flux(str(tmp_path_factory.getbasetemp()))
 
 
-def memory_config(folder, out, **memory):
-    """bf16 weights and autocast, transformer and VAE checkpointing, text encoders offloaded, a saliency mask."""
-    return tiny_config(folder, out, model={"path": folder, "weight_dtype": "bf16"}, memory={"mixed_precision": "bf16", "unet_checkpointing": True,
+def memory_config(folder, out, size=0, **memory):
+    """bf16 weights and autocast, transformer and VAE checkpointing, text encoders offloaded, a saliency mask;
+    ``size``: the image side (FLUX folders have no native size in their configs: the family's is 1024)."""
+    return tiny_config(folder, out, model={"path": folder, "weight_dtype": "bf16"},
+                       sampling={"height": size, "width": size}, memory={"mixed_precision": "bf16", "unet_checkpointing": True,
                                             "vae_checkpointing": True, "offload_text_encoder": True, **memory},
                        localize={"spec": "saliency"})
 
@@ -79,21 +81,23 @@ def test_named_flow_architectures_have_the_released_parameter_counts(arch, denoi
     assert dtypes == {torch.bfloat16} and m.native_size == 1024
 
 
-def test_folder_configs_build_what_the_family_loads(sd3):
-    """The fake build from config.json files holds the same device bytes, dtypes and extras as the SD3 family's
+@pytest.mark.parametrize("kind,parts", [("sd3", 5), ("flux", 4)])
+def test_folder_configs_build_what_the_family_loads(kind, parts, request):
+    """The fake build from config.json files holds the same device bytes, dtypes and extras as the family's
     load() of the real folder (bf16; SD3's persistent positional-embedding buffer and T5's tied embedding
     included), and the same model pieces in the same order."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from fnf.models import load_model
 
-    real = load_model(sd3, weight_dtype="bf16")
+    folder = request.getfixturevalue(kind)
+    real = load_model(folder, weight_dtype="bf16")
     with FakeTensorMode(allow_non_fake_inputs=True):
-        fake = build_model(model_spec(sd3), "bf16")
+        fake = build_model(model_spec(folder), "bf16")
         fake_parts = [fake.unet, fake.vae, *fake.text_encoders]
         fake_bytes = [_device_bytes([m]) for m in fake_parts]
     real_parts = [real.unet, real.vae, *real.text_encoders]
-    assert [type(m) for m in fake_parts] == [type(m) for m in real_parts] and len(real_parts) == 5
+    assert [type(m) for m in fake_parts] == [type(m) for m in real_parts] and len(real_parts) == parts
     assert fake_bytes == [_device_bytes([m]) for m in real_parts]
     assert fake.family is real.family and fake.extras == real.extras and fake.vae_upcast == real.vae_upcast
     assert [type(t).__name__ for t in fake.tokenizers] == [type(t).__name__ for t in real.tokenizers]
@@ -113,7 +117,9 @@ def test_fake_trace_equals_the_real_tensor_counter_sd3(sd3, tmp_path):
 
 @pytest.mark.slow
 def test_fake_trace_equals_the_real_tensor_counter_flux(flux, tmp_path):
-    cfg = memory_config(flux, str(tmp_path))
+    import tiny_flux
+
+    cfg = memory_config(flux, str(tmp_path), size=tiny_flux.IMAGE_SIZE)
     _same(estimate(cfg, model_dir=flux, fake=True), estimate(cfg, model_dir=flux, fake=False))
 
 

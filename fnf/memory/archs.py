@@ -92,8 +92,7 @@ def _flux(guidance: bool, scheduler: dict) -> dict:
         "transformer": ["FluxTransformer2DModel", transformer],
         "vae": ["AutoencoderKL", {**_FLOW_VAE, "scaling_factor": 0.3611, "shift_factor": 0.1159}],
         "scheduler": ["FlowMatchEulerDiscreteScheduler", scheduler],
-        "text_encoder": ["CLIPTextModel", _CLIP_L], "text_encoder_2": ["T5EncoderModel", _T5_XXL]},
-        "extras": {"max_sequence_length": 512 if guidance else 256}}
+        "text_encoder": ["CLIPTextModel", _CLIP_L], "text_encoder_2": ["T5EncoderModel", _T5_XXL]}}
 
 
 ARCHS.update({
@@ -101,10 +100,10 @@ ARCHS.update({
     "sd35-medium": _sd3(24, 24, 1536, 384, list(range(13))),
     # stabilityai/stable-diffusion-3.5-large (MMDiT 8056.7M)
     "sd35-large": _sd3(38, 38, 2432, 192, []),
-    # black-forest-labs/FLUX.1-dev (11901.4M, guidance-distilled: no CFG batch; CLIP-L, T5-XXL 512 tokens)
+    # black-forest-labs/FLUX.1-dev (11901.4M, guidance-distilled: no CFG batch; CLIP-L, T5-XXL, 512 tokens)
     "flux1-dev": _flux(True, dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
                                   max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)),
-    # black-forest-labs/FLUX.1-schnell (no guidance embedding, T5 256 tokens, shift 1)
+    # black-forest-labs/FLUX.1-schnell (no guidance embedding, shift 1, no dynamic shifting)
     "flux1-schnell": _flux(False, dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)),
 })
 

@@ -125,15 +125,13 @@ class CudaRules:
         imitated.__name__ = getattr(fn, "__name__", "imitated")
         return imitated
     def _attention(self, func, args, kwargs):
-        q, k = args[0], args[1]
-        mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
-        backend = gpu_attention_backend(q, k, mask)
+        # positional or keyword (diffusers' attention dispatcher passes query=, key=, value=)
+        extra = {**dict(zip(("query", "key", "value", "attn_mask", "dropout_p", "is_causal"), args)), **kwargs}
+        q, k, v = extra["query"], extra["key"], extra["value"]
+        backend = gpu_attention_backend(q, k, extra.get("attn_mask"))
         self.backends[backend] = self.backends.get(backend, 0) + 1
         if backend != "math":
             return func(*args, **kwargs)
-        names = ("attn_mask", "dropout_p", "is_causal")
-        extra = dict(zip(names, args[3:]), **{n: kwargs[n] for n in names if n in kwargs})
-        v = args[2]
         if torch.is_autocast_enabled("cpu"):  # SDPA is a lower-precision autocast op
             dtype = torch.get_autocast_dtype("cpu")
             q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)

@@ -133,8 +133,12 @@ def build(spec: dict, weight_dtype: str, fp16_autocast: bool = False):
     model = DiffusionModel(path=f"<{spec['name']}>", kind=family.name, unet=transformer, vae=vae,
                            scheduler=scheduler, text_encoders=encoders, tokenizers=tokenizers,
                            force_zeros_for_empty_prompt=False, family=family)
-    model.extras = {**extras, **spec.get("extras", {}), "t5": any(
-        comps[e][0] == "T5EncoderModel" for e in encoder_names if e in comps)}
+    extras = {**extras, **spec.get("extras", {})}
+    if family_name == "sd3":  # as SD3Family.load / FluxFamily.load set them
+        extras["t5"] = "text_encoder_3" in comps
+    else:
+        extras["guidance_embeds"] = bool(transformer.config.get("guidance_embeds", False))
+    model.extras = extras
     # the VAE in the dtype set_vae_precision gives it (float32 when float16 is in play and force_upcast is set)
     fp16 = dtype == torch.float16 or fp16_autocast
     model.vae_upcast = bool(fp16 and vae.config.get("force_upcast", False))
