@@ -256,3 +256,21 @@ def test_session_optimizer_step(folder, tmp_path):
                if isinstance(v, float)), record
     moved = {n for n, p in s.model.unet.named_parameters() if not torch.equal(p.detach(), before[n])}
     assert moved and all("lora_" in n for n in moved), sorted(moved)[:3]
+
+
+def test_shipped_config_and_preflight(folder):
+    """configs/flux1_dev_focus_n_fix.yaml validates on the tiny FLUX folder; preflight names the family; the
+    Separate-and-Enhance objective is refused with a reason (joint attention)."""
+    from fnf import config, preflight
+    from fnf.config import ConfigError
+
+    cfg = config.load(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                                   "flux1_dev_focus_n_fix.yaml"))
+    assert (cfg.sampling.height, cfg.sampling.width, cfg.sampling.guidance_scale) == (1024, 1024, 3.5)
+    assert list(cfg.lora.target_modules) == list(FAMILY.lora_targets)
+    cfg.model.path = folder
+    config.validate(cfg)
+    assert preflight.check_model_folder(folder) == "flux"
+    cfg.objective.name = "sepen"
+    with pytest.raises(ConfigError, match="joint attention"):
+        preflight.check_objective(cfg)
