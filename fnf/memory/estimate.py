@@ -31,16 +31,22 @@ NOT_INCLUDED = ("CUDA context (~0.3-0.6 GiB, outside max_memory_allocated)",
                 "in torch.cuda.max_memory_reserved)")
 REWARD_STAND_INS = {"clip-l14": "fnf.memory.archs:clip_l14_reward"}
 
-# The memory ladder: each row adds one lever to the row before (memory.* keys; train.* for the pool).
+# The memory ladder: each row adds one lever to the row before (memory.* keys; train.* for the pool); the last
+# two rows each replace one lever of the fnf-defaults row (HALF_SIDE: tiles of half the image's longer side).
+HALF_SIDE = "half the image side"
 LADDER = [
-    ("naive", {"memory": {"unet_checkpointing": False, "vae_checkpointing": False, "reward_checkpointing": False,
-                          "offload_text_encoder": False, "fused_lora": "off"}, "train": {"seeds_per_prompt": 0}}),
+    ("naive", {"memory": {"unet_checkpointing": False, "vae_checkpointing": "off", "reward_checkpointing": False,
+                          "offload_text_encoder": False, "fused_lora": "off", "vae_tile": 0},
+               "train": {"seeds_per_prompt": 0}}),
     ("+ UNet checkpointing", {"memory": {"unet_checkpointing": True}}),
-    ("+ VAE checkpointing", {"memory": {"vae_checkpointing": True}}),
+    ("+ VAE checkpointing per up-block (diffusers)", {"memory": {"vae_checkpointing": "blocks"}}),
+    ("+ VAE checkpointing per ResNet", {"memory": {"vae_checkpointing": "resnet"}}),
     ("+ text encoders offloaded (fnf defaults)", {"memory": {"offload_text_encoder": True}}),
     ("+ reward checkpointing", {"memory": {"reward_checkpointing": True}}),
     ("+ fused LoRA", {"memory": {"fused_lora": "on"}}),
-    ("+ reference pool", {"memory": {"fused_lora": "off"}, "train": {"seeds_per_prompt": 1}}),
+    ("reference pool instead of fused LoRA", {"memory": {"fused_lora": "off"}, "train": {"seeds_per_prompt": 1}}),
+    ("fnf defaults + tiled VAE decode (half-side tiles)",
+     {"memory": {"reward_checkpointing": False, "vae_tile": HALF_SIDE}, "train": {"seeds_per_prompt": 0}}),
 ]
 
 
@@ -231,6 +237,11 @@ def trace_config(cfg, height: int = 0, width: int = 0, sampling_steps: int = 0):
     return cfg
 
 
+def half_side_tile(cfg) -> int:
+    """Tiles of half the image's longer side, a multiple of 8 pixels (at least 64)."""
+    return max(64, max(cfg.sampling.height, cfg.sampling.width) // 16 * 8)
+
+
 def _apply(cfg, overrides: dict):
     for section, values in overrides.items():
         for key, value in values.items():
@@ -339,7 +350,7 @@ def settings_of(cfg, spec: dict) -> dict:
             "guidance_scale": s.guidance_scale, "batch_size": cfg.train.batch_size,
             "grad_accum": cfg.train.grad_accum, "reward": cfg.reward.spec, "localizer": cfg.localize.spec,
             "beta": cfg.objective.beta, "sampling_steps_traced": s.steps,
-            "memory": {k: getattr(m, k) for k in ("unet_checkpointing", "vae_checkpointing",
+            "memory": {k: getattr(m, k) for k in ("unet_checkpointing", "vae_checkpointing", "vae_tile",
                                                    "reward_checkpointing", "offload_text_encoder", "fused_lora")},
             "seeds_per_prompt": cfg.train.seeds_per_prompt}
 
@@ -361,6 +372,8 @@ def estimate(cfg, *, model_dir: str | None = None, arch: str | None = None, heig
                              f"{', '.join(REWARD_STAND_INS)}")
         cfg.reward.spec = REWARD_STAND_INS[reward_model]
         cfg.reward.kwargs = {"dtype": cfg.model.weight_dtype}
+    if cfg.memory.vae_tile == HALF_SIDE:  # a ladder row
+        cfg.memory.vae_tile = half_side_tile(cfg)
     result = run_trace(cfg, spec, fake=fake)
     result.settings = settings_of(cfg, spec)
     return result
