@@ -122,3 +122,20 @@ def test_config_keys():
     for bad in ("500", "-8", "32"):
         with pytest.raises(ConfigError, match="memory.vae_tile"):
             config.load(None, [f"memory.vae_tile={bad}"])
+
+
+def test_ladder_rows_are_valid_configs_and_tile_half_the_side():
+    import copy
+
+    from fnf.memory.estimate import HALF_SIDE, LADDER, _apply, half_side_tile
+
+    cfg = config.load(None, [])
+    cfg.sampling.height = cfg.sampling.width = 1024
+    for name, overrides in LADDER:
+        cfg = _apply(cfg, overrides)
+        row = copy.deepcopy(cfg)
+        if row.memory.vae_tile == HALF_SIDE:
+            row.memory.vae_tile = half_side_tile(row)
+        config.validate(row)
+    assert name.endswith("(half-side tiles)") and row.memory.vae_tile == 512
+    assert row.memory.vae_checkpointing == "resnet" and row.train.seeds_per_prompt == 0
