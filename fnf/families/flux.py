@@ -41,7 +41,7 @@ def _load(component: str, path: str, loader, needs: tuple[str, ...]):
                              f"folder needs {', '.join(needs)}")
     try:
         return loader(folder)
-    except Exception as e:  # noqa: BLE001 - rewrapped with the component name
+    except Exception as e:  # rewrapped with the component name
         raise ModelLoadError(f"could not load '{component}' from {folder!r}: {type(e).__name__}: {e}") from e
 
 
@@ -105,7 +105,7 @@ class FluxFamily(ModelFamily):
 
         from ..models import DiffusionModel, ModelLoadError, set_vae_precision
 
-        dtype, kw, need = _dtype(weight_dtype), dict(local_files_only=True), self.components
+        dtype, kw, need = _dtype(weight_dtype), {"local_files_only": True}, self.components
         sched_entry = index.get("scheduler") or [None, None]
         if sched_entry[-1] not in (None, "FlowMatchEulerDiscreteScheduler"):
             raise ModelLoadError(f"{path!r}: the FLUX.1 family samples with FlowMatchEulerDiscreteScheduler, but "
