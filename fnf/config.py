@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     path: str = ""                 # local diffusers folder (SD 1.x/2.x or SDXL); never a hub id
-    kind: str = "auto"             # auto | sd | sdxl  (auto: SDXL when the folder has text_encoder_2)
+    kind: str = "auto"             # auto | sd | sdxl | sd3 | flux  (auto: from model_index.json's pipeline class)
     weight_dtype: str = "fp32"     # dtype of the frozen weights: fp32 | fp16 | bf16 (LoRA params stay fp32)
     scheduler: str = "ddim"        # ddim: a DDIMScheduler built from the folder's scheduler config
 
@@ -181,7 +181,7 @@ class Config:
 
 
 CHOICES = {
-    "model.kind": ("auto", "sd", "sdxl"),
+    "model.kind": ("auto", "sd", "sdxl", "sd3", "flux"),
     "objective.name": ("fnf", "sepen"),
     "sepen.loss_backend": ("auto", "triton", "reference"),
     "model.weight_dtype": ("fp32", "fp16", "bf16"),

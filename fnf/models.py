@@ -124,7 +124,7 @@ def family_of(path: str, index: dict | None = None):
 
     An index without ``_class_name`` (hand-made folders) is SD or SDXL (SDXL when it lists text_encoder_2);
     a pipeline class fnf does not support is a ModelLoadError naming it and the supported ones."""
-    from .families import PIPELINE_MODULES, family_by_name, family_for_index
+    from .families import family_by_name, family_for_index, supported_pipelines
 
     index = index if index is not None else _read_index(path)
     if "_class_name" not in index:
@@ -132,7 +132,7 @@ def family_of(path: str, index: dict | None = None):
     family = family_for_index(index)
     if family is None:
         raise ModelLoadError(f"{path!r} holds a {index['_class_name']!r} (model_index.json _class_name), which fnf "
-                             f"does not support; supported pipelines: {', '.join(PIPELINE_MODULES)}")
+                             f"does not support; supported pipelines: {', '.join(supported_pipelines())}")
     return family
 
 

@@ -14,7 +14,6 @@ PIPELINE_MODULES = {
     "StableDiffusionXLPipeline": "unet",
     "StableDiffusion3Pipeline": "sd3",
     "FluxPipeline": "flux",
-    "Flux2Pipeline": "flux2",
 }
 
 
@@ -36,6 +35,11 @@ def all_families() -> list[ModelFamily]:
                 seen.add(fam.name)
                 out.append(fam)
     return out
+
+
+def supported_pipelines() -> list[str]:
+    """The model_index.json pipeline classes some family loads."""
+    return [cls for fam in all_families() for cls in fam.pipeline_classes]
 
 
 def family_by_name(name: str) -> ModelFamily:
