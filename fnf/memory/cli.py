@@ -71,12 +71,13 @@ def report(est, title: str = "") -> str:
 
 
 def ladder_table(rows) -> str:
-    lines = [f"{'configuration':<44}{'peak GiB':>9}{'plan GiB':>9}  peak phase"]
     from .estimate import MARGIN_BYTES, MARGIN_FRACTION
 
+    width = max([len("configuration"), *(len(name) for name, _ in rows)]) + 1
+    lines = [f"{'configuration':<{width}}{'peak GiB':>9}{'plan GiB':>9}  peak phase"]
     for name, est in rows:
         plan = est.peak_bytes * (1 + MARGIN_FRACTION) + MARGIN_BYTES
-        lines.append(f"{name:<44}{_gib(est.peak_bytes):>9}{_gib(plan):>9}  {est.peak_phase}")
+        lines.append(f"{name:<{width}}{_gib(est.peak_bytes):>9}{_gib(plan):>9}  {est.peak_phase}")
     return "\n".join(lines)
 
 
