@@ -9,7 +9,7 @@ import os
 import sys
 
 DESCRIPTION = """\
-Focus-N-Fix: fine-tune a local Stable Diffusion model (SD 1.x/2.x or SDXL diffusers folder) with
+Focus-N-Fix: fine-tune a local diffusers model folder (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1) with
 DRaFT-K + LoRA so that a reward improves inside problem regions while the rest of the image stays as the
 pretrained model drew it:
 
