@@ -47,8 +47,22 @@ def local_files(tmp_path_factory):
         text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                          vocab_size=64, max_position_embeddings=8), projection_dim=32)).save_pretrained(
         str(safety / "safety_checker"))
-    return {".safetensors": resnet, ".pt2": heatmap, "": str(safety), "sd": cached_model("sd", str(root)),
+    return {"root": str(root), ".safetensors": resnet, ".pt2": heatmap, "": str(safety),
+            "sd": cached_model("sd", str(root)),
             "sdxl": cached_model("sdxl", str(root))}
+
+
+def _tiny_model_for(config_name: str, files) -> str:
+    """A tiny local folder of the family the config is written for (by its file name)."""
+    if "sdxl" in config_name:
+        return files["sdxl"]
+    if "sd3" in config_name:
+        from tiny_sd3 import cached_sd3
+        return cached_sd3(files["root"])
+    if "flux" in config_name:
+        from tiny_flux import cached_flux
+        return cached_flux(files["root"])
+    return files["sd"]
 
 
 def _is_placeholder(value) -> bool:
@@ -78,7 +92,7 @@ def test_shipped_config_passes_preflight_once_its_model_files_exist(path, local_
         preflight.check(cfg)
     assert "/models/" in str(e.value) or "/path/to/" in str(e.value), e.value
     assert _is_placeholder(cfg.model.path)
-    cfg.model.path = local_files["sdxl" if "sdxl" in os.path.basename(path) else "sd"]
+    cfg.model.path = _tiny_model_for(os.path.basename(path), local_files)
     cfg.reward.kwargs = _localised(cfg.reward.kwargs, local_files)
     cfg.localize.kwargs = _localised(cfg.localize.kwargs, local_files)
     config.validate(cfg)
