@@ -132,6 +132,10 @@ def model_spec(model_dir: str | None = None, arch: str | None = None) -> dict:
     except ModelLoadError as e:
         raise ValueError(str(e)) from None
     kind = detect_kind(model_dir, index)
+    if kind not in ("sd", "sdxl"):  # the transformer (flow-matching) families
+        from .flow_models import folder_spec
+
+        return {"kind": kind, **folder_spec(model_dir, index)}
 
     def read(component: str) -> dict:
         for name in ("config.json", "scheduler_config.json"):
@@ -153,6 +157,10 @@ def model_spec(model_dir: str | None = None, arch: str | None = None) -> dict:
 
 def build_model(spec: dict, weight_dtype: str, fp16_autocast: bool = False):
     """A frozen DiffusionModel with random (under FakeTensorMode: fake) weights in the training dtypes."""
+    if "pipeline" in spec:  # SD3 / FLUX specs (fnf/memory/flow_models.py)
+        from .flow_models import build
+
+        return build(spec, weight_dtype, fp16_autocast)
     import transformers
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTokenizer
@@ -361,9 +369,17 @@ def estimate(cfg, *, model_dir: str | None = None, arch: str | None = None, heig
     if not cuda_rules.torch_supported():
         raise RuntimeError(f"estimate-memory needs torch >= {'.'.join(map(str, cuda_rules.MIN_TORCH))}")
     spec = model_spec(model_dir or (None if arch else cfg.model.path), arch)
+    auto_fused = cfg.memory.fused_lora == "auto"
     cfg = trace_config(cfg, height, width, sampling_steps)
+    if auto_fused and "pipeline" in spec:  # patch_lora refuses joint-attention processors: auto falls back to off
+        cfg.memory.fused_lora = "off"
     if not cfg.sampling.height:  # the model's native size
-        native = int(spec["unet"]["sample_size"]) * 2 ** (len(spec["vae"]["block_out_channels"]) - 1)
+        if "pipeline" in spec:
+            from .flow_models import native_size
+
+            native = native_size(spec)
+        else:
+            native = int(spec["unet"]["sample_size"]) * 2 ** (len(spec["vae"]["block_out_channels"]) - 1)
         cfg.sampling.height = cfg.sampling.height or native
         cfg.sampling.width = cfg.sampling.width or native
     if reward_model:
@@ -382,7 +398,10 @@ def estimate(cfg, *, model_dir: str | None = None, arch: str | None = None, heig
 def ladder(cfg, **kwargs) -> list[tuple[str, Estimate]]:
     """The estimate for each memory lever added one at a time (LADDER)."""
     rows, current = [], copy.deepcopy(cfg)
+    spec = model_spec(kwargs.get("model_dir") or (None if kwargs.get("arch") else cfg.model.path), kwargs.get("arch"))
     for name, overrides in LADDER:
         current = _apply(current, overrides)
+        if "pipeline" in spec and current.memory.fused_lora == "on":  # not available for SD3 / FLUX
+            continue
         rows.append((name, estimate(current, **kwargs)))
     return rows
