@@ -28,6 +28,11 @@ def sd3(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def sd3_no_t5(tmp_path_factory):
+    return cached_sd3(str(tmp_path_factory.getbasetemp()), t5=False)
+
+
+@pytest.fixture(scope="module")
 def flux(tmp_path_factory):
     if not HAS_FLUX:
         pytest.skip("the FLUX family (fnf/families/flux.py, tests/tiny_flux.py) is not in this tree yet")
@@ -81,7 +86,7 @@ def test_named_flow_architectures_have_the_released_parameter_counts(arch, denoi
     assert dtypes == {torch.bfloat16} and m.native_size == 1024
 
 
-@pytest.mark.parametrize("kind,parts", [("sd3", 5), ("flux", 4)])
+@pytest.mark.parametrize("kind,parts", [("sd3", 5), ("sd3_no_t5", 4), ("flux", 4)])
 def test_folder_configs_build_what_the_family_loads(kind, parts, request):
     """The fake build from config.json files holds the same device bytes, dtypes and extras as the family's
     load() of the real folder (bf16; SD3's persistent positional-embedding buffer and T5's tied embedding
