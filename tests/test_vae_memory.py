@@ -11,7 +11,7 @@ from fnf.config import ConfigError
 from fnf.memory.counter import StorageCounter
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fnf_tiny_models import _vae, one_torch_thread  # noqa: E402,F401
+from fnf_tiny_models import _vae, one_torch_thread  # noqa: F401
 
 SEED = 1234
 
@@ -88,8 +88,10 @@ def test_tiled_decode_gradient_and_difference_from_full_decode():
     # the gradient is the tiled image's: a central difference along a random direction (float64)
     direction = torch.randn_like(z)
     eps = 1e-5
+    def f(x):
+        return (vae.decode(x, return_dict=False)[0] * weight).sum()
+
     with torch.no_grad():
-        f = lambda x: (vae.decode(x, return_dict=False)[0] * weight).sum()  # noqa: E731
         numeric = (f(z + eps * direction) - f(z - eps * direction)) / (2 * eps)
     torch.testing.assert_close((grad * direction).sum(), numeric, rtol=1e-6, atol=1e-8)
     # a different image from the full decode: group norms and attention see one tile (stated in the docs)
