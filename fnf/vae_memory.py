@@ -13,6 +13,8 @@ time. I and I0 both go through ``vae.decode`` and so are decoded the same way.
 """
 from __future__ import annotations
 
+import types
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -20,18 +22,35 @@ MODES = ("off", "blocks", "resnet")
 _PATCHED = "_fnf_checkpointed"
 
 
-def _checkpointed(module: torch.nn.Module, run) -> None:
-    """Make ``module(...)`` run ``run(...)`` under non-reentrant checkpointing whenever grad is enabled."""
-    if getattr(module, _PATCHED, False):
-        return
+def _class_forward(module, *args, **kwargs):
+    return type(module).forward(module, *args, **kwargs)
 
-    def forward(*args, **kwargs):
-        if torch.is_grad_enabled():
-            return checkpoint(run, *args, use_reentrant=False, **kwargs)
-        return run(*args, **kwargs)
 
-    module.forward = forward
-    setattr(module, _PATCHED, True)
+def _checkpointed_call(owner, run, *args, **kwargs):
+    """``run(owner, ...)``, under non-reentrant activation checkpointing whenever grad is enabled."""
+    if torch.is_grad_enabled():
+        return checkpoint(run, owner, *args, use_reentrant=False, **kwargs)
+    return run(owner, *args, **kwargs)
+
+
+def _checkpointed(module: torch.nn.Module) -> None:
+    """Make ``module(...)`` run its class forward under checkpointing (a bound method: deepcopy rebinds it)."""
+    if not getattr(module, _PATCHED, False):
+        module.forward = types.MethodType(_patched_forward, module)
+        setattr(module, _PATCHED, True)
+
+
+def _patched_forward(self, *args, **kwargs):
+    return _checkpointed_call(self, _class_forward, *args, **kwargs)
+
+
+def _tail(decoder, x):
+    return _class_forward(decoder.conv_out, _class_forward(decoder.conv_act, _class_forward(decoder.conv_norm_out, x)))
+
+
+def _tail_forward(decoder, x):
+    """conv_norm_out's forward when the tail is checkpointed: norm, SiLU and conv_out in one checkpoint."""
+    return _checkpointed_call(decoder, _tail, x)
 
 
 def _identity(x, *args, **kwargs):
@@ -60,20 +79,20 @@ def checkpoint_decoder_parts(decoder: torch.nn.Module) -> int:
         for name in ("resnets", "attentions", "upsamplers"):
             for module in getattr(block, name, None) or []:
                 if module is not None:
-                    _checkpointed(module, type(module).forward.__get__(module))
+                    _checkpointed(module)
                     units += 1
-    norm, act, conv = decoder.conv_norm_out, decoder.conv_act, decoder.conv_out
+    norm = decoder.conv_norm_out
     if isinstance(norm, torch.nn.GroupNorm) and not getattr(norm, _PATCHED, False):
-        norm_fwd, act_fwd, conv_fwd = norm.forward, act.forward, conv.forward
-        act.forward, conv.forward = _identity, _identity
-        _checkpointed(norm, lambda x: conv_fwd(act_fwd(norm_fwd(x))))
+        norm.forward = types.MethodType(_tail_forward, decoder)
+        decoder.conv_act.forward = decoder.conv_out.forward = _identity
+        setattr(norm, _PATCHED, True)
         units += 1
     return units
 
 
 def checkpoint_whole_decoder(decoder: torch.nn.Module) -> None:
     """One checkpoint around each ``decoder(...)`` call (each tile of a tiled decode), parts nested inside."""
-    _checkpointed(decoder, type(decoder).forward.__get__(decoder))
+    _checkpointed(decoder)
 
 
 def enable_tiling(vae, tile: int) -> None:

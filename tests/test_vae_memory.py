@@ -141,3 +141,20 @@ def test_ladder_rows_are_valid_configs_and_tile_half_the_side():
         config.validate(row)
     assert name.endswith("(half-side tiles)") and row.memory.vae_tile == 512
     assert row.memory.vae_checkpointing == "resnet" and row.train.seeds_per_prompt == 0
+
+
+def test_a_deep_copy_of_a_checkpointed_vae_uses_its_own_weights():
+    import copy
+
+    vae, z, weight = _setup(8)
+    vae_memory.apply(vae, "resnet")
+    twin = copy.deepcopy(vae)
+    with torch.no_grad():
+        for module in (twin.decoder.up_blocks[-1].resnets[0].conv1, twin.decoder.conv_out):
+            module.weight.mul_(2)
+    image, grad = _decode_with_grads(twin, z, weight)
+    vae_memory.apply(twin, "off")
+    plain_image, plain_grad = _decode_with_grads(twin, z, weight)
+    torch.testing.assert_close(image, plain_image, rtol=0, atol=1e-12)
+    torch.testing.assert_close(grad, plain_grad, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(image, _decode_with_grads(vae, z, weight)[0])
