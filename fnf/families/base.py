@@ -91,6 +91,23 @@ class ModelFamily:
         raise NotImplementedError
 
     # -------------------------------------------------------------------------------- LoRA
+    @staticmethod
+    def lora_export(model) -> tuple[dict, dict]:
+        """The trained adapter's peft state (float32, CPU, contiguous) and the peft-config metadata that every
+        family's ``save_lora_weights`` writes beside it (rank_pattern / alpha_pattern: diffusers 0.34 reads them
+        unconditionally)."""
+        from peft.utils import get_peft_model_state_dict
+
+        from ..models import ADAPTER
+
+        state = get_peft_model_state_dict(model.unet, adapter_name=ADAPTER)
+        state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+        cfg = model.unet.peft_config[ADAPTER]
+        metadata = {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target_modules": sorted(cfg.target_modules),
+                    "lora_dropout": cfg.lora_dropout, "init_lora_weights": True,
+                    "rank_pattern": dict(cfg.rank_pattern or {}), "alpha_pattern": dict(cfg.alpha_pattern or {})}
+        return state, metadata
+
     def save_lora(self, model, directory: str) -> None:
         """The trained adapter in the format ``pipeline.load_lora_weights(directory)`` reads."""
         raise NotImplementedError

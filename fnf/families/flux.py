@@ -264,16 +264,9 @@ class FluxFamily(ModelFamily):
     def save_lora(self, model, directory: str) -> None:
         """``FluxPipeline.save_lora_weights(transformer_lora_layers=...)`` (peft key format, as diffusers' FLUX
         LoRA training script writes it) with peft's adapter metadata."""
-        from peft.utils import get_peft_model_state_dict
+        from ..models import LORA_WEIGHTS
 
-        from ..models import ADAPTER, LORA_WEIGHTS
-
-        state = get_peft_model_state_dict(model.unet, adapter_name=ADAPTER)
-        state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
-        cfg = model.unet.peft_config[ADAPTER]
-        metadata = {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target_modules": sorted(cfg.target_modules),
-                    "lora_dropout": cfg.lora_dropout, "init_lora_weights": True,
-                    "rank_pattern": dict(cfg.rank_pattern or {}), "alpha_pattern": dict(cfg.alpha_pattern or {})}
+        state, metadata = self.lora_export(model)
         self.pipeline_class().save_lora_weights(directory, transformer_lora_layers=state, safe_serialization=True,
                                                 weight_name=LORA_WEIGHTS, transformer_lora_adapter_metadata=metadata)
 

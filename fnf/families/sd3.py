@@ -233,17 +233,9 @@ class SD3Family(ModelFamily):
     def save_lora(self, model, directory: str) -> None:
         """``StableDiffusion3Pipeline.save_lora_weights(transformer_lora_layers=...)`` with the adapter's config
         as metadata (what diffusers' SD3 LoRA training script writes)."""
-        from peft.utils import get_peft_model_state_dict
+        from fnf.models import LORA_WEIGHTS
 
-        from fnf.models import ADAPTER, LORA_WEIGHTS
-
-        state = get_peft_model_state_dict(model.unet, adapter_name=ADAPTER)
-        state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
-        cfg = model.unet.peft_config[ADAPTER]
-        # rank_pattern / alpha_pattern: diffusers 0.34 reads them from the metadata unconditionally.
-        metadata = {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target_modules": sorted(cfg.target_modules),
-                    "lora_dropout": cfg.lora_dropout, "init_lora_weights": True,
-                    "rank_pattern": dict(cfg.rank_pattern or {}), "alpha_pattern": dict(cfg.alpha_pattern or {})}
+        state, metadata = self.lora_export(model)
         self.pipeline_class().save_lora_weights(directory, transformer_lora_layers=state, safe_serialization=True,
                                                 weight_name=LORA_WEIGHTS, transformer_lora_adapter_metadata=metadata)
 

@@ -153,17 +153,11 @@ class StableDiffusionFamily(ModelFamily):
     def save_lora(self, model, directory: str) -> None:
         """``save_lora_weights(unet_lora_layers=...)`` of the pipeline class, with peft's adapter metadata."""
         from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
 
-        from ..models import ADAPTER, LORA_WEIGHTS
+        from ..models import LORA_WEIGHTS
 
-        state = get_peft_model_state_dict(model.unet, adapter_name=ADAPTER)
-        state = {k: v.detach().float().cpu().contiguous() for k, v in convert_state_dict_to_diffusers(state).items()}
-        cfg = model.unet.peft_config[ADAPTER]
-        # rank_pattern / alpha_pattern: diffusers 0.34 reads them from the metadata unconditionally.
-        metadata = {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target_modules": sorted(cfg.target_modules),
-                    "lora_dropout": cfg.lora_dropout, "init_lora_weights": True,
-                    "rank_pattern": dict(cfg.rank_pattern or {}), "alpha_pattern": dict(cfg.alpha_pattern or {})}
+        state, metadata = self.lora_export(model)
+        state = convert_state_dict_to_diffusers(state)
         self.pipeline_class().save_lora_weights(directory, unet_lora_layers=state, safe_serialization=True,
                                                 weight_name=LORA_WEIGHTS, unet_lora_adapter_metadata=metadata)
 
