@@ -2,8 +2,11 @@
 
 Each image shows one or two shapes (circle / square / triangle x red / green / blue / yellow) on a plain or
 lightly textured background, captioned "a red circle" or "a blue square and a yellow triangle". About 30% of
-images get a defect: a small high-frequency magenta checker patch (6-14 px) touching or near an object, whose
-ground-truth mask is returned. Everything is deterministic from (seed, index).
+images get a defect: a near-black scratch (a 2-3 px stroke of 10-18 px with a shorter branch) just beside an
+object, the kind of local artifact a reader sees at a glance and that no caption asks for. Nothing else in the
+world is dark (every object colour and background has a channel above 0.55), so a pixel rule can judge it too
+(:func:`dark_pixels`). The ground-truth mask is the scratch dilated by one pixel. Everything is deterministic
+from (seed, index).
 """
 from __future__ import annotations
 
@@ -17,9 +20,8 @@ COLOUR_NAMES = tuple(COLOURS)
 PAIRS = tuple((s, c) for s in SHAPES for c in COLOUR_NAMES)   # attribute index = PAIRS.index((shape, colour))
 N_ATTRS = len(PAIRS)
 DEFECT_RATE = 0.3
-MAGENTA = (1.0, 0.0, 1.0)
-MAGENTA_DARK = (0.25, 0.0, 0.25)
-CHECKER_CELL = 2          # px; the checker alternates magenta / dark magenta every CHECKER_CELL pixels
+SCRATCH = (0.06, 0.06, 0.07)   # near-black; darker than anything else in the world
+DARK = 0.35                     # a pixel whose brightest channel is below this is scratch-dark
 WORDS = ("a", "and") + SHAPES + COLOUR_NAMES
 
 
@@ -103,11 +105,39 @@ def background(rng: np.random.Generator) -> np.ndarray:
     return img
 
 
-def checker(size: int, phase: int) -> np.ndarray:
-    """(size, size, 3) magenta / dark-magenta checkerboard with CHECKER_CELL-pixel cells."""
-    yy, xx = np.mgrid[0:size, 0:size]
-    on = (((yy + phase) // CHECKER_CELL + (xx + phase) // CHECKER_CELL) % 2 == 0)[..., None]
-    return np.where(on, np.float32(MAGENTA), np.float32(MAGENTA_DARK)).astype(np.float32)
+def segment_mask(x0: float, y0: float, x1: float, y1: float, width: float) -> np.ndarray:
+    """Boolean (SIZE, SIZE) mask of the pixels within width/2 of the segment (x0, y0)-(x1, y1)."""
+    dx, dy = x1 - x0, y1 - y0
+    t = np.clip(((_XX - x0) * dx + (_YY - y0) * dy) / max(dx * dx + dy * dy, 1e-6), 0, 1)
+    return (_XX - x0 - t * dx) ** 2 + (_YY - y0 - t * dy) ** 2 <= (width / 2) ** 2
+
+
+def scratch_mask(rng: np.random.Generator, cx: float, cy: float) -> np.ndarray:
+    """A scratch centred near (cx, cy): a main stroke and a shorter branch off it (boolean mask)."""
+    length, ang, width = rng.uniform(10, 18), rng.uniform(0, np.pi), float(rng.choice([2.0, 2.6, 3.2]))
+    ux, uy = np.cos(ang), np.sin(ang)
+    m = segment_mask(cx - ux * length / 2, cy - uy * length / 2, cx + ux * length / 2, cy + uy * length / 2, width)
+    at = rng.uniform(-0.3, 0.3) * length
+    bx, by = cx + ux * at, cy + uy * at
+    bang = ang + rng.choice([-1, 1]) * rng.uniform(0.5, 1.2)
+    blen = rng.uniform(0.35, 0.6) * length
+    return m | segment_mask(bx, by, bx + np.cos(bang) * blen, by + np.sin(bang) * blen, width)
+
+
+def dilate(mask: np.ndarray, radius: int = 1) -> np.ndarray:
+    """Binary dilation with a (2r+1)^2 square."""
+    out = mask.copy()
+    h, w = mask.shape
+    p = np.pad(mask, radius)
+    for dy in range(2 * radius + 1):
+        for dx in range(2 * radius + 1):
+            out |= p[dy:dy + h, dx:dx + w]
+    return out
+
+
+def dark_pixels(images: np.ndarray) -> np.ndarray:
+    """Per image, the number of scratch-dark pixels (brightest channel < DARK); images (..., H, W, 3)."""
+    return (images.max(axis=-1) < DARK).sum(axis=(-2, -1))
 
 
 def render(seed: int, index: int, prompts: list[str] | None = None, defect: bool | None = None) -> dict:
@@ -137,14 +167,14 @@ def render(seed: int, index: int, prompts: list[str] | None = None, defect: bool
     has_defect = bool(rng.random() < DEFECT_RATE) if defect is None else bool(defect)
     mask = np.zeros((SIZE, SIZE), bool)
     if has_defect:
-        s = int(rng.integers(6, 15))
         px, py, pr = placed[int(rng.integers(len(placed)))]
         ang = rng.uniform(0, 2 * np.pi)
-        dist = pr + rng.uniform(-2, 4)           # patch centre just at / beyond the object's edge
-        x0 = int(np.clip(round(px + dist * np.cos(ang) - s / 2), 0, SIZE - s))
-        y0 = int(np.clip(round(py + dist * np.sin(ang) - s / 2), 0, SIZE - s))
-        img[y0:y0 + s, x0:x0 + s] = checker(s, int(rng.integers(CHECKER_CELL * 2)))
-        mask[y0:y0 + s, x0:x0 + s] = True
+        dist = pr + rng.uniform(3, 7)            # centre just beyond the object's edge
+        sx = float(np.clip(px + dist * np.cos(ang), 8, SIZE - 8))
+        sy = float(np.clip(py + dist * np.sin(ang), 8, SIZE - 8))
+        stroke = scratch_mask(rng, sx, sy)
+        img[stroke] = np.float32(SCRATCH) * rng.uniform(0.8, 1.2)
+        mask = dilate(stroke, 1)
     return {"image": np.clip(img, 0, 1).astype(np.float32), "mask": mask, "defect": has_defect,
             "caption": caption, "objects": objects, "attrs": attrs_for(objects)}
 

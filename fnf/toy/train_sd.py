@@ -2,8 +2,8 @@
 
     HF_HUB_OFFLINE=1 python -m fnf.toy.train_sd --out fnf/assets/toy/sd
 
-Phase 1 trains a small AutoencoderKL (64x64 RGB <-> 4x16x16 latents; the defect patch's pixels weigh more in
-the reconstruction loss so the decoder keeps the checker). Phase 2 freezes it, encodes the data once, and trains
+Phase 1 trains a small AutoencoderKL (64x64 RGB <-> 4x16x16 latents; the scratch's pixels weigh more in
+the reconstruction loss so the decoder keeps it sharp). Phase 2 freezes it, encodes the data once, and trains
 a tiny CLIPTextModel (toy tokenizer) jointly with a small UNet2DConditionModel on DDPM epsilon prediction
 (scaled-linear betas, the schedule of the DDIM scheduler shipped with it), dropping 10% of captions for
 classifier-free guidance, with an EMA of the weights. Everything is seeded; the EMA pipeline is saved with
@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from . import data as toydata
 from .tokenizer import MAX_LENGTH, write_tokenizer
 
-DEFAULTS = dict(seed=0, data_seed=100, n_images=10000, vae_steps=600, vae_batch=16, vae_lr=2e-3,
+DEFAULTS = dict(seed=0, data_seed=100, n_images=10000, vae_steps=1000, vae_batch=16, vae_lr=2e-3,
                 unet_steps=5000, unet_batch=32, unet_lr=1e-3, ema=0.998, cfg_drop=0.1, save_every=250,
-                threads=1)
+                threads=1, defect_weight=8.0, attention_heads=2)
 
 
 def _cosine(step: int, total: int) -> float:
@@ -61,14 +61,16 @@ def build_text_encoder(vocab_size: int):
     return CLIPTextModel(cfg)
 
 
-def build_unet():
+def build_unet(heads: int = 2):
+    """UNet with ``heads`` attention heads per transformer block (64 channels: 2 heads of width 32), wide enough
+    for an object's tokens to own its region. (diffusers' ``attention_head_dim`` is the head *count* here.)"""
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
         sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64, 64),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=64, attention_head_dim=16, norm_num_groups=8)
+        cross_attention_dim=64, attention_head_dim=heads, norm_num_groups=8)
 
 
 def build_scheduler():
@@ -89,7 +91,7 @@ def train_vae(vae, images, masks, args, gen):
             g["lr"] = lr
         idx = torch.randint(0, n, (args.vae_batch,), generator=gen)
         x = images[idx] * 2 - 1
-        w = 1.0 + 4.0 * masks[idx].float()[:, None]
+        w = 1.0 + args.defect_weight * masks[idx].float()[:, None]
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
         rec = vae.decode(z).sample
@@ -175,8 +177,8 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed + 2)
     text_encoder = build_text_encoder(len(tokenizer))
     torch.manual_seed(args.seed + 3)
-    unet = build_unet()
-    ema_unet, ema_text = build_unet(), build_text_encoder(len(tokenizer))
+    unet = build_unet(args.attention_heads)
+    ema_unet, ema_text = build_unet(args.attention_heads), build_text_encoder(len(tokenizer))
     ema_unet.load_state_dict(unet.state_dict())
     ema_text.load_state_dict(text_encoder.state_dict())
     ema_unet.requires_grad_(False)
