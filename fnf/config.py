@@ -104,6 +104,9 @@ class TrainConfig:
     # (and masks) of the pool are computed once before training (fnf/reference_pool.py), so a step samples only
     # the fine-tuned trajectory. Needs sampling.eta = 0.
     seeds_per_prompt: int = 0
+    # With seeds_per_prompt > 0: keep only the pool entries whose I0 scores a reward below this (train on known-bad
+    # generations, as the Focus-N-Fix paper does); inf keeps every entry.
+    pool_reward_below: float = math.inf
     batch_size: int = 1            # images per process per micro-step
     steps: int = 1000              # optimizer steps
     grad_accum: int = 1
@@ -404,6 +407,8 @@ def validate(cfg: Config) -> Config:
     if cfg.train.seeds_per_prompt > 0:
         _require(cfg.sampling.eta == 0, "sampling.eta", "0 with train.seeds_per_prompt > 0 (a pooled I0 is "
                  "reused, so the fine-tuned trajectory must not draw DDIM noise)", cfg.sampling.eta)
+    _require(not math.isnan(cfg.train.pool_reward_below), "train.pool_reward_below", "a number (inf keeps every pool "
+             "entry)", cfg.train.pool_reward_below)
     _require(math.isfinite(cfg.train.lr) and cfg.train.lr > 0, "train.lr", "a finite number > 0", cfg.train.lr)
     _require(math.isfinite(cfg.train.adam_eps) and cfg.train.adam_eps > 0, "train.adam_eps", "a number > 0",
              cfg.train.adam_eps)
