@@ -191,7 +191,8 @@ class FocusNFix(Objective):
                     width=session.width, steps=cfg.sampling.steps, guidance_scale=cfg.sampling.guidance_scale,
                     batch_size=cfg.train.batch_size, device=session.device, autocast=session.autocast,
                     references=not self.plain_draft,
-                    progress=cfg.train.progress and session.acc.is_main_process)
+                    progress=cfg.train.progress and session.acc.is_main_process,
+                    reward=self.reward, reward_below=cfg.train.pool_reward_below)
             self.draws = PoolDraws(self.pool)
         if self.plain_draft:
             return NoReference()
