@@ -1,27 +1,39 @@
-"""Separate-and-Enhance on the embedded toy model: train attn2.to_k, then count two-object successes.
+"""Separate-and-Enhance on the embedded toy model: the loss-gap diagnosis, attn2.to_k training, the evaluation.
 
-Training (fnf.train with objective sepen, the paper's loss weights 1.0 / 0.5 / 0.5): concepts are the twelve
-"colour shape" phrases of the toy world ("red circle", ...; a phrase's map is the mean of its two token maps),
-template "a {A} and a {B}", single template "a {A}", the held-out two-object prompts excluded, maps captured at
-latent/4 (the 4x4 cross-attention layers of the 16x16 toy latent, as SD-1.x's 16x16 layers are latent/4 at 512^2).
-Evaluation (:func:`evaluate`): the held-out two-object prompts and the single-object prompts, base and tuned
-model from the same noise; success = the shipped attribute classifier finds every (shape, colour) pair the prompt
-asks for (fnf.sepen.evaluate); the single-object success change and the mean squared pixel change on
-single-object prompts are the forgetting check. :func:`trajectory_losses` measures the two losses along the base
-model's own sampling trajectories, split by success, which says whether the losses track failures at all.
+Entry points for ``fnf demo`` (fnf/toy/demo.py): :func:`run_sepen` (diagnose, train, evaluate; returns a
+JSON-able dict plus the tuned images under the pop-able key ``"_tuned"``), :func:`sepen_report` (the report.md
+section) and :func:`write_grid` (base over tuned two-object images).
+
+1. Loss gap (before any training, :func:`trajectory_losses`, :func:`loss_gap`): the two losses along the base
+   model's own sampling trajectories of the two-object evaluation prompts, split by whether the base image
+   succeeds; per group the mean with a bootstrap 95% interval, the failure - success difference with a
+   stratified bootstrap interval, and the AUROC of each loss for telling failures from successes. If the losses
+   do not separate the groups, lowering them cannot be expected to fix images.
+2. Training (fnf.train with objective sepen, the paper's loss weights 1.0 / 0.5 / 0.5; only attn2.to_k, as the
+   paper tunes only the cross-attention key mappings): concepts are the twelve "colour shape" phrases of the toy
+   world (a phrase's map is the mean of its two token maps), template "a {A} and a {B}", single template "a {A}",
+   the held-out two-object prompts excluded, maps at latent/``DOWNSAMPLE``.
+3. Evaluation (:func:`evaluate`): base and tuned model from the same noise; success = the attribute classifier
+   finds every (shape, colour) pair the prompt asks for (fnf.sepen.evaluate). Two-object success base vs tuned
+   with paired bootstrap intervals (fnf.metrics: the same resampled images for both), fixed / broken counts, and
+   the forgetting check on single-object prompts (success and mean squared pixel change, with intervals).
 """
 from __future__ import annotations
 
+import time
+
+import numpy as np
 import torch
 
 from . import data as toydata
 
-# Ours. The paper's lr range (5e-7 .. 8e-6) is for SD's 860M UNet; the 1M-parameter toy needs a larger step.
-# Chosen on a validation noise-seed set (evaluation seeds + 500, 20 sampling steps), never on the reported seeds;
-# two-object success change at the paper's loss weights, batch 4: latent/4 maps, lr 1e-3 x 200 steps +0.011
-# (the best), lr 3e-4 x 200 -0.011; latent/2 maps, lr 1e-3 x 100 -0.023, x 400 -0.159, lr 3e-3 x 200 -0.193,
-# timesteps [0.7, 1] lr 3e-4 x 200 +0.000; lambda_en 0 or 0.1 -0.057. None is a real gain: see the report.
+# Ours. The paper's lr range (5e-7 .. 8e-6) is for SD's 860M UNet; the toy UNet needs a larger step.
+# Chosen on validation noise seeds (VALIDATION_SEED0 + k), never on the reported evaluation seeds; see
+# docs/toy_sepen.md for the sweep on the v2 toy UNet (2 heads of width 32).
 LR, STEPS, BATCH = 1e-3, 200, 4
+DOWNSAMPLE = 4           # maps at latent/4 (the 4x4 cross-attention layers of the 16x16 toy latent)
+VALIDATION_SEED0 = 10_500  # noise seeds for choosing settings; fnf demo evaluates on 10_000 + 1000 * seed + k
+SAME_IMAGES_ATOL = 1e-4    # as fnf.toy.demo: float32 rounding of a 10-step toy sampler is ~1e-6
 
 
 def concepts() -> list[str]:
@@ -37,7 +49,7 @@ def sepen_config(model: str, out: str, steps: int = STEPS, batch: int = BATCH, s
         "model": {"path": model},
         "objective": "sepen",
         "sepen": {"concepts": concepts(), "template": "a {A} and a {B}", "single_template": "a {A}",
-                  "exclude_prompts": toydata.heldout_prompts(), **sepen},
+                  "exclude_prompts": toydata.heldout_prompts(), "downsample": DOWNSAMPLE, **sepen},
         "memory": {"unet_checkpointing": False, "vae_checkpointing": False, "offload_text_encoder": False},
         "train": {"steps": steps, "batch_size": batch, "lr": lr, "weight_decay": 0.0, "grad_clip": 1.0,
                   "seed": seed, "out": out, "checkpoint_every": 0, "sample_every": 0, "progress": False,
@@ -45,44 +57,135 @@ def sepen_config(model: str, out: str, steps: int = STEPS, batch: int = BATCH, s
     })
 
 
-def found_pairs(images: torch.Tensor) -> list[set]:
-    """The (shape, colour) pairs the attribute classifier finds (p > 0.5) in each image."""
-    from .rewards import attribute_probs
+# ----------------------------------------------------------------------------------------- success counting
+def found_pairs(images: torch.Tensor, root: str = "") -> list[set]:
+    """The (shape, colour) pairs the attribute classifier (shipped, or the one under ``root``) finds (p > 0.5)."""
+    if root:
+        from .models_small import load
 
-    present = attribute_probs(images) > 0.5
-    return [{toydata.PAIRS[j] for j in row.nonzero()[:, 0].tolist()} for row in present]
+        with torch.no_grad():
+            probs = torch.sigmoid(load("attribute_classifier", root)(images.float()))
+    else:
+        from .rewards import attribute_probs
+
+        probs = attribute_probs(images)
+    return [{toydata.PAIRS[j] for j in row.nonzero()[:, 0].tolist()} for row in probs > 0.5]
 
 
-def successes(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    """(N,) bool: the classifier finds every pair prompt i asks for in image i."""
+def _classifier(found, root: str):
+    return found if found is not None else (lambda x: found_pairs(x, root))
+
+
+def successes(images: torch.Tensor, prompts: list[str], root: str = "", found=None) -> torch.Tensor:
+    """(N,) bool: the classifier finds every pair prompt i asks for in image i. ``found``: a stand-in for
+    :func:`found_pairs` (images -> list of sets of (shape, colour))."""
     from ..sepen.evaluate import success_rate
 
-    per = success_rate(images, [toydata.parse_caption(p) for p in prompts], found_pairs)["per_prompt"]
+    per = success_rate(images, [toydata.parse_caption(p) for p in prompts], _classifier(found, root))["per_prompt"]
     return torch.tensor(per, dtype=torch.bool)
 
 
-def evaluate(base: torch.Tensor, tuned: torch.Tensor, prompts: list[str]) -> dict:
-    """Base vs tuned success on two-object prompts, the single-object forgetting check, per-image change."""
+# ----------------------------------------------------------------------------------------- statistics
+def auroc(scores, positive) -> float:
+    """Area under the ROC curve of ``scores`` for telling ``positive`` (True) from the rest: the chance that a
+    random positive scores above a random negative, ties counted half (Mann-Whitney). NaN when a group is empty."""
+    s, pos = np.asarray(scores, dtype=np.float64).reshape(-1), np.asarray(positive, dtype=bool).reshape(-1)
+    if s.shape != pos.shape:
+        raise ValueError(f"scores and positive: expected the same length, got {s.shape[0]} and {pos.shape[0]}")
+    p, n = s[pos], s[~pos]
+    if p.size == 0 or n.size == 0:
+        return float("nan")
+    return float(_pair_wins(n, p).mean())
+
+
+def _pair_wins(neg: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """(n_neg, n_pos): 1 where the positive scores higher, 0.5 on a tie, 0 below."""
+    d = pos[None, :] - neg[:, None]
+    return np.where(d > 0, 1.0, np.where(d < 0, 0.0, 0.5))
+
+
+def group_gap(values, failed, resamples: int | None = None, seed: int | None = None) -> dict:
+    """Compare ``values`` of failed vs successful images.
+
+    Returns {"success": summary, "failure": summary (fnf.metrics.summary: mean and bootstrap 95% interval),
+    "difference": {"mean", "ci_low", "ci_high"} of mean(failure) - mean(success), "auroc": {"value", "ci_low",
+    "ci_high"} of the values for predicting failure}. The difference and the AUROC use a stratified bootstrap:
+    each group resampled within itself (success with seed ``seed``, failure with ``seed + 1``, the same draws
+    for both statistics), percentile interval."""
+    from .. import metrics
+
+    resamples = metrics.BOOTSTRAP_RESAMPLES if resamples is None else resamples
+    seed = metrics.BOOTSTRAP_SEED if seed is None else seed
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    bad = np.asarray(failed, dtype=bool).reshape(-1)
+    if v.shape != bad.shape:
+        raise ValueError(f"values and failed: expected the same length, got {v.shape[0]} and {bad.shape[0]}")
+    ok_v, bad_v = v[~bad], v[bad]
+    out = {"success": metrics.summary(ok_v, resamples, seed), "failure": metrics.summary(bad_v, resamples, seed)}
+    nan = float("nan")
+    if ok_v.size == 0 or bad_v.size == 0:
+        out["difference"] = {"mean": nan, "ci_low": nan, "ci_high": nan}
+        out["auroc"] = {"value": nan, "ci_low": nan, "ci_high": nan}
+        return out
+    i_ok = metrics.bootstrap_indices(ok_v.size, resamples, seed)
+    i_bad = metrics.bootstrap_indices(bad_v.size, resamples, seed + 1)
+    diff = bad_v[i_bad].mean(1) - ok_v[i_ok].mean(1)
+    # AUROC of each resample = the mean of the pair-win matrix over the resampled rows and columns, i.e.
+    # counts_ok^T W counts_bad / (n_ok n_bad) with the multiplicity of each image in the resample.
+    wins = _pair_wins(ok_v, bad_v)
+    c_ok, c_bad = _counts(i_ok, ok_v.size), _counts(i_bad, bad_v.size)
+    aucs = np.einsum("bi,ij,bj->b", c_ok, wins, c_bad) / (ok_v.size * bad_v.size)
+    lo, hi = 50 * (1 - metrics.LEVEL), 50 * (1 + metrics.LEVEL)
+    out["difference"] = {"mean": float(bad_v.mean() - ok_v.mean()),
+                         **dict(zip(("ci_low", "ci_high"), map(float, np.percentile(diff, [lo, hi]))))}
+    out["auroc"] = {"value": float(wins.mean()),
+                    **dict(zip(("ci_low", "ci_high"), map(float, np.percentile(aucs, [lo, hi]))))}
+    return out
+
+
+def _counts(indices: np.ndarray, n: int) -> np.ndarray:
+    counts = np.zeros((indices.shape[0], n))
+    np.add.at(counts, (np.arange(indices.shape[0])[:, None], indices), 1.0)
+    return counts
+
+
+# ----------------------------------------------------------------------------------------- evaluation
+def evaluate(base: torch.Tensor, tuned: torch.Tensor, prompts: list[str], root: str = "", found=None) -> dict:
+    """Base vs tuned success on two-object prompts, the single-object forgetting check, per-image change; with
+    bootstrap intervals under "intervals" (paired: tuned - base resamples the same images)."""
+    from ..metrics import summary
     from ..sepen.evaluate import compare, success_rate
 
+    if base.shape != tuned.shape or base.shape[0] != len(prompts):
+        raise ValueError(f"base, tuned, prompts: expected {len(prompts)} images of one shape each, got "
+                         f"{tuple(base.shape)} and {tuple(tuned.shape)}")
+    classify = _classifier(found, root)
     two = [i for i, p in enumerate(prompts) if " and " in p]
     one = [i for i, p in enumerate(prompts) if " and " not in p]
     wanted = [toydata.parse_caption(p) for p in prompts]
-    rate = lambda imgs, idx: success_rate(imgs[idx], [wanted[i] for i in idx], found_pairs)  # noqa: E731
+    rate = lambda imgs, idx: success_rate(imgs[idx], [wanted[i] for i in idx], classify)  # noqa: E731
     b2, t2, b1, t1 = rate(base, two), rate(tuned, two), rate(base, one), rate(tuned, one)
     out = compare(b2, t2, b1, t1)
-    change = ((tuned - base) ** 2).mean(dim=(1, 2, 3))
+    change = ((tuned.double() - base.double()) ** 2).mean(dim=(1, 2, 3)).numpy()
+    ok_b2, ok_t2 = np.array(b2["per_prompt"], float), np.array(t2["per_prompt"], float)
+    ok_b1, ok_t1 = np.array(b1["per_prompt"], float), np.array(t1["per_prompt"], float)
     out.update({"n_two_object": len(two), "n_single_object": len(one),
-                "fixed": sum(not a and b for a, b in zip(b2["per_prompt"], t2["per_prompt"])),
-                "broken": sum(a and not b for a, b in zip(b2["per_prompt"], t2["per_prompt"])),
+                "fixed": int(((ok_b2 == 0) & (ok_t2 == 1)).sum()), "broken": int(((ok_b2 == 1) & (ok_t2 == 0)).sum()),
+                "single_fixed": int(((ok_b1 == 0) & (ok_t1 == 1)).sum()),
+                "single_broken": int(((ok_b1 == 1) & (ok_t1 == 0)).sum()),
                 "two_object_change_mse": float(change[two].mean()) if two else 0.0,
                 "single_change_mse": float(change[one].mean()) if one else 0.0})
+    out["intervals"] = {"base": summary(ok_b2), "sepen": summary(ok_t2), "gain": summary(ok_t2 - ok_b2),
+                        "single_base": summary(ok_b1), "single_sepen": summary(ok_t1),
+                        "single_change": summary(ok_t1 - ok_b1),
+                        "two_object_change_mse": summary(change[two]), "single_change_mse": summary(change[one])}
     return out
 
 
 class _CapturingUNet:
-    """UNet stand-in for the sampler: runs the UNet, then once more on the conditional half with the capture
-    armed, and keeps the two losses of every step."""
+    """UNet stand-in for the sampler: one UNet call per step with the capture armed on the conditional rows
+    (the CFG batch [uncond; cond] is run as [cond; uncond], since the capture takes the first rows, and put
+    back in order); keeps the two losses of every step."""
 
     def __init__(self, unet, weights, latent_hw, downsample):
         self.unet, self.dtype = unet, unet.dtype
@@ -94,57 +197,170 @@ class _CapturingUNet:
 
         from ..sepen.capture import capture
 
-        out = self.unet(x, t, encoder_hidden_states=encoder_hidden_states, **kw)
         n = self.weights.shape[0]
+        cfg = x.shape[0] == 2 * n
+        swap = (lambda a: torch.cat([a[n:], a[:n]])) if cfg else (lambda a: a)  # noqa: E731
+        tt = swap(t) if torch.is_tensor(t) and t.dim() > 0 and t.shape[0] == x.shape[0] else t
         with capture(self.unet, self.weights, self.latent_hw, self.downsample) as store:
-            self.unet(x[-n:], t, encoder_hidden_states=encoder_hidden_states[-n:], **kw)
+            out = self.unet(swap(x), tt, encoder_hidden_states=swap(encoder_hidden_states), **kw)
         sep, en = fnf_kernels.separate_enhance_losses(store.maps().float())
         self.separate.append(sep)
         self.enhance.append(en)
-        return out
+        first = out[0] if isinstance(out, tuple) else out.sample
+        return (swap(first),)
 
 
 @torch.no_grad()
 def trajectory_losses(model, prompts: list[str], seeds: list[int], *, steps: int, guidance: float,
-                      downsample: int = 4) -> dict:
-    """Sample two-object ``prompts`` (phrase maps as in training) and return the images and, per image, the
-    Separate and Enhance losses averaged over the sampling steps: {"images", "separate", "enhance"}."""
+                      downsample: int = DOWNSAMPLE, batch: int = 32) -> dict:
+    """Sample two-object ``prompts`` (phrase maps as in training) and return {"images", "separate", "enhance"
+    (per image, mean over the sampling steps), "separate_steps", "enhance_steps" ((steps, N), per step)}."""
     from ..sepen.capture import install_capture, remove_capture
     from ..sepen.tokens import token_weights, word_positions
     from .evaluate_sd import sample
 
     size = model.native_size
-    objects = [[f"{c} {s}" for s, c in toydata.parse_caption(p)] for p in prompts]
     tokenizer = model.tokenizers[0]   # prompts are encoded padded to model_max_length tokens
-    weights = token_weights([word_positions(tokenizer, p, o) for p, o in zip(prompts, objects)],
-                            tokenizer.model_max_length)
     f = model.vae_scale_factor
+    images, sep, en = [], [], []
     install_capture(model.unet)
     try:
-        unet = _CapturingUNet(model.unet, weights, (size // f, size // f), downsample)
-        images = sample(model, prompts, seeds, steps=steps, guidance=guidance, batch=len(prompts), unet=unet)
+        for i in range(0, len(prompts), batch):
+            ps = prompts[i:i + batch]
+            objects = [[f"{c} {s}" for s, c in toydata.parse_caption(p)] for p in ps]
+            weights = token_weights([word_positions(tokenizer, p, o) for p, o in zip(ps, objects)],
+                                    tokenizer.model_max_length)
+            unet = _CapturingUNet(model.unet, weights, (size // f, size // f), downsample)
+            images.append(sample(model, ps, seeds[i:i + batch], steps=steps, guidance=guidance, batch=len(ps),
+                                 unet=unet))
+            sep.append(torch.stack(unet.separate))
+            en.append(torch.stack(unet.enhance))
     finally:
         remove_capture(model.unet)
-    return {"images": images, "separate": torch.stack(unet.separate).mean(0),
-            "enhance": torch.stack(unet.enhance).mean(0)}
+    sep_steps, en_steps = torch.cat(sep, 1), torch.cat(en, 1)
+    return {"images": torch.cat(images), "separate": sep_steps.mean(0), "enhance": en_steps.mean(0),
+            "separate_steps": sep_steps, "enhance_steps": en_steps}
 
 
-def loss_gap(traj: dict, prompts: list[str]) -> dict:
-    """Mean Separate / Enhance loss of base images that succeed vs fail: do the losses track failures?"""
-    ok = successes(traj["images"], prompts)
+def loss_gap(traj: dict, prompts: list[str], root: str = "", ok: torch.Tensor | None = None) -> dict:
+    """Do the losses track failures? Separate / Enhance of base images that succeed vs fail (``ok``: their
+    success, else counted here). Flat means (the keys of earlier demos) plus, per loss, :func:`group_gap`."""
+    ok = successes(traj["images"], prompts, root) if ok is None else torch.as_tensor(ok, dtype=torch.bool)
     pick = lambda v, m: float(v[m].mean()) if m.any() else float("nan")  # noqa: E731
-    return {"n_success": int(ok.sum()), "n_failure": int((~ok).sum()),
-            "separate_success": pick(traj["separate"], ok), "separate_failure": pick(traj["separate"], ~ok),
-            "enhance_success": pick(traj["enhance"], ok), "enhance_failure": pick(traj["enhance"], ~ok)}
+    out = {"n_success": int(ok.sum()), "n_failure": int((~ok).sum())}
+    for name in ("separate", "enhance"):
+        v = traj[name].double()
+        out[f"{name}_success"], out[f"{name}_failure"] = pick(v, ok), pick(v, ~ok)
+        out[name] = group_gap(v.numpy(), (~ok).numpy())
+    return out
 
 
-def write_grid(path: str, base: torch.Tensor, tuned: torch.Tensor, prompts: list[str], n: int = 8) -> list[int]:
+def _same_images(a: torch.Tensor, b: torch.Tensor, what: str, checks: dict) -> None:
+    diff = float((a - b).abs().max())
+    checks[what] = {"max_abs_diff": diff, "ok": diff <= SAME_IMAGES_ATOL}
+    if diff > SAME_IMAGES_ATOL:
+        print(f"fnf demo: warning: {what}: images differ by {diff:.2e} (> {SAME_IMAGES_ATOL:g})", flush=True)
+
+
+# ----------------------------------------------------------------------------------------- entry points
+def run_sepen(model_path: str, out_dir: str, prompts: list[str], seeds: list[int], base: torch.Tensor,
+              sample_kw: dict, steps: int, batch: int, checks: dict, *, quick: bool, lr: float = LR,
+              downsample: int = DOWNSAMPLE, classifier_root: str = "", **sepen) -> dict:
+    """Loss-gap diagnosis on the base model, sepen training into ``out_dir`` (an fnf run folder), evaluation.
+
+    ``prompts`` / ``seeds`` / ``base``: the demo's evaluation prompts (two-object "a X and a Y" and single-object),
+    their noise seeds and the base model's images from them (``sample_kw``: steps, guidance of
+    fnf.toy.evaluate_sd.sample). ``checks`` gets the consistency check of the capture. ``quick`` is recorded
+    (the caller's sizes make it quick). Returns the JSON-able results plus ``"_tuned"`` (the tuned images, to pop
+    before writing JSON)."""
+    from ..models import load_model
+    from ..train import train
+    from .evaluate_sd import sample
+
+    if len(prompts) != len(seeds) or base.shape[0] != len(prompts):
+        raise ValueError(f"prompts, seeds, base: expected one seed and one base image per prompt, got "
+                         f"{len(prompts)} prompts, {len(seeds)} seeds, {base.shape[0]} images")
+    two = [i for i, p in enumerate(prompts) if " and " in p]
+    if not two:
+        raise ValueError("prompts: expected at least one two-object prompt ('a <colour> <shape> and a ...')")
+    t0 = time.time()
+    model = load_model(model_path)
+    traj = trajectory_losses(model, [prompts[i] for i in two], [seeds[i] for i in two], downsample=downsample,
+                             **sample_kw)
+    del model
+    _same_images(traj["images"], base[two], "sepen: attention capture leaves the base images unchanged", checks)
+    ok_base = successes(base[two], [prompts[i] for i in two], classifier_root)
+    gap = loss_gap(traj, [prompts[i] for i in two], ok=ok_base)
+    t1 = time.time()
+    cfg = sepen_config(model_path, out_dir, steps=steps, batch=batch, lr=lr, downsample=downsample, **sepen)
+    r = train(cfg)
+    t2 = time.time()
+    with torch.no_grad():
+        tuned = sample(r.model, prompts, seeds, **sample_kw)
+    res = evaluate(base, tuned, prompts, classifier_root)
+    h = r.history
+    res.update({"loss_gap": gap, "steps": steps, "lr": lr, "batch": batch, "downsample": downsample,
+                "quick": bool(quick), "lambda_sep": cfg.sepen.lambda_sep, "lambda_en": cfg.sepen.lambda_en,
+                "lambda_norm": cfg.sepen.lambda_norm, "trained": "attn2.to_k",
+                "first_separate": h[0]["separate"] if h else float("nan"),
+                "first_enhance": h[0]["enhance"] if h else float("nan"),
+                "final_separate": h[-1]["separate"] if h else float("nan"),
+                "final_enhance": h[-1]["enhance"] if h else float("nan"),
+                "seconds": {"diagnosis": t1 - t0, "training": t2 - t1, "evaluation": time.time() - t2}})
+    res["_tuned"] = tuned
+    return res
+
+
+def _ci(s: dict, fmt: str = ".3f") -> str:
+    return f"{s['mean']:{fmt}} [{s['ci_low']:{fmt}}, {s['ci_high']:{fmt}}]"
+
+
+def sepen_report(r: dict) -> list[str]:
+    """The report.md section (markdown lines) of :func:`run_sepen`'s results."""
+    iv, g = r["intervals"], r["loss_gap"]
+    gap_rows = []
+    for name in ("separate", "enhance"):
+        x = g[name]
+        gap_rows.append(f"| {name.capitalize()} | {_ci(x['success'], '.4f')} | {_ci(x['failure'], '.4f')} | "
+                        f"{_ci(x['difference'], '+.4f')} | "
+                        f"{x['auroc']['value']:.3f} [{x['auroc']['ci_low']:.3f}, {x['auroc']['ci_high']:.3f}] |")
+    return [
+        "", "## Separate-and-Enhance: two-object prompts", "",
+        f"attn2.to_k tuned {r['steps']} steps (fnf train, objective sepen, loss weights Separate "
+        f"{r.get('lambda_sep', 1.0):g} / Enhance {r.get('lambda_en', 0.5):g} / single-object regulariser "
+        f"{r.get('lambda_norm', 0.5):g} as in the paper; lr {r['lr']:g}, batch {r['batch']}, maps at latent/"
+        f"{r.get('downsample', DOWNSAMPLE)}; held-out prompts excluded from training). Success: the attribute "
+        "classifier finds both shapes with their colours; single-object prompts are the forgetting check. "
+        "Means with bootstrap 95% intervals (B = 1000; Δ paired on the same images).", "",
+        "| model | two-object success | single-object success | change on two-object images (MSE) "
+        "| change on single-object images (MSE) |", "|---|---|---|---|---|",
+        f"| base | {_ci(iv['base'])} | {_ci(iv['single_base'])} | 0 | 0 |",
+        f"| sepen | {_ci(iv['sepen'])} | {_ci(iv['single_sepen'])} | {_ci(iv['two_object_change_mse'], '.2e')} | "
+        f"{_ci(iv['single_change_mse'], '.2e')} |",
+        f"| Δ | {_ci(iv['gain'], '+.3f')} | {_ci(iv['single_change'], '+.3f')} | | |", "",
+        f"{r['n_two_object']} two-object images: {r['fixed']} fixed, {r['broken']} broken "
+        f"(one image is {1 / max(1, r['n_two_object']):.3f} of the rate); {r['n_single_object']} single-object "
+        f"({r.get('single_fixed', 0)} fixed, {r.get('single_broken', 0)} broken). Training batch losses: Separate "
+        f"{r['first_separate']:.4f} → {r['final_separate']:.4f}, Enhance {r['first_enhance']:.4f} → "
+        f"{r['final_enhance']:.4f}.", "",
+        "Do the losses track failures? Both losses along the base model's own sampling trajectories (mean over "
+        f"steps), before any training: {g['n_success']} successful vs {g['n_failure']} failed base images. "
+        "Difference = failure - success (stratified bootstrap); AUROC = how well the loss alone tells a failure "
+        "from a success (0.5: not at all).", "",
+        "| loss | successes | failures | difference | AUROC for failure |", "|---|---|---|---|---|",
+        *gap_rows, "",
+        "![sepen grid: base (top) over sepen (bottom); fixed first, then broken](grids/sepen.png)"]
+
+
+def write_grid(path: str, base: torch.Tensor, tuned: torch.Tensor, prompts: list[str], n: int = 8,
+               root: str = "") -> list[int]:
     """Two-object images, base (top row) over Separate-and-Enhance (bottom): the fixed ones first, then the
     broken ones, then the rest. Returns the indices shown."""
     from ..images import grid, save_png
 
     two = [i for i, p in enumerate(prompts) if " and " in p]
-    ok_b, ok_t = successes(base[two], [prompts[i] for i in two]), successes(tuned[two], [prompts[i] for i in two])
+    ok_b = successes(base[two], [prompts[i] for i in two], root)
+    ok_t = successes(tuned[two], [prompts[i] for i in two], root)
     fixed = [two[j] for j in range(len(two)) if ok_t[j] and not ok_b[j]]
     broken = [two[j] for j in range(len(two)) if ok_b[j] and not ok_t[j]]
     rest = [i for i in two if i not in fixed and i not in broken]
