@@ -26,6 +26,12 @@ class ModelConfig:
     kind: str = "auto"             # auto | sd | sdxl | sd3 | flux  (auto: from model_index.json's pipeline class)
     weight_dtype: str = "fp32"     # dtype of the frozen weights: fp32 | fp16 | bf16 (LoRA params stay fp32)
     scheduler: str = "ddim"        # ddim: a DDIMScheduler built from the folder's scheduler config
+    # The frozen denoiser quantized at load (fnf/quantize.py, diffusers' quantization configs; LoRA stays fp32 on
+    # top): none | bnb-8bit (bitsandbytes LLM.int8) | bnb-4bit (bitsandbytes NF4) | torchao-int8 (torchao int8
+    # weight-only). bitsandbytes needs CUDA. SD3 and FLUX.1 only.
+    quantize: str = "none"
+    text_encoder_3: bool = True    # SD3/3.5: false loads no T5 (zeros for its tokens, as the pipeline without it)
+    max_sequence_length: int = 0   # T5 tokens (SD3, FLUX.1); 0: the pipeline's default (SD3 256, FLUX.1 512)
 
 
 @dataclass
@@ -189,6 +195,7 @@ CHOICES = {
     "sepen.loss_backend": ("auto", "triton", "reference"),
     "model.weight_dtype": ("fp32", "fp16", "bf16"),
     "model.scheduler": ("ddim",),
+    "model.quantize": ("none", "bnb-8bit", "bnb-4bit", "torchao-int8"),
     "localize.normalize": ("minmax", "max", "none"),
     "localize.threshold_mode": ("relative", "absolute"),
     "localize.shape": ("square", "disk"),
@@ -202,6 +209,7 @@ CHOICES = {
 # Spellings accepted for a choice key and the value they stand for (YAML reads on/off/yes/no as booleans,
 # which the string coercion turns into "yes"/"no").
 ALIASES = {
+    "model.quantize": {"no": "none", "false": "none", "off": "none", "0": "none"},
     "memory.fused_lora": {"yes": "on", "true": "on", "1": "on", "no": "off", "false": "off", "0": "off"},
     "memory.vae_checkpointing": {"yes": "resnet", "true": "resnet", "1": "resnet", "on": "resnet",
                                  "no": "off", "false": "off", "0": "off"},
@@ -386,6 +394,8 @@ def validate(cfg: Config) -> Config:
                    "train.seed": cfg.train.seed, "train.seeds_per_prompt": cfg.train.seeds_per_prompt}
     for key, value in nonneg_ints.items():
         _require(value >= 0, key, "an integer >= 0", value)
+    _require(0 <= cfg.model.max_sequence_length <= 512, "model.max_sequence_length",
+             "an integer in [1, 512] (T5 tokens), or 0 for the pipeline's default", cfg.model.max_sequence_length)
     tile = cfg.memory.vae_tile
     _require(tile == 0 or (tile >= 64 and tile % 8 == 0), "memory.vae_tile",
              "0 (no tiling) or a multiple of 8 pixels >= 64", tile)
