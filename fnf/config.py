@@ -190,7 +190,7 @@ class Config:
 
 
 CHOICES = {
-    "model.kind": ("auto", "sd", "sdxl", "sd3", "flux"),
+    "model.kind": ("auto", "sd", "sdxl", "sd3", "flux", "flux2"),
     "objective.name": ("fnf", "sepen"),
     "sepen.loss_backend": ("auto", "triton", "reference"),
     "model.weight_dtype": ("fp32", "fp16", "bf16"),
