@@ -14,6 +14,7 @@ PIPELINE_MODULES = {
     "StableDiffusionXLPipeline": "unet",
     "StableDiffusion3Pipeline": "sd3",
     "FluxPipeline": "flux",
+    "Flux2Pipeline": "flux2",
 }
 
 
