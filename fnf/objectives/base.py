@@ -16,6 +16,11 @@ class Objective:
 
     progress_keys: tuple[str, ...] = ("loss",)   # the stats shown next to the progress bar
     denoiser_checkpointing: bool = True          # whether memory.unet_checkpointing may apply
+    # True: the objective encodes only cfg.all_prompts() and sampling.negative_prompt (through
+    # fnf.models.encode_prompts / encode_negative); with memory.offload_text_encoder the Session then encodes
+    # them before the denoiser reaches the device (fnf.models.encode_before_denoiser) and the text encoders
+    # stay off it. False: it encodes other prompts while training, so its text encoders stay on the device.
+    encodes_prompts_once: bool = False
 
     params: list
 

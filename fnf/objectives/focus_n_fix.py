@@ -147,6 +147,7 @@ class FocusNFix(Objective):
     """DRaFT-K / DRaFT-LV + LoRA with the Focus-N-Fix penalty (``objective.name: fnf``; beta = 0 is DRaFT)."""
 
     progress_keys = ("reward", "penalty")
+    encodes_prompts_once = True   # cfg.all_prompts() and the negative prompt, in setup
 
     def __init__(self, session):
         cfg = self.cfg = session.cfg
