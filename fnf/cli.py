@@ -129,8 +129,14 @@ examples:
                        formatter_class=fmt)
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="output folder (default runs/demo)")
     p.add_argument("--quick", action="store_true", help="a CI-sized run (a few steps, a few images)")
-    p.add_argument("--eval-seed", type=int, default=0, metavar="N",
+    p.add_argument("--eval-seed", "--seed", type=int, default=0, metavar="N", dest="eval_seed",
                    help="which set of held-out evaluation noise seeds to use (default 0); training seeds are fixed")
+    p.add_argument("--sweep", action="store_true",
+                   help="also train Focus-N-Fix at every beta of the sweep (0.3, 1, 3, 10) for the Pareto plot "
+                        "(several times the default run time)")
+    p.add_argument("--small", default="", metavar="DIR",
+                   help="folder of the toy's small models (defect classifier, heatmap, attribute classifier; "
+                        "default the shipped ones)")
     p.add_argument("--model", default="", metavar="DIR", help="toy pipeline folder (default the shipped one)")
     p.add_argument("--threads", type=int, default=1, metavar="N", help="torch CPU threads (default 1)")
     p.add_argument("--no-sepen", action="store_true", help="skip the Separate-and-Enhance part (saves ~1 min)")
@@ -154,10 +160,11 @@ def _prepare(cfg):
     """Model, prompts embeddings helper and size for the no-grad commands."""
     import torch
 
-    from .models import load_model
+    from .models import load_model, model_options
 
     device = "cuda" if cfg.train.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
-    model = load_model(cfg.model.path, kind=cfg.model.kind, weight_dtype=cfg.model.weight_dtype, device=device)
+    model = load_model(cfg.model.path, kind=cfg.model.kind, weight_dtype=cfg.model.weight_dtype, device=device,
+                       **model_options(cfg))
     h = cfg.sampling.height or model.native_size
     w = cfg.sampling.width or model.native_size
     return model, device, h, w
@@ -242,7 +249,7 @@ def cmd_demo(args) -> int:
     from .toy.demo import run_demo
 
     run_demo(args.out, quick=args.quick, seed=args.eval_seed, model=args.model, threads=args.threads,
-             sepen=not args.no_sepen, overwrite=args.overwrite)
+             sepen=not args.no_sepen, overwrite=args.overwrite, sweep=args.sweep, small=args.small)
     print(f"fnf: demo report in {os.path.join(args.out, 'report.md')}")
     return 0
 

@@ -7,6 +7,7 @@ there is no second copy of the weights.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 from dataclasses import dataclass, field
@@ -141,15 +142,52 @@ def detect_kind(path: str, index: dict | None = None) -> str:
     return family_of(path, index).name
 
 
-def load_model(path: str, *, kind: str = "auto", weight_dtype: str = "fp32", device="cpu") -> DiffusionModel:
-    """Every component of a local diffusers folder, all frozen, through the folder's model family."""
+# model.* keys passed to a family's ``load`` when they differ from their default; a family supports a key when
+# its ``load`` takes the keyword (SD3: all three; FLUX.1: quantize, max_sequence_length).
+LOAD_OPTIONS = {"quantize": "none", "text_encoder_3": True, "max_sequence_length": 0}
+
+
+def model_options(cfg) -> dict:
+    """The load options of ``cfg.model`` (:data:`LOAD_OPTIONS`) for :func:`load_model`."""
+    return {key: getattr(cfg.model, key) for key in LOAD_OPTIONS}
+
+
+def families_accepting(option: str) -> list[str]:
+    from .families import all_families
+
+    return [f.name for f in all_families() if option in inspect.signature(f.load).parameters]
+
+
+def family_options(family, options: dict) -> dict:
+    """The options that differ from their default, as keywords for ``family.load``; one the family does not
+    take is a ValueError naming the config key and the families that take it."""
+    unknown = [k for k in options if k not in LOAD_OPTIONS]
+    if unknown:
+        raise TypeError(f"load options: unknown {unknown}; expected some of {sorted(LOAD_OPTIONS)}")
+    chosen = {k: v for k, v in options.items() if v != LOAD_OPTIONS[k]}
+    accepted = inspect.signature(family.load).parameters
+    for key, value in chosen.items():
+        if key not in accepted:
+            raise ValueError(f"config key 'model.{key}': {value!r} is supported for the "
+                             f"{', '.join(families_accepting(key))} families; this folder is "
+                             f"{family.title or family.name!r} (set model.{key}={LOAD_OPTIONS[key]!r})")
+    return chosen
+
+
+def load_model(path: str, *, kind: str = "auto", weight_dtype: str = "fp32", device="cpu",
+               **options) -> DiffusionModel:
+    """Every component of a local diffusers folder, all frozen, through the folder's model family.
+
+    ``options``: ``quantize``, ``text_encoder_3``, ``max_sequence_length`` (the model.* keys of the same names,
+    see :data:`LOAD_OPTIONS`), passed on to the family when not at their defaults."""
     index = _read_index(path)
     family = family_of(path, index)
     if kind not in ("auto", family.name):
         raise ModelLoadError(f"model.kind is {kind!r} but {path!r} looks like {family.name!r}")
     if weight_dtype not in DTYPES:
         raise ValueError(f"weight_dtype must be one of {', '.join(DTYPES)}, got {weight_dtype!r}")
-    model = family.load(path, index, weight_dtype=DTYPES[weight_dtype], device=device)
+    model = family.load(path, index, weight_dtype=DTYPES[weight_dtype], device=device,
+                        **family_options(family, options))
     model.family = family
     return model
 
@@ -176,7 +214,11 @@ def encode_prompts(model: DiffusionModel, prompts: list[str], *, height: int, wi
     """Text conditioning as the model's diffusers pipeline computes it (``model.family.encode``).
 
     ``zero`` gives the all-zero negative conditioning of pipelines that use it (SDXL's
-    force_zeros_for_empty_prompt); families without it ignore it."""
+    force_zeros_for_empty_prompt); families without it ignore it. Prompts encoded by
+    :func:`encode_before_denoiser` come from its cache (moved to the denoiser's device)."""
+    cached = model.extras.get(PROMPT_CACHE, {}).get(_cache_key(model, prompts, height, width, zero))
+    if cached is not None:
+        return cached.to(model.unet.device)
     return model.family.encode(model, prompts, height=height, width=width, zero=zero)
 
 
@@ -193,6 +235,51 @@ def offload_text_encoders(model: DiffusionModel) -> None:
     """Move the text encoders to CPU once all embeddings exist (frees their device memory)."""
     for enc in model.text_encoders:
         enc.to("cpu")
+
+
+PROMPT_CACHE = "prompt_cache"   # model.extras key: embeddings computed before the denoiser reached the device
+
+
+def _cache_key(model: DiffusionModel, prompts, height: int, width: int, zero: bool) -> tuple:
+    return (tuple(prompts), int(height), int(width), bool(zero), model.extras.get("max_sequence_length"))
+
+
+@torch.no_grad()
+def encode_before_denoiser(model: DiffusionModel, prompts: list[str], negative_prompt: str, *, height: int,
+                           width: int, device, probe=None, move_denoiser: bool = True) -> None:
+    """Encode ``prompts`` and the negative prompt (one row) with only the text encoders on ``device``, keep the
+    embeddings on the host (``model.extras["prompt_cache"]``, read by :func:`encode_prompts` and
+    :func:`encode_negative`), move the encoders back to the host, then the denoiser onto ``device``: the device
+    never holds the text encoders beside the denoiser. The denoiser must still be on the host (a bitsandbytes one
+    is already on its GPU and stays there); ``move_denoiser=False`` leaves it there (FSDP shards it later).
+    ``probe``: the trainer's :class:`fnf.train.Probe` (phases and placements for ``fnf estimate-memory``)."""
+    from . import quantize
+
+    probe = probe if probe is not None else _NoProbe()
+    on_gpu_already = quantize.method_of(model.unet) == "bitsandbytes"
+    probe.placed([model.unet], on_device=on_gpu_already)
+    for enc in model.text_encoders:
+        enc.to(device)
+    probe.placed(model.text_encoders, on_device=True)
+    cache = model.extras.setdefault(PROMPT_CACHE, {})
+    zero = not negative_prompt and model.force_zeros_for_empty_prompt
+    with probe.phase("prompt encoding"):
+        for rows, z in ((list(prompts), False), ([negative_prompt], zero)):
+            key = _cache_key(model, rows, height, width, z)
+            cache[key] = model.family.encode(model, rows, height=height, width=width, zero=z).to("cpu")
+    offload_text_encoders(model)
+    probe.placed(model.text_encoders, on_device=False)
+    if move_denoiser:
+        quantize.move(model.unet, device)
+        probe.placed([model.unet], on_device=True)
+
+
+class _NoProbe:
+    def phase(self, name: str, host: bool = False):
+        return contextlib.nullcontext()
+
+    def placed(self, modules, on_device: bool) -> None:
+        pass
 
 
 # ----------------------------------------------------------------------------------------------- LoRA

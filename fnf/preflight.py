@@ -12,7 +12,7 @@ import torch
 
 from .config import Config, ConfigError
 from .localize import check_localizer_spec
-from .models import ModelLoadError, _read_index, family_of
+from .models import ModelLoadError, _read_index, family_of, family_options, model_options
 from .rewards import check_reward_spec
 
 
@@ -28,6 +28,26 @@ def check_model_folder(path: str, kind: str = "auto") -> str:
         raise ModelLoadError(f"model folder {path!r} has no {', '.join(repr(m) for m in missing)} subfolder(s); a "
                              f"{family.title or family.name} pipeline folder needs {', '.join(family.components)}")
     return family.name
+
+
+def training_on_cuda(cfg: Config) -> bool:
+    """Whether train.device resolves to a CUDA device."""
+    return cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+
+
+def check_model_options(cfg: Config) -> None:
+    """model.quantize / text_encoder_3 / max_sequence_length suit the folder's family, and the quantization
+    backend is installed and usable on this device."""
+    from . import quantize
+
+    if cfg.model.path:
+        try:
+            family_options(family_of(cfg.model.path), model_options(cfg))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    why = quantize.problem(cfg.model.quantize, training_on_cuda(cfg))
+    if why:
+        raise ConfigError(f"config key 'model.quantize': {why}")
 
 
 def check_objective(cfg: Config) -> None:
@@ -84,4 +104,5 @@ def check(cfg: Config, *, model: bool = True, prompts: bool = True, specs: bool 
         check_specs(cfg)
     if model:
         check_model_folder(cfg.model.path, cfg.model.kind)
+        check_model_options(cfg)
         check_objective(cfg)

@@ -99,19 +99,28 @@ class FluxFamily(ModelFamily):
     native_size = 1024
 
     # -------------------------------------------------------------------------------- loading
-    def load(self, path: str, index: dict, *, weight_dtype: torch.dtype, device="cpu"):
+    def load(self, path: str, index: dict, *, weight_dtype: torch.dtype, device="cpu",
+             max_sequence_length: int = MAX_SEQUENCE_LENGTH, quantize: str = "none"):
+        """All components frozen, eval, on ``device``. ``max_sequence_length``: T5 tokens (FluxPipeline's
+        argument); ``quantize``: the transformer's quantization (:mod:`fnf.quantize`, ``model.quantize``)."""
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
         from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
+        from .. import quantize as quant
         from ..models import DiffusionModel, ModelLoadError, set_vae_precision
+
+        if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) \
+                or not 1 <= max_sequence_length <= 512:
+            raise ValueError(f"max_sequence_length: expected an int in [1, 512] (FluxPipeline's limit), got "
+                             f"{max_sequence_length!r}")
 
         dtype, kw, need = _dtype(weight_dtype), {"local_files_only": True}, self.components
         sched_entry = index.get("scheduler") or [None, None]
         if sched_entry[-1] not in (None, "FlowMatchEulerDiscreteScheduler"):
             raise ModelLoadError(f"{path!r}: the FLUX.1 family samples with FlowMatchEulerDiscreteScheduler, but "
                                  f"model_index.json names {sched_entry[-1]!r}")
-        transformer = _load("transformer", path, lambda f: FluxTransformer2DModel.from_pretrained(
-            f, torch_dtype=dtype, **kw), need)
+        transformer = _load("transformer", path, lambda f: quant.load_denoiser(
+            FluxTransformer2DModel, f, dtype=dtype, method=quantize, **kw), need)
         vae_read = torch.float32 if dtype == torch.float16 else dtype
         vae = _load("vae", path, lambda f: AutoencoderKL.from_pretrained(f, torch_dtype=vae_read, **kw), need)
         scheduler = _load("scheduler", path, lambda f: FlowMatchEulerDiscreteScheduler.from_config(
@@ -123,9 +132,9 @@ class FluxFamily(ModelFamily):
         for module in [transformer, vae, clip, t5]:
             module.requires_grad_(False)
             module.eval()
-            module.to(device)
+            quant.move(module, device)
         extras = {"guidance_embeds": bool(transformer.config.guidance_embeds),
-                  "max_sequence_length": MAX_SEQUENCE_LENGTH}
+                  "max_sequence_length": max_sequence_length}
         model = DiffusionModel(path=path, kind=self.name, unet=transformer, vae=vae, scheduler=scheduler,
                                text_encoders=[clip, t5], tokenizers=[clip_tok, t5_tok],
                                force_zeros_for_empty_prompt=False, family=self, extras=extras)

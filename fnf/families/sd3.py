@@ -81,12 +81,15 @@ class SD3Family(ModelFamily):
         return StableDiffusion3Pipeline
 
     def load(self, path: str, index: dict, *, weight_dtype, device="cpu", text_encoder_3: bool = True,
-             max_sequence_length: int = T5_MAX_SEQUENCE_LENGTH):
+             max_sequence_length: int = T5_MAX_SEQUENCE_LENGTH, quantize: str = "none"):
         """All components frozen, eval, on ``device``. ``text_encoder_3=False`` skips T5 (also skipped when the
-        folder has none): its tokens are then zeros, as the pipeline loaded with ``text_encoder_3=None`` does."""
+        folder has none): its tokens are then zeros, as the pipeline loaded with ``text_encoder_3=None`` does.
+        ``max_sequence_length``: T5 tokens (the pipeline's argument); ``quantize``: the transformer's
+        quantization (:mod:`fnf.quantize`, ``model.quantize``)."""
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
+        from fnf import quantize as quant
         from fnf.models import DiffusionModel, ModelLoadError, set_vae_precision
 
         dtype = _dtype(weight_dtype)
@@ -98,8 +101,8 @@ class SD3Family(ModelFamily):
             raise ModelLoadError(f"{path!r}: the SD3 family samples with FlowMatchEulerDiscreteScheduler, but "
                                  f"model_index.json names scheduler {sched_entry[1]!r}")
         kw = {"local_files_only": True}
-        transformer = _load("transformer", path,
-                            lambda f: SD3Transformer2DModel.from_pretrained(f, torch_dtype=dtype, **kw))
+        transformer = _load("transformer", path, lambda f: quant.load_denoiser(SD3Transformer2DModel, f, dtype=dtype,
+                                                                              method=quantize, **kw))
         # fp16: read the VAE in float32 (set_vae_precision casts it down unless its config sets force_upcast).
         vae_read = torch.float32 if dtype == torch.float16 else dtype
         vae = _load("vae", path, lambda f: AutoencoderKL.from_pretrained(f, torch_dtype=vae_read, **kw))
@@ -116,7 +119,7 @@ class SD3Family(ModelFamily):
         for module in [transformer, vae, *encoders]:
             module.requires_grad_(False)
             module.eval()
-            module.to(device)
+            quant.move(module, device)
         model = DiffusionModel(path=path, kind=self.name, unet=transformer, vae=vae, scheduler=scheduler,
                                text_encoders=encoders, tokenizers=tokenizers, force_zeros_for_empty_prompt=False)
         model.family = self

@@ -29,6 +29,7 @@ MARGIN_FRACTION, MARGIN_BYTES = 0.10, GIB // 4
 NOT_INCLUDED = ("CUDA context (~0.3-0.6 GiB, outside max_memory_allocated)",
                 "reserved-but-unallocated memory of the caching allocator (fragmentation; typically 5-20% more "
                 "in torch.cuda.max_memory_reserved)")
+FROZEN = "weights (frozen)"   # the counter's label of the model's weights
 REWARD_STAND_INS = {"clip-l14": "fnf.memory.archs:clip_l14_reward"}
 
 # The memory ladder: each row adds one lever to the row before (memory.* keys; train.* for the pool); the last
@@ -81,9 +82,13 @@ class CounterProbe:
         return stack
 
     def placed(self, modules, on_device: bool) -> None:
-        label = "weights (moved to the device)" if on_device else None
         for module in modules:
-            self.counter.place([*module.parameters(), *module.buffers()], on_device, label)
+            tensors = [*module.parameters(), *module.buffers()]
+            # the model's own weights keep their label when they come back (the denoiser placed after encoding)
+            frozen = any(getattr(self.counter._entries.get(s), "phase", None) == FROZEN
+                         for s in self.counter._storages(tensors))
+            label = "weights (moved to the device)" if on_device and not frozen else None
+            self.counter.place(tensors, on_device, label)
 
 
 @contextlib.contextmanager
