@@ -3,7 +3,8 @@
     HF_HUB_OFFLINE=1 python -m fnf.toy.evaluate_sd [--model fnf/assets/toy/sd] [--seeds 8] [--grid out.png]
 
 Sampling goes through fnf.models / fnf.sampling (the trainer's own code path). Defect: the shipped defect
-classifier (p > 0.5). Alignment: the shipped attribute classifier (see fnf.toy.rewards.alignment).
+classifier (p > 0.5), and the pixel-rule judge (fnf.toy.judges) as judge_defect_rate. Alignment: the shipped
+attribute classifier (see fnf.toy.rewards.alignment).
 """
 from __future__ import annotations
 
@@ -47,13 +48,24 @@ def sample(model, prompts: list[str], seeds: list[int], *, steps: int = STEPS, g
     return torch.cat(out)
 
 
-def measure(images: torch.Tensor, prompts: list[str]) -> dict:
+def per_image(images: torch.Tensor, prompts: list[str], root: str = "") -> dict:
+    """Per-image (B,) tensors: ``p_defect`` (defect classifier, the training reward's model), ``judge`` (the pixel
+    rule of fnf.toy.judges, which no training sees), ``recall`` and ``exact`` (attribute classifier alignment);
+    ``root``: folder of the small models (default the shipped ones)."""
+    from .judges import pixel_judge
     from .rewards import alignment, defect_probability
 
-    p = defect_probability(images)
-    al = alignment(images, prompts)
+    al = alignment(images, prompts, root)
+    return {"p_defect": defect_probability(images, root), "judge": pixel_judge(images).float(),
+            "recall": al["recall"], "exact": al["exact"]}
+
+
+def measure(images: torch.Tensor, prompts: list[str], root: str = "") -> dict:
+    m = per_image(images, prompts, root)
+    p = m["p_defect"]
     return {"n": len(prompts), "defect_rate": float((p > 0.5).float().mean()), "defect_score": float(p.mean()),
-            "alignment": float(al["recall"].mean()), "alignment_exact": float(al["exact"].mean())}
+            "judge_defect_rate": float(m["judge"].mean()),
+            "alignment": float(m["recall"].mean()), "alignment_exact": float(m["exact"].mean())}
 
 
 def save_grid(images: torch.Tensor, path: str, ncol: int = 8) -> None:

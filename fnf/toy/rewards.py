@@ -41,10 +41,10 @@ def defect_reward(*, root: str = "") -> DefectReward:
     return DefectReward(root or None)
 
 
-def defect_probability(images: torch.Tensor) -> torch.Tensor:
-    """p(defect) per image (B,), no gradient."""
+def defect_probability(images: torch.Tensor, root: str = "") -> torch.Tensor:
+    """p(defect) per image (B,), no gradient; ``root``: folder of the small models (default the shipped ones)."""
     with torch.no_grad():
-        return torch.sigmoid(load("defect_classifier")(images))
+        return torch.sigmoid(load("defect_classifier", *([root] if root else []))(images))
 
 
 def defect_heatmap(*, root: str = ""):
@@ -72,16 +72,16 @@ def defect_gradcam(*, layer: str = "classifier.features", root: str = ""):
     return heat
 
 
-def attribute_probs(images: torch.Tensor) -> torch.Tensor:
+def attribute_probs(images: torch.Tensor, root: str = "") -> torch.Tensor:
     """p(pair present) (B, 12) for the (shape, colour) pairs of fnf.toy.data.PAIRS, no gradient."""
     with torch.no_grad():
-        return torch.sigmoid(load("attribute_classifier")(images.float()))
+        return torch.sigmoid(load("attribute_classifier", *([root] if root else []))(images.float()))
 
 
-def alignment(images: torch.Tensor, prompts: list[str]) -> dict:
+def alignment(images: torch.Tensor, prompts: list[str], root: str = "") -> dict:
     """Prompt alignment per image: ``recall`` = fraction of the prompt's (shape, colour) pairs detected
     (p > 0.5); ``exact`` = 1 when the detected set is exactly the prompt's set."""
-    probs = attribute_probs(images) > 0.5
+    probs = attribute_probs(images, root) > 0.5
     want = torch.stack([torch.from_numpy(toydata.attrs_for(toydata.parse_caption(p))) > 0.5 for p in prompts])
     recall = (probs & want).sum(1).float() / want.sum(1).float()
     exact = (probs == want).all(1).float()
