@@ -140,6 +140,21 @@ def test_registry_and_generic_sampler_equal_pipeline(folder):
     assert (ours_low - low).abs().max() < 1e-4
 
 
+def test_max_sequence_length_equals_encode_prompt(folder):
+    """model.max_sequence_length = 64: our embeddings are Flux2Pipeline.encode_prompt(max_sequence_length=64)'s."""
+    from fnf.models import encode_prompts
+
+    m = load_model(folder, max_sequence_length=64)
+    ours = encode_prompts(m, PROMPTS, **SIZE).hidden
+    pipe = _pipeline(folder)
+    with torch.no_grad():
+        ref, ids = pipe.encode_prompt(PROMPTS, device="cpu", max_sequence_length=64)
+    assert ours.shape == (2, 64, 48) and torch.equal(ours, ref)
+    assert torch.equal(text_ids(64, "cpu"), ids[0])
+    with pytest.raises(ValueError, match="max_sequence_length"):
+        FAMILY.load(folder, _index(folder), weight_dtype=torch.float32, max_sequence_length=0)
+
+
 def test_draft_k2_grads_only_lora_and_last_two_calls(folder):
     print("seed", SEED)
     m = load_model(folder)

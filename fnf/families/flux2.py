@@ -156,12 +156,21 @@ class Flux2Family(ModelFamily):
     native_size = 1024
 
     # -------------------------------------------------------------------------------- loading
-    def load(self, path: str, index: dict, *, weight_dtype: torch.dtype, device="cpu"):
+    def load(self, path: str, index: dict, *, weight_dtype: torch.dtype, device="cpu",
+             max_sequence_length: int = MAX_SEQUENCE_LENGTH, quantize: str = "none"):
+        """All components frozen, eval, on ``device``. ``max_sequence_length``: the prompt tokens (Flux2Pipeline's
+        argument); ``quantize``: the transformer's quantization (:mod:`fnf.quantize`, ``model.quantize``)."""
         _require_flux2()
         from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
         from transformers import Mistral3ForConditionalGeneration
 
+        from .. import quantize as quant
         from ..models import DiffusionModel, ModelLoadError, set_vae_precision
+
+        if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) \
+                or max_sequence_length < 1:
+            raise ValueError(f"max_sequence_length: expected a positive int (Flux2Pipeline's default is "
+                             f"{MAX_SEQUENCE_LENGTH}), got {max_sequence_length!r}")
 
         dtype, kw, need = _dtype(weight_dtype), {"local_files_only": True}, self.components
         sched_entry = index.get("scheduler") or [None, None]
@@ -169,8 +178,8 @@ class Flux2Family(ModelFamily):
             raise ModelLoadError(f"{path!r}: the FLUX.2 family samples with FlowMatchEulerDiscreteScheduler, but "
                                  f"model_index.json names {sched_entry[-1]!r}")
         tok_cls = _tokenizer_class(index, path)
-        transformer = _load("transformer", path, lambda f: Flux2Transformer2DModel.from_pretrained(
-            f, torch_dtype=dtype, **kw), need)
+        transformer = _load("transformer", path, lambda f: quant.load_denoiser(
+            Flux2Transformer2DModel, f, dtype=dtype, method=quantize, **kw), need)
         vae = _load("vae", path, lambda f: AutoencoderKLFlux2.from_pretrained(f, torch_dtype=dtype, **kw), need)
         scheduler = _load("scheduler", path, lambda f: FlowMatchEulerDiscreteScheduler.from_config(
             FlowMatchEulerDiscreteScheduler.load_config(f, **kw)), need)
@@ -187,9 +196,9 @@ class Flux2Family(ModelFamily):
         for module in [transformer, vae, encoder]:
             module.requires_grad_(False)
             module.eval()
-            module.to(device)
+            quant.move(module, device)
         extras = {"guidance_embeds": bool(transformer.config.guidance_embeds),
-                  "max_sequence_length": MAX_SEQUENCE_LENGTH, "text_encoder_out_layers": TEXT_ENCODER_OUT_LAYERS}
+                  "max_sequence_length": max_sequence_length, "text_encoder_out_layers": TEXT_ENCODER_OUT_LAYERS}
         model = DiffusionModel(path=path, kind=self.name, unet=transformer, vae=vae, scheduler=scheduler,
                                text_encoders=[encoder], tokenizers=[tokenizer], force_zeros_for_empty_prompt=False,
                                family=self, extras=extras)
