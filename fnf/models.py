@@ -265,6 +265,8 @@ def encode_before_denoiser(model: DiffusionModel, prompts: list[str], negative_p
     zero = not negative_prompt and model.force_zeros_for_empty_prompt
     with probe.phase("prompt encoding"):
         for rows, z in ((list(prompts), False), ([negative_prompt], zero)):
+            if not rows:
+                continue
             key = _cache_key(model, rows, height, width, z)
             cache[key] = model.family.encode(model, rows, height=height, width=width, zero=z).to("cpu")
     offload_text_encoders(model)

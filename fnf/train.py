@@ -26,7 +26,7 @@ from .config import Config
 from .images import grid, save_png
 from .localize import overlay
 from .models import DTYPES, DiffusionModel, load_lora_state_dict, load_model, lora_dropout_active, lora_state_dict
-from .models import set_vae_precision
+from .models import encode_before_denoiser, model_options, set_vae_precision
 from .objectives import objective_class
 
 AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -82,21 +82,30 @@ class Session:
             mp = cfg.model.weight_dtype  # half-precision weights need autocast
         self.autocast_dtype = AUTOCAST.get(mp)
         objective_cls = objective_class(cfg.objective.name)
+        # Text encoders off the device before the denoiser arrives: the model waits on the host until the prompts
+        # are encoded (fnf.models.encode_before_denoiser, below).
+        early = cfg.memory.offload_text_encoder and objective_cls.encodes_prompts_once
+        load_device = "cpu" if early else self.device
         if model is None:
             model = load_model(cfg.model.path, kind=cfg.model.kind, weight_dtype=cfg.model.weight_dtype,
-                               device=self.device)
+                               device=load_device, **model_options(cfg))
         else:  # built in memory by the caller (e.g. benchmarks/train_memory.py): frozen, on the device
             dtype = DTYPES[cfg.model.weight_dtype]
             for module in [model.unet, model.vae, *model.text_encoders]:
-                module.requires_grad_(False).eval().to(self.device)
+                module.requires_grad_(False).eval().to(load_device)
                 if module is not model.vae and next(module.parameters()).dtype != dtype:
                     module.to(dtype)
+        if early:
+            model.vae.to(self.device)
         self.model = m = model
         # fp16 weights or autocast with a force_upcast VAE config: VAE in fp32, decoded with autocast off.
         if set_vae_precision(m, DTYPES[cfg.model.weight_dtype], fp16_autocast=self.autocast_dtype == torch.float16):
             self.acc.print("fnf: VAE kept in fp32, decode with autocast off (its config sets force_upcast)")
         self.height = cfg.sampling.height or m.native_size
         self.width = cfg.sampling.width or m.native_size
+        if early:
+            encode_before_denoiser(m, cfg.all_prompts(), cfg.sampling.negative_prompt, height=self.height,
+                                   width=self.width, device=self.device, probe=probe)
         torch.manual_seed(cfg.train.seed)  # identical LoRA init on every process
         self.objective = objective_cls(self)
         self.params = self.objective.params
