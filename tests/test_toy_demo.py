@@ -104,7 +104,8 @@ def test_summarize_pairs_the_differences_and_separates_reward_from_judge():
     masks[:3, 0, 0] = True
     r = summarize(tuned, base, masks)
     d = r["delta"]["alignment"]
-    assert d["mean"] == pytest.approx(0.25) and d["ci_low"] == pytest.approx(0.25) and d["ci_high"] == pytest.approx(0.25)
+    assert d["mean"] == pytest.approx(0.25)
+    assert d["ci_low"] == pytest.approx(0.25) and d["ci_high"] == pytest.approx(0.25)
     assert r["ci"]["alignment"][0] < r["alignment"] < r["ci"]["alignment"][1]
     assert r["judge_defect_rate"] == pytest.approx(1 / 6) and r["defect_rate"] == pytest.approx(1 / 6)
     on = r["on_base_defects"]                     # base judge-defective: images 0, 1, 2
