@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from . import fused_lora, preflight, run_dir, vae_memory
+from . import fsdp, fused_lora, preflight, run_dir, vae_memory
 from .config import Config
 from .images import grid, save_png
 from .localize import overlay
@@ -82,10 +82,11 @@ class Session:
             mp = cfg.model.weight_dtype  # half-precision weights need autocast
         self.autocast_dtype = AUTOCAST.get(mp)
         objective_cls = objective_class(cfg.objective.name)
+        self.fsdp = fsdp.settings(self.acc)  # FSDP (fnf/fsdp.py): the model stays on the host until sharded
         # Text encoders off the device before the denoiser arrives: the model waits on the host until the prompts
         # are encoded (fnf.models.encode_before_denoiser, below).
         early = cfg.memory.offload_text_encoder and objective_cls.encodes_prompts_once
-        load_device = "cpu" if early else self.device
+        load_device = "cpu" if self.fsdp or early else self.device
         if model is None:
             model = load_model(cfg.model.path, kind=cfg.model.kind, weight_dtype=cfg.model.weight_dtype,
                                device=load_device, **model_options(cfg))
@@ -95,7 +96,7 @@ class Session:
                 module.requires_grad_(False).eval().to(load_device)
                 if module is not model.vae and next(module.parameters()).dtype != dtype:
                     module.to(dtype)
-        if early:
+        if early and not self.fsdp:
             model.vae.to(self.device)
         self.model = m = model
         # fp16 weights or autocast with a force_upcast VAE config: VAE in fp32, decoded with autocast off.
@@ -105,17 +106,22 @@ class Session:
         self.width = cfg.sampling.width or m.native_size
         if early:
             encode_before_denoiser(m, cfg.all_prompts(), cfg.sampling.negative_prompt, height=self.height,
-                                   width=self.width, device=self.device, probe=probe)
+                                   width=self.width, device=self.device, probe=probe, move_denoiser=not self.fsdp)
         torch.manual_seed(cfg.train.seed)  # identical LoRA init on every process
         self.objective = objective_cls(self)
         self.params = self.objective.params
+        fused_mode = cfg.memory.fused_lora
+        if self.fsdp:  # the frozen denoiser sharded, the trained parameters replicated on the device
+            fused_mode = fsdp.fused_lora_mode(fused_mode)
+            fsdp.shard_model(m, self.params, self.fsdp, self.device, log=self.acc.print)
         self._broadcast_params()
         # The denoiser stays in eval mode: LoRA dropout acts only in its grad-carrying calls (sampling.denoise).
-        if cfg.memory.unet_checkpointing and self.objective.denoiser_checkpointing:
+        checkpointing = cfg.memory.unet_checkpointing or (self.fsdp and self.fsdp.activation_checkpointing)
+        if checkpointing and self.objective.denoiser_checkpointing:
             m.unet.enable_gradient_checkpointing()
         vae_memory.apply(m.vae, cfg.memory.vae_checkpointing, cfg.memory.vae_tile)
         with lora_dropout_active(m.unet):  # patch_lora refuses LoRA dropout in training mode: auto falls back
-            self.fused_lora, why = fused_lora.enable(m.unet, cfg.memory.fused_lora, self.device)
+            self.fused_lora, why = fused_lora.enable(m.unet, fused_mode, self.device)
         if cfg.memory.fused_lora != "off":
             self.acc.print(f"fnf: fused LoRA path {why}")
         self.objective.setup(self)

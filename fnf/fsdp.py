@@ -1,0 +1,199 @@
+"""The frozen base sharded with FSDP (torch's ``fully_shard``, FSDP2), turned on the accelerate way.
+
+``accelerate launch --config_file configs/accelerate_fsdp.yaml -m fnf train ...`` sets accelerate's FSDP
+environment (``ACCELERATE_USE_FSDP``, ``FSDP_*``); :func:`settings` reads it through accelerate's
+``FullyShardedDataParallelPlugin`` (the Accelerator's own on GPUs; one built from the same environment on CPU
+processes, where accelerate itself ignores FSDP). The Session then loads the model on the host and
+:func:`shard_model` shards the denoiser: every instance of the wrap classes (the transformer blocks) is one
+FSDP unit, the root takes what is left, and the frozen weights live 1/world on each device, all-gathered per
+unit for each forward (and again for backward). The trainable parameters (the LoRA) are FSDP's
+``ignored_params``: replicated, full tensors on every process, so gradient sync (the Session's all-reduce
+mean), clipping, checkpoints, resume and the LoRA export are those of plain multi-process training.
+
+Why not ``accelerator.prepare``: the trainer runs K+ denoiser calls per backward, with the adapters off for
+I0, and averages the LoRA gradient itself (see fnf/train.py); FSDP1's flat parameters do not hold a frozen base
+and a trainable LoRA apart. So fnf applies FSDP2 itself whatever ``fsdp_version`` the config names (accelerate
+1.0 knows only FSDP1) and reads from the plugin only: the wrap classes, resharding after forward, CPU offload
+and activation checkpointing.
+
+Every process must make the same denoiser calls in the same order (each is a collective); the trainer does.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+# The FSDP unit per family: the transformer blocks (and, for the UNets, the ResNet blocks that hold most of
+# the convolution weights). Any other family falls back to its denoiser's ``_no_split_modules``.
+WRAP_CLASSES = {
+    "sd": ("BasicTransformerBlock", "ResnetBlock2D"),
+    "sdxl": ("BasicTransformerBlock", "ResnetBlock2D"),
+    "sd3": ("JointTransformerBlock",),
+    "flux": ("FluxTransformerBlock", "FluxSingleTransformerBlock"),
+}
+
+
+@dataclass
+class FsdpSettings:
+    """What fnf takes from accelerate's FSDP plugin (normalised across accelerate versions)."""
+
+    wrap_classes: tuple[str, ...] | None = None   # None: the family's default (WRAP_CLASSES)
+    reshard_after_forward: bool = True            # FULL_SHARD (True) or SHARD_GRAD_OP (False)
+    cpu_offload: bool = False
+    activation_checkpointing: bool = False
+    fsdp_version: int = 2                         # what the config named; fnf always shards with FSDP2
+
+
+def enabled_in_env() -> bool:
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def plugin_of(accelerator):
+    """The accelerator's FSDP plugin, or one built from accelerate's FSDP environment; None when FSDP is off."""
+    state = getattr(accelerator, "state", None)
+    plugin = getattr(state, "fsdp_plugin", None)
+    if plugin is None and enabled_in_env():  # CPU processes: accelerate leaves FSDP off, fnf does not
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        plugin = FullyShardedDataParallelPlugin()
+    return plugin
+
+
+def _reshard(plugin) -> bool:
+    value = getattr(plugin, "reshard_after_forward", None)
+    if isinstance(value, bool):
+        return value
+    strategy = getattr(plugin, "sharding_strategy", None) or value
+    name = getattr(strategy, "name", str(strategy)).upper() if strategy is not None else "FULL_SHARD"
+    if name == "FULL_SHARD":
+        return True
+    if name == "SHARD_GRAD_OP":
+        return False
+    if name == "NO_SHARD":
+        raise ValueError("fsdp_sharding_strategy NO_SHARD keeps a whole model per process: drop the FSDP config "
+                         "and launch plain multi-process training (accelerate launch --num_processes N)")
+    raise ValueError(f"fsdp sharding strategy {name}: expected FULL_SHARD or SHARD_GRAD_OP "
+                     "(fsdp_reshard_after_forward: true|false)")
+
+
+def _offload(plugin) -> bool:
+    value = getattr(plugin, "cpu_offload", False)
+    if isinstance(value, bool):
+        return value
+    if hasattr(value, "offload_params"):  # FSDP1's CPUOffload
+        return bool(value.offload_params)
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    return isinstance(value, CPUOffloadPolicy)
+
+
+def settings_from_plugin(plugin) -> FsdpSettings:
+    names = getattr(plugin, "transformer_cls_names_to_wrap", None)
+    if isinstance(names, str):
+        names = names.split(",")
+    names = tuple(n.strip() for n in names if n.strip()) if names else None
+    return FsdpSettings(wrap_classes=names or None, reshard_after_forward=_reshard(plugin),
+                        cpu_offload=_offload(plugin),
+                        activation_checkpointing=bool(getattr(plugin, "activation_checkpointing", False)),
+                        fsdp_version=int(getattr(plugin, "fsdp_version", 1) or 1))
+
+
+def settings(accelerator) -> FsdpSettings | None:
+    """The FSDP settings of this launch, or None when FSDP is off. Raises when FSDP is on but torch.distributed
+    is not initialized (a plain ``python -m fnf train`` with FSDP variables left in the environment)."""
+    plugin = plugin_of(accelerator)
+    if plugin is None:
+        return None
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("FSDP is on (ACCELERATE_USE_FSDP=true) but torch.distributed is not initialized: launch "
+                           "with `accelerate launch --config_file configs/accelerate_fsdp.yaml -m fnf train ...`")
+    return settings_from_plugin(plugin)
+
+
+# ----------------------------------------------------------------------------------------------- the plan
+def wrap_class_names(model, wrap_classes=None) -> tuple[str, ...]:
+    """The class names of the FSDP units: ``wrap_classes`` (fsdp_transformer_layer_cls_to_wrap) or the family's."""
+    if wrap_classes:
+        return tuple(wrap_classes)
+    names = WRAP_CLASSES.get(getattr(model.family, "name", model.kind))
+    if names is None:
+        names = tuple(getattr(model.unet, "_no_split_modules", None) or ())
+    if not names:
+        raise ValueError(f"FSDP: no wrap classes known for the {model.kind!r} denoiser "
+                         f"({type(model.unet).__name__}); set fsdp_transformer_layer_cls_to_wrap in the accelerate "
+                         "config")
+    return names
+
+
+def wrap_plan(denoiser: torch.nn.Module, class_names) -> list[str]:
+    """Qualified names of the modules that become FSDP units, children before parents (the order
+    ``fully_shard`` must be applied in); the root (``""``) comes last. Raises ValueError when a class name
+    matches no module of ``denoiser``."""
+    class_names = tuple(class_names)
+    found = {type(m).__name__ for m in denoiser.modules()}
+    unknown = [n for n in class_names if n not in found]
+    if unknown:
+        present = sorted(n for n in found if n.endswith(("Block", "Block2D", "Layer")))
+        raise ValueError(f"fsdp_transformer_layer_cls_to_wrap: {unknown} matched no module of "
+                         f"{type(denoiser).__name__}; block classes it has: {present}")
+    units = [name for name, m in denoiser.named_modules() if name and type(m).__name__ in class_names]
+    units.sort(key=lambda n: -n.count("."))  # deepest first: a nested unit is sharded before its parent
+    return units + [""]
+
+
+def unit_of(plan: list[str], param_name: str) -> str:
+    """The FSDP unit that owns parameter ``param_name`` under ``plan``: the deepest unit prefix (root ``""``)."""
+    best = ""
+    for unit in plan:
+        if unit and (param_name == unit or param_name.startswith(unit + ".")) and len(unit) > len(best):
+            best = unit
+    return best
+
+
+def shard_model(model, trained, fsdp: FsdpSettings, device, log=print) -> list[str]:
+    """Shard ``model.unet`` with ``fully_shard`` per :func:`wrap_plan` on a 1-D mesh over all processes, the
+    ``trained`` parameters ignored (replicated) and moved to ``device``; move the other components (VAE, text
+    encoders) to ``device``. Returns the plan. The model must be on the host (or on ``device``)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+    import torch.distributed as dist
+
+    device = torch.device(device)
+    denoiser = model.unet
+    plan = wrap_plan(denoiser, wrap_class_names(model, fsdp.wrap_classes))
+    trained = list(trained)
+    trained_ids = {id(p) for p in trained}
+    for p in trained:
+        p.data = p.data.to(device)
+    offload = fsdp.cpu_offload
+    if offload and device.type == "cpu":
+        log("fnf: FSDP cpu offload ignored: the processes already run on the CPU")
+        offload = False
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    modules = dict(denoiser.named_modules())
+    for name in plan:
+        module = modules[name]
+        ignored = {p for p in module.parameters() if id(p) in trained_ids}
+        fully_shard(module, mesh=mesh, reshard_after_forward=fsdp.reshard_after_forward,
+                    offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy(),
+                    ignored_params=ignored or None)
+    for module in [model.vae, *model.text_encoders]:
+        module.to(device)
+    frozen = sum(p.numel() for p in denoiser.parameters() if id(p) not in trained_ids)
+    log(f"fnf: FSDP: {type(denoiser).__name__} sharded over {dist.get_world_size()} processes in {len(plan) - 1} "
+        f"units + root ({frozen / 1e6:.1f}M frozen parameters; {sum(p.numel() for p in trained) / 1e6:.2f}M "
+        "trained, replicated)")
+    return plan
+
+
+def fused_lora_mode(mode: str) -> str:
+    """memory.fused_lora under FSDP: ``auto`` falls back to off; ``on`` is refused (the fused attention reads
+    the LoRA layers' weights outside the FSDP units' forward)."""
+    if mode == "on":
+        raise ValueError("memory.fused_lora=on is not supported with FSDP; set memory.fused_lora: off")
+    return "off"
