@@ -259,6 +259,12 @@ def test_clear_errors(folder, tmp_path):
     with pytest.raises(ModelLoadError, match="tokenizer"):
         FAMILY.load(folder, dict(_index(folder), tokenizer=["transformers", "NoSuchTokenizer"]),
                     weight_dtype=torch.float32)
+    import importlib.util
+
+    pixtral = "torchvision" if importlib.util.find_spec("torchvision") is None else "tokenizer"
+    with pytest.raises(ModelLoadError, match=pixtral):   # FLUX.2-dev's PixtralProcessor needs torchvision
+        FAMILY.load(folder, dict(_index(folder), tokenizer=["transformers", "PixtralProcessor"]),
+                    weight_dtype=torch.float32)
     with pytest.raises(ModelLoadError, match="looks like 'flux2'"):
         load_model(folder, kind="flux")
 

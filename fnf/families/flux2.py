@@ -106,8 +106,14 @@ def _tokenizer_class(index: dict, path: str):
 
     entry = index.get("tokenizer") or [None, None]
     library, name = (list(entry) + [None, None])[:2]
-    cls = getattr(transformers, str(name), None) if library == "transformers" else None
-    if cls is None or not hasattr(cls, "from_pretrained"):
+    try:   # transformers' placeholder for a class whose backend is missing raises ImportError on any attribute
+        cls = getattr(transformers, str(name), None) if library == "transformers" else None
+        usable = cls is not None and hasattr(cls, "from_pretrained")
+    except ImportError as e:
+        hint = " (pip install torchvision)" if "orchvision" in str(e) else ""
+        raise ModelLoadError(f"{path!r}: the tokenizer class {name!r} cannot be built here{hint}: "
+                             f"{str(e).strip()}") from None
+    if not usable:
         raise ModelLoadError(f"{path!r}: model_index.json's tokenizer entry {entry!r} is not a transformers "
                              "tokenizer or processor class (FLUX.2-dev: ['transformers', 'PixtralProcessor'])")
     return cls
