@@ -11,10 +11,11 @@ unit for each forward (and again for backward). The trainable parameters (the Lo
 mean), clipping, checkpoints, resume and the LoRA export are those of plain multi-process training.
 
 Why not ``accelerator.prepare``: the trainer runs K+ denoiser calls per backward, with the adapters off for
-I0, and averages the LoRA gradient itself (see fnf/train.py); FSDP1's flat parameters do not hold a frozen base
-and a trainable LoRA apart. So fnf applies FSDP2 itself whatever ``fsdp_version`` the config names (accelerate
-1.0 knows only FSDP1) and reads from the plugin only: the wrap classes, resharding after forward, CPU offload
-and activation checkpointing.
+I0, and averages the LoRA gradient itself (see fnf/train.py). FSDP2 shards in place (``model.unet`` stays the
+diffusers model the families call, peft's adapter switches included) and leaves single parameters out (the
+LoRA). So fnf applies FSDP2 itself whatever ``fsdp_version`` the config names (accelerate 1.0 knows only FSDP1)
+and reads from the plugin only: the wrap classes, resharding after forward, CPU offload and activation
+checkpointing.
 
 Every process must make the same denoiser calls in the same order (each is a collective); the trainer does.
 """
@@ -165,6 +166,7 @@ def shard_model(model, trained, fsdp: FsdpSettings, device, log=print) -> list[s
 
     device = torch.device(device)
     denoiser = model.unet
+    what = type(denoiser).__name__
     plan = wrap_plan(denoiser, wrap_class_names(model, fsdp.wrap_classes))
     trained = list(trained)
     trained_ids = {id(p) for p in trained}
@@ -185,15 +187,19 @@ def shard_model(model, trained, fsdp: FsdpSettings, device, log=print) -> list[s
     for module in [model.vae, *model.text_encoders]:
         module.to(device)
     frozen = sum(p.numel() for p in denoiser.parameters() if id(p) not in trained_ids)
-    log(f"fnf: FSDP: {type(denoiser).__name__} sharded over {dist.get_world_size()} processes in {len(plan) - 1} "
+    if fsdp.fsdp_version != 2:
+        log(f"fnf: FSDP: the accelerate config names fsdp_version {fsdp.fsdp_version}; fnf shards with FSDP2 "
+            "(fully_shard) either way")
+    log(f"fnf: FSDP: {what} sharded over {dist.get_world_size()} processes in {len(plan) - 1} "
         f"units + root ({frozen / 1e6:.1f}M frozen parameters; {sum(p.numel() for p in trained) / 1e6:.2f}M "
         "trained, replicated)")
     return plan
 
 
 def fused_lora_mode(mode: str) -> str:
-    """memory.fused_lora under FSDP: ``auto`` falls back to off; ``on`` is refused (the fused attention reads
-    the LoRA layers' weights outside the FSDP units' forward)."""
+    """memory.fused_lora under FSDP: ``auto`` falls back to off; ``on`` is refused (the fused attention path is
+    not tested with sharded weights)."""
     if mode == "on":
-        raise ValueError("memory.fused_lora=on is not supported with FSDP; set memory.fused_lora: off")
+        raise ValueError("memory.fused_lora=on is not supported with FSDP (docs/fsdp.md); set memory.fused_lora: "
+                         "off or auto")
     return "off"

@@ -1,0 +1,203 @@
+"""FSDP of the frozen base (fnf/fsdp.py): the wrapping plan, the settings read from accelerate's FSDP config, and
+FSDP2 itself on CPU processes (gloo): one process in-process (the hooks, ignored LoRA parameters, adapters off),
+two spawned processes (first-step gradient and weights against the single-process step on the same global
+batch, SD UNet and FLUX with gradient checkpointing; training, checkpoints, resume and the LoRA export)."""
+import copy
+import os
+import socket
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TESTS)
+sys.path.insert(0, TESTS)
+from fnf_tiny_models import cached_model, one_torch_thread, tiny_config  # noqa: E402,F401
+from tiny_flux import IMAGE_SIZE as FLUX_SIZE, cached_flux  # noqa: E402
+
+from fnf import fsdp  # noqa: E402
+
+FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+FSDP_KEYS = ("ACCELERATE_USE_FSDP", "FSDP_VERSION", "FSDP_SHARDING_STRATEGY", "FSDP_RESHARD_AFTER_FORWARD",
+             "FSDP_OFFLOAD_PARAMS", "FSDP_AUTO_WRAP_POLICY", "FSDP_TRANSFORMER_CLS_TO_WRAP",
+             "FSDP_ACTIVATION_CHECKPOINTING", "FSDP_STATE_DICT_TYPE")
+
+
+@pytest.fixture
+def clean_fsdp_env(monkeypatch):
+    for key in FSDP_KEYS:
+        monkeypatch.delenv(key, raising=False)
+    return monkeypatch
+
+
+def _with_lora(folder: str):
+    from fnf.models import add_lora, load_model
+
+    model = load_model(folder)
+    params = add_lora(model, rank=4, alpha=8, target_modules=list(model.family.lora_targets))
+    return model, params
+
+
+# ------------------------------------------------------------------------------------------ the wrapping plan
+@pytest.mark.parametrize("kind", ["sd", "flux"])
+def test_wrap_plan_units_hold_every_lora_parameter(kind, tmp_path_factory):
+    """Units: every instance of the family's block classes (found here with isinstance on diffusers' classes),
+    children before parents, the root last; every LoRA parameter lies in a block unit, not in the root."""
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.resnet import ResnetBlock2D
+    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+
+    root = str(tmp_path_factory.getbasetemp())
+    folder = cached_model("sd", root) if kind == "sd" else cached_flux(root)
+    model, params = _with_lora(folder)
+    classes = (BasicTransformerBlock, ResnetBlock2D) if kind == "sd" else (FluxTransformerBlock,
+                                                                          FluxSingleTransformerBlock)
+    plan = fsdp.wrap_plan(model.unet, fsdp.wrap_class_names(model))
+    expected = {n for n, m in model.unet.named_modules() if isinstance(m, classes)}
+    assert plan[-1] == "" and set(plan[:-1]) == expected and len(plan) == len(expected) + 1
+    for i, unit in enumerate(plan[:-1]):  # no unit comes after its parent unit
+        assert not any(unit.startswith(parent + ".") for parent in plan[:i]), (unit, plan[:i])
+    lora = [n for n, p in model.unet.named_parameters() if p.requires_grad]
+    assert len(lora) == len(params) > 0
+    owners = {fsdp.unit_of(plan, n) for n in lora}
+    assert "" not in owners and owners <= expected
+    frozen_in_root = [n for n, p in model.unet.named_parameters() if fsdp.unit_of(plan, n) == ""]
+    assert frozen_in_root and not any("lora_" in n for n in frozen_in_root)  # embeddings, norms, projections
+
+
+def test_wrap_plan_refuses_unknown_class(tmp_path_factory):
+    model, _ = _with_lora(cached_flux(str(tmp_path_factory.getbasetemp())))
+    with pytest.raises(ValueError, match=r"fsdp_transformer_layer_cls_to_wrap: \['NoSuchBlock'\].*"
+                                         r"FluxTransformerBlock"):
+        fsdp.wrap_plan(model.unet, ["FluxTransformerBlock", "NoSuchBlock"])
+    assert fsdp.wrap_class_names(model, ("FluxSingleTransformerBlock",)) == ("FluxSingleTransformerBlock",)
+
+
+# ------------------------------------------------------------------------------------------ settings
+def _plugin_settings(monkeypatch, env: dict):
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return fsdp.settings_from_plugin(FullyShardedDataParallelPlugin())
+
+
+def test_settings_from_accelerate_env(clean_fsdp_env):
+    """The plugin built from accelerate's FSDP environment (what `accelerate launch` sets) maps to fnf's settings;
+    these FSDP1-style variables mean the same in accelerate 1.0 and today's."""
+    mp_ = clean_fsdp_env
+    s = _plugin_settings(mp_, {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1",
+                               "FSDP_SHARDING_STRATEGY": "SHARD_GRAD_OP", "FSDP_OFFLOAD_PARAMS": "true",
+                               "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+                               "FSDP_TRANSFORMER_CLS_TO_WRAP": "FluxTransformerBlock,FluxSingleTransformerBlock",
+                               "FSDP_ACTIVATION_CHECKPOINTING": "true"})
+    assert s == fsdp.FsdpSettings(wrap_classes=("FluxTransformerBlock", "FluxSingleTransformerBlock"),
+                                  reshard_after_forward=False, cpu_offload=True, activation_checkpointing=True,
+                                  fsdp_version=1)
+    s = _plugin_settings(mp_, {"FSDP_SHARDING_STRATEGY": "FULL_SHARD", "FSDP_OFFLOAD_PARAMS": "false",
+                               "FSDP_AUTO_WRAP_POLICY": "NO_WRAP", "FSDP_ACTIVATION_CHECKPOINTING": "false"})
+    assert (s.wrap_classes, s.reshard_after_forward, s.cpu_offload, s.activation_checkpointing) == (None, True,
+                                                                                                 False, False)
+    with pytest.raises(ValueError, match="NO_SHARD"):
+        _plugin_settings(mp_, {"FSDP_SHARDING_STRATEGY": "NO_SHARD"})
+
+
+def test_shipped_accelerate_config_turns_fsdp2_on(clean_fsdp_env, monkeypatch):
+    """configs/accelerate_fsdp.yaml through accelerate's own launcher code (argument parsing, config file,
+    the environment it hands each process) gives FSDP on, full sharding, no offload, the family's blocks."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    path = os.path.join(REPO, "configs", "accelerate_fsdp.yaml")
+    args = launch_command_parser().parse_args(["--config_file", path, "-m", "fnf", "train"])
+    validated = _validate_launch_command(args)
+    args = validated[0] if isinstance(validated, tuple) else args
+    env = prepare_multi_gpu_env(args)
+    assert env["ACCELERATE_USE_FSDP"] == "true" and args.num_processes == 2
+    s = _plugin_settings(monkeypatch, {k: v for k, v in env.items() if k.startswith(("FSDP_", "ACCELERATE_USE"))})
+    assert (s.wrap_classes, s.reshard_after_forward, s.cpu_offload, s.activation_checkpointing) == (None, True,
+                                                                                                 False, False)
+    import accelerate.utils.dataclasses as acc_dataclasses
+    if "fsdp_version" in acc_dataclasses.FullyShardedDataParallelPlugin.__dataclass_fields__:
+        assert s.fsdp_version == 2  # accelerate < 1.6 has no fsdp_version (fnf uses FSDP2 either way)
+
+
+class _NoFsdpAccelerator:
+    class state:
+        fsdp_plugin = None
+
+
+def test_settings_off_without_fsdp_and_refused_without_a_process_group(clean_fsdp_env):
+    assert fsdp.settings(_NoFsdpAccelerator()) is None
+    clean_fsdp_env.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(RuntimeError, match="torch.distributed is not initialized.*accelerate launch"):
+        fsdp.settings(_NoFsdpAccelerator())
+    with pytest.raises(ValueError, match="memory.fused_lora=on is not supported with FSDP"):
+        fsdp.fused_lora_mode("on")
+    assert fsdp.fused_lora_mode("auto") == fsdp.fused_lora_mode("off") == "off"
+
+
+# ------------------------------------------------------------------------------------------ one process, in-process
+@pytest.fixture
+def one_process_group(tmp_path):
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this interpreter")
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _flux_call(model, generator):
+    """One FLUX transformer call on random packed latents (batch 2) and random text embeddings."""
+    cfg = model.unet.config
+    n_img, n_txt = 16, 6
+    kw = dict(hidden_states=torch.randn(2, n_img, cfg.in_channels, generator=generator),
+              encoder_hidden_states=torch.randn(2, n_txt, cfg.joint_attention_dim, generator=generator),
+              pooled_projections=torch.randn(2, cfg.pooled_projection_dim, generator=generator),
+              timestep=torch.tensor([0.5, 0.25]), guidance=torch.tensor([3.5, 3.5]),
+              img_ids=torch.zeros(n_img, 3), txt_ids=torch.zeros(n_txt, 3), return_dict=False)
+    return lambda unet: unet(**kw)[0]
+
+
+def test_sharded_denoiser_matches_plain_one_process(one_process_group, tmp_path_factory):
+    """World size 1 (gloo): after shard_model the base weights are DTensors and the LoRA plain tensors (ignored);
+    the output with adapters on and off and the LoRA gradient (two grad calls, then one backward) equal those of
+    an unsharded deep copy. Same weights, same ops: equal to float32 rounding (rtol 1e-6)."""
+    from fnf.models import adapters_disabled
+
+    model, params = _with_lora(cached_flux(str(tmp_path_factory.getbasetemp())))
+    gen = torch.Generator().manual_seed(0)
+    print("seed 0")
+    with torch.no_grad():
+        for n, p in model.unet.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    plain = copy.deepcopy(model.unet)
+    plan = fsdp.shard_model(model, params, fsdp.FsdpSettings(), "cpu", log=lambda *_: None)
+    from torch.distributed.tensor import DTensor
+
+    assert all(not isinstance(p, DTensor) for p in params)
+    assert all(isinstance(p, DTensor) for n, p in model.unet.named_parameters() if "lora_" not in n)
+    assert type(model.unet).__name__.startswith("FSDP") and len(plan) == 3
+    call = _flux_call(model, gen)
+    with torch.no_grad():
+        on, on_ref = call(model.unet), call(plain)
+        with adapters_disabled(model.unet), adapters_disabled(plain):
+            off, off_ref = call(model.unet), call(plain)
+    torch.testing.assert_close(on, on_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(off, off_ref, rtol=1e-6, atol=1e-6)
+    assert (on - off).abs().max() > 1e-3  # the LoRA changes the output
+    grads = []
+    for unet in (model.unet, plain):
+        (call(unet).square().mean() + call(unet).mean()).backward()
+        grads.append({n: p.grad.clone() for n, p in unet.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == len(params)
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-6, atol=1e-9)
+    assert any(g.abs().max() > 0 for n, g in grads[0].items() if "lora_A" in n)
