@@ -1,6 +1,6 @@
 """The frozen base sharded with FSDP (torch's ``fully_shard``, FSDP2), turned on the accelerate way.
 
-``accelerate launch --config_file configs/accelerate_fsdp.yaml -m fnf train ...`` sets accelerate's FSDP
+``accelerate launch --config_file configs/accelerate/fsdp.yaml -m fnf train ...`` sets accelerate's FSDP
 environment (``ACCELERATE_USE_FSDP``, ``FSDP_*``); :func:`settings` reads it through accelerate's
 ``FullyShardedDataParallelPlugin`` (the Accelerator's own on GPUs; one built from the same environment on CPU
 processes, where accelerate itself ignores FSDP). The Session then loads the model on the host and
@@ -111,7 +111,7 @@ def settings(accelerator) -> FsdpSettings | None:
 
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("FSDP is on (ACCELERATE_USE_FSDP=true) but torch.distributed is not initialized: launch "
-                           "with `accelerate launch --config_file configs/accelerate_fsdp.yaml -m fnf train ...`")
+                           "with `accelerate launch --config_file configs/accelerate/fsdp.yaml -m fnf train ...`")
     return settings_from_plugin(plugin)
 
 

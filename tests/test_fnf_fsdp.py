@@ -105,12 +105,12 @@ def test_settings_from_accelerate_env(clean_fsdp_env):
 
 
 def test_shipped_accelerate_config_turns_fsdp2_on(clean_fsdp_env, monkeypatch):
-    """configs/accelerate_fsdp.yaml through accelerate's own launcher code (argument parsing, config file,
+    """configs/accelerate/fsdp.yaml through accelerate's own launcher code (argument parsing, config file,
     the environment it hands each process) gives FSDP on, full sharding, no offload, the family's blocks."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
     from accelerate.utils.launch import prepare_multi_gpu_env
 
-    path = os.path.join(REPO, "configs", "accelerate_fsdp.yaml")
+    path = os.path.join(REPO, "configs", "accelerate", "fsdp.yaml")
     args = launch_command_parser().parse_args(["--config_file", path, "-m", "fnf", "train"])
     validated = _validate_launch_command(args)
     args = validated[0] if isinstance(validated, tuple) else args
