@@ -168,9 +168,9 @@ def family_options(family, options: dict) -> dict:
     accepted = inspect.signature(family.load).parameters
     for key, value in chosen.items():
         if key not in accepted:
-            raise ValueError(f"config key 'model.{key}': {value!r} is supported for the "
-                             f"{', '.join(families_accepting(key))} families; this folder is "
-                             f"{family.title or family.name!r} (set model.{key}={LOAD_OPTIONS[key]!r})")
+            raise ValueError(f"config key 'model.{key}': {value!r} applies to {', '.join(families_accepting(key))} "
+                             f"models only; this folder is {family.title or family.name!r} (leave model.{key} at "
+                             f"{LOAD_OPTIONS[key]!r})")
     return chosen
 
 
