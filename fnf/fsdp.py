@@ -155,10 +155,11 @@ def unit_of(plan: list[str], param_name: str) -> str:
     return best
 
 
-def shard_model(model, trained, fsdp: FsdpSettings, device, log=print) -> list[str]:
+def shard_model(model, trained, fsdp: FsdpSettings, device, log=print, move_text_encoders: bool = True) -> list[str]:
     """Shard ``model.unet`` with ``fully_shard`` per :func:`wrap_plan` on a 1-D mesh over all processes, the
-    ``trained`` parameters ignored (replicated) and moved to ``device``; move the other components (VAE, text
-    encoders) to ``device``. Returns the plan. The model must be on the host (or on ``device``)."""
+    ``trained`` parameters ignored (replicated) and moved to ``device``; move the VAE (and the text encoders
+    unless ``move_text_encoders`` is False: already encoded and offloaded) to ``device``. Returns the plan. The
+    model must be on the host (or on ``device``)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
@@ -184,7 +185,7 @@ def shard_model(model, trained, fsdp: FsdpSettings, device, log=print) -> list[s
         fully_shard(module, mesh=mesh, reshard_after_forward=fsdp.reshard_after_forward,
                     offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy(),
                     ignored_params=ignored or None)
-    for module in [model.vae, *model.text_encoders]:
+    for module in [model.vae, *(model.text_encoders if move_text_encoders else [])]:
         module.to(device)
     frozen = sum(p.numel() for p in denoiser.parameters() if id(p) not in trained_ids)
     if fsdp.fsdp_version != 2:

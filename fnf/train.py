@@ -113,7 +113,7 @@ class Session:
         fused_mode = cfg.memory.fused_lora
         if self.fsdp:  # the frozen denoiser sharded, the trained parameters replicated on the device
             fused_mode = fsdp.fused_lora_mode(fused_mode)
-            fsdp.shard_model(m, self.params, self.fsdp, self.device, log=self.acc.print)
+            fsdp.shard_model(m, self.params, self.fsdp, self.device, log=self.acc.print, move_text_encoders=not early)
         self._broadcast_params()
         # The denoiser stays in eval mode: LoRA dropout acts only in its grad-carrying calls (sampling.denoise).
         checkpointing = cfg.memory.unet_checkpointing or (self.fsdp and self.fsdp.activation_checkpointing)
@@ -270,7 +270,9 @@ class Session:
                 "scaler": self.scaler.state_dict()}
 
     def restore(self, folder: str) -> int:
-        step, lora, state = ckpt.load(folder, rank=self.rank, device=self.device)
+        # safetensors refuses "cpu:0", the device accelerate gives CPU processes of a multi-process run
+        step, lora, state = ckpt.load(folder, rank=self.rank,
+                                      device="cpu" if self.device.type == "cpu" else self.device)
         load_lora_state_dict(self.model.unet, lora)
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
