@@ -44,7 +44,7 @@ LOCALIZERS = {"draft": "heatmap:fnf.toy.rewards:defect_heatmap",
 # noise seeds 11000.., never the reported seed-0 set 10000..): see docs/toy_demo.md for that sweep's numbers.
 SETTINGS = {
     "default": {"train_steps": 60, "batch": 4, "eval_seeds": 12, "eval_pairs": None, "sepen_steps": 200,
-                "pool_seeds": 2, "pool_prompts": None, "checkpoints": 3},
+                "pool_seeds": 1, "pool_prompts": None, "checkpoints": 3},
     "quick": {"train_steps": 2, "batch": 2, "eval_seeds": 1, "eval_pairs": 4, "sepen_steps": 2,
               "pool_seeds": 1, "pool_prompts": 4, "checkpoints": 2},
 }
@@ -292,9 +292,10 @@ def report(path, res: dict, settings: dict, seconds: float, sepen_lines: list[st
     lines = ["# fnf demo: DRaFT vs Focus-N-Fix on the embedded toy model", "",
              f"Held-out evaluation: {b['n_images']} images (prompts x noise seeds never used in training: eval seed "
              f"{settings['eval_seed']}), {b['n_images_with_mask']} with a base-image defect mask, {nb} whose base "
-             f"image the pixel judge calls defective. Wall time {seconds / 60:.1f} min "
-             f"({settings['threads']} torch thread(s)). Brackets: bootstrap 95% intervals (B = 1000; differences "
-             "to base resample the same images).", ""]
+             f"image the pixel judge calls defective. Wall time {seconds / 60:.1f} min, CPU time "
+             f"{settings['cpu_seconds']['total'] / 60:.1f} min ({settings['threads']} torch thread(s); wall time "
+             "above CPU time means other work shared the cores). Brackets: bootstrap 95% intervals (B = 1000; "
+             "differences to base resample the same images).", ""]
     head = res.get("headline") or []
     if head:
         lines += ["## Headline: change outside the mask at matched defect reduction", "",
@@ -437,7 +438,7 @@ def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 0, model: 
     from . import sepen_demo
     from .judges import DARK_MIN_PIXELS
 
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     model = model or os.path.join(ASSETS, "sd")
     prepare_out(out, overwrite)
     torch.set_num_threads(threads)
@@ -490,9 +491,15 @@ def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 0, model: 
         return {"name": name, "run": run, "beta": b, "step": step, "label": label,
                 **subset_point(per_image(imgs, base[sub], masks[sub], sub_ps, small), bsub)}
 
+    seconds = {"base": round(time.time() - t0, 1)}
+    cpu = {"base": round(time.process_time() - c0, 1)}
     for name, run, b in runs:
         cfg = cfgs[name]
+        t1, c1 = time.time(), time.process_time()
         r = train(cfg)
+        seconds[f"{name}: training"] = round(time.time() - t1, 1)
+        cpu[f"{name}: training"] = round(time.process_time() - c1, 1)
+        t1, c1 = time.time(), time.process_time()
         histories[name] = r.history
         tag = "DRaFT" if run == "draft" else ("FnF-CAM" if run == "fnf_gradcam" else "FnF")
         with torch.no_grad():
@@ -500,6 +507,8 @@ def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 0, model: 
                 if len(sub):
                     points.append(point(name, f"fnf_heatmap@beta{b:g}", b, cfg.train.steps,
                                         f"FnF b{b:g} {cfg.train.steps}", r.model))
+                seconds[f"{name}: evaluation"] = round(time.time() - t1, 1)
+                cpu[f"{name}: evaluation"] = round(time.process_time() - c1, 1)
                 del r
                 continue
             images[name] = sample(r.model, ps, ss, **kw)
@@ -509,27 +518,31 @@ def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 0, model: 
             v = per_image(images[name], base, masks, ps, small)
             res["models"][name] = summarize(v, bv, masks)
             print(f"fnf demo: {name}: {json.dumps(finite_or_none(res['models'][name]))}", flush=True)
-            if not len(sub):
-                del r
-                continue
-            if run in ("draft", "fnf_heatmap"):                  # earlier checkpoints of the same run
+            if len(sub) and run in ("draft", "fnf_heatmap"):     # earlier checkpoints of the same run
                 final = {n: p.detach().clone() for n, p in r.model.unet.named_parameters() if p.requires_grad}
                 for step, lora in _checkpoint_loras(cfg.train.out):
                     if step < cfg.train.steps:
                         load_lora_state_dict(r.model.unet, lora)
                         points.append(point(f"{name}@{step}", run, b, step, f"{tag} {step}", r.model))
                 load_lora_state_dict(r.model.unet, final)
-            points.append({"name": name, "run": run, "beta": b, "step": cfg.train.steps,
-                           "label": f"{tag} {cfg.train.steps}", **subset_point({k: t[sub] for k, t in v.items()},
-                                                                              bsub)})
+            if len(sub):
+                points.append({"name": name, "run": run, "beta": b, "step": cfg.train.steps,
+                               "label": f"{tag} {cfg.train.steps}",
+                               **subset_point({k: t[sub] for k, t in v.items()}, bsub)})
+        seconds[f"{name}: evaluation"] = round(time.time() - t1, 1)
+        cpu[f"{name}: evaluation"] = round(time.process_time() - c1, 1)
+        print(f"fnf demo: {name}: {seconds[f'{name}: training']:.0f} s training, "
+              f"{seconds[f'{name}: evaluation']:.0f} s evaluation (wall; CPU {cpu[f'{name}: training']:.0f} + "
+              f"{cpu[f'{name}: evaluation']:.0f} s)", flush=True)
         del r
-    if not len(sub):
-        points = []
     res["pareto"] = points
     res["headline"] = [h for h in (matched(points, k) for k in methods if k != "draft") if h is not None]
     tuned, sepen_lines = None, None
     if sepen:
+        t1, c1 = time.time(), time.process_time()
         res["sepen"], tuned, sepen_lines = _sepen(model, out, ps, ss, base, kw, st, checks, quick, small, gap_fn)
+        seconds["sepen"] = round(time.time() - t1, 1)
+        cpu["sepen"] = round(time.process_time() - c1, 1)
         print(f"fnf demo: sepen: {json.dumps(finite_or_none(res['sepen']))}", flush=True)
     settings_out = {**st, "beta": beta, "squared_penalty": squared, "eval_seed": seed,
                     "eval_prompts": len(prompts), "eval_seeds_first": ss[0], "model": model,
@@ -538,7 +551,8 @@ def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 0, model: 
                     "sweep_betas": list(SWEEP_BETAS) if sweep else [], "threads": threads,
                     "sampling_steps": s.steps, "truncation_k": s.truncation_k, "guidance": s.guidance_scale,
                     "lora_rank": first.lora.rank, "lr": first.train.lr,
-                    "grad_clip": first.train.grad_clip, "checks": checks}
+                    "grad_clip": first.train.grad_clip, "seconds": seconds, "cpu_seconds": cpu,
+                    "checks": checks}
     # Results first: a failure while drawing must not cost the numbers. Today's keys (base, draft, fnf_heatmap,
     # fnf_gradcam, sepen) stay at the top level; the new ones (pareto, headline, judges, sweep models) join them.
     metrics_out = {"base": res["base"], **res["models"], "pareto": points, "headline": res["headline"],
@@ -547,6 +561,7 @@ def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 0, model: 
         metrics_out["sepen"] = res["sepen"]
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(finite_or_none(metrics_out), f, indent=1)
+    cpu["total"] = round(time.process_time() - c0, 1)
     with open(os.path.join(out, "settings.json"), "w") as f:
         json.dump(finite_or_none(settings_out), f, indent=1)
     report(os.path.join(out, "report.md"), res, settings_out, time.time() - t0, sepen_lines)
