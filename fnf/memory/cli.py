@@ -51,6 +51,9 @@ def report(est, title: str = "") -> str:
              f"localizer {s['localizer']}"]
     if title:
         lines.append(f"  configuration: {title}")
+    if s.get("quantize", "none") != "none":
+        lines.append(f"  model.quantize={s['quantize']} is not modelled: the frozen denoiser's weights are counted in "
+                     f"{s['weight_dtype']} (int8 holds about half those bytes, 4-bit about a quarter)")
     plan = est.peak_bytes * (1 + MARGIN_FRACTION) + MARGIN_BYTES
     lines += [f"estimated torch.cuda.max_memory_allocated: {_gib(est.peak_bytes)} GiB "
               f"(peak in phase '{est.peak_phase}', {est.peak_step})",

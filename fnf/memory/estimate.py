@@ -358,7 +358,8 @@ def run_trace(cfg, spec: dict, *, fake: bool = True, cuda: bool = True, optimize
 def settings_of(cfg, spec: dict) -> dict:
     s, m = cfg.sampling, cfg.memory
     return {"model": spec["name"], "kind": spec["kind"], "height": s.height, "width": s.width,
-            "weight_dtype": cfg.model.weight_dtype, "mixed_precision": m.mixed_precision,
+            "weight_dtype": cfg.model.weight_dtype, "quantize": cfg.model.quantize,
+            "mixed_precision": m.mixed_precision,
             "lora_rank": cfg.lora.rank, "truncation_k": s.truncation_k, "lv_copies": s.lv_copies,
             "guidance_scale": s.guidance_scale, "batch_size": cfg.train.batch_size,
             "grad_accum": cfg.train.grad_accum, "reward": cfg.reward.spec, "localizer": cfg.localize.spec,
