@@ -95,6 +95,28 @@ def _flux(guidance: bool, scheduler: dict) -> dict:
         "text_encoder": ["CLIPTextModel", _CLIP_L], "text_encoder_2": ["T5EncoderModel", _T5_XXL]}}
 
 
+# black-forest-labs/FLUX.2-dev: the transformer config of diffusers' scripts/convert_flux2_to_diffusers.py
+# ("flux2-dev"), the VAE of its AutoencoderKLFlux2() defaults, FLUX.1-dev's scheduler, the Mistral Small 3.x 24B
+# text encoder (text tower from its config.json; vision tower: Pixtral-12B-sized, never run for text prompts)
+_FLUX2_TRANSFORMER = dict(patch_size=1, in_channels=128, num_layers=8, num_single_layers=48, attention_head_dim=128,
+                          num_attention_heads=48, joint_attention_dim=15360, timestep_guidance_channels=256,
+                          mlp_ratio=3.0, axes_dims_rope=[32, 32, 32, 32], rope_theta=2000, eps=1e-6,
+                          guidance_embeds=True)
+_FLUX2_VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+                  up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512],
+                  layers_per_block=2, act_fn="silu", latent_channels=32, norm_num_groups=32, sample_size=1024,
+                  use_quant_conv=True, use_post_quant_conv=True, mid_block_add_attention=True,
+                  batch_norm_eps=1e-4, batch_norm_momentum=0.1, patch_size=[2, 2])
+_MISTRAL_SMALL = dict(
+    text_config=dict(model_type="mistral", vocab_size=131072, hidden_size=5120, intermediate_size=32768,
+                     num_hidden_layers=40, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                     rms_norm_eps=1e-5, rope_theta=1e9, max_position_embeddings=131072, sliding_window=None,
+                     tie_word_embeddings=False),
+    vision_config=dict(model_type="pixtral", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                       num_attention_heads=16, head_dim=64, patch_size=14, image_size=1540, rope_theta=10000.0),
+    spatial_merge_size=2, multimodal_projector_bias=False, projector_hidden_act="gelu", image_token_index=10,
+    vision_feature_layer=-1, tie_word_embeddings=False)
+
 ARCHS.update({
     # stabilityai/stable-diffusion-3.5-medium (MMDiT-X 2243.2M, dual attention in blocks 0-12; CLIP-L, CLIP-G, T5-XXL)
     "sd35-medium": _sd3(24, 24, 1536, 384, list(range(13))),
@@ -105,6 +127,14 @@ ARCHS.update({
                                   max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)),
     # black-forest-labs/FLUX.1-schnell (no guidance embedding, shift 1, no dynamic shifting)
     "flux1-schnell": _flux(False, dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)),
+    # black-forest-labs/FLUX.2-dev (guidance-distilled; one Mistral3 text encoder, hidden states 10/20/30 stacked)
+    "flux2-dev": {"kind": "flux2", "pipeline": "Flux2Pipeline", "components": {
+        "transformer": ["Flux2Transformer2DModel", _FLUX2_TRANSFORMER],
+        "vae": ["AutoencoderKLFlux2", _FLUX2_VAE],
+        "scheduler": ["FlowMatchEulerDiscreteScheduler", dict(
+            num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+            base_image_seq_len=256, max_image_seq_len=4096)],
+        "text_encoder": ["Mistral3ForConditionalGeneration", _MISTRAL_SMALL]}},
 })
 
 TOY_TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "toy", "sd",

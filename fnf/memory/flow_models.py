@@ -1,4 +1,4 @@
-"""The transformer (flow-matching) families for ``fnf estimate-memory``: SD3/SD3.5 and FLUX.1.
+"""The transformer (flow-matching) families for ``fnf estimate-memory``: SD3/SD3.5, FLUX.1 and FLUX.2.
 
 A spec lists the pipeline's components as its model_index.json does (``{component: [library, class]}``) with
 each one's config; :func:`build` makes them from the configs alone (random, under FakeTensorMode fake, weights
@@ -20,10 +20,15 @@ PIPELINES = {
                                  ("tokenizer", "tokenizer_2", "tokenizer_3"), {"max_sequence_length": 256}),
     "FluxPipeline": ("flux", ("text_encoder", "text_encoder_2"), ("tokenizer", "tokenizer_2"),
                      {"max_sequence_length": 512}),
+    "Flux2Pipeline": ("flux2", ("text_encoder",), ("tokenizer",),
+                      {"max_sequence_length": 512, "text_encoder_out_layers": (10, 20, 30)}),
 }
 FLOW_KINDS = {family for family, *_ in PIPELINES.values()}
 _TEXT_CONFIGS = {"CLIPTextModel": "CLIPTextConfig", "CLIPTextModelWithProjection": "CLIPTextConfig",
-                 "T5EncoderModel": "T5Config"}
+                 "T5EncoderModel": "T5Config", "Mistral3ForConditionalGeneration": "Mistral3Config"}
+# a chat template for the toy tokenizer of named FLUX.2 architectures (Flux2Pipeline encodes through one)
+_TOY_CHAT_TEMPLATE = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}"
+                      "{% endif %}{% endfor %}{% endfor %}")
 _DROP = ("architectures", "torch_dtype", "dtype", "transformers_version")
 
 
@@ -69,14 +74,23 @@ def _build_text_encoder(cls_name: str, cfg: dict):
 def _tokenizer(spec: dict, component: str, encoder_cls: str, encoder_cfg: dict):
     """The folder's tokenizer; for a named architecture the toy CLIP BPE tokenizer padded to the pipeline's
     length (only the token count matters for memory)."""
-    from transformers import CLIPTokenizer, T5TokenizerFast
+    from transformers import AutoTokenizer, CLIPTokenizer, T5TokenizerFast
 
+    chat = encoder_cls == "Mistral3ForConditionalGeneration"   # FLUX.2: tokenized through a chat template
     folder = (spec.get("tokenizers") or {}).get(component)
     if folder and os.path.isdir(folder):
+        if chat:   # the fast tokenizer of the folder (FLUX.2-dev's PixtralProcessor holds one)
+            tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            if tok.chat_template is None:   # only the padded token count matters for memory
+                tok.chat_template = _TOY_CHAT_TEMPLATE
+            return tok
         cls = T5TokenizerFast if encoder_cls == "T5EncoderModel" else CLIPTokenizer
         return cls.from_pretrained(folder, local_files_only=True)
-    length = encoder_cfg.get("max_position_embeddings", 512)
-    return CLIPTokenizer.from_pretrained(TOY_TOKENIZER, model_max_length=length, local_files_only=True)
+    length = 512 if chat else encoder_cfg.get("max_position_embeddings", 512)
+    tok = CLIPTokenizer.from_pretrained(TOY_TOKENIZER, model_max_length=length, local_files_only=True)
+    if chat:
+        tok.chat_template = _TOY_CHAT_TEMPLATE
+    return tok
 
 
 def _cast_floating(module: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -108,7 +122,7 @@ def build(spec: dict, weight_dtype: str, fp16_autocast: bool = False):
     dtype = DTYPES[weight_dtype]
     comps = spec["components"]
     transformer = getattr(diffusers, comps["transformer"][0]).from_config(comps["transformer"][1])
-    vae = diffusers.AutoencoderKL.from_config(comps["vae"][1])
+    vae = getattr(diffusers, comps["vae"][0]).from_config(comps["vae"][1])
     encoders, tokenizers = [], []
     for enc_name, tok_name in zip(encoder_names, tokenizer_names):
         if enc_name not in comps:
