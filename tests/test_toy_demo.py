@@ -137,3 +137,26 @@ def test_matched_interpolates_draft_along_its_checkpoints():
     h = matched(pts, "fnf_heatmap")
     assert not h["in_draft_range"] and h["draft_interpolated"] is None and h["draft_nearest"] == "draft"
     assert matched(pts, "fnf_gradcam") is None
+
+
+def test_checkpoint_loras_are_the_run_s_loras_at_each_step(tmp_path):
+    """The Pareto points of earlier steps load these: the last one must be the returned model's LoRA."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from fnf_tiny_models import cached_model, tiny_config
+
+    from fnf.models import lora_state_dict
+    from fnf.toy.demo import _checkpoint_loras
+    from fnf.train import train
+
+    torch.set_num_threads(1)
+    cfg = tiny_config(cached_model("sd", str(tmp_path)), str(tmp_path / "run"),
+                      train={"steps": 3, "checkpoint_every": 1, "keep_checkpoints": 0})
+    r = train(cfg)
+    loras = _checkpoint_loras(cfg.train.out)
+    assert [s for s, _ in loras] == [1, 2, 3]
+    final = lora_state_dict(r.model.unet)
+    assert set(loras[-1][1]) == set(final)
+    assert all(torch.equal(loras[-1][1][k], final[k]) for k in final)
+    assert not all(torch.equal(loras[0][1][k], final[k]) for k in final)      # step 1 differs from step 3
