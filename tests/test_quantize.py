@@ -226,3 +226,45 @@ def test_torchao_int8_transformer_trains_lora_on_a_frozen_base(flux):
     out.square().mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
     assert all(p.grad is None for n, p in m.unet.named_parameters() if "lora_" not in n)
+
+
+@pytest.mark.skipif(not HAS_TORCHAO, reason="torchao is not installed (pip install torchao): the real int8 "
+                    "weight-only test runs only where it is")
+def test_torchao_int8_session_step_and_export(flux, tmp_path):
+    """model.quantize=torchao-int8 through the trainer (preflight, Session, one DRaFT step): the step is applied,
+    the frozen (adapters-off) output is unchanged by it, and the exported LoRA loads into a full-precision model
+    of the same folder with the trained tensors."""
+    from fnf.models import load_lora_for_sampling, lora_state_dict
+    from fnf.train import Session
+
+    print("seed", SEED)
+    if quantize.problem("torchao-int8", cuda=False):
+        pytest.skip(quantize.problem("torchao-int8", cuda=False))
+    cfg = config_mod.from_dict({
+        "model": {"path": flux, "quantize": "torchao-int8"},
+        "train": {"device": "cpu", "prompts": ["a photo of a cat"], "steps": 1, "seed": SEED, "lr": 1e-2},
+        "sampling": {"steps": 2, "truncation_k": 1, "height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        "lora": {"rank": 2, "alpha": 2}, "localize": {"spec": "none"}, "objective": {"beta": 0}})
+    preflight.check(cfg, specs=False)
+    session = Session(cfg)
+    m = session.model
+    assert quantize.method_of(m.unet) == "torchao"
+    g = torch.Generator().manual_seed(SEED)
+    x = m.family.initial_latents(m, 1, IMAGE_SIZE, IMAGE_SIZE, g, "cpu")
+    m.family.schedule(m, 2, IMAGE_SIZE, IMAGE_SIZE, "cpu")
+    t = m.scheduler.timesteps[0]
+    with torch.no_grad(), adapters_disabled(m.unet):
+        before = _predict(m, m.unet, x, session.embeds, t)
+    lora_before = lora_state_dict(m.unet)
+    record, _ = session.optimizer_step(0)
+    assert not record["skipped"] and record["grad_norm"] > 0
+    trained = lora_state_dict(m.unet)
+    assert any(not torch.equal(trained[k], lora_before[k]) for k in trained)
+    with torch.no_grad(), adapters_disabled(m.unet):
+        assert torch.equal(_predict(m, m.unet, x, session.embeds, t), before)
+    m.family.save_lora(m, str(tmp_path / "lora"))
+    full = load_model(flux)
+    load_lora_for_sampling(full, str(tmp_path / "lora"))
+    loaded = {n: p for n, p in full.unet.named_parameters() if "lora_" in n}
+    assert sorted(loaded) == sorted(trained)
+    assert all(torch.equal(loaded[n].float(), trained[n].float()) for n in trained)
