@@ -9,8 +9,9 @@ other folders (FLUX.1-schnell) run true CFG (the pipeline's ``true_cfg_scale`` w
 guidance scale is > 1 and a negative conditioning is given, else no guidance.
 
 The T5 encoder is required: FluxPipeline has no path without it (its ``encode_prompt`` always runs
-``text_encoder_2``). To save memory, encode the prompts once and move the encoders off the device
-(``fnf.models.offload_text_encoders``).
+``text_encoder_2``). To save memory the trainer encodes the prompts before the transformer reaches the device
+and moves the encoders off it (``memory.offload_text_encoder``, ``fnf.models.encode_before_denoiser``).
+``model.max_sequence_length`` sets the T5 tokens, ``model.quantize`` the transformer's quantization.
 
 Latents are packed, (B, (h/2)*(w/2), 4*C); their image size is the one of the last :meth:`initial_latents`
 or :meth:`schedule` call (``model.extras["image_size"]``), else square.
