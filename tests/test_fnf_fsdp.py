@@ -383,3 +383,34 @@ def test_training_resume_and_export_under_fsdp(two_process_run, clean_fsdp_env):
     images = ours_and_pipeline_images(model, sd, r0["lora_dir"])
     assert (images["tuned"] - images["base"]).abs().max() > 1e-3
     torch.testing.assert_close(images["tuned"], images["ours"], atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow  # two fresh interpreters through accelerate's launcher: ~1.5 min on a loaded 2-core machine
+def test_accelerate_launch_with_the_shipped_config(tmp_path_factory, tmp_path):
+    """The user's command, end to end on CPU: `accelerate launch --config_file configs/accelerate/fsdp.yaml
+    --num_processes 2 -m fnf train ...` shards the denoiser over 2 processes, trains, checkpoints and exports."""
+    import subprocess
+
+    import yaml
+
+    sd = cached_model("sd", str(tmp_path_factory.getbasetemp()))
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"path": sd}, "lora": {"rank": 4, "alpha": 8},
+        "sampling": {"steps": 4, "truncation_k": 2, "guidance_scale": 3.0}, "reward": {"spec": "brightness"},
+        "localize": {"spec": "none", "radius": 0}, "objective": {"beta": 1.0},
+        "memory": {"unet_checkpointing": False, "vae_checkpointing": "off"},
+        "train": {"prompts": ["a photo of a cat", "a red car"], "steps": 2, "lr": 1e-2, "checkpoint_every": 1,
+                  "sample_every": 0, "device": "cpu", "progress": False}}))
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in FSDP_KEYS}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=REPO)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           os.path.join(REPO, "configs", "accelerate", "fsdp.yaml"), "--num_processes", "2", "--main_process_port",
+           str(_free_port()), "-m", "fnf", "train", "--config", str(config), "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=900)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert "sharded over 2 processes" in log, log[-3000:]
+    assert os.path.isfile(out / "lora" / "pytorch_lora_weights.safetensors")
+    assert sorted(os.listdir(out / "checkpoints")) == ["step-0000001", "step-0000002"]
