@@ -44,7 +44,7 @@ class FsdpSettings:
     reshard_after_forward: bool = True            # FULL_SHARD (True) or SHARD_GRAD_OP (False)
     cpu_offload: bool = False
     activation_checkpointing: bool = False
-    fsdp_version: int = 2                         # what the config named; fnf always shards with FSDP2
+    fsdp_version: int | None = 2                  # as configured (None: accelerate < 1.6); fnf uses FSDP2 anyway
 
 
 def enabled_in_env() -> bool:
@@ -98,7 +98,7 @@ def settings_from_plugin(plugin) -> FsdpSettings:
     return FsdpSettings(wrap_classes=names or None, reshard_after_forward=_reshard(plugin),
                         cpu_offload=_offload(plugin),
                         activation_checkpointing=bool(getattr(plugin, "activation_checkpointing", False)),
-                        fsdp_version=int(getattr(plugin, "fsdp_version", 1) or 1))
+                        fsdp_version=getattr(plugin, "fsdp_version", None))
 
 
 def settings(accelerator) -> FsdpSettings | None:
@@ -188,9 +188,8 @@ def shard_model(model, trained, fsdp: FsdpSettings, device, log=print, move_text
     for module in [model.vae, *(model.text_encoders if move_text_encoders else [])]:
         module.to(device)
     frozen = sum(p.numel() for p in denoiser.parameters() if id(p) not in trained_ids)
-    if fsdp.fsdp_version != 2:
-        log(f"fnf: FSDP: the accelerate config names fsdp_version {fsdp.fsdp_version}; fnf shards with FSDP2 "
-            "(fully_shard) either way")
+    if fsdp.fsdp_version == 1:
+        log("fnf: FSDP: the accelerate config names fsdp_version 1; fnf shards with FSDP2 (fully_shard) either way")
     log(f"fnf: FSDP: {what} sharded over {dist.get_world_size()} processes in {len(plan) - 1} "
         f"units + root ({frozen / 1e6:.1f}M frozen parameters; {sum(p.numel() for p in trained) / 1e6:.2f}M "
         "trained, replicated)")

@@ -87,7 +87,10 @@ def _plugin_settings(monkeypatch, env: dict):
 def test_settings_from_accelerate_env(clean_fsdp_env):
     """The plugin built from accelerate's FSDP environment (what `accelerate launch` sets) maps to fnf's settings;
     these FSDP1-style variables mean the same in accelerate 1.0 and today's."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
     mp_ = clean_fsdp_env
+    has_version = "fsdp_version" in FullyShardedDataParallelPlugin.__dataclass_fields__  # accelerate >= 1.6
     s = _plugin_settings(mp_, {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1",
                                "FSDP_SHARDING_STRATEGY": "SHARD_GRAD_OP", "FSDP_OFFLOAD_PARAMS": "true",
                                "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
@@ -95,7 +98,7 @@ def test_settings_from_accelerate_env(clean_fsdp_env):
                                "FSDP_ACTIVATION_CHECKPOINTING": "true"})
     assert s == fsdp.FsdpSettings(wrap_classes=("FluxTransformerBlock", "FluxSingleTransformerBlock"),
                                   reshard_after_forward=False, cpu_offload=True, activation_checkpointing=True,
-                                  fsdp_version=1)
+                                  fsdp_version=1 if has_version else None)
     s = _plugin_settings(mp_, {"FSDP_SHARDING_STRATEGY": "FULL_SHARD", "FSDP_OFFLOAD_PARAMS": "false",
                                "FSDP_AUTO_WRAP_POLICY": "NO_WRAP", "FSDP_ACTIVATION_CHECKPOINTING": "false"})
     assert (s.wrap_classes, s.reshard_after_forward, s.cpu_offload, s.activation_checkpointing) == (None, True,
