@@ -110,8 +110,9 @@ def settings(accelerator) -> FsdpSettings | None:
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("FSDP is on (ACCELERATE_USE_FSDP=true) but torch.distributed is not initialized: launch "
-                           "with `accelerate launch --config_file configs/accelerate/fsdp.yaml -m fnf train ...`")
+        raise RuntimeError("FSDP is on (ACCELERATE_USE_FSDP=true) but torch.distributed is not initialized (one "
+                           "plain process?): launch with `accelerate launch --config_file configs/accelerate/fsdp.yaml "
+                           "--num_processes N -m fnf train ...`, or unset ACCELERATE_USE_FSDP")
     return settings_from_plugin(plugin)
 
 

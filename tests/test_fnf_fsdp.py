@@ -32,28 +32,29 @@ def clean_fsdp_env(monkeypatch):
     return monkeypatch
 
 
-def _with_lora(folder: str):
+def _with_lora(folder: str, weight_dtype: str = "fp32"):
     from fnf.models import add_lora, load_model
 
-    model = load_model(folder)
+    model = load_model(folder, weight_dtype=weight_dtype)
     params = add_lora(model, rank=4, alpha=8, target_modules=list(model.family.lora_targets))
     return model, params
 
 
 # ------------------------------------------------------------------------------------------ the wrapping plan
-@pytest.mark.parametrize("kind", ["sd", "flux"])
+@pytest.mark.parametrize("kind", ["sd", "sd3", "flux"])
 def test_wrap_plan_units_hold_every_lora_parameter(kind, tmp_path_factory):
     """Units: every instance of the family's block classes (found here with isinstance on diffusers' classes),
     children before parents, the root last; every LoRA parameter lies in a block unit, not in the root."""
-    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock
     from diffusers.models.resnet import ResnetBlock2D
     from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+    from tiny_sd3 import cached_sd3
 
     root = str(tmp_path_factory.getbasetemp())
-    folder = cached_model("sd", root) if kind == "sd" else cached_flux(root)
+    folder = cached_model("sd", root) if kind == "sd" else cached_sd3(root) if kind == "sd3" else cached_flux(root)
     model, params = _with_lora(folder)
-    classes = (BasicTransformerBlock, ResnetBlock2D) if kind == "sd" else (FluxTransformerBlock,
-                                                                          FluxSingleTransformerBlock)
+    classes = {"sd": (BasicTransformerBlock, ResnetBlock2D), "sd3": (JointTransformerBlock,),
+               "flux": (FluxTransformerBlock, FluxSingleTransformerBlock)}[kind]
     plan = fsdp.wrap_plan(model.unet, fsdp.wrap_class_names(model))
     expected = {n for n, m in model.unet.named_modules() if isinstance(m, classes)}
     assert plan[-1] == "" and set(plan[:-1]) == expected and len(plan) == len(expected) + 1
@@ -168,13 +169,16 @@ def _flux_call(model, generator):
     return lambda unet: unet(**kw)[0]
 
 
-def test_sharded_denoiser_matches_plain_one_process(one_process_group, tmp_path_factory):
+@pytest.mark.parametrize("weights", ["fp32", "bf16"])
+def test_sharded_denoiser_matches_plain_one_process(weights, one_process_group, tmp_path_factory):
     """World size 1 (gloo): after shard_model the base weights are DTensors and the LoRA plain tensors (ignored);
     the output with adapters on and off and the LoRA gradient (two grad calls, then one backward) equal those of
-    an unsharded deep copy. Same weights, same ops: equal to float32 rounding (rtol 1e-6)."""
+    an unsharded deep copy. Same weights, same ops in the same order: equal up to float32 rounding (rtol 1e-6).
+    bf16: bf16 frozen weights beside float32 LoRA in one unit, under bf16 autocast, as training on GPUs runs."""
     from fnf.models import adapters_disabled
 
-    model, params = _with_lora(cached_flux(str(tmp_path_factory.getbasetemp())))
+    model, params = _with_lora(cached_flux(str(tmp_path_factory.getbasetemp())), weights)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=weights == "bf16")
     gen = torch.Generator().manual_seed(0)
     print("seed 0")
     with torch.no_grad():
@@ -189,7 +193,7 @@ def test_sharded_denoiser_matches_plain_one_process(one_process_group, tmp_path_
     assert all(isinstance(p, DTensor) for n, p in model.unet.named_parameters() if "lora_" not in n)
     assert type(model.unet).__name__.startswith("FSDP") and len(plan) == 3
     call = _flux_call(model, gen)
-    with torch.no_grad():
+    with torch.no_grad(), autocast:
         on, on_ref = call(model.unet), call(plain)
         with adapters_disabled(model.unet), adapters_disabled(plain):
             off, off_ref = call(model.unet), call(plain)
@@ -198,7 +202,9 @@ def test_sharded_denoiser_matches_plain_one_process(one_process_group, tmp_path_
     assert (on - off).abs().max() > 1e-3  # the LoRA changes the output
     grads = []
     for unet in (model.unet, plain):
-        (call(unet).square().mean() + call(unet).mean()).backward()
+        with autocast:
+            loss = call(unet).float().square().mean() + call(unet).float().mean()
+        loss.backward()
         grads.append({n: p.grad.clone() for n, p in unet.named_parameters() if p.requires_grad})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == len(params)
     for n in grads[0]:
