@@ -364,31 +364,9 @@ def report(path, res: dict, settings: dict, seconds: float, sepen_lines: list[st
               "Grids: base with the evaluation mask outlined in green | " + " | ".join(METHODS) + ".", "",
               "![grid](grids/defects.png)", "", "![training](training.png)", ""]
     if "sepen" in res:
-        lines += sepen_lines or sepen_report(res["sepen"])
-        lines += [""]
+        lines += (sepen_lines or []) + [""]
     with open(path, "w") as f:
         f.write("\n".join(lines))
-
-
-def sepen_report(r: dict) -> list[str]:
-    g = r["loss_gap"]
-    return [
-        "", "## Separate-and-Enhance: two-object prompts", "",
-        f"attn2.to_k tuned {r['steps']} steps (fnf train, objective sepen, the paper's loss weights; held-out "
-        "prompts excluded from training). Success: the attribute classifier finds both shapes with their "
-        "colours; single-object prompts are the forgetting check.", "",
-        "| model | two-object success | single-object success | change on two-object images (MSE) "
-        "| change on single-object images (MSE) |", "|---|---|---|---|---|",
-        f"| base | {r['base']:.3f} | {r['single_base']:.3f} | 0 | 0 |",
-        f"| sepen | {r['sepen']:.3f} ({r['gain']:+.3f}) | {r['single_sepen']:.3f} ({r['single_change']:+.3f}) | "
-        f"{r['two_object_change_mse']:.5f} | {r['single_change_mse']:.5f} |", "",
-        f"{r['n_two_object']} two-object images: {r['fixed']} fixed, {r['broken']} broken "
-        f"(one image is {1 / max(1, r['n_two_object']):.3f} of the rate); {r['n_single_object']} single-object.",
-        "", "Do the losses track failures on this model? Along the base model's own sampling trajectories "
-        f"(mean over steps), Separate {g['separate_success']:.4f} on successes vs {g['separate_failure']:.4f} "
-        f"on failures, Enhance {g['enhance_success']:.4f} vs {g['enhance_failure']:.4f} "
-        f"({g['n_success']} / {g['n_failure']} images).", "",
-        "![sepen grid: base (top) over sepen (bottom); fixed first, then broken](grids/sepen.png)"]
 
 
 # ------------------------------------------------------------------------------------------ the demo
@@ -401,28 +379,14 @@ def _checkpoint_loras(run_out: str) -> list[tuple[int, dict]]:
             for step, folder in ckpt.list_checkpoints(run_dir.checkpoint_root(run_out), run.get("run_id"))]
 
 
-def _sepen(model, out, ps, ss, base, kw, st, checks, quick, small, base_model_gap):
-    """Separate-and-Enhance: the sepen helper's run_sepen when it exists, else the earlier path."""
+def _sepen(model, out, ps, ss, base, kw, st, checks, quick):
+    """Separate-and-Enhance (fnf.toy.sepen_demo.run_sepen): (metrics, tuned images, report lines)."""
     from . import sepen_demo
 
-    if hasattr(sepen_demo, "run_sepen"):
-        res = sepen_demo.run_sepen(model, os.path.join(out, "runs", "sepen"), ps, ss, base, kw, st["sepen_steps"],
-                                   st["batch"], checks, quick=quick)
-        tuned = res.pop("_tuned", None)
-        return res, tuned, sepen_demo.sepen_report(res)
-    from ..train import train
-    from .evaluate_sd import sample
-
-    cfg = sepen_demo.sepen_config(model, os.path.join(out, "runs", "sepen"), steps=st["sepen_steps"],
-                                  batch=st["batch"])
-    r = train(cfg)
-    with torch.no_grad():
-        tuned = sample(r.model, ps, ss, **kw)
-    res = {**sepen_demo.evaluate(base, tuned, ps), "loss_gap": base_model_gap(), "steps": st["sepen_steps"],
-           "lr": cfg.train.lr, "batch": cfg.train.batch_size,
-           "final_separate": r.history[-1]["separate"], "final_enhance": r.history[-1]["enhance"],
-           "first_separate": r.history[0]["separate"], "first_enhance": r.history[0]["enhance"]}
-    return res, tuned, None
+    res = sepen_demo.run_sepen(model, os.path.join(out, "runs", "sepen"), ps, ss, base, kw, st["sepen_steps"],
+                               st["batch"], checks, quick=quick)
+    tuned = res.pop("_tuned", None)
+    return res, tuned, sepen_demo.sepen_report(res)
 
 
 def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 0, model: str = "",
@@ -435,7 +399,6 @@ def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 0, model: 
     from ..models import adapters_disabled, load_lora_state_dict, load_model
     from ..train import train
     from .evaluate_sd import EVAL_SEED0, eval_prompts, sample
-    from . import sepen_demo
     from .judges import DARK_MIN_PIXELS
 
     t0, c0 = time.time(), time.process_time()
@@ -468,15 +431,6 @@ def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 0, model: 
     masks = eval_masks(base, small)
     bv = per_image(base, base, masks, ps, small)
     sub = masks.flatten(1).any(1).nonzero()[:, 0]
-    gap_fn = None
-    if sepen and not hasattr(sepen_demo, "run_sepen"):
-        from .sepen_demo import loss_gap, trajectory_losses
-
-        two = [i for i, p in enumerate(ps) if " and " in p]
-        traj = trajectory_losses(base_model, [ps[i] for i in two], [ss[i] for i in two], **kw)
-        same_images(traj["images"], base[two], "attention capture leaves the base images unchanged", checks)
-        gap = loss_gap(traj, [ps[i] for i in two])
-        gap_fn = lambda: gap  # noqa: E731
     del base_model
     res = {"base": summarize(bv, bv, masks), "models": {}}
     res["judges"] = {"pixel_threshold": DARK_MIN_PIXELS,
@@ -540,7 +494,7 @@ def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 0, model: 
     tuned, sepen_lines = None, None
     if sepen:
         t1, c1 = time.time(), time.process_time()
-        res["sepen"], tuned, sepen_lines = _sepen(model, out, ps, ss, base, kw, st, checks, quick, small, gap_fn)
+        res["sepen"], tuned, sepen_lines = _sepen(model, out, ps, ss, base, kw, st, checks, quick)
         seconds["sepen"] = round(time.time() - t1, 1)
         cpu["sepen"] = round(time.process_time() - c1, 1)
         print(f"fnf demo: sepen: {json.dumps(finite_or_none(res['sepen']))}", flush=True)
