@@ -81,3 +81,12 @@ def test_fake_trace_equals_the_real_tensor_counter(folder, tmp_path):
     assert fake.peak_bytes == real.peak_bytes > 0 and fake.phases == real.phases
     assert fake.held_at_peak == real.held_at_peak and fake.peak_phase == real.peak_phase
     assert fake.persistent == real.persistent
+
+
+def test_a_diffusers_without_the_classes_is_a_clear_error():
+    """What the 0.34 floor meets with --arch flux2-dev (no Flux2Transformer2DModel there), imitated by a spec whose
+    transformer class this diffusers lacks."""
+    spec = model_spec(arch="flux2-dev")
+    spec["components"]["transformer"][0] = "NoSuchTransformer2DModel"
+    with pytest.raises(ValueError, match="has no NoSuchTransformer2DModel; upgrade diffusers"):
+        build_model(spec, "bf16")

@@ -22,8 +22,16 @@ pytestmark = pytest.mark.skipif(not have_flux2(), reason="the installed diffuser
                                 "Flux2Pipeline / Mistral3 (FLUX.2 needs a newer diffusers than the 0.34 floor)")
 
 from fnf.families import family_for_index  # noqa: E402
-from fnf.families.flux2 import (Flux2Family, empirical_mu, latent_ids, pack_latents, patchify,  # noqa: E402
-                                text_ids, unpack_latents, unpatchify)
+from fnf.families.flux2 import (  # noqa: E402
+    Flux2Family,
+    empirical_mu,
+    latent_ids,
+    pack_latents,
+    patchify,
+    text_ids,
+    unpack_latents,
+    unpatchify,
+)
 from fnf.models import LORA_WEIGHTS, ModelLoadError, add_lora, load_model  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

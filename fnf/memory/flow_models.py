@@ -121,6 +121,10 @@ def build(spec: dict, weight_dtype: str, fp16_autocast: bool = False):
     family = family_by_name(family_name)
     dtype = DTYPES[weight_dtype]
     comps = spec["components"]
+    missing = [comps[c][0] for c in ("transformer", "vae") if not hasattr(diffusers, comps[c][0])]
+    if missing:   # e.g. FLUX.2 on a diffusers older than its Flux2Pipeline
+        raise ValueError(f"{spec['name']}: the installed diffusers {diffusers.__version__} has no "
+                         f"{', '.join(missing)}; upgrade diffusers to estimate this model")
     transformer = getattr(diffusers, comps["transformer"][0]).from_config(comps["transformer"][1])
     vae = getattr(diffusers, comps["vae"][0]).from_config(comps["vae"][1])
     encoders, tokenizers = [], []
