@@ -237,6 +237,15 @@ def offload_text_encoders(model: DiffusionModel) -> None:
         enc.to("cpu")
 
 
+def text_encoders_first(cfg) -> bool:
+    """Whether training encodes the prompts before the denoiser reaches the device (:func:`encode_before_denoiser`):
+    ``memory.offload_text_encoder`` with an objective that encodes only its fixed prompts
+    (``Objective.encodes_prompts_once``)."""
+    from .objectives import objective_class
+
+    return bool(cfg.memory.offload_text_encoder and objective_class(cfg.objective.name).encodes_prompts_once)
+
+
 PROMPT_CACHE = "prompt_cache"   # model.extras key: embeddings computed before the denoiser reached the device
 
 

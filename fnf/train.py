@@ -26,7 +26,7 @@ from .config import Config
 from .images import grid, save_png
 from .localize import overlay
 from .models import DTYPES, DiffusionModel, load_lora_state_dict, load_model, lora_dropout_active, lora_state_dict
-from .models import encode_before_denoiser, model_options, set_vae_precision
+from .models import encode_before_denoiser, model_options, set_vae_precision, text_encoders_first
 from .objectives import objective_class
 
 AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -85,7 +85,7 @@ class Session:
         self.fsdp = fsdp.settings(self.acc)  # FSDP (fnf/fsdp.py): the model stays on the host until sharded
         # Text encoders off the device before the denoiser arrives: the model waits on the host until the prompts
         # are encoded (fnf.models.encode_before_denoiser, below).
-        early = cfg.memory.offload_text_encoder and objective_cls.encodes_prompts_once
+        early = text_encoders_first(cfg)
         load_device = "cpu" if self.fsdp or early else self.device
         if model is None:
             model = load_model(cfg.model.path, kind=cfg.model.kind, weight_dtype=cfg.model.weight_dtype,

@@ -283,6 +283,7 @@ def run_trace(cfg, spec: dict, *, fake: bool = True, cuda: bool = True, optimize
     ``model_hook(model)`` may change the built model first (experiments with memory levers)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from ..models import text_encoders_first
     from ..train import Session
 
     acc = _TraceAccelerator()
@@ -302,8 +303,11 @@ def run_trace(cfg, spec: dict, *, fake: bool = True, cuda: bool = True, optimize
         counter = stack.enter_context(StorageCounter(scalar_answers=fake, round_to=512 if round_bytes else 1))
         if cuda:
             stack.enter_context(rules)
-        counter.register([t for m in [model.unet, model.vae, *model.text_encoders]
-                          for t in [*m.parameters(), *m.buffers()]], "weights (frozen)")
+        counter.register([t for m in [model.vae, *model.text_encoders] for t in [*m.parameters(), *m.buffers()]],
+                         FROZEN)
+        # the Session keeps the denoiser on the host until the prompts are encoded (text_encoders_first)
+        counter.register([*model.unet.parameters(), *model.unet.buffers()], FROZEN,
+                         on_device=not text_encoders_first(cfg))
         session = Session(cfg, acc, model, probe=CounterProbe(counter))
         if cuda:  # torch.optim picks foreach on CUDA tensors
             for group in session.optimizer.param_groups:
