@@ -1,7 +1,7 @@
-"""The shipped toy Stable Diffusion folder loads through fnf.models and samples a 64x64 image quickly."""
+"""The shipped toy Stable Diffusion folder loads through fnf.models, samples a 64x64 image reproducibly, and has the
+attention layout the toy world v2 needs (object tokens can own their regions)."""
 import json
 import os
-import time
 
 import pytest
 import torch
@@ -13,17 +13,15 @@ pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(SD, "model_index
                                 reason="toy SD pipeline not trained yet (python -m fnf.toy.train_sd)")
 
 
-def test_loads_and_samples_fast():
+def test_loads_and_samples():
     from fnf.models import load_model
     from fnf.toy.evaluate_sd import sample
 
     torch.set_num_threads(1)
     model = load_model(SD)
     assert model.kind == "sd" and model.native_size == 64
-    t0 = time.time()
     img = sample(model, ["a red circle"], [0], steps=20)
     assert img.shape == (1, 3, 64, 64) and 0 <= img.min() and img.max() <= 1
-    assert time.time() - t0 < 30
     again = sample(model, ["a red circle"], [0], steps=20)
     assert torch.allclose(img, again, atol=1e-5)        # same noise seed -> same image
 
@@ -37,3 +35,12 @@ def test_standard_pipeline_folder():
     with open(os.path.join(SD, "training.json")) as f:
         meta = json.load(f)
     assert "command" in meta and "seed" in meta["args"]
+
+
+def test_cross_attention_heads_are_wide():
+    """Toy v2: 2 heads of width 32 per cross-attention (v1 had 16 of width 4, whose maps were nearly uniform)."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(SD, subfolder="unet")
+    attn = [m for n, m in unet.named_modules() if n.endswith("attn2")]
+    assert attn and all(a.heads == 2 and a.to_q.out_features // a.heads >= 32 for a in attn)
