@@ -101,12 +101,15 @@ def settings_from_plugin(plugin) -> FsdpSettings:
                         fsdp_version=getattr(plugin, "fsdp_version", None))
 
 
-def settings(accelerator) -> FsdpSettings | None:
+def settings(accelerator, cfg=None) -> FsdpSettings | None:
     """The FSDP settings of this launch, or None when FSDP is off. Raises when FSDP is on but torch.distributed
-    is not initialized (a plain ``python -m fnf train`` with FSDP variables left in the environment)."""
+    is not initialized (a plain ``python -m fnf train`` with FSDP variables left in the environment), and for
+    config settings FSDP does not combine with (``cfg``, checked before any model is loaded)."""
     plugin = plugin_of(accelerator)
     if plugin is None:
         return None
+    if cfg is not None:
+        check_config(cfg)
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
@@ -195,6 +198,16 @@ def shard_model(model, trained, fsdp: FsdpSettings, device, log=print, move_text
         f"units + root ({frozen / 1e6:.1f}M frozen parameters; {sum(p.numel() for p in trained) / 1e6:.2f}M "
         "trained, replicated)")
     return plan
+
+
+def check_config(cfg) -> None:
+    """ValueError for what FSDP does not combine with: a quantized frozen base (bitsandbytes / torchao weights are
+    not sharded by ``fully_shard``, and they load onto the GPU, not the host) and ``memory.fused_lora: on``."""
+    quantize = getattr(cfg.model, "quantize", "none")
+    if quantize != "none":
+        raise ValueError(f"model.quantize={quantize!r} with FSDP is not supported (quantized weights are not "
+                         "sharded); use one of the two: model.quantize: none, or no FSDP accelerate config")
+    fused_lora_mode(cfg.memory.fused_lora)
 
 
 def fused_lora_mode(mode: str) -> str:

@@ -82,7 +82,7 @@ class Session:
             mp = cfg.model.weight_dtype  # half-precision weights need autocast
         self.autocast_dtype = AUTOCAST.get(mp)
         objective_cls = objective_class(cfg.objective.name)
-        self.fsdp = fsdp.settings(self.acc)  # FSDP (fnf/fsdp.py): the model stays on the host until sharded
+        self.fsdp = fsdp.settings(self.acc, cfg)  # FSDP (fnf/fsdp.py): the model stays on the host until sharded
         # Text encoders off the device before the denoiser arrives: the model waits on the host until the prompts
         # are encoded (fnf.models.encode_before_denoiser, below).
         early = text_encoders_first(cfg)

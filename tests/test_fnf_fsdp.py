@@ -423,3 +423,20 @@ def test_accelerate_launch_with_the_shipped_config(tmp_path_factory, tmp_path):
     assert "sharded over 2 processes" in log, log[-3000:]
     assert os.path.isfile(out / "lora" / "pytorch_lora_weights.safetensors")
     assert sorted(os.listdir(out / "checkpoints")) == ["step-0000001", "step-0000002"]
+
+
+def test_config_settings_fsdp_refuses(clean_fsdp_env, tmp_path):
+    """Refused before any model loads: a quantized frozen base, memory.fused_lora=on."""
+    from fnf import config
+
+    base = tiny_config("/nonexistent", str(tmp_path))
+    fsdp.check_config(base)  # the defaults combine with FSDP
+    quantized = config.from_dict({"model": {"quantize": "bnb-8bit"}})
+    with pytest.raises(ValueError, match="model.quantize='bnb-8bit' with FSDP is not supported"):
+        fsdp.check_config(quantized)
+    fused = config.from_dict({"memory": {"fused_lora": "on"}})
+    with pytest.raises(ValueError, match="memory.fused_lora=on is not supported with FSDP"):
+        fsdp.check_config(fused)
+    clean_fsdp_env.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ValueError, match="model.quantize"):  # settings() checks the config first
+        fsdp.settings(_NoFsdpAccelerator(), quantized)
