@@ -57,7 +57,8 @@ POOL_REWARD_BELOW = math.log(0.5)   # reward log(1 - p) < log(0.5)  <=>  the cla
 MASK_THRESHOLD = 0.5     # heatmap p > 0.5 (absolute) for the evaluation mask
 MASK_RADIUS = 2
 # What a demo writes into <out>; an <out> holding any of them is an earlier demo.
-OUTPUTS = ("metrics.json", "settings.json", "report.md", "training.png", "pareto.png", "grids", "runs")
+OUTPUTS = ("metrics.json", "metrics.partial.json", "settings.json", "report.md", "training.png", "pareto.png",
+           "grids", "runs")
 # Largest |difference| allowed between images that must be the same computation (float32 rounding of a
 # 10-step toy sampler is ~1e-6; 1e-4 leaves room for other CPUs' GEMM orderings).
 SAME_IMAGES_ATOL = 1e-4
@@ -514,6 +515,8 @@ def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 0, model: 
               f"{seconds[f'{name}: evaluation']:.0f} s evaluation (wall; CPU {cpu[f'{name}: training']:.0f} + "
               f"{cpu[f'{name}: evaluation']:.0f} s)", flush=True)
         del r
+        with open(os.path.join(out, "metrics.partial.json"), "w") as f:   # what a crash later must not cost
+            json.dump(finite_or_none({"base": res["base"], **res["models"], "pareto": points}), f, indent=1)
     res["pareto"] = points
     res["headline"] = [h for h in (matched(points, k) for k in methods if k != "draft") if h is not None]
     tuned, sepen_lines = None, None
