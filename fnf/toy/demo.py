@@ -9,7 +9,7 @@ pool and sampler for every run, through fnf.train.train:
   fnf_heatmap  beta = BETA, mask from the defect heatmap model
   fnf_gradcam  beta = BETA, mask from Grad-CAM of the defect classifier's logit
   (--sweep)    fnf_heatmap at every beta of SWEEP_BETAS
-Checkpoints of draft and fnf_heatmap at several steps are evaluated too (the Pareto plot).
+Checkpoints of draft at several steps are evaluated too (the Pareto plot; with --sweep also fnf_heatmap's).
 
 Evaluation: base and every model sample the held-out prompts (22 two-object prompts no training saw + the 12
 single-object prompts) x ``eval_seeds`` noise seeds (EVAL_SEED0 + 1000 * --eval-seed + k) from the same noise.
@@ -498,7 +498,9 @@ def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 0, model: 
             v = per_image(images[name], base, masks, ps, small)
             res["models"][name] = summarize(v, bv, masks)
             print(f"fnf demo: {name}: {json.dumps(finite_or_none(res['models'][name]))}", flush=True)
-            if len(sub) and run in ("draft", "fnf_heatmap"):     # earlier checkpoints of the same run
+            # Earlier checkpoints of the same run: DRaFT's (the matched-reduction curve); FnF's too with --sweep
+            # (each costs a Pareto-subset evaluation, ~45 s of CPU: the default run must stay within 10 minutes).
+            if len(sub) and (run == "draft" or (sweep and run == "fnf_heatmap")):
                 final = {n: p.detach().clone() for n, p in r.model.unet.named_parameters() if p.requires_grad}
                 for step, lora in _checkpoint_loras(cfg.train.out):
                     if step < cfg.train.steps:
