@@ -330,11 +330,12 @@ def sepen_report(r: dict) -> list[str]:
         gap_rows.append(f"| {name.capitalize()} | {_ci(x['success'], '.4f')} | {_ci(x['failure'], '.4f')} | "
                         f"{_ci(x['difference'], '+.4f')} | "
                         f"{x['auroc']['value']:.3f} [{x['auroc']['ci_low']:.3f}, {x['auroc']['ci_high']:.3f}] |")
+    weights = (r.get("lambda_sep", 1.0), r.get("lambda_en", 0.5), r.get("lambda_norm", 0.5))
+    as_paper = "as in the paper" if weights == (1.0, 0.5, 0.5) else "not the paper's 1 / 0.5 / 0.5"
     return [
         "", "## Separate-and-Enhance: two-object prompts", "",
         f"attn2.to_k tuned {r['steps']} steps (fnf train, objective sepen, loss weights Separate "
-        f"{r.get('lambda_sep', 1.0):g} / Enhance {r.get('lambda_en', 0.5):g} / single-object regulariser "
-        f"{r.get('lambda_norm', 0.5):g} as in the paper; lr {r['lr']:g}, batch {r['batch']}, maps at latent/"
+        f"{weights[0]:g} / Enhance {weights[1]:g} / single-object regulariser {weights[2]:g}, {as_paper}; lr {r['lr']:g}, batch {r['batch']}, maps at latent/"
         f"{r.get('downsample', DOWNSAMPLE)}; held-out prompts excluded from training). Success: the attribute "
         "classifier finds both shapes with their colours; single-object prompts are the forgetting check. "
         "Means with bootstrap 95% intervals (B = 1000; Δ paired on the same images).", "",
