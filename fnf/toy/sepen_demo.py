@@ -337,7 +337,8 @@ def sepen_report(r: dict) -> list[str]:
     return [
         "", "## Separate-and-Enhance: two-object prompts", "",
         f"attn2.to_k tuned {r['steps']} steps (fnf train, objective sepen, loss weights Separate "
-        f"{weights[0]:g} / Enhance {weights[1]:g} / single-object regulariser {weights[2]:g}, {as_paper}; lr {r['lr']:g}, batch {r['batch']}, maps at latent/"
+        f"{weights[0]:g} / Enhance {weights[1]:g} / single-object regulariser {weights[2]:g}, {as_paper}; "
+        f"lr {r['lr']:g}, batch {r['batch']}, maps at latent/"
         f"{r.get('downsample', DOWNSAMPLE)}; held-out prompts excluded from training). Success: the attribute "
         "classifier finds both shapes with their colours; single-object prompts are the forgetting check. "
         "Means with bootstrap 95% intervals (B = 1000; Δ paired on the same images).", "",
