@@ -59,6 +59,11 @@ def _tiny_model_for(config_name: str, files) -> str:
     if "sd3" in config_name:
         from tiny_sd3 import cached_sd3
         return cached_sd3(files["root"])
+    if "flux2" in config_name:
+        from tiny_flux2 import cached_flux2, have_flux2
+        if not have_flux2():
+            pytest.skip("this diffusers/transformers has no Flux2Pipeline / Mistral3 (FLUX.2 needs diffusers >= 0.36)")
+        return cached_flux2(files["root"])
     if "flux" in config_name:
         from tiny_flux import cached_flux
         return cached_flux(files["root"])

@@ -115,3 +115,52 @@ class ModelFamily:
     def load_lora(self, model, directory: str, adapter_name: str) -> None:
         """A LoRA folder written by :meth:`save_lora` (or by diffusers) into ``model.unet``."""
         raise NotImplementedError
+
+
+def check_lora_folder(directory: str) -> None:
+    """FileNotFoundError naming what is missing when ``directory`` is not a LoRA folder fnf can read."""
+    import os
+
+    from ..models import LORA_WEIGHTS
+
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"LoRA folder does not exist: {directory!r}")
+    if not os.path.isfile(os.path.join(directory, LORA_WEIGHTS)):
+        raise FileNotFoundError(f"LoRA folder {directory!r} has no {LORA_WEIGHTS}")
+
+
+class TransformerLoRA:
+    """LoRA export / load of the transformer families (SD3, FLUX.1, FLUX.2): ``save_lora_weights(
+    transformer_lora_layers=...)`` in peft key format with the adapter's metadata (what diffusers' LoRA training
+    scripts write), and the loader ``pipe.load_lora_weights`` uses (``lora_state_dict`` +
+    ``load_lora_into_transformer``). ``lora_network_alphas``: the pipeline's loader returns and takes alphas."""
+
+    lora_network_alphas = False
+
+    def save_lora(self, model, directory: str) -> None:
+        from ..models import LORA_WEIGHTS
+
+        state, metadata = self.lora_export(model)
+        self.pipeline_class().save_lora_weights(directory, transformer_lora_layers=state, safe_serialization=True,
+                                                weight_name=LORA_WEIGHTS, transformer_lora_adapter_metadata=metadata)
+
+    def load_lora(self, model, directory: str, adapter_name: str) -> None:
+        from ..models import LORA_WEIGHTS, lora_dropout_layers
+
+        check_lora_folder(directory)
+        cls = self.pipeline_class()
+        # weight_name explicitly: diffusers < 0.40 refuses a folder without it when HF_HUB_OFFLINE is set.
+        kw = {"return_alphas": True} if self.lora_network_alphas else {}
+        out = cls.lora_state_dict(directory, weight_name=LORA_WEIGHTS, return_lora_metadata=True, **kw)
+        state, metadata = out[0], out[-1]
+        prefix = f"{cls.transformer_name}."
+        if not any(k.startswith(prefix) for k in state):
+            raise ValueError(f"LoRA folder {directory!r} holds no transformer LoRA weights (keys like "
+                             f"'{prefix}transformer_blocks.0.attn.to_q.lora_A.weight')")
+        state = {k: v for k, v in state.items() if k.startswith(prefix)}
+        if self.lora_network_alphas:
+            kw = {"network_alphas": out[1]}
+        cls.load_lora_into_transformer(state, transformer=model.unet, adapter_name=adapter_name, metadata=metadata,
+                                       **kw)
+        for layer in lora_dropout_layers(model.unet):   # a LoRA saved with dropout must not drop out while sampling
+            layer.eval()

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from . import flow
-from .base import ModelFamily
+from .base import ModelFamily, TransformerLoRA
 
 MAX_SEQUENCE_LENGTH = 512   # FluxPipeline's default max_sequence_length for the T5 tokens
 
@@ -85,11 +85,12 @@ def _tokenize(tokenizer, prompts: list[str], max_length: int) -> torch.Tensor:
                      return_tensors="pt").input_ids
 
 
-class FluxFamily(ModelFamily):
+class FluxFamily(TransformerLoRA, ModelFamily):
     """FLUX.1: FluxTransformer2DModel, CLIP-L (pooled) + T5 (sequence), 16-channel VAE, flow-matching Euler."""
 
     name = "flux"
     title = "FLUX.1"
+    lora_network_alphas = True       # FluxPipeline.lora_state_dict returns kohya-style alphas
     pipeline_classes = ("FluxPipeline",)
     components = ("transformer", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
@@ -269,34 +270,6 @@ class FluxFamily(ModelFamily):
         with torch.autocast(z.device.type, enabled=False) if model.vae_upcast else contextlib.nullcontext():
             x = vae.decode(z.to(vae.dtype), return_dict=False)[0]
         return (x.to(torch.promote_types(x.dtype, torch.float32)) / 2 + 0.5).clamp(0, 1)
-
-    # -------------------------------------------------------------------------------- LoRA
-    def save_lora(self, model, directory: str) -> None:
-        """``FluxPipeline.save_lora_weights(transformer_lora_layers=...)`` (peft key format, as diffusers' FLUX
-        LoRA training script writes it) with peft's adapter metadata."""
-        from ..models import LORA_WEIGHTS
-
-        state, metadata = self.lora_export(model)
-        self.pipeline_class().save_lora_weights(directory, transformer_lora_layers=state, safe_serialization=True,
-                                                weight_name=LORA_WEIGHTS, transformer_lora_adapter_metadata=metadata)
-
-    def load_lora(self, model, directory: str, adapter_name: str) -> None:
-        """The loader ``pipe.load_lora_weights`` uses (``lora_state_dict`` + ``load_lora_into_transformer``)."""
-        from ..models import LORA_WEIGHTS
-
-        if not os.path.isdir(directory):
-            raise FileNotFoundError(f"LoRA folder does not exist: {directory!r}")
-        if not os.path.isfile(os.path.join(directory, LORA_WEIGHTS)):
-            raise FileNotFoundError(f"LoRA folder {directory!r} has no {LORA_WEIGHTS}")
-        cls = self.pipeline_class()
-        state, alphas, metadata = cls.lora_state_dict(directory, weight_name=LORA_WEIGHTS, return_alphas=True,
-                                                      return_lora_metadata=True)
-        if not any(k.startswith(f"{cls.transformer_name}.") for k in state):
-            raise ValueError(f"LoRA folder {directory!r} holds no transformer LoRA weights (keys like "
-                             f"'{cls.transformer_name}.transformer_blocks.0.attn.to_q.lora_A.weight')")
-        state = {k: v for k, v in state.items() if k.startswith(f"{cls.transformer_name}.")}
-        cls.load_lora_into_transformer(state, network_alphas=alphas, transformer=model.unet,
-                                       adapter_name=adapter_name, metadata=metadata)
 
 
 FLUX = FluxFamily()

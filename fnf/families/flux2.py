@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from . import flow
-from .base import ModelFamily
+from .base import ModelFamily, TransformerLoRA
 
 MAX_SEQUENCE_LENGTH = 512                 # Flux2Pipeline's default max_sequence_length
 TEXT_ENCODER_OUT_LAYERS = (10, 20, 30)    # Flux2Pipeline's default text_encoder_out_layers
@@ -143,7 +143,7 @@ def _dtype(weight_dtype) -> torch.dtype:
     raise ValueError(f"weight_dtype: expected a torch dtype or one of {sorted(DTYPES)}, got {weight_dtype!r}")
 
 
-class Flux2Family(ModelFamily):
+class Flux2Family(TransformerLoRA, ModelFamily):
     """FLUX.2: Flux2Transformer2DModel, a Mistral3 text encoder (stacked hidden states), AutoencoderKLFlux2 with
     batch-norm latent statistics, flow-matching Euler with the empirical mu."""
 
@@ -333,33 +333,6 @@ class Flux2Family(ModelFamily):
         with torch.autocast(z.device.type, enabled=False) if model.vae_upcast else contextlib.nullcontext():
             x = vae.decode(z.to(vae.dtype), return_dict=False)[0]
         return (x.to(torch.promote_types(x.dtype, torch.float32)) / 2 + 0.5).clamp(0, 1)
-
-    # -------------------------------------------------------------------------------- LoRA
-    def save_lora(self, model, directory: str) -> None:
-        """``Flux2Pipeline.save_lora_weights(transformer_lora_layers=...)`` (peft key format, as diffusers' FLUX.2
-        LoRA script writes it) with peft's adapter metadata."""
-        from ..models import LORA_WEIGHTS
-
-        state, metadata = self.lora_export(model)
-        self.pipeline_class().save_lora_weights(directory, transformer_lora_layers=state, safe_serialization=True,
-                                                weight_name=LORA_WEIGHTS, transformer_lora_adapter_metadata=metadata)
-
-    def load_lora(self, model, directory: str, adapter_name: str) -> None:
-        """The loader ``pipe.load_lora_weights`` uses (``lora_state_dict`` + ``load_lora_into_transformer``)."""
-        from ..models import LORA_WEIGHTS
-
-        if not os.path.isdir(directory):
-            raise FileNotFoundError(f"LoRA folder does not exist: {directory!r}")
-        if not os.path.isfile(os.path.join(directory, LORA_WEIGHTS)):
-            raise FileNotFoundError(f"LoRA folder {directory!r} has no {LORA_WEIGHTS}")
-        cls = self.pipeline_class()
-        state, metadata = cls.lora_state_dict(directory, weight_name=LORA_WEIGHTS, return_lora_metadata=True)
-        prefix = f"{cls.transformer_name}."
-        if not any(k.startswith(prefix) for k in state):
-            raise ValueError(f"LoRA folder {directory!r} holds no transformer LoRA weights (keys like "
-                             f"'{prefix}transformer_blocks.0.attn.to_q.lora_A.weight')")
-        state = {k: v for k, v in state.items() if k.startswith(prefix)}
-        cls.load_lora_into_transformer(state, transformer=model.unet, adapter_name=adapter_name, metadata=metadata)
 
 
 FLUX2 = Flux2Family()

@@ -16,7 +16,7 @@ import os
 import torch
 
 from . import flow
-from .base import ModelFamily
+from .base import ModelFamily, TransformerLoRA
 
 T5_MAX_SEQUENCE_LENGTH = 256          # StableDiffusion3Pipeline's default max_sequence_length
 SD3_DEFAULT_MAX_SHIFT = 1.16          # the pipeline's fallback for a dynamic-shifting config without max_shift
@@ -64,7 +64,7 @@ def _index_has(index: dict, component: str) -> bool:
     return isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[0] is not None and entry[1] is not None
 
 
-class SD3Family(ModelFamily):
+class SD3Family(TransformerLoRA, ModelFamily):
     name = "sd3"
     title = "Stable Diffusion 3 / 3.5"
     pipeline_classes = ("StableDiffusion3Pipeline",)
@@ -231,33 +231,6 @@ class SD3Family(ModelFamily):
         with torch.autocast(z.device.type, enabled=False) if model.vae_upcast else contextlib.nullcontext():
             x = vae.decode(z.to(vae.dtype), return_dict=False)[0]
         return (x.to(torch.promote_types(x.dtype, torch.float32)) / 2 + 0.5).clamp(0, 1)
-
-    # -------------------------------------------------------------------------------- LoRA
-    def save_lora(self, model, directory: str) -> None:
-        """``StableDiffusion3Pipeline.save_lora_weights(transformer_lora_layers=...)`` with the adapter's config
-        as metadata (what diffusers' SD3 LoRA training script writes)."""
-        from fnf.models import LORA_WEIGHTS
-
-        state, metadata = self.lora_export(model)
-        self.pipeline_class().save_lora_weights(directory, transformer_lora_layers=state, safe_serialization=True,
-                                                weight_name=LORA_WEIGHTS, transformer_lora_adapter_metadata=metadata)
-
-    def load_lora(self, model, directory: str, adapter_name: str) -> None:
-        """A LoRA folder (``save_lora`` or diffusers' SD3 format) into the transformer, as load_lora_weights."""
-        from fnf.models import LORA_WEIGHTS, lora_dropout_layers
-
-        if not os.path.isdir(directory):
-            raise FileNotFoundError(f"LoRA folder does not exist: {directory!r}")
-        if not os.path.isfile(os.path.join(directory, LORA_WEIGHTS)):
-            raise FileNotFoundError(f"LoRA folder {directory!r} has no {LORA_WEIGHTS}")
-        cls = self.pipeline_class()
-        # weight_name explicitly: diffusers < 0.40 refuses a folder without it when HF_HUB_OFFLINE is set.
-        state, metadata = cls.lora_state_dict(directory, weight_name=LORA_WEIGHTS, return_lora_metadata=True)
-        if not any(k.startswith("transformer.") for k in state):
-            raise ValueError(f"LoRA folder {directory!r} holds no transformer LoRA (keys {sorted(state)[:3]})")
-        cls.load_lora_into_transformer(state, transformer=model.unet, adapter_name=adapter_name, metadata=metadata)
-        for layer in lora_dropout_layers(model.unet):   # a LoRA saved with dropout must not drop out while sampling
-            layer.eval()
 
 
 FAMILIES = [SD3Family()]

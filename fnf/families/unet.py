@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from .base import ModelFamily
+from .base import ModelFamily, check_lora_folder
 
 
 def _load(component: str, path: str, loader, needs: tuple[str, ...]):
@@ -165,6 +165,7 @@ class StableDiffusionFamily(ModelFamily):
         """The loader ``pipe.load_lora_weights`` uses (``lora_state_dict`` + ``load_lora_into_unet``)."""
         from ..models import LORA_WEIGHTS
 
+        check_lora_folder(directory)
         cls = self.pipeline_class()
         # weight_name explicitly: diffusers < 0.40 refuses a folder without it when HF_HUB_OFFLINE is set.
         state, alphas, metadata = cls.lora_state_dict(directory, weight_name=LORA_WEIGHTS, return_lora_metadata=True)
