@@ -52,7 +52,9 @@ FLOOR_VENV ?= .venv-floor
 FLOOR_TESTS ?= tests/test_fnf_train.py tests/test_fnf_models.py tests/test_fnf_sampling.py tests/test_configs.py \
   tests/test_fnf_config.py tests/test_fnf_localize.py tests/test_fnf_checkpoint.py tests/test_localizers_vit.py \
   tests/test_reward_models_clip.py tests/test_reward_models_hps_safety.py tests/test_fnf_eval.py \
-  tests/test_families_unet.py tests/test_families_flow.py tests/test_family_sd3.py tests/test_family_flux.py
+  tests/test_families_unet.py tests/test_families_flow.py tests/test_family_sd3.py tests/test_family_flux.py \
+  tests/test_text_encoder_placement.py tests/test_quantize.py tests/test_fnf_fsdp.py tests/test_fnf_distributed.py \
+  tests/test_reference_pool_filter.py
 .PHONY: floor-check
 floor-check:
 	test -x $(FLOOR_VENV)/bin/python || $(PYTHON) -m venv $(FLOOR_VENV)
