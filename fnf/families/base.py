@@ -129,6 +129,36 @@ def check_lora_folder(directory: str) -> None:
         raise FileNotFoundError(f"LoRA folder {directory!r} has no {LORA_WEIGHTS}")
 
 
+class FlowMatchingEuler:
+    """The flow families' sampler step and DRaFT-LV re-noise (``fnf.families.flow``): the folder's
+    FlowMatchEulerDiscreteScheduler step from sigma_i to sigma_{i+1}, deterministic (``eta`` must be 0)."""
+
+    def step(self, model, out: torch.Tensor, i: int, t, x: torch.Tensor, *, eta: float = 0.0,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        from . import flow
+
+        if eta:
+            raise ValueError(f"sampling.eta: the {self.title} flow-matching Euler sampler is deterministic; "
+                             f"expected 0, got {eta!r}")
+        return flow.euler_step(model.scheduler, out, i, x, generator=generator)
+
+    def renoise(self, model, x0: torch.Tensor, noise: torch.Tensor, i: int, t) -> torch.Tensor:
+        from . import flow
+
+        return flow.renoise(model.scheduler, x0, noise, i)
+
+
+def resolve_dtype(weight_dtype) -> torch.dtype:
+    """A torch dtype, or a name of ``fnf.models.DTYPES`` ("fp32", "bf16", ...), as a torch dtype."""
+    from ..models import DTYPES
+
+    if isinstance(weight_dtype, torch.dtype):
+        return weight_dtype
+    if weight_dtype in DTYPES:
+        return DTYPES[weight_dtype]
+    raise ValueError(f"weight_dtype: expected a torch dtype or one of {sorted(DTYPES)}, got {weight_dtype!r}")
+
+
 class TransformerLoRA:
     """LoRA export / load of the transformer families (SD3, FLUX.1, FLUX.2): ``save_lora_weights(
     transformer_lora_layers=...)`` in peft key format with the adapter's metadata (what diffusers' LoRA training

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from . import flow
-from .base import ModelFamily, TransformerLoRA
+from .base import FlowMatchingEuler, ModelFamily, TransformerLoRA, resolve_dtype
 
 MAX_SEQUENCE_LENGTH = 512   # FluxPipeline's default max_sequence_length for the T5 tokens
 
@@ -70,22 +70,12 @@ def latent_image_ids(h2: int, w2: int, device, dtype) -> torch.Tensor:
     return ids.reshape(h2 * w2, 3).to(device=device, dtype=dtype)
 
 
-def _dtype(weight_dtype) -> torch.dtype:
-    from ..models import DTYPES
-
-    if isinstance(weight_dtype, torch.dtype):
-        return weight_dtype
-    if weight_dtype in DTYPES:
-        return DTYPES[weight_dtype]
-    raise ValueError(f"weight_dtype: expected a torch dtype or one of {sorted(DTYPES)}, got {weight_dtype!r}")
-
-
 def _tokenize(tokenizer, prompts: list[str], max_length: int) -> torch.Tensor:
     return tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
                      return_tensors="pt").input_ids
 
 
-class FluxFamily(TransformerLoRA, ModelFamily):
+class FluxFamily(FlowMatchingEuler, TransformerLoRA, ModelFamily):
     """FLUX.1: FluxTransformer2DModel, CLIP-L (pooled) + T5 (sequence), 16-channel VAE, flow-matching Euler."""
 
     name = "flux"
@@ -116,7 +106,7 @@ class FluxFamily(TransformerLoRA, ModelFamily):
             raise ValueError(f"max_sequence_length: expected an int in [1, 512] (FluxPipeline's limit), got "
                              f"{max_sequence_length!r}")
 
-        dtype, kw, need = _dtype(weight_dtype), {"local_files_only": True}, self.components
+        dtype, kw, need = resolve_dtype(weight_dtype), {"local_files_only": True}, self.components
         sched_entry = index.get("scheduler") or [None, None]
         if sched_entry[-1] not in (None, "FlowMatchEulerDiscreteScheduler"):
             raise ModelLoadError(f"{path!r}: the FLUX.1 family samples with FlowMatchEulerDiscreteScheduler, but "
@@ -248,17 +238,6 @@ class FluxFamily(TransformerLoRA, ModelFamily):
             out_uncond, out_cond = out.chunk(2)
             out = out_uncond + guidance_scale * (out_cond - out_uncond)
         return out
-
-    def step(self, model, out: torch.Tensor, i: int, t, x: torch.Tensor, *, eta: float = 0.0,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-        """``FlowMatchEulerDiscreteScheduler.step`` from sigma_i to sigma_{i+1}."""
-        if eta:
-            raise ValueError(f"sampling.eta: the FLUX flow-matching Euler sampler is deterministic; expected 0, "
-                             f"got {eta!r}")
-        return flow.euler_step(model.scheduler, out, i, x, generator=generator)
-
-    def renoise(self, model, x0: torch.Tensor, noise: torch.Tensor, i: int, t) -> torch.Tensor:
-        return flow.renoise(model.scheduler, x0, noise, i)
 
     def decode(self, model, latents: torch.Tensor) -> torch.Tensor:
         """Unpack, ``z / scaling_factor + shift_factor``, VAE decode, ``x / 2 + 0.5`` clamped: float32 in [0, 1]."""

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from . import flow
-from .base import ModelFamily, TransformerLoRA
+from .base import FlowMatchingEuler, ModelFamily, TransformerLoRA, resolve_dtype
 
 MAX_SEQUENCE_LENGTH = 512                 # Flux2Pipeline's default max_sequence_length
 TEXT_ENCODER_OUT_LAYERS = (10, 20, 30)    # Flux2Pipeline's default text_encoder_out_layers
@@ -133,17 +133,7 @@ def _require_flux2() -> None:
                              f"has none; upgrade diffusers) and a transformers with Mistral3: {e}") from None
 
 
-def _dtype(weight_dtype) -> torch.dtype:
-    from ..models import DTYPES
-
-    if isinstance(weight_dtype, torch.dtype):
-        return weight_dtype
-    if weight_dtype in DTYPES:
-        return DTYPES[weight_dtype]
-    raise ValueError(f"weight_dtype: expected a torch dtype or one of {sorted(DTYPES)}, got {weight_dtype!r}")
-
-
-class Flux2Family(TransformerLoRA, ModelFamily):
+class Flux2Family(FlowMatchingEuler, TransformerLoRA, ModelFamily):
     """FLUX.2: Flux2Transformer2DModel, a Mistral3 text encoder (stacked hidden states), AutoencoderKLFlux2 with
     batch-norm latent statistics, flow-matching Euler with the empirical mu."""
 
@@ -178,7 +168,7 @@ class Flux2Family(TransformerLoRA, ModelFamily):
             raise ValueError(f"max_sequence_length: expected a positive int (Flux2Pipeline's default is "
                              f"{MAX_SEQUENCE_LENGTH}), got {max_sequence_length!r}")
 
-        dtype, kw, need = _dtype(weight_dtype), {"local_files_only": True}, self.components
+        dtype, kw, need = resolve_dtype(weight_dtype), {"local_files_only": True}, self.components
         sched_entry = index.get("scheduler") or [None, None]
         if sched_entry[-1] not in (None, "FlowMatchEulerDiscreteScheduler"):
             raise ModelLoadError(f"{path!r}: the FLUX.2 family samples with FlowMatchEulerDiscreteScheduler, but "
@@ -308,17 +298,6 @@ class Flux2Family(TransformerLoRA, ModelFamily):
                        img_ids=latent_ids(h, w, x.device), return_dict=False)[0]
         out = out[:, : x.shape[1]]
         return out.to(torch.promote_types(out.dtype, torch.float32))
-
-    def step(self, model, out: torch.Tensor, i: int, t, x: torch.Tensor, *, eta: float = 0.0,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-        """``FlowMatchEulerDiscreteScheduler.step`` from sigma_i to sigma_{i+1}."""
-        if eta:
-            raise ValueError(f"sampling.eta: the FLUX.2 flow-matching Euler sampler is deterministic; expected 0, "
-                             f"got {eta!r}")
-        return flow.euler_step(model.scheduler, out, i, x, generator=generator)
-
-    def renoise(self, model, x0: torch.Tensor, noise: torch.Tensor, i: int, t) -> torch.Tensor:
-        return flow.renoise(model.scheduler, x0, noise, i)
 
     def decode(self, model, latents: torch.Tensor) -> torch.Tensor:
         """Unpack, ``z * bn_std + bn_mean`` (the VAE's batch-norm statistics), un-patchify, VAE decode,

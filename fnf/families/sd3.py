@@ -16,22 +16,12 @@ import os
 import torch
 
 from . import flow
-from .base import ModelFamily, TransformerLoRA
+from .base import FlowMatchingEuler, ModelFamily, TransformerLoRA, resolve_dtype
 
 T5_MAX_SEQUENCE_LENGTH = 256          # StableDiffusion3Pipeline's default max_sequence_length
 SD3_DEFAULT_MAX_SHIFT = 1.16          # the pipeline's fallback for a dynamic-shifting config without max_shift
 # the joint-attention context projections (the text stream), which diffusers' SD3 LoRA scripts also target
 JOINT_LORA_TARGETS = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-
-
-def _dtype(weight_dtype) -> torch.dtype:
-    from fnf.models import DTYPES
-
-    if isinstance(weight_dtype, torch.dtype):
-        return weight_dtype
-    if weight_dtype in DTYPES:
-        return DTYPES[weight_dtype]
-    raise ValueError(f"weight_dtype: expected a torch dtype or one of {sorted(DTYPES)}, got {weight_dtype!r}")
 
 
 def _load(component: str, path: str, loader):
@@ -64,7 +54,7 @@ def _index_has(index: dict, component: str) -> bool:
     return isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[0] is not None and entry[1] is not None
 
 
-class SD3Family(TransformerLoRA, ModelFamily):
+class SD3Family(FlowMatchingEuler, TransformerLoRA, ModelFamily):
     name = "sd3"
     title = "Stable Diffusion 3 / 3.5"
     pipeline_classes = ("StableDiffusion3Pipeline",)
@@ -92,7 +82,7 @@ class SD3Family(TransformerLoRA, ModelFamily):
         from fnf import quantize as quant
         from fnf.models import DiffusionModel, ModelLoadError, set_vae_precision
 
-        dtype = _dtype(weight_dtype)
+        dtype = resolve_dtype(weight_dtype)
         if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) \
                 or max_sequence_length < 1:
             raise ValueError(f"max_sequence_length: expected a positive int, got {max_sequence_length!r}")
@@ -211,15 +201,6 @@ class SD3Family(TransformerLoRA, ModelFamily):
             out_uncond, out_cond = out.chunk(2)
             out = out_uncond + guidance_scale * (out_cond - out_uncond)
         return out
-
-    def step(self, model, out, i: int, t, x, *, eta: float = 0.0, generator=None) -> torch.Tensor:
-        if eta:
-            raise ValueError(f"sampling.eta: the SD3 flow-matching Euler sampler is deterministic; expected 0, "
-                             f"got {eta!r}")
-        return flow.euler_step(model.scheduler, out, i, x, generator=generator)
-
-    def renoise(self, model, x0, noise, i: int, t) -> torch.Tensor:
-        return flow.renoise(model.scheduler, x0, noise, i)
 
     def decode(self, model, latents: torch.Tensor) -> torch.Tensor:
         """``vae.decode(z / scaling_factor + shift_factor)`` to float32 images in [0, 1]; with grad when enabled."""
