@@ -117,6 +117,23 @@ class ModelFamily:
         raise NotImplementedError
 
 
+def load_component(component: str, path: str, loader, pipeline: str, needs: str, note: str = ""):
+    """``loader(path/component)``; a missing subfolder or a failing loader is a ModelLoadError that names the
+    component, the folder and what a ``pipeline`` folder needs (``note`` is added after the missing name)."""
+    import os
+
+    from ..models import ModelLoadError
+
+    folder = os.path.join(path, component)
+    if not os.path.isdir(folder):
+        raise ModelLoadError(f"model folder {path!r} has no '{component}' subfolder{note}; a {pipeline} folder "
+                             f"needs {needs}")
+    try:
+        return loader(folder)
+    except Exception as e:
+        raise ModelLoadError(f"could not load '{component}' from {folder!r}: {type(e).__name__}: {e}") from e
+
+
 def check_lora_folder(directory: str) -> None:
     """FileNotFoundError naming what is missing when ``directory`` is not a LoRA folder fnf can read."""
     import os

@@ -20,30 +20,20 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 
 import numpy as np
 import torch
 
 from . import flow
-from .base import FlowMatchingEuler, ModelFamily, TransformerLoRA, resolve_dtype
+from .base import FlowMatchingEuler, ModelFamily, TransformerLoRA, load_component, resolve_dtype
 
 MAX_SEQUENCE_LENGTH = 512   # FluxPipeline's default max_sequence_length for the T5 tokens
 
 
 def _load(component: str, path: str, loader, needs: tuple[str, ...]):
-    from ..models import ModelLoadError
-
-    folder = os.path.join(path, component)
-    if not os.path.isdir(folder):
-        extra = (" (FluxPipeline cannot run without its T5 encoder)" if component in ("text_encoder_2", "tokenizer_2")
-                 else "")
-        raise ModelLoadError(f"model folder {path!r} has no '{component}' subfolder{extra}; a FLUX.1 pipeline "
-                             f"folder needs {', '.join(needs)}")
-    try:
-        return loader(folder)
-    except Exception as e:  # rewrapped with the component name
-        raise ModelLoadError(f"could not load '{component}' from {folder!r}: {type(e).__name__}: {e}") from e
+    t5 = component in ("text_encoder_2", "tokenizer_2")
+    return load_component(component, path, loader, "FLUX.1 pipeline", ", ".join(needs),
+                          " (FluxPipeline cannot run without its T5 encoder)" if t5 else "")
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:

@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 
 import numpy as np
 import torch
 
 from . import flow
-from .base import FlowMatchingEuler, ModelFamily, TransformerLoRA, resolve_dtype
+from .base import FlowMatchingEuler, ModelFamily, TransformerLoRA, load_component, resolve_dtype
 
 MAX_SEQUENCE_LENGTH = 512                 # Flux2Pipeline's default max_sequence_length
 TEXT_ENCODER_OUT_LAYERS = (10, 20, 30)    # Flux2Pipeline's default text_encoder_out_layers
@@ -85,16 +84,7 @@ def text_ids(length: int, device) -> torch.Tensor:
 
 
 def _load(component: str, path: str, loader, needs: tuple[str, ...]):
-    from ..models import ModelLoadError
-
-    folder = os.path.join(path, component)
-    if not os.path.isdir(folder):
-        raise ModelLoadError(f"model folder {path!r} has no '{component}' subfolder; a FLUX.2 pipeline folder needs "
-                             f"{', '.join(needs)}")
-    try:
-        return loader(folder)
-    except Exception as e:  # rewrapped with the component name
-        raise ModelLoadError(f"could not load '{component}' from {folder!r}: {type(e).__name__}: {e}") from e
+    return load_component(component, path, loader, "FLUX.2 pipeline", ", ".join(needs))
 
 
 def _tokenizer_class(index: dict, path: str):

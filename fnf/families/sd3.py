@@ -11,12 +11,11 @@ and is written with ``StableDiffusion3Pipeline.save_lora_weights`` (``pipe.load_
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 
 from . import flow
-from .base import FlowMatchingEuler, ModelFamily, TransformerLoRA, resolve_dtype
+from .base import FlowMatchingEuler, ModelFamily, TransformerLoRA, load_component, resolve_dtype
 
 T5_MAX_SEQUENCE_LENGTH = 256          # StableDiffusion3Pipeline's default max_sequence_length
 SD3_DEFAULT_MAX_SHIFT = 1.16          # the pipeline's fallback for a dynamic-shifting config without max_shift
@@ -25,17 +24,9 @@ JOINT_LORA_TARGETS = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
 
 def _load(component: str, path: str, loader):
-    from fnf.models import ModelLoadError
-
-    folder = os.path.join(path, component)
-    if not os.path.isdir(folder):
-        raise ModelLoadError(f"model folder {path!r} has no '{component}' subfolder; a StableDiffusion3Pipeline "
-                             "folder needs transformer, vae, scheduler, text_encoder(_2), tokenizer(_2) "
-                             "(text_encoder_3 / tokenizer_3 are optional)")
-    try:
-        return loader(folder)
-    except Exception as e:
-        raise ModelLoadError(f"could not load '{component}' from {folder!r}: {type(e).__name__}: {e}") from e
+    return load_component(component, path, loader, "StableDiffusion3Pipeline",
+                          "transformer, vae, scheduler, text_encoder(_2), tokenizer(_2) (text_encoder_3 / tokenizer_3 "
+                          "are optional)")
 
 
 def _zero_t5_uses_clip_length() -> bool:

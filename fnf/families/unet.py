@@ -7,24 +7,14 @@ the pipeline's images with ``pipe.load_lora_weights``.
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 
-from .base import ModelFamily, check_lora_folder
+from .base import ModelFamily, check_lora_folder, load_component
 
 
 def _load(component: str, path: str, loader, needs: tuple[str, ...]):
-    from ..models import ModelLoadError
-
-    folder = os.path.join(path, component)
-    if not os.path.isdir(folder):
-        raise ModelLoadError(f"model folder {path!r} has no '{component}' subfolder; a Stable Diffusion "
-                             f"pipeline folder needs {', '.join(needs)}")
-    try:
-        return loader(folder)
-    except Exception as e:  # noqa: BLE001 - rewrapped with the component name
-        raise ModelLoadError(f"could not load '{component}' from {folder!r}: {type(e).__name__}: {e}") from e
+    return load_component(component, path, loader, "Stable Diffusion pipeline", ", ".join(needs))
 
 
 def _tokenize(tokenizer, prompts: list[str], device) -> torch.Tensor:
