@@ -160,3 +160,32 @@ def test_checkpoint_loras_are_the_run_s_loras_at_each_step(tmp_path):
     assert set(loras[-1][1]) == set(final)
     assert all(torch.equal(loras[-1][1][k], final[k]) for k in final)
     assert not all(torch.equal(loras[0][1][k], final[k]) for k in final)      # step 1 differs from step 3
+
+
+def test_eval_seeds_are_one_per_image_and_never_shared_between_sets():
+    """Every (seed set, prompt, k) has noise of its own (no clustering across prompts), none overlaps another set or
+    the small integer seeds training and validation use, and they are fixed numbers (stable across machines)."""
+    from fnf.toy.evaluate_sd import eval_prompts, eval_seed
+
+    n = len(eval_prompts())
+    seeds = {(s, i, k): eval_seed(s, i, k) for s in range(3) for i in range(n) for k in range(16)}
+    assert len(set(seeds.values())) == len(seeds)
+    assert min(seeds.values()) > 2 ** 32 and max(seeds.values()) < 2 ** 63
+    assert eval_seed(0, 0, 0) == eval_seed(0, 0, 0) and eval_seed(0, 0, 0) != eval_seed(1, 0, 0)
+
+
+def test_run_demo_restores_the_callers_thread_count(tmp_path, monkeypatch):
+    import fnf.toy.demo as demo
+
+    seen = {}
+
+    def fake(out, quick, seed, model, threads, *rest):
+        seen["threads"] = threads
+        torch.set_num_threads(threads)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(demo, "_run_demo", fake)
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError, match="stop"):
+        demo.run_demo(str(tmp_path / "d"), threads=None)
+    assert seen["threads"] == demo.default_threads() and torch.get_num_threads() == before

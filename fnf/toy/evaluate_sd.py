@@ -22,6 +22,14 @@ STEPS, GUIDANCE = 20, 1.5   # guidance 1.5: the defect rate is closest to the tr
 EVAL_SEED0 = 10_000      # evaluation noise seeds start here; training never samples noise from these
 
 
+def eval_seed(seed_set: int, prompt: int, k: int) -> int:
+    """The noise seed of the ``k``-th image of held-out prompt number ``prompt`` (its place in eval_prompts()) in
+    evaluation seed set ``seed_set`` (``fnf demo --seed``): a hash, so no two (prompt, k) share noise (shared
+    seeds cluster the images: a noise that draws a scratch draws it for every prompt) and no set overlaps another
+    or the small integer seeds that training and validation use."""
+    return int(np.random.SeedSequence([EVAL_SEED0, seed_set, prompt, k]).generate_state(1, dtype=np.uint64)[0]) >> 1
+
+
 def eval_prompts(n_pairs: int | None = None) -> list[str]:
     """Held-out two-object prompts (training never saw them) and the single-object prompts."""
     held = toydata.heldout_prompts()

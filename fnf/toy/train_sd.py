@@ -32,7 +32,7 @@ from .tokenizer import MAX_LENGTH, write_tokenizer
 
 DEFAULTS = dict(seed=0, data_seed=100, n_images=10000, vae_steps=1000, vae_batch=16, vae_lr=2e-3,
                 unet_steps=5000, unet_batch=32, unet_lr=1e-3, ema=0.998, cfg_drop=0.1, save_every=250,
-                threads=1, defect_weight=8.0, attention_heads=2)
+                threads=1, defect_weight=8.0, attention_heads=2, text_layers=2, vae_from="")
 
 
 def _cosine(step: int, total: int) -> float:
@@ -52,10 +52,13 @@ def build_vae():
                          layers_per_block=1, norm_num_groups=8, sample_size=64, mid_block_add_attention=False)
 
 
-def build_text_encoder(vocab_size: int):
+def build_text_encoder(vocab_size: int, layers: int = 2):
+    """A tiny CLIPTextModel. ``layers`` = 0 keeps only the token + position embeddings and the final layer norm:
+    each token's state is its own word at its place, so the UNet must read an object from that object's tokens
+    (no token carries the whole prompt, as the causal layers' later tokens and EOS do)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    cfg = CLIPTextConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    cfg = CLIPTextConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                          num_attention_heads=4, max_position_embeddings=MAX_LENGTH, projection_dim=64,
                          bos_token_id=0, eos_token_id=1, pad_token_id=2)
     return CLIPTextModel(cfg)
@@ -156,9 +159,15 @@ def main(argv=None) -> int:
     shutil.rmtree(tok_dir)
 
     torch.manual_seed(args.seed + 1)
-    vae = build_vae()
     t0 = time.time()
-    train_vae(vae, images, masks, args, gen)
+    if args.vae_from:      # reuse a VAE trained on the same data (phase 1 skipped; the noise stream then differs)
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(args.vae_from)
+        log(f"vae: loaded {args.vae_from} (phase 1 skipped)")
+    else:
+        vae = build_vae()
+        train_vae(vae, images, masks, args, gen)
     vae.requires_grad_(False)
     mean, std = encode_all(vae, images)
     scale = float(1.0 / mean.std())
@@ -175,10 +184,10 @@ def main(argv=None) -> int:
                     return_tensors="pt").input_ids
     empty = tokenizer([""], padding="max_length", max_length=MAX_LENGTH, return_tensors="pt").input_ids
     torch.manual_seed(args.seed + 2)
-    text_encoder = build_text_encoder(len(tokenizer))
+    text_encoder = build_text_encoder(len(tokenizer), args.text_layers)
     torch.manual_seed(args.seed + 3)
     unet = build_unet(args.attention_heads)
-    ema_unet, ema_text = build_unet(args.attention_heads), build_text_encoder(len(tokenizer))
+    ema_unet, ema_text = build_unet(args.attention_heads), build_text_encoder(len(tokenizer), args.text_layers)
     ema_unet.load_state_dict(unet.state_dict())
     ema_text.load_state_dict(text_encoder.state_dict())
     ema_unet.requires_grad_(False)
