@@ -44,3 +44,16 @@ def test_cross_attention_heads_are_wide():
     unet = UNet2DConditionModel.from_pretrained(SD, subfolder="unet")
     attn = [m for n, m in unet.named_modules() if n.endswith("attn2")]
     assert attn and all(a.heads == 2 and a.to_q.out_features // a.heads >= 32 for a in attn)
+
+
+def test_text_encoder_states_are_per_token():
+    """Toy v3: the text encoder has no layers, so a token's state is its word at its place: changing a later word
+    leaves every earlier and later token's state alone (with causal layers, EOS and padding saw the whole prompt)."""
+    from fnf.models import encode_prompts, load_model
+
+    model = load_model(SD)
+    assert model.text_encoders[0].config.num_hidden_layers == 0
+    a, b = encode_prompts(model, ["a red circle and a blue square", "a red circle and a green square"],
+                          height=64, width=64).hidden
+    diff = (a - b).abs().amax(-1)
+    assert diff[6] > 1e-3 and torch.all(diff[torch.arange(len(diff)) != 6] == 0), diff   # <bos> a red circle and a (blue)

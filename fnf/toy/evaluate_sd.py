@@ -1,6 +1,6 @@
 """Sample the toy SD pipeline on held-out prompts x seeds and measure its defect rate and prompt alignment.
 
-    HF_HUB_OFFLINE=1 python -m fnf.toy.evaluate_sd [--model fnf/assets/toy/sd] [--seeds 8] [--grid out.png]
+    HF_HUB_OFFLINE=1 python -m fnf.toy.evaluate_sd [--model fnf/assets/toy/sd] [--seeds 8] [--seed-set 0] [--grid out.png]
 
 Sampling goes through fnf.models / fnf.sampling (the trainer's own code path). Defect: the shipped defect
 classifier (p > 0.5), and the pixel-rule judge (fnf.toy.judges) as judge_defect_rate. Alignment: the shipped
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=os.path.join(ASSETS, "sd"))
     p.add_argument("--seeds", type=int, default=8, help="noise seeds per prompt")
-    p.add_argument("--seed0", type=int, default=EVAL_SEED0)
+    p.add_argument("--seed-set", type=int, default=0, help="evaluation seed set (eval_seed; fnf demo --seed)")
     p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--guidance", type=float, default=GUIDANCE)
     p.add_argument("--grid", default="")
@@ -104,12 +104,12 @@ def main(argv=None) -> int:
     model = load_model(args.model)
     prompts = eval_prompts()
     ps = [pr for pr in prompts for _ in range(args.seeds)]
-    ss = [args.seed0 + k for _ in prompts for k in range(args.seeds)]
+    ss = [eval_seed(args.seed_set, i, k) for i in range(len(prompts)) for k in range(args.seeds)]
     images = sample(model, ps, ss, steps=args.steps, guidance=args.guidance)
     pairs = [i for i, pr in enumerate(ps) if " and " in pr]
     singles = [i for i, pr in enumerate(ps) if " and " not in pr]
     result = {"model": args.model, "steps": args.steps, "guidance": args.guidance, "seeds_per_prompt": args.seeds,
-              "seed0": args.seed0, "all": measure(images, ps),
+              "seed_set": args.seed_set, "all": measure(images, ps),
               "heldout_pairs": measure(images[pairs], [ps[i] for i in pairs]),
               "single_objects": measure(images[singles], [ps[i] for i in singles]),
               "training_data_defect_rate": toydata.DEFECT_RATE}

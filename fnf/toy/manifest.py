@@ -15,7 +15,8 @@ from . import ASSETS
 NAME = "MANIFEST.json"
 LIMIT_BYTES = 25 * 1024 * 1024
 COMMANDS = {
-    "sd": "HF_HUB_OFFLINE=1 python -m fnf.toy.train_sd --out fnf/assets/toy/sd   (seeds: see sd/training.json)",
+    "sd": "HF_HUB_OFFLINE=1 python -m fnf.toy.train_sd --out fnf/assets/toy/sd   (seeds and the exact command of the "
+          "shipped run, which reused the v2 VAE with --vae-from: sd/training.json)",
     "small": "HF_HUB_OFFLINE=1 python -m fnf.toy.train_small   (seeds: see <model>/config.json 'train')",
 }
 
