@@ -28,7 +28,7 @@ class ModelConfig:
     scheduler: str = "ddim"        # ddim: a DDIMScheduler built from the folder's scheduler config
     # The frozen denoiser quantized at load (fnf/quantize.py, diffusers' quantization configs; LoRA stays fp32 on
     # top): none | bnb-8bit (bitsandbytes LLM.int8) | bnb-4bit (bitsandbytes NF4) | torchao-int8 (torchao int8
-    # weight-only). bitsandbytes needs CUDA. SD3 and FLUX.1 only.
+    # weight-only). bitsandbytes needs CUDA. Every family (SD/SDXL: the UNet's Linear layers); not with sepen.
     quantize: str = "none"
     text_encoder_3: bool = True    # SD3/3.5: false loads no T5 (zeros for its tokens, as the pipeline without it)
     max_sequence_length: int = 0   # T5 tokens (SD3, FLUX.1); 0: the pipeline's default (SD3 256, FLUX.1 512)

@@ -29,6 +29,14 @@ def enable(unet: torch.nn.Module, mode: str, device) -> tuple[bool, str]:
         raise ValueError(f"memory.fused_lora must be one of {', '.join(MODES)}, got {mode!r}")
     if mode == "off":
         return False, "off (memory.fused_lora=off)"
+    from . import quantize
+
+    method = quantize.method_of(unet)
+    if method is not None:      # the fused kernels read the base weight as a plain float matrix
+        if mode == "on":
+            raise ValueError(f"memory.fused_lora=on: the frozen base is quantized ({method}); the fused LoRA "
+                             "kernels need float base weights (use memory.fused_lora=auto or off)")
+        return False, f"off (memory.fused_lora=auto: the frozen base is quantized, {method})"
     device = torch.device(device)
     if mode == "auto" and fnf_kernels.select_backend("lora_linear", "auto", device) != "triton":
         return False, "off (memory.fused_lora=auto: needs a CUDA device and triton)"

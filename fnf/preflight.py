@@ -57,6 +57,10 @@ def check_objective(cfg: Config) -> None:
     family = family_of(cfg.model.path)
     if not family.supports_sepen:
         raise ConfigError(sepen_unsupported(family))
+    if cfg.model.quantize != "none":
+        raise ConfigError(f"config key 'model.quantize': {cfg.model.quantize} with objective sepen: "
+                          "Separate-and-Enhance trains the UNet's own attn2.to_k weights, which a quantized UNet "
+                          "does not have as trainable floats (leave model.quantize at 'none')")
 
 
 def sepen_unsupported(family) -> str:

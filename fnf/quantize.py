@@ -1,6 +1,6 @@
 """An optional quantized frozen denoiser (``model.quantize``) through diffusers' quantization configs.
 
-The denoiser (the SD3 / FLUX.1 transformer) is read with ``from_pretrained(quantization_config=...)``; peft
+The denoiser (the SD3 / FLUX transformer, the SD / SDXL UNet) is read with ``from_pretrained(quantization_config=...)``; peft
 puts its LoRA layers on top of the quantized Linear layers (``bnb.nn.Linear8bitLt`` / ``Linear4bit``, torchao's
 int8 tensors), so the trained parameters stay fp32 and the frozen model is still the same denoiser with its
 adapters disabled. Methods:

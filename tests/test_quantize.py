@@ -105,20 +105,27 @@ def test_fnf_train_refuses_in_one_line_before_loading(flux, tmp_path, monkeypatc
     assert err.startswith("fnf train: error: config key 'model.quantize': bnb-8bit needs") and "bitsandbytes" in err
 
 
-def test_preflight_refuses_options_the_family_does_not_take(flux, tmp_path):
-    """SD 1.x has no quantized loader, no T5; FLUX.1's T5 is not optional: each is one line naming the key and
-    the families that take it."""
+def test_preflight_refuses_options_the_family_does_not_take(flux, tmp_path, monkeypatch):
+    """SD 1.x has no T5; FLUX.1's T5 is not optional: each is one line naming the key and the families that take
+    it. Every family takes model.quantize (SD / SDXL: the UNet's Linear layers); Separate-and-Enhance, which
+    trains the UNet's own to_k weights, refuses a quantized UNet in one line."""
     sd = cached_model("sd", str(tmp_path))
-    with pytest.raises(ConfigError, match=r"^config key 'model.quantize': 'torchao-int8' applies to sd3, flux"
-                                          r".* models only; this folder is 'Stable Diffusion'.*leave model.quantize "
-                                          r"at 'none'"):
-        preflight.check(_cfg(sd, quantize="torchao-int8"))
     with pytest.raises(ConfigError, match=r"^config key 'model.max_sequence_length': 64 applies to sd3, flux"):
         preflight.check(_cfg(sd, max_sequence_length=64))
     with pytest.raises(ConfigError, match=r"^config key 'model.text_encoder_3': False applies to sd3 models "
                                           r"only; this folder is 'FLUX.1'"):
         preflight.check(_cfg(flux, text_encoder_3=False))
     preflight.check(_cfg(flux, max_sequence_length=64))   # accepted
+    from fnf.models import families_accepting
+
+    assert set(families_accepting("quantize")) >= {"sd", "sdxl", "sd3", "flux", "flux2"}
+    monkeypatch.setattr(quantize, "problem", lambda method, cuda: None)   # as if torchao were installed
+    preflight.check(_cfg(sd, quantize="torchao-int8"))
+    cfg = config_mod.from_dict({"model": {"path": sd, "quantize": "torchao-int8"}, "objective": "sepen",
+                                "sepen": {"concepts": ["cat", "dog"]}, "train": {"device": "cpu"}})
+    with pytest.raises(ConfigError, match=r"^config key 'model.quantize': torchao-int8 with objective sepen: "
+                                          r".*attn2.to_k.*leave model.quantize at 'none'"):
+        preflight.check(cfg)
 
 
 # ------------------------------------------------------------------------------------------ loading path
@@ -163,6 +170,48 @@ def test_loading_path_passes_the_quantization_config(flux, monkeypatch):
     assert params and all(p.dtype == torch.float32 for p in params)
     assert {n for n, p in m.unet.named_parameters() if p.requires_grad} == \
         {n for n, p in m.unet.named_parameters() if "lora_" in n}
+
+
+def test_unet_loading_path_passes_the_quantization_config(tmp_path, monkeypatch):
+    """SD 1.x with a stand-in backend: only the UNet is read with the method's config and the weight dtype;
+    a bitsandbytes UNet is not moved; LoRA goes on top in fp32 with the base frozen; the fused LoRA path stays
+    off (auto) or refuses (on), since its kernels read the base weight as floats."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.modeling_utils import ModelMixin
+
+    from fnf import fused_lora
+
+    sd = cached_model("sd", str(tmp_path))
+    sentinel = object()
+    seen = []
+    monkeypatch.setattr(quantize, "quantization_config",
+                        lambda method, dtype: seen.append((method, dtype)) or sentinel)
+    original = ModelMixin.from_pretrained.__func__
+    calls = []
+
+    def from_pretrained(cls, folder, **kwargs):
+        calls.append((cls.__name__, kwargs.get("quantization_config"), kwargs.get("torch_dtype")))
+        kwargs.pop("quantization_config", None)
+        model = original(cls, folder, **kwargs)
+        if cls is UNet2DConditionModel:
+            model.hf_quantizer = _FakeQuantizer("bitsandbytes")
+        return model
+
+    monkeypatch.setattr(ModelMixin, "from_pretrained", classmethod(from_pretrained))
+    moved = []
+    monkeypatch.setattr(UNet2DConditionModel, "to", lambda self, *a, **k: moved.append(a) or self)
+    m = load_model(sd, quantize="bnb-8bit")
+    assert seen == [("bnb-8bit", torch.float32)]
+    assert [c for c in calls if c[1] is not None] == [("UNet2DConditionModel", sentinel, torch.float32)]
+    assert moved == [] and quantize.method_of(m.unet) == "bitsandbytes"
+    params = add_lora(m, rank=2, alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    assert params and all(p.dtype == torch.float32 for p in params)
+    assert {n for n, p in m.unet.named_parameters() if p.requires_grad} == \
+        {n for n, p in m.unet.named_parameters() if "lora_" in n}
+    on, why = fused_lora.enable(m.unet, "auto", "cpu")
+    assert not on and "quantized, bitsandbytes" in why
+    with pytest.raises(ValueError, match="memory.fused_lora=on: the frozen base is quantized"):
+        fused_lora.enable(m.unet, "on", "cpu")
 
 
 def test_move_and_method_of():
@@ -230,28 +279,33 @@ def test_torchao_int8_transformer_trains_lora_on_a_frozen_base(flux):
 
 @pytest.mark.skipif(not HAS_TORCHAO, reason="torchao is not installed (pip install torchao): the real int8 "
                     "weight-only test runs only where it is")
-def test_torchao_int8_session_step_and_export(flux, tmp_path):
-    """model.quantize=torchao-int8 through the trainer (preflight, Session, one DRaFT step): the step is applied,
-    the frozen (adapters-off) output is unchanged by it, and the exported LoRA loads into a full-precision model
-    of the same folder with the trained tensors."""
+@pytest.mark.parametrize("family", ["flux", "sd", "sdxl"])
+def test_torchao_int8_session_step_and_export(family, flux, tmp_path):
+    """model.quantize=torchao-int8 through the trainer (preflight, Session, one DRaFT step) on FLUX.1's
+    transformer and on the SD / SDXL UNet: the step is applied, the frozen (adapters-off) output is unchanged by
+    it, and the exported LoRA loads into a full-precision model of the same folder with the trained tensors."""
+    from fnf_tiny_models import IMAGE_SIZE as UNET_SIZE
+
     from fnf.models import load_lora_for_sampling, lora_state_dict
     from fnf.train import Session
 
     print("seed", SEED)
     if quantize.problem("torchao-int8", cuda=False):
         pytest.skip(quantize.problem("torchao-int8", cuda=False))
+    path = flux if family == "flux" else cached_model(family, str(tmp_path))
+    size = IMAGE_SIZE if family == "flux" else UNET_SIZE
     cfg = config_mod.from_dict({
-        "model": {"path": flux, "quantize": "torchao-int8"},
+        "model": {"path": path, "quantize": "torchao-int8"},
         "train": {"device": "cpu", "prompts": ["a photo of a cat"], "steps": 1, "seed": SEED, "lr": 1e-2},
-        "sampling": {"steps": 2, "truncation_k": 1, "height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        "sampling": {"steps": 2, "truncation_k": 1, "height": size, "width": size},
         "lora": {"rank": 2, "alpha": 2}, "localize": {"spec": "none"}, "objective": {"beta": 0}})
     preflight.check(cfg, specs=False)
     session = Session(cfg)
     m = session.model
     assert quantize.method_of(m.unet) == "torchao"
     g = torch.Generator().manual_seed(SEED)
-    x = m.family.initial_latents(m, 1, IMAGE_SIZE, IMAGE_SIZE, g, "cpu")
-    m.family.schedule(m, 2, IMAGE_SIZE, IMAGE_SIZE, "cpu")
+    x = m.family.initial_latents(m, 1, size, size, g, "cpu")
+    m.family.schedule(m, 2, size, size, "cpu")
     t = m.scheduler.timesteps[0]
     with torch.no_grad(), adapters_disabled(m.unet):
         before = _predict(m, m.unet, x, session.embeds, t)
@@ -263,7 +317,7 @@ def test_torchao_int8_session_step_and_export(flux, tmp_path):
     with torch.no_grad(), adapters_disabled(m.unet):
         assert torch.equal(_predict(m, m.unet, x, session.embeds, t), before)
     m.family.save_lora(m, str(tmp_path / "lora"))
-    full = load_model(flux)
+    full = load_model(path)
     load_lora_for_sampling(full, str(tmp_path / "lora"))
     loaded = {n: p for n, p in full.unet.named_parameters() if "lora_" in n}
     assert sorted(loaded) == sorted(trained)

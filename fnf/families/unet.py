@@ -44,13 +44,17 @@ class StableDiffusionFamily(ModelFamily):
         tokenizers = [_load("tokenizer", path, lambda f: CLIPTokenizer.from_pretrained(f, **kw), need)]
         return encoders, tokenizers
 
-    def load(self, path: str, index: dict, *, weight_dtype: torch.dtype, device="cpu"):
+    def load(self, path: str, index: dict, *, weight_dtype: torch.dtype, device="cpu", quantize: str = "none"):
+        """All components frozen, eval, on ``device``; ``quantize``: the UNet's quantization (:mod:`fnf.quantize`,
+        ``model.quantize``: its Linear layers; convolutions stay in the weight dtype)."""
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
+        from .. import quantize as quant
         from ..models import DiffusionModel, set_vae_precision
 
-        dtype, kw, need = weight_dtype, dict(local_files_only=True), self.components
-        unet = _load("unet", path, lambda f: UNet2DConditionModel.from_pretrained(f, torch_dtype=dtype, **kw), need)
+        dtype, kw, need = weight_dtype, {"local_files_only": True}, self.components
+        unet = _load("unet", path, lambda f: quant.load_denoiser(UNet2DConditionModel, f, dtype=dtype,
+                                                                 method=quantize, **kw), need)
         # fp16: read the VAE in float32 (set_vae_precision casts it down unless its config sets force_upcast).
         vae_read = torch.float32 if dtype == torch.float16 else dtype
         vae = _load("vae", path, lambda f: AutoencoderKL.from_pretrained(f, torch_dtype=vae_read, **kw), need)
@@ -60,7 +64,7 @@ class StableDiffusionFamily(ModelFamily):
         for module in [unet, vae, *encoders]:
             module.requires_grad_(False)
             module.eval()
-            module.to(device)
+            quant.move(module, device)
         zeros = bool(index.get("force_zeros_for_empty_prompt", self.name == "sdxl"))
         model = DiffusionModel(path=path, kind=self.name, unet=unet, vae=vae, scheduler=scheduler,
                                text_encoders=encoders, tokenizers=tokenizers, force_zeros_for_empty_prompt=zeros,
