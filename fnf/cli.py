@@ -140,7 +140,7 @@ examples:
     p.add_argument("--model", default="", metavar="DIR", help="toy pipeline folder (default the shipped one)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch CPU threads (default 2, or 1 on a one-core machine)")
-    p.add_argument("--no-sepen", action="store_true", help="skip the Separate-and-Enhance part (saves ~3 min)")
+    p.add_argument("--no-sepen", action="store_true", help="skip the Separate-and-Enhance part (saves ~1.5 min)")
     p.add_argument("--overwrite", action="store_true",
                    help="an --out holding an earlier demo is moved to <out>/previous-<time>/ (without it: refused)")
     return parser

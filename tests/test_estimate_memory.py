@@ -229,3 +229,65 @@ def test_errors_exit_2_with_a_message(tmp_path, capsys):
     assert "--height must be a positive multiple of 8" in capsys.readouterr().err
     assert cli.main(["estimate-memory", "--arch", "sd15", "--reward-model", "vit-huge"]) == 2
     assert "--reward-model" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ model.quantize
+def test_quantized_weight_bytes_per_method():
+    """Hand counts: a (300, 200) Linear weight = 60000 elements."""
+    from fnf.memory.quantized import stored_bytes
+
+    assert stored_bytes("bnb-8bit", 300, 200, torch.bfloat16) == 60000 + 4 * 300           # int8 + fp32 row scale
+    assert stored_bytes("bnb-4bit", 300, 200, torch.bfloat16) == 30000 + 4 * 938           # NF4 + absmax / 64
+    assert stored_bytes("torchao-int8", 300, 200, torch.bfloat16) == 60000 + 2 * 300       # int8 + bf16 row scale
+    with pytest.raises(ValueError, match="model.quantize"):
+        stored_bytes("none", 3, 2, torch.float32)
+
+
+@pytest.mark.parametrize("method", ["bnb-8bit", "bnb-4bit", "torchao-int8"])
+def test_quantize_moves_the_step_peak_by_the_linear_weights_saving(sd, sd_fake, tmp_path, method, capsys):
+    """model.quantize in the estimate: the traced phases are those of the unquantized trace; the quantized peak is
+    the step's peak minus (the denoiser's Linear weights as traced - as stored quantized) plus its largest Linear
+    weight in the compute dtype, counted here from the UNet's own modules; the command prints it (and the ladder
+    uses it)."""
+    from fnf.memory.cli import report
+
+    cfg = memory_config(sd, str(tmp_path / "run"))
+    cfg.model.quantize = method
+    est = estimate(cfg, model_dir=sd, fake=True)
+    assert est.peak_bytes == sd_fake.peak_bytes and est.phases == sd_fake.phases     # the trace is unchanged
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(sd, subfolder="unet")
+    lin = [m for m in unet.modules() if isinstance(m, torch.nn.Linear)]
+    per = {"bnb-8bit": lambda m: m.weight.numel() + 4 * m.out_features,
+           "bnb-4bit": lambda m: m.weight.numel() / 2 + 4 * -(-m.weight.numel() // 64),
+           "torchao-int8": lambda m: m.weight.numel() + 4 * m.out_features}[method]     # fp32 weights: fp32 scales
+    q = est.quantized
+    assert q["linear_layers"] == len(lin)
+    assert q["linear_weight_bytes"] == sum(4 * m.weight.numel() for m in lin)
+    assert q["saved_bytes"] == int(q["linear_weight_bytes"] - sum(per(m) for m in lin))
+    assert q["transient_bytes"] == max(4 * m.weight.numel() for m in lin)
+    step = max(v["peak"] for k, v in est.phases.items() if not k.startswith("build: "))
+    assert q["step_peak_bytes"] == step - q["saved_bytes"] + q["transient_bytes"]
+    assert q["peak_bytes"] == max(q["step_peak_bytes"], q["build_peak_bytes"]) < est.peak_bytes
+    text = report(est)
+    assert f"with model.quantize={method}: " in text and "not a trace of the quantized kernels" in text
+    assert est.to_json()["quantized"]["peak_gib"] == round(q["peak_bytes"] / 2 ** 30, 4)
+
+
+@pytest.mark.parametrize("method,offload", [("bnb-4bit", True), ("torchao-int8", True), ("bnb-4bit", False)])
+def test_quantized_phases_where_the_denoiser_is_on_the_host(method, offload):
+    """With text encoders first, prompt encoding holds no denoiser (torchao: it moves later, at full size, and is
+    quantized there already) or the bnb-quantized one (bitsandbytes loads it onto the GPU); every other phase
+    holds the quantized denoiser; the step's phases add one dequantized layer."""
+    from fnf import config
+    from fnf.memory.estimate import _quantized
+
+    cfg = config.from_dict({"model": {"quantize": method}, "memory": {"offload_text_encoder": offload}})
+    adj = {"saved_bytes": 100, "stored_bytes": 30, "transient_bytes": 7}
+    phases = {"build: other": {"peak": 500}, "build: prompt encoding": {"peak": 450}, "backward": {"peak": 600}}
+    q = _quantized(cfg, adj, phases)
+    assert q["step_peak_bytes"] == 600 - 100 + 7
+    encoding = 450 + (30 if method.startswith("bnb") else 0) if offload else 450 - 100
+    assert q["build_peak_bytes"] == max(500 - 100, encoding)
+    assert q["peak_bytes"] == max(q["step_peak_bytes"], q["build_peak_bytes"])

@@ -51,16 +51,22 @@ def report(est, title: str = "") -> str:
              f"localizer {s['localizer']}"]
     if title:
         lines.append(f"  configuration: {title}")
-    if s.get("quantize", "none") != "none":
-        lines.append(f"  model.quantize={s['quantize']} is not modelled: the frozen denoiser's weights are counted in "
-                     f"{s['weight_dtype']} (int8 holds about half those bytes, 4-bit about a quarter)")
     plan = est.peak_bytes * (1 + MARGIN_FRACTION) + MARGIN_BYTES
     lines += [f"estimated torch.cuda.max_memory_allocated: {_gib(est.peak_bytes)} GiB "
               f"(peak in phase '{est.peak_phase}', {est.peak_step})",
               f"  with the margin (+{MARGIN_FRACTION:.0%} + {_gib(MARGIN_BYTES)} GiB for cuDNN/cuBLAS workspaces and "
               f"kernel scratch, which the trace cannot see): plan for {_gib(plan)} GiB",
-              "  not included: " + "; ".join(NOT_INCLUDED),
-              "held at the peak, by the phase that allocated it (GiB):"]
+              "  not included: " + "; ".join(NOT_INCLUDED)]
+    q = est.quantized
+    if q:
+        lines += [f"with model.quantize={q['method']}: {_gib(q['peak_bytes'])} GiB, plan for "
+                  f"{_gib(q['peak_bytes'] * (1 + MARGIN_FRACTION) + MARGIN_BYTES)} GiB",
+                  f"  arithmetic on the trace below (fnf/memory/quantized.py), not a trace of the quantized kernels: "
+                  f"its {q['linear_layers']} Linear weights ({_gib(q['linear_weight_bytes'])} GiB in "
+                  f"{s['weight_dtype']}) stored in {_gib(q['stored_bytes'])} GiB saves {_gib(q['saved_bytes'])} GiB; "
+                  f"+ {_gib(q['transient_bytes'])} GiB for the largest layer dequantized; the rest is traced in "
+                  f"{s['weight_dtype']}"]
+    lines.append("held at the peak, by the phase that allocated it (GiB; as traced):")
     lines += [f"  {name:<34}{_gib(b):>8}" for name, b in est.held_at_peak.items() if b >= 2**20]
     lines.append("persistent (GiB): " + ", ".join(f"{k} {_gib(v)}" for k, v in est.persistent.items()))
     lines.append(f"phases (GiB; session build, then the last optimizer step): {'at entry':>9}{'peak':>8}{'added':>8}")
@@ -77,10 +83,14 @@ def ladder_table(rows) -> str:
     from .estimate import MARGIN_BYTES, MARGIN_FRACTION
 
     width = max([len("configuration"), *(len(name) for name, _ in rows)]) + 1
-    lines = [f"{'configuration':<{width}}{'peak GiB':>9}{'plan GiB':>9}  peak phase"]
+    quant = bool(rows) and rows[0][1].quantized is not None
+    lines = [f"{'configuration':<{width}}{'peak GiB':>9}{'plan GiB':>9}  peak phase"
+             + (f"  (peaks with model.quantize={rows[0][1].quantized['method']}, fnf/memory/quantized.py)"
+                if quant else "")]
     for name, est in rows:
-        plan = est.peak_bytes * (1 + MARGIN_FRACTION) + MARGIN_BYTES
-        lines.append(f"{name:<{width}}{_gib(est.peak_bytes):>9}{_gib(plan):>9}  {est.peak_phase}")
+        peak = est.quantized["peak_bytes"] if est.quantized else est.peak_bytes
+        plan = peak * (1 + MARGIN_FRACTION) + MARGIN_BYTES
+        lines.append(f"{name:<{width}}{_gib(peak):>9}{_gib(plan):>9}  {est.peak_phase}")
     return "\n".join(lines)
 
 

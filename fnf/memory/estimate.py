@@ -216,6 +216,7 @@ class Estimate:
     attention_backends: dict
     trace_seconds: float
     notes: list = field(default_factory=list)
+    quantized: dict | None = None   # model.quantize: fnf.memory.quantized's adjustment and its peak
 
     def to_json(self) -> dict:
         gib = lambda b: round(b / GIB, 4)  # noqa: E731
@@ -230,7 +231,12 @@ class Estimate:
             "phases": {k: {kk: gib(vv) for kk, vv in v.items()} for k, v in self.phases.items()},
             "persistent_gib": {k: gib(v) for k, v in self.persistent.items()},
             "settings": self.settings, "attention_backends": self.attention_backends,
-            "trace_seconds": round(self.trace_seconds, 2)}
+            "trace_seconds": round(self.trace_seconds, 2),
+            **({"quantized": {**{(k[:-6] + "_gib" if k.endswith("_bytes") else k): (gib(v) if k.endswith("_bytes") else v)
+                                 for k, v in self.quantized.items()},
+                              "plan_for_gib": gib(self.quantized["peak_bytes"] * (1 + MARGIN_FRACTION)
+                                                  + MARGIN_BYTES)}}
+               if self.quantized else {})}
 
 
 def trace_config(cfg, height: int = 0, width: int = 0, sampling_steps: int = 0):
@@ -300,6 +306,8 @@ def run_trace(cfg, spec: dict, *, fake: bool = True, cuda: bool = True, optimize
         model = build_model(spec, cfg.model.weight_dtype, fp16_autocast)
         if model_hook is not None:
             model_hook(model)
+        # the denoiser's own Linear layers, before the Session puts LoRA layers beside them
+        quant = _quantize_adjustment(cfg, model) if cfg.model.quantize != "none" else None
         counter = stack.enter_context(StorageCounter(scalar_answers=fake, round_to=512 if round_bytes else 1))
         if cuda:
             stack.enter_context(rules)
@@ -348,6 +356,7 @@ def run_trace(cfg, spec: dict, *, fake: bool = True, cuda: bool = True, optimize
                       "LoRA params": param_bytes, "LoRA grads (during backward)": param_bytes,
                       "AdamW state": state_bytes}
         result = Estimate(
+            quantized=_quantized(cfg, quant, phases) if quant else None,
             peak_bytes=peak, peak_phase=counter.peak_phase, peak_step=peak_step,
             held_at_peak=dict(sorted(held.items(), key=lambda kv: -kv[1])),
             phases={k: {"at_entry": v["entry"], "peak": v["peak"], "added": v["peak"] - v["entry"]}
@@ -357,6 +366,34 @@ def run_trace(cfg, spec: dict, *, fake: bool = True, cuda: bool = True, optimize
         del session, model
     result.trace_seconds = time.time() - began
     return result
+
+
+def _quantize_adjustment(cfg, model) -> dict:
+    from ..models import DTYPES
+    from .quantized import adjustment
+
+    return adjustment(model.unet, cfg.model.quantize, DTYPES[cfg.model.weight_dtype])
+
+
+def _quantized(cfg, adj: dict, phases: dict) -> dict:
+    """The estimate with model.quantize (fnf/memory/quantized.py), phase by phase: where the denoiser is on the
+    device its Linear weights take the stored bytes instead of the traced ones, and the step's phases gain one
+    dequantized layer. With text_encoders_first the denoiser is on the host while the prompts are encoded,
+    except under bitsandbytes, which loads it onto the GPU already quantized."""
+    from ..models import text_encoders_first
+    from .quantized import quantized_peak
+
+    encoding_first = text_encoders_first(cfg)
+    bnb = cfg.model.quantize.startswith("bnb-")
+    build, step = 0, 0
+    for name, p in phases.items():
+        if not name.startswith("build: "):
+            step = max(step, quantized_peak(p["peak"], adj))
+        elif name == "build: prompt encoding" and encoding_first:
+            build = max(build, p["peak"] + (adj["stored_bytes"] if bnb else 0))
+        else:
+            build = max(build, p["peak"] - adj["saved_bytes"])
+    return {**adj, "step_peak_bytes": int(step), "build_peak_bytes": int(build), "peak_bytes": int(max(step, build))}
 
 
 def settings_of(cfg, spec: dict) -> dict:
