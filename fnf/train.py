@@ -379,6 +379,7 @@ def train(cfg: Config, accelerator=None, model: DiffusionModel | None = None) ->
         logger.close()
     session.objective.finish(session)
     fused_lora.disable(session.model.unet)  # back to diffusers' processors: the returned model is plain peft
+    vae_memory.reset(session.model.vae)     # and its VAE decodes plainly (no training checkpoints, no tiles)
     lora_dir = session.objective.export(session, out) if is_main else os.path.join(out, "lora")
     acc.wait_for_everyone()
     return TrainResult(out=out, steps_done=t.steps, lora_dir=lora_dir, history=history, model=session.model)

@@ -158,3 +158,19 @@ def test_a_deep_copy_of_a_checkpointed_vae_uses_its_own_weights():
     torch.testing.assert_close(image, plain_image, rtol=0, atol=1e-12)
     torch.testing.assert_close(grad, plain_grad, rtol=1e-12, atol=1e-12)
     assert not torch.allclose(image, _decode_with_grads(vae, z, weight)[0])
+
+
+def test_trained_model_decodes_plainly(tmp_path):
+    """The training levers end with training: after fnf.train.train with a tiled, checkpointed decode, the returned
+    model's VAE has no tiling and no checkpointed forwards (samples from it are full decodes)."""
+    from fnf_tiny_models import cached_model, tiny_config
+
+    from fnf.train import train
+
+    cfg = tiny_config(cached_model("sd", str(tmp_path)), str(tmp_path / "run"), train={"steps": 1},
+                      sampling={"height": 128, "width": 128},
+                      memory={"vae_tile": 64, "vae_checkpointing": "resnet"})
+    r = train(cfg)
+    vae = r.model.vae
+    assert not vae.use_tiling
+    assert not any(getattr(m, vae_memory._PATCHED, False) or "forward" in m.__dict__ for m in vae.modules())
