@@ -136,52 +136,23 @@ class _FakeQuantizer:
         self.quantization_config = types.SimpleNamespace(quant_method=method)
 
 
-def test_loading_path_passes_the_quantization_config(flux, monkeypatch):
-    """With a stand-in backend: the family reads the transformer with from_pretrained(quantization_config=the
-    method's config, torch_dtype=the weight dtype), everything else without one; LoRA goes on top and the base
-    stays frozen; a bitsandbytes model is not moved (its weights stay on the GPU they were quantized on)."""
-    from diffusers import FluxTransformer2DModel
-    from diffusers.models.modeling_utils import ModelMixin
-
-    sentinel = object()
-    seen = []
-    monkeypatch.setattr(quantize, "quantization_config",
-                        lambda method, dtype: seen.append((method, dtype)) or sentinel)
-    original = ModelMixin.from_pretrained.__func__
-    calls = []
-
-    def from_pretrained(cls, folder, **kwargs):
-        calls.append((cls.__name__, kwargs.get("quantization_config"), kwargs.get("torch_dtype")))
-        kwargs.pop("quantization_config", None)
-        model = original(cls, folder, **kwargs)
-        if cls is FluxTransformer2DModel:
-            model.hf_quantizer = _FakeQuantizer("bitsandbytes")
-        return model
-
-    monkeypatch.setattr(ModelMixin, "from_pretrained", classmethod(from_pretrained))
-    moved = []
-    monkeypatch.setattr(FluxTransformer2DModel, "to", lambda self, *a, **k: moved.append(a) or self)
-    m = load_model(flux, weight_dtype="bf16", quantize="bnb-4bit")
-    assert seen == [("bnb-4bit", torch.bfloat16)]
-    assert ("FluxTransformer2DModel", sentinel, torch.bfloat16) in calls
-    assert [c for c in calls if c[1] is not None] == [("FluxTransformer2DModel", sentinel, torch.bfloat16)]
-    assert moved == [] and quantize.method_of(m.unet) == "bitsandbytes"
-    params = add_lora(m, rank=2, alpha=2, target_modules=["to_q", "to_v"])
-    assert params and all(p.dtype == torch.float32 for p in params)
-    assert {n for n, p in m.unet.named_parameters() if p.requires_grad} == \
-        {n for n, p in m.unet.named_parameters() if "lora_" in n}
-
-
-def test_unet_loading_path_passes_the_quantization_config(tmp_path, monkeypatch):
-    """SD 1.x with a stand-in backend: only the UNet is read with the method's config and the weight dtype;
-    a bitsandbytes UNet is not moved; LoRA goes on top in fp32 with the base frozen; the fused LoRA path stays
-    off (auto) or refuses (on), since its kernels read the base weight as floats."""
-    from diffusers import UNet2DConditionModel
+@pytest.mark.parametrize("family", ["flux", "sd"])
+def test_loading_path_passes_the_quantization_config(family, flux, tmp_path, monkeypatch):
+    """With a stand-in backend: the family reads its denoiser (FLUX.1's transformer, SD's UNet) with
+    from_pretrained(quantization_config=the method's config, torch_dtype=the weight dtype), everything else
+    without one; LoRA goes on top in fp32 and the base stays frozen; a bitsandbytes model is not moved (its
+    weights stay on the GPU they were quantized on); the fused LoRA path stays off (auto) or refuses (on) on a
+    quantized base, since its kernels read the base weight as floats."""
+    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
     from diffusers.models.modeling_utils import ModelMixin
 
     from fnf import fused_lora
 
-    sd = cached_model("sd", str(tmp_path))
+    denoiser, path, dtype, method, targets = {
+        "flux": (FluxTransformer2DModel, flux, "bf16", "bnb-4bit", ["to_q", "to_v"]),
+        "sd": (UNet2DConditionModel, cached_model("sd", str(tmp_path)), "fp32", "bnb-8bit",
+               ["to_q", "to_k", "to_v", "to_out.0"])}[family]
+    torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     sentinel = object()
     seen = []
     monkeypatch.setattr(quantize, "quantization_config",
@@ -193,18 +164,18 @@ def test_unet_loading_path_passes_the_quantization_config(tmp_path, monkeypatch)
         calls.append((cls.__name__, kwargs.get("quantization_config"), kwargs.get("torch_dtype")))
         kwargs.pop("quantization_config", None)
         model = original(cls, folder, **kwargs)
-        if cls is UNet2DConditionModel:
+        if cls is denoiser:
             model.hf_quantizer = _FakeQuantizer("bitsandbytes")
         return model
 
     monkeypatch.setattr(ModelMixin, "from_pretrained", classmethod(from_pretrained))
     moved = []
-    monkeypatch.setattr(UNet2DConditionModel, "to", lambda self, *a, **k: moved.append(a) or self)
-    m = load_model(sd, quantize="bnb-8bit")
-    assert seen == [("bnb-8bit", torch.float32)]
-    assert [c for c in calls if c[1] is not None] == [("UNet2DConditionModel", sentinel, torch.float32)]
+    monkeypatch.setattr(denoiser, "to", lambda self, *a, **k: moved.append(a) or self)
+    m = load_model(path, weight_dtype=dtype, quantize=method)
+    assert seen == [(method, torch_dtype)]
+    assert [c for c in calls if c[1] is not None] == [(denoiser.__name__, sentinel, torch_dtype)]
     assert moved == [] and quantize.method_of(m.unet) == "bitsandbytes"
-    params = add_lora(m, rank=2, alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    params = add_lora(m, rank=2, alpha=2, target_modules=targets)
     assert params and all(p.dtype == torch.float32 for p in params)
     assert {n for n, p in m.unet.named_parameters() if p.requires_grad} == \
         {n for n, p in m.unet.named_parameters() if "lora_" in n}
