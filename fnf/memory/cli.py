@@ -42,7 +42,7 @@ def _gib(b: float) -> str:
 
 
 def report(est, title: str = "") -> str:
-    from .estimate import MARGIN_BYTES, MARGIN_FRACTION, NOT_INCLUDED
+    from .estimate import MARGIN_BYTES, MARGIN_FRACTION, NOT_INCLUDED, plan_bytes
 
     s = est.settings
     lines = [f"fnf estimate-memory: {s['model']} ({s['kind']}) at {s['width']}x{s['height']}, weights "
@@ -51,7 +51,7 @@ def report(est, title: str = "") -> str:
              f"localizer {s['localizer']}"]
     if title:
         lines.append(f"  configuration: {title}")
-    plan = est.peak_bytes * (1 + MARGIN_FRACTION) + MARGIN_BYTES
+    plan = plan_bytes(est.peak_bytes)
     lines += [f"estimated torch.cuda.max_memory_allocated: {_gib(est.peak_bytes)} GiB "
               f"(peak in phase '{est.peak_phase}', {est.peak_step})",
               f"  with the margin (+{MARGIN_FRACTION:.0%} + {_gib(MARGIN_BYTES)} GiB for cuDNN/cuBLAS workspaces and "
@@ -60,7 +60,7 @@ def report(est, title: str = "") -> str:
     q = est.quantized
     if q:
         lines += [f"with model.quantize={q['method']}: {_gib(q['peak_bytes'])} GiB, plan for "
-                  f"{_gib(q['peak_bytes'] * (1 + MARGIN_FRACTION) + MARGIN_BYTES)} GiB",
+                  f"{_gib(plan_bytes(q['peak_bytes']))} GiB",
                   f"  arithmetic on the trace below (fnf/memory/quantized.py), not a trace of the quantized kernels: "
                   f"its {q['linear_layers']} Linear weights ({_gib(q['linear_weight_bytes'])} GiB in "
                   f"{s['weight_dtype']}) stored in {_gib(q['stored_bytes'])} GiB saves {_gib(q['saved_bytes'])} GiB; "
@@ -80,7 +80,7 @@ def report(est, title: str = "") -> str:
 
 
 def ladder_table(rows) -> str:
-    from .estimate import MARGIN_BYTES, MARGIN_FRACTION
+    from .estimate import plan_bytes
 
     width = max([len("configuration"), *(len(name) for name, _ in rows)]) + 1
     quant = bool(rows) and rows[0][1].quantized is not None
@@ -89,8 +89,7 @@ def ladder_table(rows) -> str:
                 if quant else "")]
     for name, est in rows:
         peak = est.quantized["peak_bytes"] if est.quantized else est.peak_bytes
-        plan = peak * (1 + MARGIN_FRACTION) + MARGIN_BYTES
-        lines.append(f"{name:<{width}}{_gib(peak):>9}{_gib(plan):>9}  {est.peak_phase}")
+        lines.append(f"{name:<{width}}{_gib(peak):>9}{_gib(plan_bytes(peak)):>9}  {est.peak_phase}")
     return "\n".join(lines)
 
 

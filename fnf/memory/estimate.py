@@ -26,6 +26,11 @@ GIB = 2 ** 30
 # GPU run of benchmarks/train_memory.py): cuDNN convolution and cuBLAS workspaces and kernel scratch pass
 # through the caching allocator and so count in max_memory_allocated.
 MARGIN_FRACTION, MARGIN_BYTES = 0.10, GIB // 4
+
+
+def plan_bytes(peak: float) -> float:
+    """What to plan for: the estimate plus the margin."""
+    return peak * (1 + MARGIN_FRACTION) + MARGIN_BYTES
 NOT_INCLUDED = ("CUDA context (~0.3-0.6 GiB, outside max_memory_allocated)",
                 "reserved-but-unallocated memory of the caching allocator (fragmentation; typically 5-20% more "
                 "in torch.cuda.max_memory_reserved)")
@@ -223,7 +228,7 @@ class Estimate:
         return {
             "estimate_of": "torch.cuda.max_memory_allocated", "peak_gib": gib(self.peak_bytes),
             "peak_bytes": self.peak_bytes, "peak_phase": self.peak_phase, "peak_step": self.peak_step,
-            "plan_for_gib": gib(self.peak_bytes * (1 + MARGIN_FRACTION) + MARGIN_BYTES),
+            "plan_for_gib": gib(plan_bytes(self.peak_bytes)),
             "margin": {"fraction": MARGIN_FRACTION, "gib": gib(MARGIN_BYTES),
                        "covers": "cuDNN/cuBLAS workspaces and kernel scratch (not visible to the trace)"},
             "not_included": list(NOT_INCLUDED),
@@ -232,10 +237,9 @@ class Estimate:
             "persistent_gib": {k: gib(v) for k, v in self.persistent.items()},
             "settings": self.settings, "attention_backends": self.attention_backends,
             "trace_seconds": round(self.trace_seconds, 2),
-            **({"quantized": {**{(k[:-6] + "_gib" if k.endswith("_bytes") else k): (gib(v) if k.endswith("_bytes") else v)
-                                 for k, v in self.quantized.items()},
-                              "plan_for_gib": gib(self.quantized["peak_bytes"] * (1 + MARGIN_FRACTION)
-                                                  + MARGIN_BYTES)}}
+            **({"quantized": {**dict((k[:-6] + "_gib", gib(v)) if k.endswith("_bytes") else (k, v)
+                                     for k, v in self.quantized.items()),
+                              "plan_for_gib": gib(plan_bytes(self.quantized["peak_bytes"]))}}
                if self.quantized else {})}
 
 

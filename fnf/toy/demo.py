@@ -548,7 +548,8 @@ def _run_demo(out, quick, seed, model, threads, beta, methods, squared, grad_cli
         cpu["sepen"] = round(time.process_time() - c1, 1)
         print(f"fnf demo: sepen: {json.dumps(finite_or_none(res['sepen']))}", flush=True)
     settings_out = {**st, "beta": beta, "squared_penalty": squared, "eval_seed": seed,
-                    "eval_prompts": len(prompts), "eval_seeds_first": ss[0], "eval_seed_scheme": "fnf.toy.evaluate_sd.eval_seed(seed, prompt, k)", "model": model,
+                    "eval_prompts": len(prompts), "eval_seeds_first": ss[0],
+                    "eval_seed_scheme": "fnf.toy.evaluate_sd.eval_seed(seed, prompt, k)", "model": model,
                     "small": small or "shipped",
                     "pool_prompts": len(pool_prompts), "pool_reward_below": below, "sweep": sweep,
                     "sweep_betas": list(SWEEP_BETAS) if sweep else [], "threads": threads,

@@ -40,7 +40,7 @@ from . import data as toydata
 # the paper's weights and lr 1e-3 are kept (docs/toy_sepen.md says why sepen fails here).
 LR, STEPS, BATCH = 1e-3, 200, 4
 DOWNSAMPLE = 2           # maps at latent/2 (the 8x8 cross-attention layers of the 16x16 toy latent)
-VALIDATION_SEED0 = 10_500  # noise seeds for choosing settings; fnf demo evaluates on 10_000 + 1000 * seed + k
+VALIDATION_SEED0 = 10_500  # v2's noise seeds for choosing settings; fnf demo evaluates on evaluate_sd.eval_seed
 SAME_IMAGES_ATOL = 1e-4    # as fnf.toy.demo: float32 rounding of a 10-step toy sampler is ~1e-6
 
 
@@ -320,7 +320,7 @@ def run_sepen(model_path: str, out_dir: str, prompts: list[str], seeds: list[int
     t2 = time.time()
     # The tuned model's two-object images come with the two losses along its own trajectories (the capture leaves
     # the images unchanged: checked above on the base model); the single-object images are sampled plainly.
-    one = [i for i in range(len(prompts)) if i not in set(two)]
+    one = sorted(set(range(len(prompts))) - set(two))
     traj_t = trajectory_losses(r.model, [prompts[i] for i in two], [seeds[i] for i in two], downsample=downsample,
                                **sample_kw)
     tuned = torch.empty_like(base)
