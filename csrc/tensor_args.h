@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <array>
 
+#include "fnf/penalty_args.h"
 #include "fnf/types.h"
 
 namespace fnf {
@@ -43,55 +44,35 @@ inline void check_penalty_inputs(const at::Tensor& image, const at::Tensor& refe
                     "image, reference and mask must be on one device");
 }
 
-// Order of the (C, H, W) dims by decreasing image stride (ties keep C, H, W order).
-inline std::array<int, 3> penalty_dim_order(const at::Tensor& image) {
-  std::array<int, 3> order{1, 2, 3};
-  std::stable_sort(order.begin(), order.end(), [&](int a, int b) {
-    int64_t sa = image.size(a) == 1 ? 0 : image.stride(a), sb = image.size(b) == 1 ? 0 : image.stride(b);
-    return sa > sb;
-  });
-  return order;
-}
-
-inline View4 make_view(const at::Tensor& t, const std::array<int, 3>& order) {
-  View4 v;
-  v.stride[0] = t.size(0) == 1 ? 0 : t.stride(0);
-  for (int i = 0; i < 3; ++i) {
-    int d = order[i];
-    v.stride[i + 1] = t.size(d) == 1 ? 0 : t.stride(d);
+inline Dims4 dims_of(const at::Tensor& t) {
+  Dims4 d;
+  for (int i = 0; i < 4; ++i) {
+    d.size[i] = t.size(i);
+    d.stride[i] = t.stride(i);
   }
-  return v;
+  return d;
 }
 
-inline bool dense_plane(const View4& v, const int64_t size[3]) {
-  bool inner = v.stride[3] == 1 || size[2] == 1;
-  bool middle = v.stride[2] == size[2] || size[1] == 1;
-  return inner && middle;
-}
+inline std::array<int, 3> penalty_dim_order(const at::Tensor& image) { return penalty_dim_order(dims_of(image)); }
+
+inline View4 make_view(const at::Tensor& t, const std::array<int, 3>& order) { return make_view(dims_of(t), order); }
 
 inline PenaltyArgs make_penalty_args(const at::Tensor& image, const at::Tensor& reference, const at::Tensor& mask) {
-  PenaltyArgs a;
-  auto order = penalty_dim_order(image);
-  // A mask with one channel broadcasts over C.
-  at::Tensor m = mask.size(1) == image.size(1) ? mask : mask.expand_as(image);
-  a.image = image.data_ptr();
-  a.reference = reference.data_ptr();
-  a.mask = m.data_ptr();
-  a.dtype = dtype_of(image.scalar_type());
-  a.batch = image.size(0);
-  for (int i = 0; i < 3; ++i) a.size[i] = image.size(order[i]);
-  a.image_view = make_view(image, order);
-  a.reference_view = make_view(reference, order);
-  a.mask_view = make_view(m, order);
-  // Size-1 dims get stride 0 above; for the dense test use the stride a contiguous walk would have.
-  auto fix = [&](View4 v) {
-    if (a.size[2] == 1) v.stride[3] = 1;
-    if (a.size[1] == 1) v.stride[2] = a.size[2];
-    return v;
-  };
-  a.dense_planes = dense_plane(fix(a.image_view), a.size) && dense_plane(fix(a.reference_view), a.size) &&
-                   dense_plane(fix(a.mask_view), a.size);
-  return a;
+  return make_penalty_args(dtype_of(image.scalar_type()), image.data_ptr(), dims_of(image), reference.data_ptr(),
+                           dims_of(reference), mask.data_ptr(), dims_of(mask));
+}
+
+// grad and norms of penalty_backward (after check_penalty_inputs): one clear error on every backend instead of
+// garbage read through the wrong dtype or a pointer to another device.
+inline void check_penalty_backward_inputs(const at::Tensor& grad, const at::Tensor& norms, const at::Tensor& image) {
+  TORCH_CHECK_VALUE(grad.dim() == 1 && grad.size(0) == image.size(0) && norms.sizes() == grad.sizes(),
+                    "grad and norms must have shape (B,)");
+  TORCH_CHECK_TYPE(at::isFloatingType(grad.scalar_type()), "grad must be floating point, got ", grad.scalar_type());
+  TORCH_CHECK_TYPE(norms.scalar_type() == accumulate_type(image.scalar_type()), "norms must be ",
+                   accumulate_type(image.scalar_type()), " for a ", image.scalar_type(), " image (as penalty_norms "
+                   "returns), got ", norms.scalar_type());
+  TORCH_CHECK_VALUE(grad.device() == image.device() && norms.device() == image.device(), "grad (on ", grad.device(),
+                    ") and norms (on ", norms.device(), ") must be on image's device ", image.device());
 }
 
 }  // namespace fnf

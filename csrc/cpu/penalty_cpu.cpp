@@ -135,8 +135,7 @@ at::Tensor penalty_coefficients(const at::Tensor& grad, const at::Tensor& norms,
 at::Tensor penalty_backward_cpu(const at::Tensor& grad, const at::Tensor& image, const at::Tensor& reference,
                                 const at::Tensor& mask, const at::Tensor& norms, bool squared) {
   check_penalty_inputs(image, reference, mask);
-  TORCH_CHECK_VALUE(grad.dim() == 1 && grad.size(0) == image.size(0) && norms.sizes() == grad.sizes(),
-                    "grad and norms must have shape (B,)");
+  check_penalty_backward_inputs(grad, norms, image);
   const PenaltyArgs a = make_penalty_args(image, reference, mask);
   at::Tensor coef = penalty_coefficients(grad, norms, squared).contiguous();
   at::Tensor out = at::empty_like(image);

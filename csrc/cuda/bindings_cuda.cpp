@@ -1,4 +1,6 @@
 // CUDA implementations of the fnf_kernels ops: torch tensors -> plain structs -> launchers in *.cu.
+// Every tensor argument is checked (dtype, device) before a pointer reaches a kernel; empty tensors give what
+// the CPU backend gives (zeros / empty) without a launch; any batch size launches (the kernels grid-stride).
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
@@ -18,14 +20,17 @@ void check_launch(cudaError_t err, const char* what) {
 at::Tensor penalty_norms_cuda(const at::Tensor& image, const at::Tensor& reference, const at::Tensor& mask,
                               bool squared) {
   check_penalty_inputs(image, reference, mask);
-  TORCH_CHECK_VALUE(image.is_cuda(), "penalty_norms_cuda takes CUDA tensors");
+  TORCH_CHECK_VALUE(image.is_cuda(), "penalty_norms_cuda takes CUDA tensors, got image on ", image.device());
   const c10::cuda::CUDAGuard guard(image.device());
+  const auto acc = image.options().dtype(accumulate_type(image.scalar_type()));
+  if (image.numel() == 0) return at::zeros({image.size(0)}, acc);  // as the CPU backend: norms of nothing are 0
   const PenaltyArgs a = make_penalty_args(image, reference, mask);
   const PenaltyGrid grid = penalty_grid(a.batch * a.size[0], a.size[1] * a.size[2]);
   TORCH_CHECK_VALUE(grid.ok, "image planes are too large for the CUDA kernel: ", a.size[1] * a.size[2],
                     " elements, at most ", kMaxGridX * kPenaltyChunk);
-  const int64_t chunks = grid.chunks;
-  at::Tensor partial = at::empty({a.batch, a.size[0] * chunks}, image.options().dtype(accumulate_type(image.scalar_type())));
+  const int64_t count = cuda::penalty_partials_count(a);
+  TORCH_INTERNAL_ASSERT(count % a.batch == 0);
+  at::Tensor partial = at::empty({a.batch, count / a.batch}, acc);
   check_launch(cuda::penalty_partials(a, partial.data_ptr(), c10::cuda::getCurrentCUDAStream().stream()), "penalty_partials");
   at::Tensor sumsq = partial.sum(1);
   return squared ? sumsq : sumsq.sqrt();
@@ -34,9 +39,10 @@ at::Tensor penalty_norms_cuda(const at::Tensor& image, const at::Tensor& referen
 at::Tensor penalty_backward_cuda(const at::Tensor& grad, const at::Tensor& image, const at::Tensor& reference,
                                  const at::Tensor& mask, const at::Tensor& norms, bool squared) {
   check_penalty_inputs(image, reference, mask);
-  TORCH_CHECK_VALUE(grad.dim() == 1 && grad.size(0) == image.size(0) && norms.sizes() == grad.sizes(),
-                    "grad and norms must have shape (B,)");
+  TORCH_CHECK_VALUE(image.is_cuda(), "penalty_backward_cuda takes CUDA tensors, got image on ", image.device());
+  check_penalty_backward_inputs(grad, norms, image);
   const c10::cuda::CUDAGuard guard(image.device());
+  if (image.numel() == 0) return at::empty_like(image);
   const PenaltyArgs a = make_penalty_args(image, reference, mask);
   at::Tensor coef = penalty_coefficients(grad, norms, squared).contiguous();
   at::Tensor out = at::empty_like(image);
@@ -51,12 +57,13 @@ at::Tensor penalty_backward_cuda(const at::Tensor& grad, const at::Tensor& image
 at::Tensor threshold_dilate_cuda(const at::Tensor& heatmap, const at::Tensor& threshold, int64_t radius, bool disk,
                                  at::ScalarType dtype) {
   check_dilate_inputs(heatmap, threshold, radius);
-  TORCH_CHECK_VALUE(heatmap.is_cuda(), "threshold_dilate_cuda takes CUDA tensors");
-  TORCH_CHECK_VALUE(heatmap.size(0) <= 65535, "threshold_dilate_cuda takes at most 65535 images per call");
+  TORCH_CHECK_VALUE(heatmap.is_cuda(), "threshold_dilate_cuda takes CUDA tensors, got heatmap on ", heatmap.device());
   const c10::cuda::CUDAGuard guard(heatmap.device());
   const int64_t B = heatmap.size(0), H = heatmap.size(1), W = heatmap.size(2);
-  at::Tensor thr = threshold.contiguous();
+  const DType out_dtype = dtype_of(dtype);  // throws for an output dtype the kernel does not write
   at::Tensor out = at::empty({B, H, W}, heatmap.options().dtype(dtype));
+  if (out.numel() == 0) return out;  // as the CPU backend, without a launch
+  at::Tensor thr = threshold.contiguous();
   at::Tensor scratch = at::empty({B, H, W}, heatmap.options().dtype(at::kInt));
   DilateArgs a;
   a.heatmap = heatmap.data_ptr();
@@ -69,7 +76,7 @@ at::Tensor threshold_dilate_cuda(const at::Tensor& heatmap, const at::Tensor& th
   a.radius = int(radius);
   a.disk = disk;
   a.out = out.data_ptr();
-  a.out_dtype = dtype_of(dtype);
+  a.out_dtype = out_dtype;
   a.scratch = reinterpret_cast<uint32_t*>(scratch.data_ptr<int32_t>());
   check_launch(cuda::threshold_dilate(a, c10::cuda::getCurrentCUDAStream().stream()), "threshold_dilate");
   return out;

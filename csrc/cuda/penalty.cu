@@ -9,6 +9,7 @@
 // float32 the forward moves 2 x 201 MB (+ mask), the backward 3 x 201 MB.
 #include <cuda_runtime.h>
 
+#include "fnf/cuda_launch.h"
 #include "fnf/cuda_launchers.h"
 #include "fnf/cuda_types.h"
 #include "fnf/penalty_core.h"
@@ -97,6 +98,8 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(PenaltyArgs a, View4
   }
 }
 
+bool empty(const PenaltyArgs& a) { return a.batch * a.size[0] * a.size[1] * a.size[2] == 0; }
+
 PenaltyGrid grid_geometry(const PenaltyArgs& a) {
   return penalty_grid(a.batch * a.size[0], a.size[1] * a.size[2], kChunk);
 }
@@ -111,9 +114,9 @@ cudaError_t launch_partials(const PenaltyArgs& a, void* partials, cudaStream_t s
   using acc_t = typename AccOf<scalar_t>::type;
   auto* out = static_cast<acc_t*>(partials);
   if (a.dense_planes) {
-    partials_kernel<scalar_t, true><<<grid_of(a), kThreads, 0, stream>>>(a, out);
+    FNF_LAUNCH((partials_kernel<scalar_t, true>), grid_of(a), kThreads, 0, stream)(a, out);
   } else {
-    partials_kernel<scalar_t, false><<<grid_of(a), kThreads, 0, stream>>>(a, out);
+    FNF_LAUNCH((partials_kernel<scalar_t, false>), grid_of(a), kThreads, 0, stream)(a, out);
   }
   return cudaGetLastError();
 }
@@ -125,9 +128,9 @@ cudaError_t launch_backward(const PenaltyArgs& a, const View4& gv, bool grad_den
   const auto* c = static_cast<const acc_t*>(coef);
   auto* g = static_cast<scalar_t*>(grad);
   if (a.dense_planes && grad_dense) {
-    backward_kernel<scalar_t, true><<<grid_of(a), kThreads, 0, stream>>>(a, gv, c, g);
+    FNF_LAUNCH((backward_kernel<scalar_t, true>), grid_of(a), kThreads, 0, stream)(a, gv, c, g);
   } else {
-    backward_kernel<scalar_t, false><<<grid_of(a), kThreads, 0, stream>>>(a, gv, c, g);
+    FNF_LAUNCH((backward_kernel<scalar_t, false>), grid_of(a), kThreads, 0, stream)(a, gv, c, g);
   }
   return cudaGetLastError();
 }
@@ -138,7 +141,12 @@ int64_t penalty_chunk_elements() { return kChunk; }
 
 int64_t penalty_chunks_per_plane(const PenaltyArgs& a) { return grid_geometry(a).chunks; }
 
+int64_t penalty_partials_count(const PenaltyArgs& a) {
+  return empty(a) ? 0 : a.batch * a.size[0] * grid_geometry(a).chunks;
+}
+
 cudaError_t penalty_partials(const PenaltyArgs& a, void* partials, cudaStream_t stream) {
+  if (empty(a)) return cudaSuccess;  // no partials, nothing launched
   if (!grid_geometry(a).ok) return cudaErrorInvalidConfiguration;
   switch (a.dtype) {
     case DType::F16: return launch_partials<__half>(a, partials, stream);
@@ -151,6 +159,7 @@ cudaError_t penalty_partials(const PenaltyArgs& a, void* partials, cudaStream_t 
 
 cudaError_t penalty_backward(const PenaltyArgs& a, const View4& grad_view, bool grad_dense, const void* coef,
                              void* grad, cudaStream_t stream) {
+  if (empty(a)) return cudaSuccess;
   if (!grid_geometry(a).ok) return cudaErrorInvalidConfiguration;
   switch (a.dtype) {
     case DType::F16: return launch_backward<__half>(a, grad_view, grad_dense, coef, grad, stream);

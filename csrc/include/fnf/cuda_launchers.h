@@ -12,8 +12,11 @@ namespace cuda {
 int64_t penalty_chunk_elements();
 // Number of blocks per plane = partials per plane.
 int64_t penalty_chunks_per_plane(const PenaltyArgs& a);
+// Size of the partials buffer penalty_partials writes: B * D0 * chunks per plane (0 for an empty image).
+int64_t penalty_partials_count(const PenaltyArgs& a);
 
-// partials: (B * D0 * chunks_per_plane) float (double for F64) sums of squares, one per block.
+// partials: (B * D0 * chunks_per_plane) float (double for F64) sums of squares, one per block. An empty
+// image launches nothing and returns cudaSuccess (as does penalty_backward).
 cudaError_t penalty_partials(const PenaltyArgs& a, void* partials, cudaStream_t stream);
 
 // grad_image = -coef[b] * w^2 * (reference - image), written through grad_view's strides.
@@ -21,7 +24,8 @@ cudaError_t penalty_partials(const PenaltyArgs& a, void* partials, cudaStream_t 
 cudaError_t penalty_backward(const PenaltyArgs& a, const View4& grad_view, bool grad_dense, const void* coef,
                              void* grad, cudaStream_t stream);
 
-// Two-pass threshold + dilation (see dilate_core.h); a.scratch holds B * H * W uint32.
+// Two-pass threshold + dilation (see dilate_core.h); a.scratch holds B * H * W uint32. Any batch size (the
+// kernels stride over gridDim); an empty heatmap launches nothing and returns cudaSuccess.
 cudaError_t threshold_dilate(const DilateArgs& a, cudaStream_t stream);
 
 }  // namespace cuda

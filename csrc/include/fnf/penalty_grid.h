@@ -7,6 +7,8 @@
 #pragma once
 #include <cstdint>
 
+#include "fnf/grid_limits.h"
+
 namespace fnf {
 
 // Threads per block, elements per thread and elements per block (chunk) of the penalty kernels.
@@ -20,9 +22,6 @@ struct PenaltyGrid {
   int64_t y;       // gridDim.y = min(planes, 65535)
   bool ok;         // false when the plane needs more than 2^31 - 1 chunks (or there is nothing to do)
 };
-
-constexpr int64_t kMaxGridX = 2147483647;
-constexpr int64_t kMaxGridY = 65535;
 
 inline PenaltyGrid penalty_grid(int64_t planes, int64_t plane_elements, int64_t chunk_elements = kPenaltyChunk) {
   PenaltyGrid g{0, 0, 0, false};
