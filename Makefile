@@ -46,25 +46,35 @@ gpu-wheels: $(PY)
 	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 	  -d .whl diffusers==0.42.1 kornia==0.9.0 kornia_rs==0.2.0 importlib_metadata==10.2.0 zipp
 
-# The dependency floors of setup.py (ci/floors.txt) installed together in their own venv, then the fnf tests on
-# them (kernels use their torch fallbacks there: FNF_NO_EXTENSION=1 skips the C++ build).
+# The dependency floors of setup.py (ci/floors.txt: torch 2.11 (PyPI's CUDA build, run on the CPU), triton, numpy,
+# diffusers, transformers, peft, accelerate, ...) installed together in their own venv; a copy of the working tree
+# (build/floor-src, so that its in-place fnf_kernels._C never replaces the main venv's) gets the C++ extension built
+# against that torch (CPU kernels: FNF_CUDA=0; the CUDA build is proven by `make cuda-build-check` and on the GPU by
+# benchmarks/gpu_proof), and every test not marked slow runs there (selected by marker, not by file name).
 FLOOR_VENV ?= .venv-floor
-FLOOR_TESTS ?= tests/test_fnf_train.py tests/test_fnf_models.py tests/test_fnf_sampling.py tests/test_configs.py \
-  tests/test_fnf_config.py tests/test_fnf_localize.py tests/test_fnf_checkpoint.py tests/test_localizers_vit.py \
-  tests/test_reward_models_clip.py tests/test_reward_models_hps_safety.py tests/test_fnf_eval.py \
-  tests/test_families_unet.py tests/test_families_flow.py tests/test_family_sd3.py tests/test_family_flux.py \
-  tests/test_text_encoder_placement.py tests/test_quantize.py tests/test_fnf_fsdp.py tests/test_fnf_distributed.py \
-  tests/test_reference_pool_filter.py
-.PHONY: floor-check
-floor-check:
-	test -x $(FLOOR_VENV)/bin/python || $(PYTHON) -m venv $(FLOOR_VENV)
-	$(FLOOR_VENV)/bin/python -m pip --disable-pip-version-check install -q -c ci/floors.txt "setuptools>=64" wheel \
-	  torch numpy diffusers peft accelerate transformers safetensors tqdm PyYAML Pillow matplotlib pytest hypothesis \
-	  expecttest onnx onnxruntime
-	FNF_NO_EXTENSION=1 $(FLOOR_VENV)/bin/python -m pip --disable-pip-version-check install -q --no-build-isolation \
-	  --no-deps -e .
-	$(FLOOR_VENV)/bin/python -m pip --disable-pip-version-check list 2>/dev/null | grep -iE "^(torch|diffusers|peft|accelerate|transformers) "
-	$(FLOOR_VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not slow" $(FLOOR_TESTS)
+FLOOR_PY = $(abspath $(FLOOR_VENV))/bin/python
+FLOOR_SRC ?= build/floor-src
+FLOOR_MARKERS ?= not slow
+FLOOR_PYTEST_ARGS ?=
+.PHONY: floor-check floor-venv
+floor-venv:
+	test -x $(FLOOR_PY) || $(PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_PY) -m pip --disable-pip-version-check install -q -c ci/floors.txt "setuptools>=64" wheel ninja \
+	  torch triton numpy diffusers peft accelerate transformers safetensors tqdm PyYAML Pillow matplotlib pytest \
+	  hypothesis expecttest onnx onnxruntime
+	$(FLOOR_PY) -m pip --disable-pip-version-check list 2>/dev/null \
+	  | grep -iE "^(torch|triton|numpy|diffusers|peft|accelerate|transformers) "
+floor-check: floor-venv
+	mkdir -p $(FLOOR_SRC)
+	find $(FLOOR_SRC) -mindepth 1 -maxdepth 1 ! -name build -exec rm -rf {} +
+	git ls-files -z -co --exclude-standard | tar --null -T - --ignore-failed-read -cf - 2>/dev/null | tar -xf - -C $(FLOOR_SRC)
+	cd $(FLOOR_SRC) && FNF_CUDA=0 $(FLOOR_PY) setup.py -q build_ext --inplace
+	cd $(FLOOR_SRC) && FNF_NO_EXTENSION=1 $(FLOOR_PY) -m pip --disable-pip-version-check install -q \
+	  --no-build-isolation --no-deps -e .
+	cd /tmp && $(FLOOR_PY) -c "import fnf_kernels._C as c, torch, os; \
+	  assert os.path.realpath(c.__file__).startswith('$(abspath $(FLOOR_SRC))'), c.__file__; \
+	  print('floor:', torch.__version__, 'fnf_kernels._C built with torch', torch.__version__, 'at', c.__file__)"
+	cd $(FLOOR_SRC) && $(FLOOR_PY) -m pytest -q -p no:cacheprovider -m "$(FLOOR_MARKERS)" $(FLOOR_PYTEST_ARGS) tests
 
 # The CUDA build, proven without a GPU: a separate venv with the CUDA build of torch 2.13.0 (~5 GB, made once), a
 # wheel built from a clean clone of HEAD with FNF_CUDA=1 for sm_80 and sm_90, installed, imported, every compiled op

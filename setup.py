@@ -93,17 +93,20 @@ setup(
     long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     if os.path.exists(os.path.join(ROOT, "README.md")) else "",
     long_description_content_type="text/markdown",
-    python_requires=">=3.9",
+    python_requires=">=3.10",  # torch 2.11's own floor
     packages=find_packages(include=["fnf_kernels", "fnf_kernels.*", "fnf", "fnf.*"]),
     include_package_data=True,
     package_data={"fnf": ["assets/**/*"]},
-    # Floors are the versions `make floor-check` installs together (ci/floors.txt) and runs the fnf tests on;
-    # diffusers 0.34 is the first with LoRA adapter metadata (save_lora_weights / lora_state_dict); transformers
-    # 4.48 fails bf16 CLIP text encoding on torch 2.13 (causal mask overflow), 4.53 passes.
+    # Floors are the versions `make floor-check` installs together (ci/floors.txt), builds the C++ extension against
+    # and runs the kernel and fnf tests on (tests/test_floors.py checks what they can do). torch 2.11 / triton 3.6 is
+    # what the GPU machines carry (torch.library.custom_op + register_fake/register_autograd, opcheck, FSDP2's
+    # torch.distributed.fsdp.fully_shard are all older than that); diffusers 0.34 is the first with LoRA adapter
+    # metadata (save_lora_weights / lora_state_dict); transformers 4.48 fails bf16 CLIP text encoding (causal mask
+    # overflow), 4.53 passes.
     install_requires=[
-        "torch>=2.13.0",
+        "torch>=2.11.0",
         "numpy>=1.26.4",
-        "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
+        "triton>=3.6.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
     extras_require={
         "train": ["diffusers>=0.34.0", "peft>=0.15.0", "accelerate>=1.0.0", "transformers>=4.53.0",

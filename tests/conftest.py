@@ -1,7 +1,9 @@
 """Test setup: Triton runs under its CPU interpreter when there is no GPU; no hub downloads ever; hypothesis is
 derandomized (the same examples on every machine and every run) unless HYPOTHESIS_PROFILE=dev."""
 import os
+import re
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -28,6 +30,26 @@ def pytest_configure(config):
     if settings is not None and os.environ["HYPOTHESIS_PROFILE"] == "ci" and hasattr(config.option, "hypothesis_seed"):
         if config.option.hypothesis_seed is None:
             config.option.hypothesis_seed = HYPOTHESIS_SEED
+
+
+# The fnf_kernels tests (ops vs their references on every backend, the CUDA build and its emulation), marked `kernels`
+# so that the GPU proof (benchmarks/gpu_proof) and `-m kernels` select them by marker: a module whose name matches
+# below, or any test module under a folder named kernels/ or fnf_kernels/. A module may also set
+# `pytestmark = pytest.mark.kernels` itself.
+KERNEL_TEST_MODULE = re.compile(r"test_(api|penalty|dilation|attention_losses|lora_linear|lora_attention|triton_\w+|"
+                                r"cuda_\w+|selftest\w*|kernels?_\w+)\.py$")
+KERNEL_TEST_DIRS = {"kernels", "fnf_kernels"}
+
+
+def _is_kernel_module(path) -> bool:
+    return bool(KERNEL_TEST_MODULE.fullmatch(path.name)) or bool(KERNEL_TEST_DIRS & set(path.parent.parts))
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        path = getattr(item, "path", None)
+        if path is not None and _is_kernel_module(path):
+            item.add_marker(pytest.mark.kernels)
 
 
 def pytest_report_header(config):

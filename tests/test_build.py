@@ -1,6 +1,7 @@
 """Build checks: every .cu compiles with the local nvcc (no CUDA torch needed), for sm_80 and sm_90."""
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sysconfig
@@ -121,3 +122,29 @@ def test_penalty_cuda_grid_math(tmp_path):
     result = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "0 failures" in result.stdout
+
+
+def _floors_in_setup() -> dict[str, str]:
+    with open(os.path.join(ROOT, "setup.py"), encoding="utf-8") as f:
+        text = f.read()
+    return {name.lower(): version for name, version in re.findall(r'"([A-Za-z0-9_.-]+)>=([0-9][0-9.]*)', text)}
+
+
+def _floor_pins() -> dict[str, str]:
+    pins = {}
+    with open(os.path.join(ROOT, "ci", "floors.txt"), encoding="utf-8") as f:
+        for line in f:
+            line = line.split("#", 1)[0].strip()
+            if line:
+                name, version = line.split("==")
+                pins[name.strip().lower()] = version.strip()
+    return pins
+
+
+def test_setup_floors_are_what_the_floor_check_installs():
+    """Every `>=` floor in setup.py is pinned to the same version in ci/floors.txt (what `make floor-check` installs,
+    builds against and tests), and nothing else is pinned there."""
+    floors, pins = _floors_in_setup(), _floor_pins()
+    assert {"torch", "triton", "numpy", "diffusers", "transformers", "peft", "accelerate"} <= floors.keys(), floors
+    assert floors == pins, {"setup.py only": floors.keys() - pins.keys(), "floors.txt only": pins.keys() - floors.keys(),
+                            "differ": {k: (floors[k], pins[k]) for k in floors.keys() & pins.keys() if floors[k] != pins[k]}}
