@@ -45,7 +45,8 @@ def build_model(args, device, dtype):
     import peft
     from diffusers import DDIMScheduler, UNet2DConditionModel
 
-    from fnf.models import DiffusionModel
+    from fnf.core import DiffusionModel
+    from fnf.families import family_by_name
 
     torch.manual_seed(0)
     n = len(args.channels)
@@ -69,7 +70,7 @@ def build_model(args, device, dtype):
                     p.normal_(0, 0.02)
     sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                           set_alpha_to_one=False, steps_offset=1)
-    return DiffusionModel(path="", kind="sd", unet=unet, vae=None, scheduler=sched)
+    return DiffusionModel(path="", family=family_by_name("sd"), denoiser=unet, vae=None, scheduler=sched)
 
 
 def timed(paths, device, repeats: int) -> tuple[list[float], list[float]]:
@@ -128,7 +129,8 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
 
     from fnf_kernels import lora_scale, patch_lora, unpatch_lora
-    from fnf.models import PromptEmbeds, adapters_disabled
+    from fnf.core import PromptEmbeds
+    from fnf.lora import adapters_disabled
     from fnf.sampling import denoise, denoise_batched, grad_start, run_steps, uses_cfg
 
     m = build_model(args, device, dtype)
@@ -148,14 +150,14 @@ def main(argv=None) -> int:
     @torch.no_grad()
     def two_passes_peft():
         with autocast:
-            with adapters_disabled(m.unet):
+            with adapters_disabled(m.denoiser):
                 z_ref = denoise(m, x_T, cond, uncond, **kw)
             return z_ref, ft_prefix()
 
     @torch.no_grad()
     def two_passes_fused():
         with autocast:
-            with lora_scale(m.unet, 0.0):
+            with lora_scale(m.denoiser, 0.0):
                 z_ref = denoise(m, x_T, cond, uncond, **kw)
             return z_ref, ft_prefix()
 
@@ -165,10 +167,10 @@ def main(argv=None) -> int:
             return denoise_batched(m, x_T, cond, uncond, grad_steps=args.k, lv_copies=args.lv, **kw)
 
     def peft():
-        unpatch_lora(m.unet)
+        unpatch_lora(m.denoiser)
 
     def fused():
-        patch_lora(m.unet)
+        patch_lora(m.denoiser)
 
     rows = [  # label, setup, fn, UNet calls, images per call
         ("two passes, peft (memory.fused_lora=off)", peft, two_passes_peft, f"{T} + {shared}", f"{b}"),

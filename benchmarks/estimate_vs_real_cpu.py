@@ -32,7 +32,7 @@ def time_forward(spec: dict, dtype: str, size: int) -> float:
     from fnf.memory.estimate import build_model
 
     model = build_model(spec, dtype)
-    unet = model.unet
+    unet = model.denoiser
     latent = size // 8
     x = torch.randn(2, unet.config.in_channels, latent, latent, dtype=unet.dtype)
     ctx = torch.randn(2, 77, unet.config.cross_attention_dim, dtype=unet.dtype)

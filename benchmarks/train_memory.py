@@ -178,7 +178,8 @@ def build_model(arch: str, device, dtype=torch.bfloat16):
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from fnf.models import DiffusionModel
+    from fnf.core import DiffusionModel
+    from fnf.families import family_by_name
 
     a = ARCHS[arch]
     with _default(device, dtype):
@@ -190,7 +191,7 @@ def build_model(arch: str, device, dtype=torch.bfloat16):
     tokenizer = CLIPTokenizer.from_pretrained(TOY_TOKENIZER, model_max_length=77, local_files_only=True)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1)
-    return DiffusionModel(path=f"<random {arch}>", kind=a["kind"], unet=unet, vae=vae, scheduler=scheduler,
+    return DiffusionModel(path=f"<random {arch}>", family=family_by_name(a["kind"]), denoiser=unet, vae=vae, scheduler=scheduler,
                           text_encoders=encoders, tokenizers=[tokenizer] * len(encoders),
                           force_zeros_for_empty_prompt=a["kind"] == "sdxl")
 

@@ -12,7 +12,7 @@ import os
 import torch
 from torch import nn
 
-from .rewards import SpecError
+from .core import SpecError
 
 ARCHS = {"resnet18": ("basic", (2, 2, 2, 2)), "resnet34": ("basic", (3, 4, 6, 3)),
          "resnet50": ("bottleneck", (3, 4, 6, 3)), "resnet101": ("bottleneck", (3, 4, 23, 3))}

@@ -161,7 +161,7 @@ def _prepare(cfg):
     """Model, prompts embeddings helper and size for the no-grad commands."""
     import torch
 
-    from .models import load_model, model_options
+    from .families.registry import load_model, model_options
 
     device = "cuda" if cfg.train.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
     model = load_model(cfg.model.path, kind=cfg.model.kind, weight_dtype=cfg.model.weight_dtype, device=device,
@@ -174,7 +174,7 @@ def _prepare(cfg):
 def _sample(model, cfg, prompt: str, seed: int, h: int, w: int, device):
     import torch
 
-    from .models import encode_negative, encode_prompts
+    from .encoding import encode_negative, encode_prompts
     from .sampling import initial_latents, sample_images
 
     cond = encode_prompts(model, [prompt], height=h, width=w)
@@ -222,23 +222,24 @@ def cmd_localize(args) -> int:
 
 def cmd_sample(args) -> int:
     from . import preflight
+    from .core import ADAPTER
     from .images import grid, save_png
-    from .models import ADAPTER, adapters_disabled, load_lora_for_sampling
+    from .lora import adapters_disabled, load_lora
 
     cfg = config_from_args(args)
-    from .models import LORA_WEIGHTS
+    from .core import LORA_WEIGHTS
 
     if not os.path.isfile(os.path.join(args.lora, LORA_WEIGHTS)):
         raise FileNotFoundError(f"--lora {args.lora!r}: expected a LoRA folder written by `fnf train` "
                                 "(<out>/lora with pytorch_lora_weights.safetensors)")
     preflight.check(cfg, prompts=not args.prompts, specs=False)  # no reward or localizer is used here
     model, device, h, w = _prepare(cfg)
-    load_lora_for_sampling(model, args.lora, adapter_name=ADAPTER)
+    load_lora(model, args.lora, adapter_name=ADAPTER)
     prompts = args.prompts or cfg.all_prompts()
     out = os.path.join(cfg.train.out, "samples_compare")
     for pi, prompt in enumerate(prompts):
         for seed in args.seeds:
-            with adapters_disabled(model.unet):
+            with adapters_disabled(model.denoiser):
                 base = _sample(model, cfg, prompt, seed, h, w, device)
             tuned = _sample(model, cfg, prompt, seed, h, w, device)
             save_png(grid([[base[0], tuned[0]]]), os.path.join(out, f"p{pi:03d}_s{seed}.png"))

@@ -21,7 +21,19 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import config as C
 from . import metrics as M
+from . import preflight
+from .cli import _prepare
+from .core import LORA_WEIGHTS
+from .encoding import encode_negative, encode_prompts
+from .images import grid, save_png
+from .localize import check_localizer_spec, localizer_from_config
+from .lora import adapters_disabled, load_lora
+from .rewards import build_reward, check_reward_spec, prepare_reward
+from .rewards import evaluate as reward_values
+from .run_dir import move_aside
+from .sampling import initial_latents, sample_images
 
 OUTPUTS = ("metrics.json", "report.md", "grids")   # what an evaluation writes into --out
 CLIP_METRIC = "clipscore"
@@ -128,8 +140,6 @@ def lora_names(folders: list[str]) -> dict:
 
 
 def _config(args):
-    from . import config as C
-
     cfg = C.load(args.config, args.overrides)
     set_keys = {o.split("=", 1)[0].strip() for o in args.overrides}
     flags = {"model.path": args.model, "reward.spec": args.reward, "sampling.guidance_scale": args.guidance,
@@ -187,10 +197,6 @@ def check_out(out: str, overwrite: bool) -> None:
 
 def plan(args) -> Plan:
     """Check every input without loading a model (raises ValueError/OSError naming the argument)."""
-    from . import preflight
-    from .localize import check_localizer_spec
-    from .models import LORA_WEIGHTS
-    from .rewards import check_reward_spec
 
     for name, value, low in (("--seeds", args.seeds, 1), ("--batch-size", args.batch_size, 1),
                              ("--bootstrap", args.bootstrap, 1), ("--grid-images", args.grid_images, 0),
@@ -230,8 +236,6 @@ def plan(args) -> Plan:
 # ------------------------------------------------------------------------------------------ sampling
 def sample_batch(model, cfg, prompts: list[str], seeds: list[int], h: int, w: int, device) -> torch.Tensor:
     """Images of ``prompts[i]`` from the noise of ``seeds[i]`` (the x_T `fnf sample` draws for that seed)."""
-    from .models import encode_negative, encode_prompts
-    from .sampling import initial_latents, sample_images
 
     cond = encode_prompts(model, prompts, height=h, width=w)
     uncond = encode_negative(model, cfg.sampling.negative_prompt, len(prompts), height=h, width=w)
@@ -280,8 +284,6 @@ class Recorder:
 
 
 def score_batch(rec: Recorder, name: str, images, base, mask, prompts, reward, metric_fns, lpips_net) -> None:
-    from .rewards import evaluate as reward_values
-
     with torch.no_grad():
         rec.add(name, "reward", reward_values(reward, images, prompts))
         for metric, fn in metric_fns.items():
@@ -386,7 +388,6 @@ def draw_outline(images: torch.Tensor, mask: torch.Tensor, color=(0.0, 1.0, 0.0)
 
 def write_grids(out: str, columns: list[torch.Tensor], mask: torch.Tensor) -> list[str]:
     """Grid PNGs of GRID_ROWS images each: columns base | LoRAs, outlines of ``mask``; returns relative paths."""
-    from .images import grid, save_png
 
     cols = [draw_outline(c, mask) for c in columns]
     scale = max(1, 128 // cols[0].shape[-1])
@@ -416,10 +417,6 @@ def run(args) -> int:
 
 def evaluate(p: Plan) -> dict:
     """Run a checked :class:`Plan`; writes metrics.json, report.md and grids; returns metrics.json's content."""
-    from .cli import _prepare
-    from .localize import localizer_from_config
-    from .models import adapters_disabled
-    from .rewards import build_reward, prepare_reward
 
     t0 = time.time()
     cfg = p.cfg
@@ -441,7 +438,7 @@ def evaluate(p: Plan) -> dict:
     for start in range(0, len(items), p.batch_size):
         batch = items[start:start + p.batch_size]
         idx, prompts, seeds = [b[0] for b in batch], [b[1] for b in batch], [b[2] for b in batch]
-        with adapters_disabled(model.unet) if loaded else contextlib.nullcontext():
+        with adapters_disabled(model.denoiser) if loaded else contextlib.nullcontext():
             base = sample_batch(model, cfg, prompts, seeds, h, w, device)
         _, mask = localizer(base, prompts, idx)
         mask = mask.float()
@@ -451,7 +448,7 @@ def evaluate(p: Plan) -> dict:
         if not loaded and p.loras:  # first batch: the true base model; then every LoRA joins as its own adapter
             adapters = load_loras(model, p.loras)
             loaded = True
-            with adapters_disabled(model.unet):
+            with adapters_disabled(model.denoiser):
                 again = sample_batch(model, cfg, prompts, seeds, h, w, device)
             diff = float((again - base).abs().max())
             checks["adapters-off model reproduces the base images"] = {"max_abs_diff": diff,
@@ -461,7 +458,7 @@ def evaluate(p: Plan) -> dict:
         grid_cols["base"].append(base[:keep].cpu())
         grid_masks.append(mask[:keep].cpu())
         for name in p.loras:
-            model.unet.set_adapter(adapters[name])
+            model.denoiser.set_adapter(adapters[name])
             images = sample_batch(model, cfg, prompts, seeds, h, w, device)
             score_batch(rec, name, images, base, mask, prompts, reward, metric_fns, lpips_net)
             grid_cols[name].append(images[:keep].cpu())
@@ -512,19 +509,16 @@ def load_loras(model, loras: dict) -> dict:
     """Every LoRA folder into the UNet as its own adapter; returns report name -> adapter name (pick one with
     set_adapter). Adapter names are ``fnf_eval_<i>``, never the report name: peft makes each adapter name an
     attribute of every LoRA layer, so a folder called e.g. ``train`` or ``forward`` would clash with nn.Module."""
-    from .models import load_lora_for_sampling
 
     adapters = {name: f"fnf_eval_{i}" for i, name in enumerate(loras)}
     with warnings.catch_warnings():   # peft warns when a second adapter joins: here that is the plan
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         for name, folder in loras.items():
-            load_lora_for_sampling(model, folder, adapter_name=adapters[name])
+            load_lora(model, folder, adapter_name=adapters[name])
     return adapters
 
 
 def write_results(p: Plan, result: dict) -> None:
-    from .run_dir import move_aside
-
     os.makedirs(p.out, exist_ok=True)
     # With --overwrite: the earlier evaluation. Without: plan() refused one, so what is there now appeared while
     # this one ran; it is moved aside too rather than losing either.

@@ -11,7 +11,7 @@ unit for each forward (and again for backward). The trainable parameters (the Lo
 mean), clipping, checkpoints, resume and the LoRA export are those of plain multi-process training.
 
 Why not ``accelerator.prepare``: the trainer runs K+ denoiser calls per backward, with the adapters off for
-I0, and averages the LoRA gradient itself (see fnf/train.py). FSDP2 shards in place (``model.unet`` stays the
+I0, and averages the LoRA gradient itself (see fnf/train.py). FSDP2 shards in place (``model.denoiser`` stays the
 diffusers model the families call, peft's adapter switches included) and leaves single parameters out (the
 LoRA). So fnf applies FSDP2 itself whatever ``fsdp_version`` the config names (accelerate 1.0 knows only FSDP1)
 and reads from the plugin only: the wrap classes, resharding after forward, CPU offload and activation
@@ -126,10 +126,10 @@ def wrap_class_names(model, wrap_classes=None) -> tuple[str, ...]:
         return tuple(wrap_classes)
     names = WRAP_CLASSES.get(getattr(model.family, "name", model.kind))
     if names is None:
-        names = tuple(getattr(model.unet, "_no_split_modules", None) or ())
+        names = tuple(getattr(model.denoiser, "_no_split_modules", None) or ())
     if not names:
         raise ValueError(f"FSDP: no wrap classes known for the {model.kind!r} denoiser "
-                         f"({type(model.unet).__name__}); set fsdp_transformer_layer_cls_to_wrap in the accelerate "
+                         f"({type(model.denoiser).__name__}); set fsdp_transformer_layer_cls_to_wrap in the accelerate "
                          "config")
     return names
 
@@ -160,17 +160,16 @@ def unit_of(plan: list[str], param_name: str) -> str:
 
 
 def shard_model(model, trained, fsdp: FsdpSettings, device, log=print, move_text_encoders: bool = True) -> list[str]:
-    """Shard ``model.unet`` with ``fully_shard`` per :func:`wrap_plan` on a 1-D mesh over all processes, the
+    """Shard ``model.denoiser`` with ``fully_shard`` per :func:`wrap_plan` on a 1-D mesh over all processes, the
     ``trained`` parameters ignored (replicated) and moved to ``device``; move the VAE (and the text encoders
     unless ``move_text_encoders`` is False: already encoded and offloaded) to ``device``. Returns the plan. The
     model must be on the host (or on ``device``)."""
+    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
-    import torch.distributed as dist
-
     device = torch.device(device)
-    denoiser = model.unet
+    denoiser = model.denoiser
     what = type(denoiser).__name__
     plan = wrap_plan(denoiser, wrap_class_names(model, fsdp.wrap_classes))
     trained = list(trained)

@@ -16,6 +16,8 @@ import torch
 
 import fnf_kernels
 
+from . import quantize
+
 MODES = ("auto", "on", "off")
 
 
@@ -29,7 +31,6 @@ def enable(unet: torch.nn.Module, mode: str, device) -> tuple[bool, str]:
         raise ValueError(f"memory.fused_lora must be one of {', '.join(MODES)}, got {mode!r}")
     if mode == "off":
         return False, "off (memory.fused_lora=off)"
-    from . import quantize
 
     method = quantize.method_of(unet)
     if method is not None:      # the fused kernels read the base weight as a plain float matrix

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import fnf_kernels
 
+from .reward_models.heatmaps import BoxDetectorHeatmap, check_boxes
 from .rewards import build_heatmap_model, check_heatmap_spec
 
 
@@ -137,15 +138,6 @@ def _first_tensor(output):
     except (TypeError, KeyError, IndexError):
         return None
     return first if isinstance(first, torch.Tensor) else None
-
-
-def center_crop_window(size: int, crop: int | None = None):
-    """``gradcam_crop`` of a reward that resizes the short side to ``size`` and center crops ``crop`` (default
-    ``size``) as :func:`fnf.reward_models.preprocess.clip_preprocess` does: (height, width) -> the window
-    (top, left, crop_h, crop_w) of the image, in image pixels."""
-    from .reward_models.preprocess import crop_window
-
-    return lambda height, width: crop_window(height, width, size, crop)
 
 
 def _paste_in_window(cam: torch.Tensor, window, size) -> torch.Tensor:
@@ -347,7 +339,6 @@ def build_localizer(spec: str, reward=None, *, kwargs: dict | None = None, norma
             raise LocalizerError("heatmap:SPEC needs a heatmap model spec after the colon")
         source = HeatmapModel(build_heatmap_model(arg, **kwargs))
     elif kind == "boxes":
-        from .reward_models.heatmaps import BoxDetectorHeatmap
         source = HeatmapModel(BoxDetectorHeatmap(arg, **kwargs))
     elif kind == "file":
         if not arg:
@@ -396,7 +387,6 @@ def check_localizer_spec(spec: str, kwargs: dict | None = None) -> None:
     elif kind == "heatmap":
         check_heatmap_spec(arg, kwargs)
     elif kind == "boxes":
-        from .reward_models.heatmaps import check_boxes
         check_boxes(arg, **kwargs)
     elif kind == "file":
         if not globlib.glob(arg):

@@ -10,16 +10,18 @@ import os
 
 import torch
 
+from . import quantize
 from .config import Config, ConfigError
+from .core import ModelLoadError
+from .families.registry import family_of, family_options, model_options, read_index
 from .localize import check_localizer_spec
-from .models import ModelLoadError, _read_index, family_of, family_options, model_options
 from .rewards import check_reward_spec
 
 
 def check_model_folder(path: str, kind: str = "auto") -> str:
     """The folder is a diffusers pipeline folder of a supported family (the given kind, unless auto) with every
     component the family lists; returns the family name."""
-    index = _read_index(path)
+    index = read_index(path)
     family = family_of(path, index)
     if kind not in ("auto", family.name):
         raise ModelLoadError(f"model.kind is {kind!r} but {path!r} looks like {family.name!r}")
@@ -38,7 +40,6 @@ def training_on_cuda(cfg: Config) -> bool:
 def check_model_options(cfg: Config) -> None:
     """model.quantize / text_encoder_3 / max_sequence_length suit the folder's family, and the quantization
     backend is installed and usable on this device."""
-    from . import quantize
 
     if cfg.model.path:
         try:

@@ -15,7 +15,9 @@ import math
 import numpy as np
 import torch
 
-from .models import DiffusionModel, PromptEmbeds, adapters_disabled
+from .core import DiffusionModel, PromptEmbeds
+from .lora import adapters_disabled
+from .rewards import evaluate
 from .sampling import decode, denoise, initial_latents
 
 
@@ -57,7 +59,7 @@ class ReferencePool:
             j = torch.arange(start, min(start + batch_size, self.size))
             idx = self.prompt_index[j]
             cond = embeds.index(idx.to(embeds.hidden.device))
-            with torch.no_grad(), adapters_disabled(model.unet), autocast():
+            with torch.no_grad(), adapters_disabled(model.denoiser), autocast():
                 z = denoise(model, self.latents(j, device), cond, negative.repeat(len(j)), steps=steps,
                             guidance_scale=guidance_scale, height=self.height, width=self.width)
                 ref = decode(model, z).float()
@@ -72,8 +74,6 @@ class ReferencePool:
         self.ref, self.heat, self.mask = torch.cat(refs), torch.cat(heats), torch.cat(masks)
 
     def _keep_below(self, reward, prompts, below: float, batch_size: int, device, autocast) -> None:
-        from .rewards import evaluate
-
         scores = []
         for start in range(0, self.size, batch_size):
             j = torch.arange(start, min(start + batch_size, self.size))

@@ -15,133 +15,26 @@ required arguments and cannot take (images, prompts); otherwise the object itsel
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
-import os
-import sys
-from typing import Callable, Protocol, runtime_checkable
+from typing import Callable
 
 import torch
 
-
-class SpecError(ValueError):
-    """A reward / heatmap spec cannot be resolved to a callable."""
-
-
-@runtime_checkable
-class Reward(Protocol):
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor: ...
-
-
-REWARDS: dict[str, Callable[..., Reward]] = {}
-HEATMAPS: dict[str, Callable[..., Callable]] = {}
-
-
-def register_reward(name: str):
-    """Decorator: ``@register_reward("name")`` on a factory ``(**kwargs) -> reward``."""
-    def wrap(factory):
-        REWARDS[name] = factory
-        return factory
-    return wrap
-
-
-def register_heatmap(name: str):
-    def wrap(factory):
-        HEATMAPS[name] = factory
-        return factory
-    return wrap
-
-
-HEATMAP_LOADERS: dict[str, tuple[Callable, Callable]] = {}
-
-
-def register_heatmap_loader(prefix: str, check: Callable):
-    """Decorator: ``@register_heatmap_loader("torchscript", check=fn)`` on ``loader(path, **kwargs)``; the heatmap
-    spec ``PREFIX:PATH`` builds ``loader(PATH, **kwargs)`` and preflight runs ``check(PATH, **kwargs)``."""
-    def wrap(loader):
-        HEATMAP_LOADERS[prefix] = (loader, check)
-        return loader
-    return wrap
-
-
-# ------------------------------------------------------------------------------------------ loading
-def load_object(spec: str, what: str = "reward"):
-    """Resolve ``module:attr`` or ``file.py:attr`` to the object, with errors that say what went wrong."""
-    if not isinstance(spec, str) or ":" not in spec:
-        raise SpecError(f"bad {what} spec {spec!r}: expected a registered name, 'module:callable' "
-                        "or 'path/to/file.py:callable'")
-    target, attr = spec.rsplit(":", 1)
-    if not target or not attr:
-        raise SpecError(f"bad {what} spec {spec!r}: both sides of ':' must be non-empty")
-    if target.endswith(".py") or os.sep in target or "/" in target:
-        path = os.path.abspath(target)
-        if not os.path.isfile(path):
-            raise SpecError(f"bad {what} spec {spec!r}: file {target!r} does not exist")
-        name = f"fnf_user_{abs(hash(path))}"
-        module_spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[name] = module
-        try:
-            module_spec.loader.exec_module(module)
-        except Exception as e:  # noqa: BLE001
-            del sys.modules[name]
-            raise SpecError(f"bad {what} spec {spec!r}: executing {target!r} failed: {type(e).__name__}: {e}") from e
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ImportError as e:
-            raise SpecError(f"bad {what} spec {spec!r}: cannot import module {target!r} ({e})") from e
-    obj = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise SpecError(f"bad {what} spec {spec!r}: {target!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise SpecError(f"bad {what} spec {spec!r}: {attr!r} is not callable")
-    return obj
-
-
-def _is_factory(obj) -> bool:
-    """A callable that takes no required arguments and cannot take (images, prompts) builds the reward."""
-    try:
-        sig = inspect.signature(obj)
-    except (TypeError, ValueError):
-        return False
-    try:
-        sig.bind()
-    except TypeError:
-        return False
-    try:
-        sig.bind(None, None)
-    except TypeError:
-        return True
-    return False
-
-
-def _instantiate(obj, kwargs: dict, spec: str, what: str):
-    try:
-        if inspect.isclass(obj) or kwargs or _is_factory(obj):
-            return obj(**kwargs)
-    except TypeError as e:
-        raise SpecError(f"{what} {spec!r} does not accept kwargs {sorted(kwargs)}: {e}") from e
-    return obj
-
-
-def _check_call(obj, kwargs: dict, spec: str, what: str) -> None:
-    """Would :func:`_instantiate` accept ``kwargs``? Binds them to the signature (nothing is built) and runs the
-    factory's own cheap ``check(**kwargs)`` when it has one (e.g. that a checkpoint file exists)."""
-    if not (inspect.isclass(obj) or kwargs or _is_factory(obj)):
-        return
-    try:
-        inspect.signature(obj).bind(**kwargs)
-    except TypeError as e:
-        raise SpecError(f"{what} {spec!r} does not accept kwargs {sorted(kwargs)}: {e}") from None
-    except ValueError:  # no signature (builtins): nothing to check
-        pass
-    check = getattr(obj, "check", None)
-    if callable(check) and not inspect.isclass(obj):
-        check(**kwargs)
+from . import reward_models
+from .reward_registry import (
+    HEATMAP_LOADERS,
+    HEATMAPS,
+    REWARDS,
+    Reward,
+    SpecError,
+    _check_call,
+    _check_spec,
+    _instantiate,
+    load_object,
+    register_heatmap,
+    register_heatmap_loader,
+    register_reward,
+)
 
 
 def check_reward_spec(spec: str, kwargs: dict) -> None:
@@ -170,16 +63,6 @@ def check_heatmap_spec(spec: str, kwargs: dict) -> None:
         HEATMAP_LOADERS[prefix][1](path, **kwargs)
         return
     _check_spec(spec, kwargs, HEATMAPS, "heatmap model")
-
-
-def _check_spec(spec: str, kwargs: dict, registry: dict, what: str) -> None:
-    if spec in registry:
-        _check_call(registry[spec], kwargs, spec, what)
-        return
-    if ":" not in spec:
-        raise SpecError(f"unknown {what} {spec!r}: expected one of {', '.join(sorted(registry))}, "
-                        "'module:callable' or 'path/to/file.py:callable'")
-    _check_call(load_object(spec, what), kwargs, spec, what)
 
 
 def build_reward(spec: str, **kwargs) -> Reward:
@@ -250,27 +133,22 @@ def _luma(x):
     return 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
 
 
-@register_reward("brightness")
 def brightness():
     return ImageStatisticReward(lambda x: x.mean(dim=(1, 2, 3)), "mean intensity")
 
 
-@register_reward("darkness")
 def darkness():
     return ImageStatisticReward(lambda x: 1 - x.mean(dim=(1, 2, 3)), "1 - mean intensity")
 
 
-@register_reward("redness")
 def redness():
     return ImageStatisticReward(lambda x: (x[:, 0] - 0.5 * (x[:, 1] + x[:, 2])).mean(dim=(1, 2)), "mean R - (G+B)/2")
 
 
-@register_reward("saturation")
 def saturation():
     return ImageStatisticReward(lambda x: (x.amax(dim=1) - x.amin(dim=1)).mean(dim=(1, 2)), "mean max-min channel")
 
 
-@register_reward("contrast")
 def contrast():
     return ImageStatisticReward(lambda x: _luma(x).flatten(1).std(dim=1), "luma std")
 
@@ -296,7 +174,6 @@ class RegionReward(torch.nn.Module):
         return crop.mean(dim=(1, 2, 3))
 
 
-@register_reward("region")
 def region(box=(0.25, 0.75, 0.25, 0.75), statistic="brightness"):
     return RegionReward(box, statistic)
 
@@ -327,7 +204,6 @@ class ClassifierReward(torch.nn.Module):
         return self.sign * logits[:, self.logit]
 
 
-@register_reward("classifier")
 def classifier(model: str = "", logit: int = 0, model_kwargs: dict | None = None, **kw):
     """kwargs: model = spec of a callable returning the nn.Module (e.g. 'my_pkg.nets:load_nsfw'),
     logit, size, mean, std, log_softmax, sign (-1 to push a logit down, e.g. an unsafe class)."""
@@ -343,13 +219,11 @@ def classifier(model: str = "", logit: int = 0, model_kwargs: dict | None = None
 
 
 # ------------------------------------------------------------------------------------------ heatmaps
-@register_heatmap("redness")
 def redness_heatmap():
     """Per-pixel redness R - (G+B)/2: a toy artifact detector for tests and demos."""
     return lambda images: images[:, 0] - 0.5 * (images[:, 1] + images[:, 2])
 
 
-@register_heatmap("box")
 def box_heatmap(box=(0.25, 0.75, 0.25, 0.75)):
     """A fixed box (top, bottom, left, right fractions): a known region for tests and demos."""
     def heat(images):
@@ -359,4 +233,13 @@ def box_heatmap(box=(0.25, 0.75, 0.25, 0.75)):
         return out
     return heat
 
-from . import reward_models  # noqa: E402,F401  (registers the built-in public reward models)
+
+# ------------------------------------------------------------------------------------------ the registry's built-ins
+for _name, _factory in {"brightness": brightness, "darkness": darkness, "redness": redness, "saturation": saturation,
+                        "contrast": contrast, "region": region, "classifier": classifier,
+                        **reward_models.REWARDS}.items():
+    register_reward(_name, _factory)
+for _name, _factory in {"redness": redness_heatmap, "box": box_heatmap}.items():
+    register_heatmap(_name, _factory)
+for _prefix, (_loader, _check) in reward_models.HEATMAP_LOADERS.items():
+    register_heatmap_loader(_prefix, _loader, _check)

@@ -15,6 +15,7 @@ import time
 import uuid
 
 from . import checkpoint as ckpt
+from .config import dump
 
 RUN_FILE = "run.json"
 # What a training run writes into <out>: DATA refuses a fresh run there; --overwrite moves all of these aside.
@@ -150,7 +151,6 @@ def resolve(resume: str, out: str, run: dict | None = None) -> str | None:
 
 def write_config(cfg, out: str) -> None:
     """``<out>/config.yaml`` of this run, replaced atomically (a crash never leaves a truncated one)."""
-    from .config import dump
 
     path = os.path.join(out, "config.yaml")
     tmp = f"{path}.tmp-{os.getpid()}"

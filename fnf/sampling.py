@@ -14,7 +14,8 @@ import torch
 
 import fnf_kernels
 
-from .models import DiffusionModel, PromptEmbeds, lora_dropout_active
+from .core import DiffusionModel, PromptEmbeds
+from .lora import lora_dropout_active
 
 
 def initial_latents(model: DiffusionModel, batch: int, height: int, width: int,
@@ -30,13 +31,13 @@ def uses_cfg(uncond: PromptEmbeds | None, guidance_scale: float, model: Diffusio
     return uncond is not None and guidance_scale > 1.0
 
 
-def predict_noise(model: DiffusionModel, unet, x: torch.Tensor, t, cond: PromptEmbeds,
+def predict_noise(model: DiffusionModel, denoiser, x: torch.Tensor, t, cond: PromptEmbeds,
                   uncond: PromptEmbeds | None, guidance_scale: float, i: int | None = None) -> torch.Tensor:
     """One denoiser call and the guided model output, in float32 (float64 for a float64 denoiser).
 
     With CFG the batch is ``[uncond rows of x, cond rows of x]`` (both halves in x's row order). ``i``: the
     step index (families whose schedule is indexed need it; the UNet families read only ``t``)."""
-    return model.family.predict(model, unet, x, i, t, cond, uncond, guidance_scale)
+    return model.family.predict(model, denoiser, x, i, t, cond, uncond, guidance_scale)
 
 
 def grad_start(steps: int, grad_steps: int, lv_copies: int = 0) -> int:
@@ -52,21 +53,21 @@ def _schedule(model: DiffusionModel, steps: int, x: torch.Tensor, height: int | 
 
 def run_steps(model: DiffusionModel, x: torch.Tensor, timesteps, cond: PromptEmbeds, uncond: PromptEmbeds | None,
               *, guidance_scale: float, eta: float = 0.0, generator: torch.Generator | None = None,
-              unet=None, first: int = 0) -> torch.Tensor:
+              denoiser=None, first: int = 0) -> torch.Tensor:
     """Sampler steps over ``timesteps`` (a slice of the schedule starting at step index ``first``) from x,
     in the caller's grad mode."""
     family = model.family
-    unet = unet if unet is not None else model.unet
+    denoiser = denoiser if denoiser is not None else model.denoiser
     for j, t in enumerate(timesteps):
         i = first + j
-        out = family.predict(model, unet, x, i, t, cond, uncond, guidance_scale)
+        out = family.predict(model, denoiser, x, i, t, cond, uncond, guidance_scale)
         x = family.step(model, out, i, t, x, eta=eta, generator=generator)
     return x
 
 
 def denoise(model: DiffusionModel, x_T: torch.Tensor, cond: PromptEmbeds, uncond: PromptEmbeds | None, *,
             steps: int, guidance_scale: float, grad_steps: int = 0, lv_copies: int = 0, eta: float = 0.0,
-            generator: torch.Generator | None = None, unet=None, start: int = 0, height: int | None = None,
+            generator: torch.Generator | None = None, denoiser=None, start: int = 0, height: int | None = None,
             width: int | None = None) -> torch.Tensor:
     """Run the family's sampler from x_T to clean latents.
 
@@ -82,17 +83,17 @@ def denoise(model: DiffusionModel, x_T: torch.Tensor, cond: PromptEmbeds, uncond
     enabled (:func:`fnf.models.lora_dropout_active`): the no-grad steps are those of a no-dropout model.
     """
     family = model.family
-    unet = unet if unet is not None else model.unet
+    denoiser = denoiser if denoiser is not None else model.denoiser
     timesteps = _schedule(model, steps, x_T, height, width)
     n = len(timesteps)
     if not 0 <= start <= n:
         raise ValueError(f"start must be in [0, steps={n}], got {start}")
     first_grad = max(start, grad_start(n, grad_steps, lv_copies))
-    kw = dict(guidance_scale=guidance_scale, eta=eta, generator=generator, unet=unet)
+    kw = dict(guidance_scale=guidance_scale, eta=eta, generator=generator, denoiser=denoiser)
     x = x_T
     with torch.no_grad():
         x = run_steps(model, x, timesteps[start:first_grad], cond, uncond, first=start, **kw)
-    with lora_dropout_active(model.unet, torch.is_grad_enabled()):
+    with lora_dropout_active(model.denoiser, torch.is_grad_enabled()):
         if first_grad < n:
             x = run_steps(model, x.detach(), timesteps[first_grad:], cond, uncond, first=first_grad, **kw)
         if lv_copies <= 0:
@@ -104,7 +105,7 @@ def denoise(model: DiffusionModel, x_T: torch.Tensor, cond: PromptEmbeds, uncond
             noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device) \
                 if generator is not None else torch.randn_like(x0)
             x_t = family.renoise(model, x0, noise, i_last, t_last)
-            out = family.predict(model, unet, x_t, i_last, t_last, cond, uncond, guidance_scale)
+            out = family.predict(model, denoiser, x_t, i_last, t_last, cond, uncond, guidance_scale)
             copies.append(family.step(model, out, i_last, t_last, x_t, eta=eta, generator=generator))
         return torch.cat(copies)
 
@@ -130,7 +131,7 @@ def denoise_batched(model: DiffusionModel, x_T: torch.Tensor, cond: PromptEmbeds
     ``denoise`` calls. Rows at scale 0 compute the base model exactly (up to GEMM rounding).
     """
     g_ref, g_ft = generators
-    family, unet = model.family, model.unet
+    family, denoiser = model.family, model.denoiser
     timesteps = _schedule(model, steps, x_T, height, width)
     shared = grad_start(len(timesteps), grad_steps, lv_copies)
     b = x_T.shape[0]
@@ -139,15 +140,15 @@ def denoise_batched(model: DiffusionModel, x_T: torch.Tensor, cond: PromptEmbeds
     cond2 = cond.repeat(2)
     uncond2 = uncond.repeat(2) if uncond is not None else None
     x_ref = x_ft = x_T
-    with fnf_kernels.lora_scale(unet, scale):
+    with fnf_kernels.lora_scale(denoiser, scale):
         for i, t in enumerate(timesteps[:shared]):
-            out_ref, out_ft = family.predict(model, unet, torch.cat([x_ref, x_ft]), i, t, cond2, uncond2,
+            out_ref, out_ft = family.predict(model, denoiser, torch.cat([x_ref, x_ft]), i, t, cond2, uncond2,
                                              guidance_scale).chunk(2)
             x_ref = family.step(model, out_ref, i, t, x_ref, eta=eta, generator=g_ref)
             x_ft = family.step(model, out_ft, i, t, x_ft, eta=eta, generator=g_ft)
-    with fnf_kernels.lora_scale(unet, 0.0):
+    with fnf_kernels.lora_scale(denoiser, 0.0):
         x_ref = run_steps(model, x_ref, timesteps[shared:], cond, uncond, guidance_scale=guidance_scale, eta=eta,
-                          generator=g_ref, unet=unet, first=shared)
+                          generator=g_ref, denoiser=denoiser, first=shared)
     return x_ref, x_ft
 
 
@@ -159,11 +160,11 @@ def decode(model: DiffusionModel, latents: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_images(model: DiffusionModel, x_T, cond, uncond, *, steps: int, guidance_scale: float,
-                  eta: float = 0.0, seed: int | None = None, unet=None, height: int | None = None,
+                  eta: float = 0.0, seed: int | None = None, denoiser=None, height: int | None = None,
                   width: int | None = None) -> torch.Tensor:
-    """No-grad sample decoded to [0, 1] images (used for I0, `fnf localize` and `fnf sample`); ``unet``
-    replaces model.unet in the denoising calls (e.g. a wrapper that records attention)."""
+    """No-grad sample decoded to [0, 1] images (used for I0, `fnf localize` and `fnf sample`); ``denoiser``
+    replaces model.denoiser in the denoising calls (e.g. a wrapper that records attention)."""
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     z = denoise(model, x_T, cond, uncond, steps=steps, guidance_scale=guidance_scale, eta=eta, generator=gen,
-                unet=unet, height=height, width=width)
+                denoiser=denoiser, height=height, width=width)
     return decode(model, z)

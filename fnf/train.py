@@ -10,7 +10,6 @@ the model family (fnf/families/, ``model.family``), what differs between objecti
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -23,11 +22,15 @@ import torch
 from . import checkpoint as ckpt
 from . import fsdp, fused_lora, preflight, run_dir, vae_memory
 from .config import Config
+from .core import DTYPES, DiffusionModel
+from .families.base import set_vae_precision
+from .families.registry import load_model, model_options
 from .images import grid, save_png
 from .localize import overlay
-from .models import DTYPES, DiffusionModel, load_lora_state_dict, load_model, lora_dropout_active, lora_state_dict
-from .models import encode_before_denoiser, model_options, set_vae_precision, text_encoders_first
+from .lora import load_lora_state_dict, lora_dropout_active, lora_state_dict
 from .objectives import objective_class
+from .placement import NoProbe as Probe
+from .placement import encode_before_denoiser, text_encoders_first
 
 AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -44,18 +47,6 @@ class TrainResult:
 def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
     """Independent, reproducible seeds per (seed, step, micro-step, rank)."""
     return int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1, dtype=np.uint64)[0]) >> 1
-
-
-class Probe:
-    """The trainer's estimation hook (``fnf estimate-memory``, fnf/memory/): the Session labels its phases and says
-    where models live. This default does nothing; the estimator's probe counts device memory by phase."""
-
-    def phase(self, name: str, host: bool = False):
-        """Context for one phase of a step (``host``: what is allocated inside stays on the host)."""
-        return contextlib.nullcontext()
-
-    def placed(self, modules, on_device: bool) -> None:
-        """``modules`` (a list of nn.Modules) now live on the device (True) or on the host (False)."""
 
 
 def make_accelerator(cfg: Config):
@@ -84,7 +75,7 @@ class Session:
         objective_cls = objective_class(cfg.objective.name)
         self.fsdp = fsdp.settings(self.acc, cfg)  # FSDP (fnf/fsdp.py): the model stays on the host until sharded
         # Text encoders off the device before the denoiser arrives: the model waits on the host until the prompts
-        # are encoded (fnf.models.encode_before_denoiser, below).
+        # are encoded (fnf.placement.encode_before_denoiser, below).
         early = text_encoders_first(cfg)
         load_device = "cpu" if self.fsdp or early else self.device
         if model is None:
@@ -92,7 +83,7 @@ class Session:
                                device=load_device, **model_options(cfg))
         else:  # built in memory by the caller (e.g. benchmarks/train_memory.py): frozen, on the device
             dtype = DTYPES[cfg.model.weight_dtype]
-            for module in [model.unet, model.vae, *model.text_encoders]:
+            for module in [model.denoiser, model.vae, *model.text_encoders]:
                 module.requires_grad_(False).eval().to(load_device)
                 if module is not model.vae and next(module.parameters()).dtype != dtype:
                     module.to(dtype)
@@ -104,9 +95,11 @@ class Session:
             self.acc.print("fnf: VAE kept in fp32, decode with autocast off (its config sets force_upcast)")
         self.height = cfg.sampling.height or m.native_size
         self.width = cfg.sampling.width or m.native_size
+        self.prompt_cache = None   # embeddings encoded before the denoiser reached the device
         if early:
-            encode_before_denoiser(m, cfg.all_prompts(), cfg.sampling.negative_prompt, height=self.height,
-                                   width=self.width, device=self.device, probe=probe, move_denoiser=not self.fsdp)
+            self.prompt_cache = encode_before_denoiser(
+                m, cfg.all_prompts(), cfg.sampling.negative_prompt, height=self.height, width=self.width,
+                device=self.device, probe=probe, move_denoiser=not self.fsdp)
         torch.manual_seed(cfg.train.seed)  # identical LoRA init on every process
         self.objective = objective_cls(self)
         self.params = self.objective.params
@@ -118,10 +111,10 @@ class Session:
         # The denoiser stays in eval mode: LoRA dropout acts only in its grad-carrying calls (sampling.denoise).
         checkpointing = cfg.memory.unet_checkpointing or (self.fsdp and self.fsdp.activation_checkpointing)
         if checkpointing and self.objective.denoiser_checkpointing:
-            m.unet.enable_gradient_checkpointing()
+            m.denoiser.enable_gradient_checkpointing()
         vae_memory.apply(m.vae, cfg.memory.vae_checkpointing, cfg.memory.vae_tile)
-        with lora_dropout_active(m.unet):  # patch_lora refuses LoRA dropout in training mode: auto falls back
-            self.fused_lora, why = fused_lora.enable(m.unet, fused_mode, self.device)
+        with lora_dropout_active(m.denoiser):  # patch_lora refuses LoRA dropout in training mode: auto falls back
+            self.fused_lora, why = fused_lora.enable(m.denoiser, fused_mode, self.device)
         if cfg.memory.fused_lora != "off":
             self.acc.print(f"fnf: fused LoRA path {why}")
         self.objective.setup(self)
@@ -273,7 +266,7 @@ class Session:
         # safetensors refuses "cpu:0", the device accelerate gives CPU processes of a multi-process run
         step, lora, state = ckpt.load(folder, rank=self.rank,
                                       device="cpu" if self.device.type == "cpu" else self.device)
-        load_lora_state_dict(self.model.unet, lora)
+        load_lora_state_dict(self.model.denoiser, lora)
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.scaler.load_state_dict(state["scaler"])
@@ -370,7 +363,7 @@ def train(cfg: Config, accelerator=None, model: DiffusionModel | None = None) ->
             if is_main and t.sample_every and (done % t.sample_every == 0 or done == t.steps) and last:
                 save_grid(os.path.join(out, "samples", f"step-{done:07d}.png"), last)
             if t.checkpoint_every and (done % t.checkpoint_every == 0 or done == t.steps):
-                ckpt.save(ckpt_root, done, lora_state_dict(session.model.unet), session.training_state(),
+                ckpt.save(ckpt_root, done, lora_state_dict(session.model.denoiser), session.training_state(),
                           rank=session.rank, is_main=is_main, keep=t.keep_checkpoints, run_id=run.get("run_id"),
                           world_size=session.world)
     finally:
@@ -378,7 +371,7 @@ def train(cfg: Config, accelerator=None, model: DiffusionModel | None = None) ->
             progress.close()
         logger.close()
     session.objective.finish(session)
-    fused_lora.disable(session.model.unet)  # back to diffusers' processors: the returned model is plain peft
+    fused_lora.disable(session.model.denoiser)  # back to diffusers' processors: the returned model is plain peft
     vae_memory.reset(session.model.vae)     # and its VAE decodes plainly (no training checkpoints, no tiles)
     lora_dir = session.objective.export(session, out) if is_main else os.path.join(out, "lora")
     acc.wait_for_everyone()

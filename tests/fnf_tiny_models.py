@@ -211,7 +211,7 @@ def to_float64(model) -> "object":
 
     For parity tests whose tolerance is float64 rounding (unit roundoff 1.1e-16): two orderings of the same math
     then agree to ~1e-12 relative, where float32 orderings on different CPUs differ by ~1e-4."""
-    for module in [model.unet, model.vae]:
+    for module in [model.denoiser, model.vae]:
         module.double()
     sched = model.scheduler
     sched.alphas_cumprod = sched.alphas_cumprod.double()
@@ -224,7 +224,7 @@ def float64_session(cfg) -> "object":
     LoRA parameters and the DDIM schedule are cast after). The trainer still rounds the loss-level tensors to
     float32 (``.float()`` on I0, I and the rewards in fnf/train.py, fnf/rewards.py:evaluate), so two paths through
     a float64 session agree to a few float32 ulps of the loss inputs, not to float64 rounding."""
-    from fnf import models
+    from fnf import core as models
     from fnf.train import Session
 
     import fnf.train
@@ -269,14 +269,16 @@ def ours_and_pipeline_images(model, folder: str, lora_dir: str, prompt: str = "a
     T = 4 DDIM steps, guidance 3.0, images in [0, 1]."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from fnf.models import LORA_WEIGHTS, adapters_disabled, encode_prompts
+    from fnf.core import LORA_WEIGHTS
+    from fnf.lora import adapters_disabled
+    from fnf.encoding import encode_prompts
     from fnf.sampling import initial_latents, sample_images
 
     cond = encode_prompts(model, [prompt], height=IMAGE_SIZE, width=IMAGE_SIZE)
     uncond = encode_prompts(model, [""], height=IMAGE_SIZE, width=IMAGE_SIZE, zero=zero_uncond)
     x_T = initial_latents(model, 1, IMAGE_SIZE, IMAGE_SIZE, torch.Generator().manual_seed(seed), "cpu")
     out = {"ours": sample_images(model, x_T, cond, uncond, steps=4, guidance_scale=3.0)}
-    with adapters_disabled(model.unet):
+    with adapters_disabled(model.denoiser):
         out["ours_base"] = sample_images(model, x_T, cond, uncond, steps=4, guidance_scale=3.0)
     cls = StableDiffusionXLPipeline if model.kind == "sdxl" else StableDiffusionPipeline
     pipe = cls.from_pretrained(folder, local_files_only=True)

@@ -13,7 +13,7 @@ from fnf_tiny_models import cached_model, one_torch_thread  # noqa: E402,F401
 from fnf import config, preflight  # noqa: E402
 from fnf.config import ConfigError  # noqa: E402
 from fnf.localize import localizer_from_config  # noqa: E402
-from fnf.models import ModelLoadError  # noqa: E402
+from fnf.core import ModelLoadError  # noqa: E402
 from fnf.rewards import SpecError, build_reward  # noqa: E402
 
 ROOT = os.path.dirname(HERE)

@@ -20,7 +20,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fnf_tiny_models import IMAGE_SIZE, cached_model, one_torch_thread, randomize_lora_B, to_float64  # noqa: E402,F401
-from fnf.models import adapters_disabled, add_lora, encode_prompts, load_model  # noqa: E402
+from fnf.lora import adapters_disabled, add_lora  # noqa: E402
+from fnf.encoding import encode_prompts  # noqa: E402
+from fnf.families.registry import load_model  # noqa: E402
 from fnf.objectives import focus_n_fix_loss  # noqa: E402
 from fnf.sampling import decode, denoise, initial_latents  # noqa: E402
 
@@ -42,7 +44,7 @@ def setup(tmp_path_factory):
     m = load_model(cached_model("sd", str(tmp_path_factory.getbasetemp())))
     params = add_lora(m, rank=4, alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     to_float64(m)
-    randomize_lora_B(m.unet, seed=0, std=0.05)
+    randomize_lora_B(m.denoiser, seed=0, std=0.05)
     acp = _alphas_cumprod(m.scheduler.config.num_train_timesteps)
     # the scheduler's own float32 schedule is this one: then both paths run the float64 values
     torch.testing.assert_close(m.scheduler.alphas_cumprod, acp, rtol=1e-6, atol=0)
@@ -67,8 +69,8 @@ def _reward(images, weights):
 def _eps(m, x, t, cond, uncond, guidance):
     """Guided noise prediction: the UNet on [uncond; cond] rows, eps_u + w (eps_c - eps_u)."""
     if guidance <= 1.0:
-        return m.unet(x, t, encoder_hidden_states=cond.hidden).sample
-    out = m.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond.hidden, cond.hidden])).sample
+        return m.denoiser(x, t, encoder_hidden_states=cond.hidden).sample
+    out = m.denoiser(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond.hidden, cond.hidden])).sample
     e_u, e_c = out.chunk(2)
     return e_u + guidance * (e_c - e_u)
 
@@ -116,7 +118,7 @@ def _reference_images(m, z):
 
 def _reference_loss(setup, *, guidance, k, lv, eta, beta):
     m, params, cond, uncond, x_T, mask, weights, acp = setup
-    with torch.no_grad(), adapters_disabled(m.unet):
+    with torch.no_grad(), adapters_disabled(m.denoiser):
         ref = _reference_images(m, _reference_latents(m, x_T, cond, uncond, acp, guidance=guidance, k=0, lv=0,
                                                       eta=eta, gen=torch.Generator().manual_seed(NOISE_SEED)))
     images = _reference_images(m, _reference_latents(m, x_T, cond, uncond, acp, guidance=guidance, k=k, lv=lv,
@@ -131,7 +133,7 @@ def _reference_loss(setup, *, guidance, k, lv, eta, beta):
 def _fnf_loss(setup, *, guidance, k, lv, eta, beta):
     m, params, cond, uncond, x_T, mask, weights, acp = setup
     kw = dict(steps=STEPS, guidance_scale=guidance, eta=eta)
-    with torch.no_grad(), adapters_disabled(m.unet):
+    with torch.no_grad(), adapters_disabled(m.denoiser):
         ref = decode(m, denoise(m, x_T, cond, uncond, generator=torch.Generator().manual_seed(NOISE_SEED), **kw))
     z = denoise(m, x_T, cond, uncond, grad_steps=k, lv_copies=lv, generator=torch.Generator().manual_seed(NOISE_SEED),
                 **kw)

@@ -123,8 +123,8 @@ def test_named_architectures_have_the_released_parameter_counts(arch, unet_m, te
     with FakeTensorMode(allow_non_fake_inputs=True):
         m = build_model(model_spec(arch=arch), "bf16")
     count = lambda mod: round(sum(p.numel() for p in mod.parameters()) / 1e6, 1)  # noqa: E731
-    assert count(m.unet) == unet_m and [count(e) for e in m.text_encoders] == text_m and count(m.vae) == 83.7
-    assert m.native_size == size and next(m.unet.parameters()).dtype == torch.bfloat16
+    assert count(m.denoiser) == unet_m and [count(e) for e in m.text_encoders] == text_m and count(m.vae) == 83.7
+    assert m.native_size == size and next(m.denoiser.parameters()).dtype == torch.bfloat16
 
 
 # ------------------------------------------------------------------------------------------ the trace

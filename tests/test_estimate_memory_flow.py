@@ -80,8 +80,8 @@ def test_named_flow_architectures_have_the_released_parameter_counts(arch, denoi
     with FakeTensorMode(allow_non_fake_inputs=True):
         m = build_model(model_spec(arch=arch), "bf16")
     count = lambda mod: round(sum(p.numel() for p in mod.parameters()) / 1e6, 1)  # noqa: E731
-    assert count(m.unet) == denoiser_m and [count(e) for e in m.text_encoders] == text_m and count(m.vae) == 83.8
-    dtypes = {t.dtype for mod in [m.unet, m.vae, *m.text_encoders] for t in [*mod.parameters(), *mod.buffers()]
+    assert count(m.denoiser) == denoiser_m and [count(e) for e in m.text_encoders] == text_m and count(m.vae) == 83.8
+    dtypes = {t.dtype for mod in [m.denoiser, m.vae, *m.text_encoders] for t in [*mod.parameters(), *mod.buffers()]
               if t.is_floating_point()}
     assert dtypes == {torch.bfloat16} and m.native_size == 1024
 
@@ -93,15 +93,15 @@ def test_folder_configs_build_what_the_family_loads(kind, parts, request):
     included), and the same model pieces in the same order."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from fnf.models import load_model
+    from fnf.families.registry import load_model
 
     folder = request.getfixturevalue(kind)
     real = load_model(folder, weight_dtype="bf16")
     with FakeTensorMode(allow_non_fake_inputs=True):
         fake = build_model(model_spec(folder), "bf16")
-        fake_parts = [fake.unet, fake.vae, *fake.text_encoders]
+        fake_parts = [fake.denoiser, fake.vae, *fake.text_encoders]
         fake_bytes = [_device_bytes([m]) for m in fake_parts]
-    real_parts = [real.unet, real.vae, *real.text_encoders]
+    real_parts = [real.denoiser, real.vae, *real.text_encoders]
     assert [type(m) for m in fake_parts] == [type(m) for m in real_parts] and len(real_parts) == parts
     assert fake_bytes == [_device_bytes([m]) for m in real_parts]
     assert fake.family is real.family and fake.extras == real.extras and fake.vae_upcast == real.vae_upcast
@@ -133,16 +133,16 @@ def test_text_encoders_count_until_offloaded(sd3, tmp_path):
     """Offloaded: the frozen weights on the device after the prompts are encoded are the transformer and the VAE
     only (T5 and both CLIPs counted during encoding, then not; the transformer reaches the device only after
     the encoding); kept: all five."""
-    from fnf.models import load_model
+    from fnf.families.registry import load_model
 
     real = load_model(sd3, weight_dtype="bf16")
-    denoiser_vae = _device_bytes([real.unet, real.vae])
-    everything = _device_bytes([real.unet, real.vae, *real.text_encoders])
+    denoiser_vae = _device_bytes([real.denoiser, real.vae])
+    everything = _device_bytes([real.denoiser, real.vae, *real.text_encoders])
     off = estimate(memory_config(sd3, str(tmp_path)), model_dir=sd3)
     kept = estimate(memory_config(sd3, str(tmp_path), offload_text_encoder=False), model_dir=sd3)
     assert off.persistent["weights (frozen, on the device)"] == denoiser_vae
     assert kept.persistent["weights (frozen, on the device)"] == everything > denoiser_vae
-    transformer = _device_bytes([real.unet])
+    transformer = _device_bytes([real.denoiser])
     # all encoders on the device to encode, the transformer not yet (fnf.models.encode_before_denoiser)
     assert off.phases["build: prompt encoding"]["at_entry"] == everything - transformer
     assert kept.phases["build: prompt encoding"]["at_entry"] >= everything

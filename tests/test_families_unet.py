@@ -14,7 +14,9 @@ from fnf import preflight  # noqa: E402
 from fnf.config import ConfigError  # noqa: E402
 from fnf.families import family_by_name, family_for_index  # noqa: E402
 from fnf.families.unet import SD, SDXL, StableDiffusionFamily  # noqa: E402
-from fnf.models import DiffusionModel, ModelLoadError, detect_kind, encode_prompts, family_of, load_model  # noqa: E402
+from fnf.core import DiffusionModel, ModelLoadError  # noqa: E402
+from fnf.families.registry import detect_kind, family_of, load_model  # noqa: E402
+from fnf.encoding import encode_prompts  # noqa: E402
 from fnf.sampling import denoise, initial_latents  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -39,10 +41,10 @@ def test_families_are_detected_from_the_pipeline_class(sd, sdxl):
     # A hand-made index without _class_name: the old rule (text_encoder_2 -> SDXL).
     assert family_of("x", {}) is SD and family_of("x", {"text_encoder_2": ["transformers", "C"]}) is SDXL
     m = load_model(sd)
-    assert m.family is SD and m.kind == "sd" and m.denoiser is m.unet and m.extras == {}
+    assert m.family is SD and m.kind == "sd" and m.denoiser is m.denoiser and m.extras == {}
     assert m.pipeline_class.__name__ == "StableDiffusionPipeline"
     # A DiffusionModel built in memory (benchmarks, the memory estimator) gets the family its kind names.
-    built = DiffusionModel(path="", kind="sdxl", unet=m.unet, vae=m.vae, scheduler=m.scheduler)
+    built = DiffusionModel(path="", family=family_by_name("sdxl"), denoiser=m.denoiser, vae=m.vae, scheduler=m.scheduler)
     assert built.family is SDXL
     # The family's components are what a folder must hold.
     assert all(os.path.isdir(os.path.join(sdxl, c)) for c in SDXL.components)
@@ -114,13 +116,13 @@ class JointAttentionFamily(StableDiffusionFamily):
 
 
 def test_sepen_on_a_family_without_cross_attention_keys_is_refused(sd, tmp_path, monkeypatch):
-    import fnf.families
+    import fnf.families.registry
     from fnf.train import Session
 
     cfg = tiny_config(sd, str(tmp_path / "s"), objective={"name": "sepen"},
                       sepen={"concepts": ["cat", "dog", "car"], "downsample": 1})
     preflight.check(cfg)   # the SD family supports it
-    monkeypatch.setattr(fnf.families, "family_for_index", lambda index: JointAttentionFamily())
+    monkeypatch.setattr(fnf.families.registry, "family_for_index", lambda index: JointAttentionFamily())
     with pytest.raises(ConfigError, match="objective.name.*sepen.*'Joint' models use joint attention"):
         preflight.check(cfg)   # before any model is loaded
     monkeypatch.undo()

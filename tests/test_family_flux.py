@@ -18,7 +18,9 @@ from tiny_flux import IMAGE_SIZE, cached_flux
 
 from fnf.families import family_for_index
 from fnf.families.flux import FluxFamily, pack_latents, unpack_latents
-from fnf.models import LORA_WEIGHTS, ModelLoadError, add_lora, load_model
+from fnf.core import LORA_WEIGHTS, ModelLoadError
+from fnf.lora import add_lora
+from fnf.families.registry import load_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SEED = 7
@@ -68,12 +70,12 @@ def _sample(m, *, guidance=GUIDANCE, negative=False, grad_steps=0, calls=None):
     timesteps = FAMILY.schedule(m, STEPS, IMAGE_SIZE, IMAGE_SIZE, "cpu")
     handle = None
     if calls is not None:
-        handle = m.unet.register_forward_hook(lambda mod, args, kwargs, out: calls.append(
+        handle = m.denoiser.register_forward_hook(lambda mod, args, kwargs, out: calls.append(
             (kwargs["hidden_states"].shape[0], out[0].requires_grad)), with_kwargs=True)
     try:
         for i, t in enumerate(timesteps):
             with torch.set_grad_enabled(i >= STEPS - grad_steps):
-                out = FAMILY.predict(m, m.unet, x if i >= STEPS - grad_steps else x.detach(), i, t, cond, uncond,
+                out = FAMILY.predict(m, m.denoiser, x if i >= STEPS - grad_steps else x.detach(), i, t, cond, uncond,
                                      guidance)
                 x = FAMILY.step(m, out, i, t, x)
     finally:
@@ -86,7 +88,7 @@ def _sample(m, *, guidance=GUIDANCE, negative=False, grad_steps=0, calls=None):
 def _randomize_lora(m, seed, std=0.3):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for n, p in m.unet.named_parameters():
+        for n, p in m.denoiser.named_parameters():
             if "lora_B" in n:
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
 
@@ -140,7 +142,7 @@ def test_generic_sampler_and_load_model_equal_pipeline(folder):
     """fnf.models.load_model (model_index.json -> FLUX family) and fnf.sampling.sample_images give the pipeline's
     images."""
     from fnf import sampling
-    from fnf.models import encode_prompts
+    from fnf.encoding import encode_prompts
 
     print("seed", SEED)
     m = load_model(folder)
@@ -159,7 +161,7 @@ def test_draft_k2_grads_only_lora_and_last_two_calls(folder):
     print("seed", SEED)
     m = _load(folder)
     params = add_lora(m, rank=4, alpha=8, target_modules=FAMILY.lora_targets)
-    lora_names = {n for n, p in m.unet.named_parameters() if p.requires_grad}
+    lora_names = {n for n, p in m.denoiser.named_parameters() if p.requires_grad}
     assert lora_names and all("lora_" in n for n in lora_names)
     targeted = {n.rsplit(".lora_", 1)[0] for n in lora_names}
     assert any(n.startswith("single_transformer_blocks.0.attn.to_q") for n in targeted)
@@ -171,11 +173,11 @@ def test_draft_k2_grads_only_lora_and_last_two_calls(folder):
     images.mean().backward()
     grads = [p.grad for p in params]
     assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
-    for mod in [m.unet, m.vae, *m.text_encoders]:
+    for mod in [m.denoiser, m.vae, *m.text_encoders]:
         for n, p in mod.named_parameters():
             assert p.grad is None or "lora_" in n, n
     # the memory lever: transformer and VAE gradient checkpointing give the same gradients (float32)
-    m.unet.enable_gradient_checkpointing()
+    m.denoiser.enable_gradient_checkpointing()
     m.vae.enable_gradient_checkpointing()
     for p in params:
         p.grad = None
@@ -187,16 +189,16 @@ def test_draft_k2_grads_only_lora_and_last_two_calls(folder):
 def test_exported_lora_loads_in_pipeline_and_reproduces(folder, tmp_path):
     """All targets (image + text stream projections, single blocks' MLP/out) with a random LoRA -> save_lora ->
     FluxPipeline.load_lora_weights gives our fine-tuned images; our load_lora into a fresh model does too."""
-    from fnf.models import load_lora_for_sampling, save_lora_diffusers
+    from fnf.lora import load_lora, save_lora
 
     print("seed", SEED)
     m = load_model(folder)
     targets = FAMILY.lora_targets + FAMILY.lora_targets_text + FAMILY.lora_targets_single
     add_lora(m, rank=4, alpha=8, target_modules=targets)
-    assert any("add_q_proj.lora_A" in n for n, _ in m.unet.named_parameters())
+    assert any("add_q_proj.lora_A" in n for n, _ in m.denoiser.named_parameters())
     _randomize_lora(m, SEED + 1)
     ours = _sample(m)
-    save_lora_diffusers(m, str(tmp_path / "lora"))
+    save_lora(m, str(tmp_path / "lora"))
     assert os.path.isfile(tmp_path / "lora" / LORA_WEIGHTS)
     pipe = _pipeline(folder)
     base = _pipeline_images(pipe)
@@ -205,7 +207,7 @@ def test_exported_lora_loads_in_pipeline_and_reproduces(folder, tmp_path):
     assert (ours - base).abs().max() > 1e-2   # the LoRA changes the images, so the next check can fail
     assert (ours - ref).abs().max() < 1e-4, (ours - ref).abs().max()
     fresh = load_model(folder)
-    load_lora_for_sampling(fresh, str(tmp_path / "lora"), "ft")
+    load_lora(fresh, str(tmp_path / "lora"), "ft")
     again = _sample(fresh)
     assert (again - ours).abs().max() < 1e-5
 
@@ -249,12 +251,12 @@ def test_session_optimizer_step(folder, tmp_path):
     print("seed", SEED)
     s = Session(tiny_config(folder, str(tmp_path / "run"), sampling={"height": IMAGE_SIZE, "width": IMAGE_SIZE}))
     assert s.model.family.name == "flux"
-    before = {n: p.detach().clone() for n, p in s.model.unet.named_parameters()}
+    before = {n: p.detach().clone() for n, p in s.model.denoiser.named_parameters()}
     record, _ = s.optimizer_step(0)
     assert not record["skipped"], record
     assert all(torch.isfinite(torch.as_tensor(v)).all() for k, v in record.items()
                if isinstance(v, float)), record
-    moved = {n for n, p in s.model.unet.named_parameters() if not torch.equal(p.detach(), before[n])}
+    moved = {n for n, p in s.model.denoiser.named_parameters() if not torch.equal(p.detach(), before[n])}
     assert moved and all("lora_" in n for n in moved), sorted(moved)[:3]
 
 
@@ -280,7 +282,7 @@ def test_resume_is_exact(folder, tmp_path):
     """3 steps straight == 2 steps, then resumed from the latest checkpoint for the third (torch.equal)."""
     from fnf_tiny_models import tiny_config
 
-    from fnf.models import lora_state_dict
+    from fnf.lora import lora_state_dict
     from fnf.train import train
 
     print("seed", SEED)
@@ -293,7 +295,7 @@ def test_resume_is_exact(folder, tmp_path):
     resumed_cfg = tiny_config(folder, str(tmp_path / "part"), **extra)
     resumed_cfg.train.resume = "latest"
     resumed = train(resumed_cfg)
-    a, b = lora_state_dict(full.model.unet), lora_state_dict(resumed.model.unet)
+    a, b = lora_state_dict(full.model.denoiser), lora_state_dict(resumed.model.denoiser)
     assert a.keys() == b.keys() and a
     for k in a:
         assert torch.equal(a[k], b[k]), k

@@ -32,7 +32,9 @@ from fnf.families.flux2 import (  # noqa: E402
     unpack_latents,
     unpatchify,
 )
-from fnf.models import LORA_WEIGHTS, ModelLoadError, add_lora, load_model  # noqa: E402
+from fnf.core import LORA_WEIGHTS, ModelLoadError  # noqa: E402
+from fnf.lora import add_lora  # noqa: E402
+from fnf.families.registry import load_model  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SEED = 7
@@ -74,12 +76,12 @@ def _sample(m, *, guidance=GUIDANCE, grad_steps=0, calls=None, negative=False):
     timesteps = FAMILY.schedule(m, STEPS, IMAGE_SIZE, IMAGE_SIZE, "cpu")
     handle = None
     if calls is not None:
-        handle = m.unet.register_forward_hook(lambda mod, args, kwargs, out: calls.append(
+        handle = m.denoiser.register_forward_hook(lambda mod, args, kwargs, out: calls.append(
             (kwargs["hidden_states"].shape[0], out[0].requires_grad)), with_kwargs=True)
     try:
         for i, t in enumerate(timesteps):
             with torch.set_grad_enabled(i >= STEPS - grad_steps):
-                out = FAMILY.predict(m, m.unet, x if i >= STEPS - grad_steps else x.detach(), i, t, cond, uncond,
+                out = FAMILY.predict(m, m.denoiser, x if i >= STEPS - grad_steps else x.detach(), i, t, cond, uncond,
                                      guidance)
                 x = FAMILY.step(m, out, i, t, x)
     finally:
@@ -92,7 +94,7 @@ def _sample(m, *, guidance=GUIDANCE, grad_steps=0, calls=None, negative=False):
 def _randomize_lora(m, seed, std=0.3):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for n, p in m.unet.named_parameters():
+        for n, p in m.denoiser.named_parameters():
             if "lora_B" in n:
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
 
@@ -120,7 +122,7 @@ def test_registry_and_generic_sampler_equal_pipeline(folder):
     """model_index.json's Flux2Pipeline picks this family; load_model + fnf.sampling.sample_images give the
     pipeline's images; no CFG batch doubling even with a negative; the guidance embedding matters."""
     from fnf import preflight, sampling
-    from fnf.models import encode_prompts
+    from fnf.encoding import encode_prompts
 
     print("seed", SEED)
     assert type(family_for_index(_index(folder))).__name__ == "Flux2Family"
@@ -134,7 +136,7 @@ def test_registry_and_generic_sampler_equal_pipeline(folder):
     x_T = sampling.initial_latents(m, len(PROMPTS), IMAGE_SIZE, IMAGE_SIZE, torch.Generator().manual_seed(SEED),
                                    "cpu")
     calls = []
-    handle = m.unet.register_forward_hook(lambda mod, a, kw, out: calls.append(kw["hidden_states"].shape[0]),
+    handle = m.denoiser.register_forward_hook(lambda mod, a, kw, out: calls.append(kw["hidden_states"].shape[0]),
                                           with_kwargs=True)
     ours = sampling.sample_images(m, x_T, cond, uncond, steps=STEPS, guidance_scale=GUIDANCE, **SIZE)
     handle.remove()
@@ -150,7 +152,7 @@ def test_registry_and_generic_sampler_equal_pipeline(folder):
 
 def test_max_sequence_length_equals_encode_prompt(folder):
     """model.max_sequence_length = 64: our embeddings are Flux2Pipeline.encode_prompt(max_sequence_length=64)'s."""
-    from fnf.models import encode_prompts
+    from fnf.encoding import encode_prompts
 
     m = load_model(folder, max_sequence_length=64)
     ours = encode_prompts(m, PROMPTS, **SIZE).hidden
@@ -167,7 +169,7 @@ def test_draft_k2_grads_only_lora_and_last_two_calls(folder):
     print("seed", SEED)
     m = load_model(folder)
     params = add_lora(m, rank=4, alpha=8, target_modules=FAMILY.lora_targets)
-    lora_names = {n for n, p in m.unet.named_parameters() if p.requires_grad}
+    lora_names = {n for n, p in m.denoiser.named_parameters() if p.requires_grad}
     assert lora_names and all("lora_" in n for n in lora_names)
     targeted = {n.rsplit(".lora_", 1)[0] for n in lora_names}
     assert "transformer_blocks.0.attn.to_out.0" in targeted
@@ -179,11 +181,11 @@ def test_draft_k2_grads_only_lora_and_last_two_calls(folder):
     images.mean().backward()
     grads = [p.grad for p in params]
     assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
-    for mod in [m.unet, m.vae, *m.text_encoders]:
+    for mod in [m.denoiser, m.vae, *m.text_encoders]:
         for n, p in mod.named_parameters():
             assert p.grad is None or "lora_" in n, n
     # the memory lever: transformer and VAE gradient checkpointing give the same gradients (float32)
-    m.unet.enable_gradient_checkpointing()
+    m.denoiser.enable_gradient_checkpointing()
     m.vae.enable_gradient_checkpointing()
     for p in params:
         p.grad = None
@@ -200,18 +202,18 @@ def test_exported_lora_loads_in_pipeline_and_reproduces(folder, tmp_path):
     from PIL import Image
 
     from fnf import cli
-    from fnf.models import load_lora_for_sampling, save_lora_diffusers
+    from fnf.lora import load_lora, save_lora
 
     print("seed", SEED)
     m = load_model(folder)
     targets = FAMILY.lora_targets + FAMILY.lora_targets_text + FAMILY.lora_targets_single + FAMILY.lora_targets_ff
     add_lora(m, rank=4, alpha=8, target_modules=targets)
-    names = [n for n, _ in m.unet.named_parameters()]
+    names = [n for n, _ in m.denoiser.named_parameters()]
     for t in ("add_q_proj.lora_A", "to_qkv_mlp_proj.lora_A", "ff_context.linear_in.lora_A"):
         assert any(t in n for n in names), t
     _randomize_lora(m, SEED + 1)
     ours = _sample(m)
-    save_lora_diffusers(m, str(tmp_path / "lora"))
+    save_lora(m, str(tmp_path / "lora"))
     assert os.path.isfile(tmp_path / "lora" / LORA_WEIGHTS)
     pipe = _pipeline(folder)
     base = _pipeline_images(pipe)
@@ -220,7 +222,7 @@ def test_exported_lora_loads_in_pipeline_and_reproduces(folder, tmp_path):
     assert (ours - base).abs().max() > 1e-2   # the LoRA changes the images, so the next check can fail
     assert (ours - ref).abs().max() < 1e-4, (ours - ref).abs().max()
     fresh = load_model(folder)
-    load_lora_for_sampling(fresh, str(tmp_path / "lora"), "ft")
+    load_lora(fresh, str(tmp_path / "lora"), "ft")
     assert (_sample(fresh) - ours).abs().max() < 1e-5
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text(f"sampling: {{steps: {STEPS}, guidance_scale: {GUIDANCE}, height: {IMAGE_SIZE}, "
@@ -253,7 +255,7 @@ def test_clear_errors(folder, tmp_path):
         FAMILY.encode(m, "a cat", **SIZE)
     cond = FAMILY.encode(m, PROMPTS, **SIZE)
     with pytest.raises(ValueError, match="cond"):
-        FAMILY.predict(m, m.unet, x, 0, m.scheduler.timesteps[0], cond, None, GUIDANCE)
+        FAMILY.predict(m, m.denoiser, x, 0, m.scheduler.timesteps[0], cond, None, GUIDANCE)
     with pytest.raises(ValueError, match="weight_dtype"):
         FAMILY.load(folder, _index(folder), weight_dtype="fp64")
     with pytest.raises(FileNotFoundError, match="LoRA folder"):
@@ -290,12 +292,12 @@ def test_session_optimizer_step_and_sepen_refused(folder, tmp_path):
     cfg = tiny_config(folder, str(tmp_path / "run"), sampling=dict(SIZE), model={"kind": "flux2"})
     s = Session(cfg)
     assert s.model.family.name == "flux2"
-    before = {n: p.detach().clone() for n, p in s.model.unet.named_parameters()}
+    before = {n: p.detach().clone() for n, p in s.model.denoiser.named_parameters()}
     record, _ = s.optimizer_step(0)
     assert not record["skipped"], record
     assert all(torch.isfinite(torch.as_tensor(v)).all() for k, v in record.items()
                if isinstance(v, float)), record
-    moved = {n for n, p in s.model.unet.named_parameters() if not torch.equal(p.detach(), before[n])}
+    moved = {n for n, p in s.model.denoiser.named_parameters() if not torch.equal(p.detach(), before[n])}
     assert moved and all("lora_" in n for n in moved), sorted(moved)[:3]
     cfg.objective.name = "sepen"
     with pytest.raises(ConfigError, match="joint attention"):
@@ -330,7 +332,7 @@ def test_resume_is_exact(folder, tmp_path):
     """3 steps straight == 2 steps, then resumed from the latest checkpoint for the third (torch.equal)."""
     from fnf_tiny_models import tiny_config
 
-    from fnf.models import lora_state_dict
+    from fnf.lora import lora_state_dict
     from fnf.train import train
 
     print("seed", SEED)
@@ -342,7 +344,7 @@ def test_resume_is_exact(folder, tmp_path):
     resumed_cfg = tiny_config(folder, str(tmp_path / "part"), **extra)
     resumed_cfg.train.resume = "latest"
     resumed = train(resumed_cfg)
-    a, b = lora_state_dict(full.model.unet), lora_state_dict(resumed.model.unet)
+    a, b = lora_state_dict(full.model.denoiser), lora_state_dict(resumed.model.denoiser)
     assert a.keys() == b.keys() and a
     for k in a:
         assert torch.equal(a[k], b[k]), k

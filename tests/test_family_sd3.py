@@ -17,7 +17,10 @@ from tiny_sd3 import IMAGE_SIZE, cached_sd3
 
 from fnf.families import family_for_index
 from fnf.families.sd3 import SD3Family
-from fnf.models import LORA_WEIGHTS, ModelLoadError, add_lora, encode_prompts, load_model
+from fnf.core import LORA_WEIGHTS, ModelLoadError
+from fnf.lora import add_lora
+from fnf.encoding import encode_prompts
+from fnf.families.registry import load_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SEED = 7
@@ -68,7 +71,7 @@ def _sample(model, seed=SEED, prompts=PROMPTS, grad_steps=0, calls=None):
     timesteps = FAMILY.schedule(model, STEPS, IMAGE_SIZE, IMAGE_SIZE, "cpu")
     for i, t in enumerate(timesteps):
         with torch.set_grad_enabled(i >= STEPS - grad_steps):
-            out = FAMILY.predict(model, model.unet, x, i, t, cond, uncond, GUIDANCE)
+            out = FAMILY.predict(model, model.denoiser, x, i, t, cond, uncond, GUIDANCE)
             if calls is not None:
                 calls.append(out.requires_grad)
             x = FAMILY.step(model, out, i, t, x)
@@ -79,7 +82,7 @@ def _sample(model, seed=SEED, prompts=PROMPTS, grad_steps=0, calls=None):
 def _randomize_lora(model, seed):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.unet.named_parameters():
+        for name, p in model.denoiser.named_parameters():
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
@@ -87,9 +90,9 @@ def _randomize_lora(model, seed):
 def test_registry_and_components(folder):
     assert isinstance(family_for_index(_index(folder)), SD3Family)
     m = _load(folder)
-    assert m.kind == "sd3" and m.family is FAMILY and m.unet.__class__.__name__ == "SD3Transformer2DModel"
+    assert m.kind == "sd3" and m.family is FAMILY and m.denoiser.__class__.__name__ == "SD3Transformer2DModel"
     assert len(m.text_encoders) == 3 and m.extras["t5"] and m.native_size == IMAGE_SIZE
-    assert not any(p.requires_grad for mod in [m.unet, m.vae, *m.text_encoders] for p in mod.parameters())
+    assert not any(p.requires_grad for mod in [m.denoiser, m.vae, *m.text_encoders] for p in mod.parameters())
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
@@ -126,7 +129,7 @@ def test_generic_sampler_and_load_model_equal_pipeline(folder):
     assert (ours - ref).abs().max() < 1e-4, (ours - ref).abs().max()
     add_lora(m, rank=4, alpha=8, target_modules=FAMILY.lora_targets)
     calls = []
-    hook = m.unet.register_forward_hook(lambda mod, args, out: calls.append(torch.is_grad_enabled()))
+    hook = m.denoiser.register_forward_hook(lambda mod, args, out: calls.append(torch.is_grad_enabled()))
     try:
         z = sampling.denoise(m, x_T, cond, uncond, steps=STEPS, guidance_scale=GUIDANCE, grad_steps=2)
     finally:
@@ -167,7 +170,7 @@ def test_draft_k2_grads_only_lora_and_last_two_calls(folder):
     print("seed", SEED)
     m = _load(folder)
     params = add_lora(m, rank=4, alpha=8, target_modules=FAMILY.lora_targets)
-    lora_names = {n for n, p in m.unet.named_parameters() if p.requires_grad}
+    lora_names = {n for n, p in m.denoiser.named_parameters() if p.requires_grad}
     assert lora_names and all("lora_" in n for n in lora_names)
     # the default targets: q, k, v, out of the image stream (both attentions of the dual-attention layer)
     targeted = {n.rsplit(".lora_", 1)[0] for n in lora_names}
@@ -180,11 +183,11 @@ def test_draft_k2_grads_only_lora_and_last_two_calls(folder):
     images.mean().backward()
     grads = [p.grad for p in params]
     assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
-    for mod in [m.unet, m.vae, *m.text_encoders]:
+    for mod in [m.denoiser, m.vae, *m.text_encoders]:
         for n, p in mod.named_parameters():
             assert p.grad is None or "lora_" in n, n
     # the memory lever: transformer and VAE gradient checkpointing give the same gradients (float32)
-    m.unet.enable_gradient_checkpointing()
+    m.denoiser.enable_gradient_checkpointing()
     m.vae.enable_gradient_checkpointing()
     for p in params:
         p.grad = None
@@ -199,7 +202,7 @@ def test_exported_lora_loads_in_pipeline_and_reproduces(folder, tmp_path):
     print("seed", SEED)
     m = _load(folder)
     add_lora(m, rank=4, alpha=8, target_modules=FAMILY.joint_lora_targets)
-    assert any("add_q_proj.lora_A" in n for n, _ in m.unet.named_parameters())
+    assert any("add_q_proj.lora_A" in n for n, _ in m.denoiser.named_parameters())
     _randomize_lora(m, SEED + 1)
     ours = _sample(m)
     FAMILY.save_lora(m, str(tmp_path / "lora"))
@@ -251,12 +254,12 @@ def test_session_optimizer_step(folder, tmp_path):
     print("seed", SEED)
     s = Session(tiny_config(folder, str(tmp_path / "run"), sampling={"height": IMAGE_SIZE, "width": IMAGE_SIZE}))
     assert s.model.family.name == "sd3"
-    before = {n: p.detach().clone() for n, p in s.model.unet.named_parameters()}
+    before = {n: p.detach().clone() for n, p in s.model.denoiser.named_parameters()}
     record, _ = s.optimizer_step(0)
     assert not record["skipped"], record
     assert all(torch.isfinite(torch.as_tensor(v)).all() for k, v in record.items()
                if isinstance(v, float)), record
-    moved = {n for n, p in s.model.unet.named_parameters() if not torch.equal(p.detach(), before[n])}
+    moved = {n for n, p in s.model.denoiser.named_parameters() if not torch.equal(p.detach(), before[n])}
     assert moved and all("lora_" in n for n in moved), sorted(moved)[:3]
 
 
@@ -282,7 +285,7 @@ def test_resume_is_exact(folder, tmp_path):
     """3 steps straight == 2 steps, then resumed from the latest checkpoint for the third (torch.equal)."""
     from fnf_tiny_models import tiny_config
 
-    from fnf.models import lora_state_dict
+    from fnf.lora import lora_state_dict
     from fnf.train import train
 
     print("seed", SEED)
@@ -295,7 +298,7 @@ def test_resume_is_exact(folder, tmp_path):
     resumed_cfg = tiny_config(folder, str(tmp_path / "part"), **extra)
     resumed_cfg.train.resume = "latest"
     resumed = train(resumed_cfg)
-    a, b = lora_state_dict(full.model.unet), lora_state_dict(resumed.model.unet)
+    a, b = lora_state_dict(full.model.denoiser), lora_state_dict(resumed.model.denoiser)
     assert a.keys() == b.keys() and a
     for k in a:
         assert torch.equal(a[k], b[k]), k

@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fnf_tiny_models import cached_model, one_torch_thread, tiny_config  # noqa: E402,F401
 from fnf import checkpoint as ckpt  # noqa: E402
 from fnf import cli, run_dir  # noqa: E402
-from fnf.models import lora_state_dict  # noqa: E402
+from fnf.lora import lora_state_dict  # noqa: E402
 from fnf.train import train  # noqa: E402
 
 
@@ -277,5 +277,5 @@ def test_reused_output_folder(sd, tmp_path, monkeypatch, capsys):
     assert new_id != json.loads(files["run.json"])["run_id"]
     assert ckpt.read(run_dir.resolve("latest", out))["run_id"] == new_id
     assert len(open(os.path.join(out, "log.jsonl")).readlines()) == 2
-    a, b = lora_state_dict(first.model.unet), lora_state_dict(second.model.unet)
+    a, b = lora_state_dict(first.model.denoiser), lora_state_dict(second.model.denoiser)
     assert any(not torch.equal(a[k], b[k]) for k in a)           # seed 1: a different LoRA really was trained

@@ -134,12 +134,12 @@ def test_cli_help_lists_every_command_and_seed_only_where_it_acts(capsys):
 
 
 def test_cli_input_errors_are_one_line_before_any_model_loads(tmp_path, capsys, monkeypatch):
-    import fnf.models
+    import fnf.families.registry
 
     def no_load(*a, **k):
         raise AssertionError("the model must not be loaded before the input is checked")
 
-    monkeypatch.setattr(fnf.models, "load_model", no_load)
+    monkeypatch.setattr(fnf.families.registry, "load_model", no_load)
     cases = [
         (["--set", "train.prompts_file=" + str(tmp_path / "missing.txt")], "train.prompts_file"),
         (["--reward", "no_such_module_xyz:fn"], "cannot import module 'no_such_module_xyz'"),

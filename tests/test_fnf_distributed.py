@@ -29,14 +29,14 @@ def _worker_env(rank: int, world: int, port: int, tests_dir: str) -> None:
 
 def _worker(rank: int, world: int, port: int, model: str, out: str, tests_dir: str) -> None:
     _worker_env(rank, world, port, tests_dir)
-    from fnf.models import lora_state_dict
+    from fnf.lora import lora_state_dict
     from fnf.train import train
 
     cfg = tiny_config(model, out, train={"steps": 2, "lr": 2e-2, "device": "cpu", "checkpoint_every": 2})
     res = train(cfg)
     import torch.distributed as dist
     assert dist.is_initialized() and dist.get_world_size() == world and dist.get_backend() == "gloo"
-    torch.save({"lora": lora_state_dict(res.model.unet), "history": res.history}, os.path.join(out, f"rank{rank}.pt"))
+    torch.save({"lora": lora_state_dict(res.model.denoiser), "history": res.history}, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
@@ -68,7 +68,7 @@ def _grad_worker(rank: int, world: int, port: int, model: str, out: str, tests_d
 
     session = float64_session(tiny_config(model, out, train={"batch_size": 1, "device": "cpu"}))
     assert dist.is_initialized() and dist.get_world_size() == world
-    randomize_lora_B(session.model.unet, seed=0, std=0.05)  # the same on both ranks
+    randomize_lora_B(session.model.denoiser, seed=0, std=0.05)  # the same on both ranks
     loss, _, finite, _ = session.micro_batch(0, 0)
     assert finite
     loss.backward()
@@ -127,7 +127,7 @@ def test_sync_grads_averages_over_ranks_in_process(tmp_path_factory, tmp_path):
 
     model = cached_model("sd", str(tmp_path_factory.getbasetemp()))
     session = float64_session(tiny_config(model, str(tmp_path), train={"batch_size": 1}))
-    randomize_lora_B(session.model.unet, seed=0, std=0.05)
+    randomize_lora_B(session.model.denoiser, seed=0, std=0.05)
     local = {}
     for rank in (1, 0):  # rank 0 last: its gradient is the one left in p.grad
         session.rank = rank  # micro_batch draws this rank's prompts and noise

@@ -21,16 +21,17 @@ BOX = (8, 24)   # heatmap:box's default (0.25, 0.75) box on 32x32 images, radius
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """The tiny SD folder, a LoRA with random B, one with zero B (peft's init), a prompts file."""
-    from fnf.models import add_lora, load_model, save_lora_diffusers
+    from fnf.lora import add_lora, save_lora
+    from fnf.families.registry import load_model
 
     root = tmp_path_factory.mktemp("eval")
     folder = cached_model("sd", str(tmp_path_factory.getbasetemp()))
     loras = {"rand": str(root / "lora_rand"), "zero": str(root / "lora_zero")}
     m = load_model(folder)
     add_lora(m, rank=4, alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
-    save_lora_diffusers(m, loras["zero"])
-    randomize_lora_B(m.unet, seed=3, std=0.2)
-    save_lora_diffusers(m, loras["rand"])
+    save_lora(m, loras["zero"])
+    randomize_lora_B(m.denoiser, seed=3, std=0.2)
+    save_lora(m, loras["rand"])
     prompts = root / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n\n")
     return {"model": folder, "loras": loras, "prompts": str(prompts), "root": root}
@@ -115,13 +116,14 @@ def test_masked_change_matches_a_hand_computation_on_sampled_images(setup):
     """The eval's per-image MSE inside/outside the box equals loops over the pixels of the same images."""
     from fnf import evaluate as E
     from fnf.config import from_dict
-    from fnf.models import load_lora_for_sampling, load_model
+    from fnf.lora import load_lora
+    from fnf.families.registry import load_model
 
     cfg = from_dict({"model": {"path": setup["model"]}, "sampling": {"steps": 2, "guidance_scale": 3.0,
                                                                      "truncation_k": 1}})
     model = load_model(setup["model"])
     base = E.sample_batch(model, cfg, PROMPTS[:1] * 2, [0, 1], IMAGE_SIZE, IMAGE_SIZE, "cpu")
-    load_lora_for_sampling(model, setup["loras"]["rand"], adapter_name="rand")
+    load_lora(model, setup["loras"]["rand"], adapter_name="rand")
     tuned = E.sample_batch(model, cfg, PROMPTS[:1] * 2, [0, 1], IMAGE_SIZE, IMAGE_SIZE, "cpu")
     mask = torch.zeros(2, 1, IMAGE_SIZE, IMAGE_SIZE)
     mask[:, :, BOX[0]:BOX[1], BOX[0]:BOX[1]] = 1
@@ -225,13 +227,13 @@ def test_refuses_an_earlier_evaluation_and_overwrite_moves_it_aside(setup, resul
 ])
 def test_bad_input_is_one_line_and_exit_2_before_any_model_loads(setup, tmp_path, monkeypatch, capsys, change,
                                                                  message):
-    import fnf.models
+    import fnf.families.registry
     from fnf.cli import main
 
     def no_loading(*a, **k):
         raise AssertionError("a model was loaded before the input was checked")
 
-    monkeypatch.setattr(fnf.models, "load_model", no_loading)
+    monkeypatch.setattr(fnf.families.registry, "load_model", no_loading)
     args = eval_args(setup, tmp_path / "o")
     flag, value = change
     i = args.index(flag) if flag in args else None
@@ -315,7 +317,7 @@ def test_clip_folder_adds_the_clipscore_metric(setup, tmp_path):
     from fnf import evaluate as E
     from fnf.cli import main
     from fnf.config import from_dict
-    from fnf.models import load_model
+    from fnf.families.registry import load_model
     from fnf.rewards import build_reward
     from fnf_tiny_models import write_tokenizer
 

@@ -33,7 +33,8 @@ def clean_fsdp_env(monkeypatch):
 
 
 def _with_lora(folder: str, weight_dtype: str = "fp32"):
-    from fnf.models import add_lora, load_model
+    from fnf.lora import add_lora
+    from fnf.families.registry import load_model
 
     model = load_model(folder, weight_dtype=weight_dtype)
     params = add_lora(model, rank=4, alpha=8, target_modules=list(model.family.lora_targets))
@@ -55,16 +56,16 @@ def test_wrap_plan_units_hold_every_lora_parameter(kind, tmp_path_factory):
     model, params = _with_lora(folder)
     classes = {"sd": (BasicTransformerBlock, ResnetBlock2D), "sd3": (JointTransformerBlock,),
                "flux": (FluxTransformerBlock, FluxSingleTransformerBlock)}[kind]
-    plan = fsdp.wrap_plan(model.unet, fsdp.wrap_class_names(model))
-    expected = {n for n, m in model.unet.named_modules() if isinstance(m, classes)}
+    plan = fsdp.wrap_plan(model.denoiser, fsdp.wrap_class_names(model))
+    expected = {n for n, m in model.denoiser.named_modules() if isinstance(m, classes)}
     assert plan[-1] == "" and set(plan[:-1]) == expected and len(plan) == len(expected) + 1
     for i, unit in enumerate(plan[:-1]):  # no unit comes after its parent unit
         assert not any(unit.startswith(parent + ".") for parent in plan[:i]), (unit, plan[:i])
-    lora = [n for n, p in model.unet.named_parameters() if p.requires_grad]
+    lora = [n for n, p in model.denoiser.named_parameters() if p.requires_grad]
     assert len(lora) == len(params) > 0
     owners = {fsdp.unit_of(plan, n) for n in lora}
     assert "" not in owners and owners <= expected
-    frozen_in_root = [n for n, p in model.unet.named_parameters() if fsdp.unit_of(plan, n) == ""]
+    frozen_in_root = [n for n, p in model.denoiser.named_parameters() if fsdp.unit_of(plan, n) == ""]
     assert frozen_in_root and not any("lora_" in n for n in frozen_in_root)  # embeddings, norms, projections
 
 
@@ -72,7 +73,7 @@ def test_wrap_plan_refuses_unknown_class(tmp_path_factory):
     model, _ = _with_lora(cached_flux(str(tmp_path_factory.getbasetemp())))
     with pytest.raises(ValueError, match=r"fsdp_transformer_layer_cls_to_wrap: \['NoSuchBlock'\].*"
                                          r"FluxTransformerBlock"):
-        fsdp.wrap_plan(model.unet, ["FluxTransformerBlock", "NoSuchBlock"])
+        fsdp.wrap_plan(model.denoiser, ["FluxTransformerBlock", "NoSuchBlock"])
     assert fsdp.wrap_class_names(model, ("FluxSingleTransformerBlock",)) == ("FluxSingleTransformerBlock",)
 
 
@@ -159,7 +160,7 @@ def one_process_group(tmp_path):
 
 def _flux_call(model, generator):
     """One FLUX transformer call on random packed latents (batch 2) and random text embeddings."""
-    cfg = model.unet.config
+    cfg = model.denoiser.config
     n_img, n_txt = 16, 6
     kw = dict(hidden_states=torch.randn(2, n_img, cfg.in_channels, generator=generator),
               encoder_hidden_states=torch.randn(2, n_txt, cfg.joint_attention_dim, generator=generator),
@@ -175,33 +176,33 @@ def test_sharded_denoiser_matches_plain_one_process(weights, one_process_group, 
     the output with adapters on and off and the LoRA gradient (two grad calls, then one backward) equal those of
     an unsharded deep copy. Same weights, same ops in the same order: equal up to float32 rounding (rtol 1e-6).
     bf16: bf16 frozen weights beside float32 LoRA in one unit, under bf16 autocast, as training on GPUs runs."""
-    from fnf.models import adapters_disabled
+    from fnf.lora import adapters_disabled
 
     model, params = _with_lora(cached_flux(str(tmp_path_factory.getbasetemp())), weights)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=weights == "bf16")
     gen = torch.Generator().manual_seed(0)
     print("seed 0")
     with torch.no_grad():
-        for n, p in model.unet.named_parameters():
+        for n, p in model.denoiser.named_parameters():
             if "lora_B" in n:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    plain = copy.deepcopy(model.unet)
+    plain = copy.deepcopy(model.denoiser)
     plan = fsdp.shard_model(model, params, fsdp.FsdpSettings(), "cpu", log=lambda *_: None)
     from torch.distributed.tensor import DTensor
 
     assert all(not isinstance(p, DTensor) for p in params)
-    assert all(isinstance(p, DTensor) for n, p in model.unet.named_parameters() if "lora_" not in n)
-    assert type(model.unet).__name__.startswith("FSDP") and len(plan) == 3
+    assert all(isinstance(p, DTensor) for n, p in model.denoiser.named_parameters() if "lora_" not in n)
+    assert type(model.denoiser).__name__.startswith("FSDP") and len(plan) == 3
     call = _flux_call(model, gen)
     with torch.no_grad(), autocast:
-        on, on_ref = call(model.unet), call(plain)
-        with adapters_disabled(model.unet), adapters_disabled(plain):
-            off, off_ref = call(model.unet), call(plain)
+        on, on_ref = call(model.denoiser), call(plain)
+        with adapters_disabled(model.denoiser), adapters_disabled(plain):
+            off, off_ref = call(model.denoiser), call(plain)
     torch.testing.assert_close(on, on_ref, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(off, off_ref, rtol=1e-6, atol=1e-6)
     assert (on - off).abs().max() > 1e-3  # the LoRA changes the output
     grads = []
-    for unet in (model.unet, plain):
+    for unet in (model.denoiser, plain):
         with autocast:
             loss = call(unet).float().square().mean() + call(unet).float().mean()
         loss.backward()
@@ -223,7 +224,7 @@ def _float64_flow_session(cfg):
     """A Session whose denoiser and VAE are float64 (flow families: no DDIM schedule to cast; the Euler step
     upcasts to float32 and back, as the scheduler does). Text encoders stay float32, as in float64_session."""
     import fnf.train
-    from fnf import models
+    from fnf import core as models
 
     load = fnf.train.load_model
 
@@ -256,7 +257,7 @@ def _parity_session(kind: str, folder: str, out: str):
         session = _float64_flow_session(tiny_config(folder, out, train={"batch_size": 1, "device": "cpu"},
                                                     sampling={"height": FLUX_SIZE, "width": FLUX_SIZE},
                                                     memory={"unet_checkpointing": True}))
-    randomize_lora_B(session.model.unet, seed=0, std=0.05)  # the same on every process
+    randomize_lora_B(session.model.denoiser, seed=0, std=0.05)  # the same on every process
     return session
 
 
@@ -279,13 +280,13 @@ def _fsdp_worker(rank: int, world: int, port: int, sd: str, flux: str, out: str)
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    from fnf.models import lora_state_dict
+    from fnf.lora import lora_state_dict
     from fnf.train import train
 
     result = {}
     for kind, folder in (("sd", sd), ("flux", flux)):
         session = _parity_session(kind, folder, os.path.join(out, f"{kind}-parity"))
-        base = [p for n, p in session.model.unet.named_parameters() if "lora_" not in n]
+        base = [p for n, p in session.model.denoiser.named_parameters() if "lora_" not in n]
         loss = session.micro_batch(0, 0)[0]
         loss.backward()
         local = _flat(p.grad for p in session.params)
@@ -301,7 +302,7 @@ def _fsdp_worker(rank: int, world: int, port: int, sd: str, flux: str, out: str)
     straight = train(_train_cfg(sd, os.path.join(out, "straight"), 3))
     train(_train_cfg(sd, os.path.join(out, "part"), 2))
     resumed = train(_train_cfg(sd, os.path.join(out, "part"), 3, resume=True))
-    result.update(straight=lora_state_dict(straight.model.unet), resumed=lora_state_dict(resumed.model.unet),
+    result.update(straight=lora_state_dict(straight.model.denoiser), resumed=lora_state_dict(resumed.model.denoiser),
                   straight_history=straight.history, resumed_history=resumed.history,
                   lora_dir=straight.lora_dir, world=dist.get_world_size(), backend=dist.get_backend())
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
@@ -372,7 +373,8 @@ def test_training_resume_and_export_under_fsdp(two_process_run, clean_fsdp_env):
     from the latest checkpoint for the third, equals 3 steps straight (torch.equal); the exported LoRA, loaded by
     StableDiffusionPipeline.load_lora_weights, reproduces fnf's images of the FSDP-trained LoRA (atol 1e-4: same
     float32 weights and ops, batching differs; 10x below the LoRA's effect, asserted > 1e-3)."""
-    from fnf.models import add_lora, load_lora_state_dict, load_model
+    from fnf.lora import add_lora, load_lora_state_dict
+    from fnf.families.registry import load_model
     from fnf_tiny_models import ours_and_pipeline_images
 
     r0, r1 = two_process_run["ranks"]
@@ -388,7 +390,7 @@ def test_training_resume_and_export_under_fsdp(two_process_run, clean_fsdp_env):
     model = load_model(sd)
     cfg = tiny_config(sd, two_process_run["out"])
     add_lora(model, rank=cfg.lora.rank, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules)
-    load_lora_state_dict(model.unet, r0["straight"])
+    load_lora_state_dict(model.denoiser, r0["straight"])
     images = ours_and_pipeline_images(model, sd, r0["lora_dir"])
     assert (images["tuned"] - images["base"]).abs().max() > 1e-3
     torch.testing.assert_close(images["tuned"], images["ours"], atol=1e-4, rtol=0)

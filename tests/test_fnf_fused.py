@@ -21,8 +21,9 @@ from fnf_tiny_models import (IMAGE_SIZE, cached_model, float64_session, one_torc
 import fnf_kernels  # noqa: E402
 from fnf import cli, config, fused_lora  # noqa: E402
 from fnf.config import ConfigError  # noqa: E402
-from fnf.models import (adapters_disabled, add_lora, encode_prompts, load_model,  # noqa: E402
-                        lora_state_dict)
+from fnf.lora import adapters_disabled, add_lora, lora_state_dict  # noqa: E402
+from fnf.encoding import encode_prompts  # noqa: E402
+from fnf.families.registry import load_model  # noqa: E402
 from fnf.sampling import denoise, denoise_batched, grad_start, initial_latents  # noqa: E402
 from fnf.train import train  # noqa: E402
 
@@ -46,8 +47,8 @@ def setup(sd):
     m = load_model(sd)
     params = add_lora(m, rank=4, alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     to_float64(m)
-    randomize_lora_B(m.unet, seed=0, std=0.05)
-    m.unet.enable_gradient_checkpointing()  # the trainer's default: recompute must see the same LoRA scale
+    randomize_lora_B(m.denoiser, seed=0, std=0.05)
+    m.denoiser.enable_gradient_checkpointing()  # the trainer's default: recompute must see the same LoRA scale
     cond = encode_prompts(m, ["a photo of a cat", "a red car"], height=IMAGE_SIZE, width=IMAGE_SIZE)
     uncond = encode_prompts(m, [""], height=IMAGE_SIZE, width=IMAGE_SIZE).repeat(2)
     x_T = initial_latents(m, 2, IMAGE_SIZE, IMAGE_SIZE, torch.Generator().manual_seed(3), "cpu").double()
@@ -66,7 +67,7 @@ def _draft(m, params, run):
 
 
 def _two_passes(m, cond, uncond, x_T, kw, seed):
-    with torch.no_grad(), adapters_disabled(m.unet):
+    with torch.no_grad(), adapters_disabled(m.denoiser):
         z_ref = denoise(m, x_T, cond, uncond, grad_steps=0, generator=torch.Generator().manual_seed(seed),
                         **{k: v for k, v in kw.items() if k not in ("grad_steps", "lv_copies")})
     z = denoise(m, x_T, cond, uncond, generator=torch.Generator().manual_seed(seed), **kw)
@@ -108,12 +109,12 @@ def test_batched_sampling_matches_two_passes_values_and_lora_grads(setup, case):
     kw = dict(steps=steps, guidance_scale=guidance, grad_steps=k, lv_copies=lv, eta=eta)
     ref_ref, ref_z, ref_g = _draft(m, params, lambda: _two_passes(m, cond, uncond, x_T, kw, seed=11))
     assert (ref_ref - ref_z[:2]).abs().max() > 1e-2  # the LoRA changes I: a wrong row scale would show
-    fnf_kernels.patch_lora(m.unet)
+    fnf_kernels.patch_lora(m.denoiser)
     try:
         (got_ref, got_z, got_g), sizes = _batch_sizes(
-            m.unet, lambda: _draft(m, params, lambda: _batched(m, cond, uncond, x_T, kw, seed=11)))
+            m.denoiser, lambda: _draft(m, params, lambda: _batched(m, cond, uncond, x_T, kw, seed=11)))
     finally:
-        fnf_kernels.unpatch_lora(m.unet)
+        fnf_kernels.unpatch_lora(m.denoiser)
     rows = 2 * (2 if guidance > 1 else 1)  # UNet rows of one trajectory for B = 2
     shared = grad_start(steps, k, lv)
     grad_calls = lv if lv else k
@@ -132,14 +133,14 @@ def test_batched_sampling_sdxl_conditioning(tmp_path_factory):
     m = load_model(cached_model("sdxl", str(tmp_path_factory.getbasetemp())))
     add_lora(m, rank=4, alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     to_float64(m)
-    randomize_lora_B(m.unet, seed=1, std=0.05)
+    randomize_lora_B(m.denoiser, seed=1, std=0.05)
     cond = encode_prompts(m, ["a photo of a cat", "a red car"], height=IMAGE_SIZE, width=IMAGE_SIZE)
     uncond = encode_prompts(m, [""], height=IMAGE_SIZE, width=IMAGE_SIZE, zero=True).repeat(2)
     x_T = initial_latents(m, 2, IMAGE_SIZE, IMAGE_SIZE, torch.Generator().manual_seed(3), "cpu").double()
     kw = dict(steps=3, guidance_scale=3.0, grad_steps=1, lv_copies=0, eta=0.5)
     with torch.no_grad():
         ref_ref, ref_z = _two_passes(m, cond, uncond, x_T, kw, seed=5)
-        fnf_kernels.patch_lora(m.unet)
+        fnf_kernels.patch_lora(m.denoiser)
         z_ref, z = _batched(m, cond, uncond, x_T, kw, seed=5)
     assert (ref_ref - ref_z).abs().max() > 1e-3
     torch.testing.assert_close(z_ref, ref_ref, **TOL64)
@@ -157,18 +158,18 @@ def test_batched_sampling_through_triton_kernels(sd):
         pytest.skip("triton was imported without TRITON_INTERPRET=1 and there is no GPU")
     m = load_model(sd)
     add_lora(m, rank=4, alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
-    randomize_lora_B(m.unet, seed=0, std=0.1)
+    randomize_lora_B(m.denoiser, seed=0, std=0.1)
     cond = encode_prompts(m, ["a red car"], height=IMAGE_SIZE, width=IMAGE_SIZE)
     # 1 sample, no CFG, 1 step: the interpreter is slow
     x_T = initial_latents(m, 2, IMAGE_SIZE, IMAGE_SIZE, torch.Generator().manual_seed(3), "cpu")[1:]
     kw = dict(steps=1, guidance_scale=1.0, grad_steps=0, lv_copies=0, eta=0.0)
     with torch.no_grad():
         ref_ref, ref_z = _two_passes(m, cond, None, x_T, kw, seed=0)
-    fnf_kernels.patch_lora(m.unet, backend="triton")
+    fnf_kernels.patch_lora(m.denoiser, backend="triton")
     try:
         z_ref, z = denoise_batched(m, x_T, cond, None, **kw)
     finally:
-        fnf_kernels.unpatch_lora(m.unet)
+        fnf_kernels.unpatch_lora(m.denoiser)
     print(f"LoRA effect {(ref_ref - ref_z).abs().max():.2e}, triton vs peft {(z - ref_z).abs().max():.2e}")
     assert (ref_ref - ref_z).abs().max() > 1e-3  # 10x the tolerance: a wrong row scale would show
     torch.testing.assert_close(z_ref, ref_ref, **TOL32)
@@ -198,8 +199,8 @@ def test_training_first_step_fused_on_gives_the_gradient_of_off_in_float64(sd, t
     for mode in ("off", "on"):
         session = float64_session(_cfg(sd, str(tmp_path / mode), mode, **extra))
         assert session.fused_lora == (mode == "on")
-        randomize_lora_B(session.model.unet, seed=0, std=0.05)
-        (loss, stats, finite, last), sizes = _batch_sizes(session.model.unet, lambda: session.micro_batch(0, 0))
+        randomize_lora_B(session.model.denoiser, seed=0, std=0.05)
+        (loss, stats, finite, last), sizes = _batch_sizes(session.model.denoiser, lambda: session.micro_batch(0, 0))
         assert finite and last["images"].dtype == torch.float64
         loss.backward()
         grads = [p.grad.clone() for p in session.params]
@@ -233,7 +234,7 @@ def test_resume_with_fused_on_is_exact(sd, tmp_path):
     resumed_cfg = _cfg(sd, str(tmp_path / "part"), "on", **extra)
     resumed_cfg.train.resume = "latest"
     resumed = train(resumed_cfg)
-    a, b = lora_state_dict(full.model.unet), lora_state_dict(resumed.model.unet)
+    a, b = lora_state_dict(full.model.denoiser), lora_state_dict(resumed.model.denoiser)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [h["step"] for h in resumed.history] == [3]
     assert resumed.history[0]["loss"] == full.history[2]["loss"]
@@ -247,7 +248,7 @@ def test_exported_lora_from_a_fused_run_loads_with_load_lora_weights(sd, tmp_pat
     res = train(_cfg(sd, str(tmp_path / "run"), "on", train={"steps": 2, "lr": 5e-2}))
     m = res.model
     # the returned model is a plain peft UNet again
-    assert {type(p.processor).__name__ for p in m.unet.modules() if hasattr(p, "to_q")} == {"AttnProcessor2_0"}
+    assert {type(p.processor).__name__ for p in m.denoiser.modules() if hasattr(p, "to_q")} == {"AttnProcessor2_0"}
     im = ours_and_pipeline_images(m, sd, res.lora_dir)
     assert (im["tuned"] - im["base"]).abs().max() > 1e-3
     torch.testing.assert_close(im["tuned"], im["ours"], atol=1e-4, rtol=0)
@@ -276,15 +277,15 @@ def test_config_key_aliases_and_errors(tmp_path):
 def test_enable_modes(sd):
     m = load_model(sd)
     add_lora(m, rank=2, alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
-    assert fused_lora.enable(m.unet, "off", "cpu")[0] is False
-    on, why = fused_lora.enable(m.unet, "auto", "cpu")
+    assert fused_lora.enable(m.denoiser, "off", "cpu")[0] is False
+    on, why = fused_lora.enable(m.denoiser, "auto", "cpu")
     assert on is False and "CUDA" in why  # auto: CPU training stays on peft
     assert not any(isinstance(p.processor, fnf_kernels.FusedLoRAAttnProcessor)
-                   for p in m.unet.modules() if hasattr(p, "to_q"))
-    assert fused_lora.enable(m.unet, "on", "cpu")[0] is True
-    fused_lora.disable(m.unet)
+                   for p in m.denoiser.modules() if hasattr(p, "to_q"))
+    assert fused_lora.enable(m.denoiser, "on", "cpu")[0] is True
+    fused_lora.disable(m.denoiser)
     conv = load_model(sd)  # LoRA on a conv cannot take a per-sample scale
     add_lora(conv, rank=2, alpha=2, target_modules=["to_q", "conv_in"])
     with pytest.raises(ValueError, match="memory.fused_lora=on"):
-        fused_lora.enable(conv.unet, "on", "cpu")
-    assert not hasattr(conv.unet, "_fnf_lora_state")  # left unpatched
+        fused_lora.enable(conv.denoiser, "on", "cpu")
+    assert not hasattr(conv.denoiser, "_fnf_lora_state")  # left unpatched

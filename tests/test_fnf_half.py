@@ -10,8 +10,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fnf_tiny_models import IMAGE_SIZE, cached_model, tiny_config, one_torch_thread  # noqa: E402,F401
-from fnf.models import (add_lora, encode_prompts, load_model, lora_dropout_layers, lora_state_dict,  # noqa: E402
-                        set_vae_precision)
+from fnf.lora import add_lora, lora_dropout_layers, lora_state_dict  # noqa: E402
+from fnf.encoding import encode_prompts  # noqa: E402
+from fnf.families.registry import load_model  # noqa: E402
+from fnf.families.base import set_vae_precision  # noqa: E402
 from fnf.sampling import decode, denoise, initial_latents, sample_images  # noqa: E402
 from fnf.train import Session, train  # noqa: E402
 
@@ -58,7 +60,7 @@ def test_force_upcast_keeps_the_vae_fp32_and_decodes_with_autocast_off(root):
     assert not torch.isfinite(m16.vae.decode(z.half() / 0.18215).sample).all()
 
     m = load_model(upcast, weight_dtype="fp16")
-    assert m.unet.dtype == torch.float16 and m.vae_dtype == torch.float32 and m.vae_upcast
+    assert m.denoiser.dtype == torch.float16 and m.vae_dtype == torch.float32 and m.vae_upcast
     with torch.autocast("cpu", dtype=torch.float16):
         images = decode(m, z.half())                           # fp16 latents, fp16 autocast around it
     torch.testing.assert_close(images, reference, rtol=0, atol=1e-6)
@@ -92,7 +94,7 @@ def test_session_upcasts_an_in_memory_model_and_a_fp16_autocast_run(root):
     cfg = tiny_config(upcast, os.path.join(root, "unused"), model={"weight_dtype": "fp16"},
                       memory={"mixed_precision": "fp16"})
     s = Session(cfg, model=load_model(upcast))                 # in-memory fp32 model cast by the Session
-    assert s.model.unet.dtype == torch.float16 and s.model.vae_dtype == torch.float32 and s.model.vae_upcast
+    assert s.model.denoiser.dtype == torch.float16 and s.model.vae_dtype == torch.float32 and s.model.vae_upcast
     cfg = tiny_config(upcast, os.path.join(root, "unused"), memory={"mixed_precision": "fp16"})
     s = Session(cfg)                                           # fp32 weights, fp16 autocast
     assert s.model.vae_dtype == torch.float32 and s.model.vae_upcast
@@ -118,11 +120,11 @@ def test_fp16_weights_with_grad_scaler_train_end_to_end(kind, root, tmp_path):
         assert not h["skipped"] or "scale lowered" in h["skip_reason"], h
     assert sum(not h["skipped"] for h in hist) >= 2
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in hist)
-    lora = lora_state_dict(res.model.unet)
+    lora = lora_state_dict(res.model.denoiser)
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in lora.values())
     assert max(p.abs().max().item() for n, p in lora.items() if "lora_B" in n) > 1e-4  # B starts at zero
     m = res.model
-    assert m.unet.dtype == torch.float16 and m.vae_upcast
+    assert m.denoiser.dtype == torch.float16 and m.vae_upcast
     cond = encode_prompts(m, ["a red car"], height=IMAGE_SIZE, width=IMAGE_SIZE)
     uncond = encode_prompts(m, [""], height=IMAGE_SIZE, width=IMAGE_SIZE, zero=kind == "sdxl")
     x_T = initial_latents(m, 1, IMAGE_SIZE, IMAGE_SIZE, torch.Generator().manual_seed(3), "cpu")
@@ -157,12 +159,12 @@ def test_the_three_kinds_of_non_finite_step_are_told_apart(root, tmp_path):
     # (b) the scaler's own overflow: a scale so high that the fp16 backward overflows.
     s = Session(tiny_config(sd, str(tmp_path / "b"), **half))
     s.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 60)
-    before = {k: v.clone() for k, v in lora_state_dict(s.model.unet).items()}
+    before = {k: v.clone() for k, v in lora_state_dict(s.model.denoiser).items()}
     record, _ = s.optimizer_step(0)
     assert record["skipped"] and record["scaler_overflow"], record
     assert record["skip_reason"] == f"fp16 grad-scaler overflow (scale lowered to {2.0 ** 59:g})"
     assert record["grad_scale"] == 2.0 ** 59 and s.lr_schedule.last_epoch == 0
-    after = lora_state_dict(s.model.unet)
+    after = lora_state_dict(s.model.denoiser)
     assert all(torch.equal(before[k], after[k]) for k in before)   # not applied; no NaN written
     s.scaler.update(65536.0)                                        # the scale backed off far enough
     record, _ = s.optimizer_step(1)
@@ -203,7 +205,7 @@ def _lora_model(folder, dropout, seed=0):
     add_lora(m, rank=4, alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"], dropout=dropout)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():  # LoRA B starts at zero, which would make dropout invisible
-        for n, p in m.unet.named_parameters():
+        for n, p in m.denoiser.named_parameters():
             if "lora_B" in n:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     return m
@@ -218,14 +220,14 @@ def _unet_inputs(unet):
 def test_lora_dropout_acts_only_in_the_grad_steps(root):
     sd = cached_model("sd", root)
     drop, nodrop = _lora_model(sd, 0.5), _lora_model(sd, 0.0)
-    assert not drop.unet.training and any(isinstance(d, torch.nn.Dropout) for d in lora_dropout_layers(drop.unet))
+    assert not drop.denoiser.training and any(isinstance(d, torch.nn.Dropout) for d in lora_dropout_layers(drop.denoiser))
     cond = encode_prompts(drop, ["a photo of a cat"], height=IMAGE_SIZE, width=IMAGE_SIZE)
     uncond = encode_prompts(drop, [""], height=IMAGE_SIZE, width=IMAGE_SIZE)
     x_T = initial_latents(drop, 1, IMAGE_SIZE, IMAGE_SIZE, torch.Generator().manual_seed(5), "cpu")
     kw = dict(steps=4, guidance_scale=3.0, grad_steps=2)
 
     def run(model, torch_seed):
-        seen, hook = _unet_inputs(model.unet)
+        seen, hook = _unet_inputs(model.denoiser)
         torch.manual_seed(torch_seed)
         z = denoise(model, x_T, cond, uncond, **kw)
         hook.remove()
@@ -240,11 +242,11 @@ def test_lora_dropout_acts_only_in_the_grad_steps(root):
     # The grad steps see dropout: different masks for different seeds, and not the no-dropout result.
     assert (z_a - z_b).abs().max() > 1e-3 and (z_a - z_nodrop).abs().max() > 1e-3
     assert torch.equal(run(nodrop, 2)[0], z_nodrop)           # control: no dropout, no seed dependence
-    assert not any(d.training for d in lora_dropout_layers(drop.unet))  # restored after the grad steps
+    assert not any(d.training for d in lora_dropout_layers(drop.denoiser))  # restored after the grad steps
     # Control: dropout in the no-grad steps too (the old unet.train()) would change call 2's input.
-    drop.unet.train()
+    drop.denoiser.train()
     assert not torch.equal(run(drop, 1)[1][2], in_nodrop[2])
-    drop.unet.eval()
+    drop.denoiser.eval()
     with torch.no_grad():  # plain sampling (no grad anywhere) never drops out
         torch.manual_seed(1)
         a = denoise(drop, x_T, cond, uncond, **kw)
@@ -256,7 +258,7 @@ def test_session_lora_dropout_is_on_exactly_in_grad_carrying_unet_calls(root, tm
     cfg = tiny_config(cached_model("sd", root), str(tmp_path / "d"), lora={"dropout": 0.5},
                       localize={"spec": "saliency"})
     s = Session(cfg)
-    unet = s.model.unet
+    unet = s.model.denoiser
     layers = [d for d in lora_dropout_layers(unet) if isinstance(d, torch.nn.Dropout)]
     assert layers and not unet.training
     calls = []  # (grad enabled, LoRA dropout on) per UNet call

@@ -9,7 +9,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fnf_tiny_models import IMAGE_SIZE, cached_model, one_torch_thread  # noqa: E402,F401
-from fnf.models import (ModelLoadError, adapters_disabled, add_lora, detect_kind, encode_prompts, load_model)
+from fnf.core import ModelLoadError
+from fnf.lora import adapters_disabled, add_lora
+from fnf.families.registry import detect_kind, load_model
+from fnf.encoding import encode_prompts
 from fnf.sampling import initial_latents, sample_images
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -59,22 +62,22 @@ def test_lora_params_only_trainable_and_adapters_off_is_pretrained(sd):
     x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     emb = encode_prompts(m, ["a photo of a cat"], height=32, width=32)
     with torch.no_grad():
-        before = m.unet(x, 10, encoder_hidden_states=emb.hidden).sample
-    n_before = sum(p.numel() for p in m.unet.parameters())
+        before = m.denoiser(x, 10, encoder_hidden_states=emb.hidden).sample
+    n_before = sum(p.numel() for p in m.denoiser.parameters())
     params = add_lora(m, rank=4, alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
-    trainable = [n for n, p in m.unet.named_parameters() if p.requires_grad]
+    trainable = [n for n, p in m.denoiser.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable) and len(trainable) == len(params)
     assert all(p.dtype == torch.float32 for p in params)
     assert not any(p.requires_grad for mod in (m.vae, *m.text_encoders) for p in mod.parameters())
     # no second copy of the weights: only the LoRA tensors were added
-    assert sum(p.numel() for p in m.unet.parameters()) == n_before + sum(p.numel() for p in params)
+    assert sum(p.numel() for p in m.denoiser.parameters()) == n_before + sum(p.numel() for p in params)
     with torch.no_grad():
-        for n, p in m.unet.named_parameters():
+        for n, p in m.denoiser.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.5)
-        tuned = m.unet(x, 10, encoder_hidden_states=emb.hidden).sample
-        with adapters_disabled(m.unet):
-            off = m.unet(x, 10, encoder_hidden_states=emb.hidden).sample
+        tuned = m.denoiser(x, 10, encoder_hidden_states=emb.hidden).sample
+        with adapters_disabled(m.denoiser):
+            off = m.denoiser(x, 10, encoder_hidden_states=emb.hidden).sample
     assert torch.equal(off, before)
     assert not torch.allclose(tuned, before)
     with pytest.raises(ValueError, match="matched no UNet module|could not attach"):

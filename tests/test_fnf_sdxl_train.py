@@ -8,7 +8,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fnf_tiny_models import cached_model, one_torch_thread, ours_and_pipeline_images, tiny_config  # noqa: E402,F401
-from fnf.models import lora_state_dict  # noqa: E402
+from fnf.lora import lora_state_dict  # noqa: E402
 from fnf.train import train  # noqa: E402
 
 
@@ -25,7 +25,7 @@ def test_sdxl_training_loop_end_to_end(tmp_path_factory, tmp_path):
     for r in log:
         assert {"reward", "penalty", "loss", "grad_norm", "lr"} <= set(r) and not r["scaler_overflow"]
         assert all(torch.isfinite(torch.tensor(float(r[k]))) for k in ("reward", "penalty", "loss", "grad_norm"))
-    lora = lora_state_dict(m.unet)
+    lora = lora_state_dict(m.denoiser)
     assert all(torch.isfinite(p).all() for p in lora.values())
     assert max(p.abs().max().item() for n, p in lora.items() if "lora_B" in n) > 1e-4  # B starts at zero
 

@@ -13,7 +13,8 @@ from fnf_tiny_models import (IMAGE_SIZE, cached_model, float64_session, one_torc
                              randomize_lora_B, tiny_config)
 from fnf import cli  # noqa: E402
 from fnf.images import save_png  # noqa: E402
-from fnf.models import adapters_disabled, encode_prompts, lora_state_dict  # noqa: E402
+from fnf.lora import adapters_disabled, lora_state_dict  # noqa: E402
+from fnf.encoding import encode_prompts  # noqa: E402
 from fnf.sampling import initial_latents, sample_images  # noqa: E402
 from fnf.train import train  # noqa: E402
 
@@ -40,7 +41,7 @@ def _outside_change(model, prompt, seed, mask):
     x_T = initial_latents(model, 1, IMAGE_SIZE, IMAGE_SIZE, torch.Generator().manual_seed(seed), "cpu")
     kw = dict(steps=4, guidance_scale=3.0)
     tuned = sample_images(model, x_T, cond, uncond, **kw)
-    with adapters_disabled(model.unet):
+    with adapters_disabled(model.denoiser):
         base = sample_images(model, x_T, cond, uncond, **kw)
     change = (tuned - base).abs().mean(dim=1)[0]
     return change[mask == 0].mean().item(), change[mask == 1].mean().item()
@@ -74,7 +75,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(sd, tmp_path):
     resumed_cfg = tiny_config(sd, str(tmp_path / "part"), **extra)
     resumed_cfg.train.resume = "latest"
     resumed = train(resumed_cfg)
-    a, b = lora_state_dict(full.model.unet), lora_state_dict(resumed.model.unet)
+    a, b = lora_state_dict(full.model.denoiser), lora_state_dict(resumed.model.denoiser)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -99,7 +100,7 @@ def test_nan_step_is_skipped_and_logged(sd, tmp_path):
     res = train(cfg)
     assert [h["skipped"] for h in res.history] == [False, True, False]
     assert "non-finite" in res.history[1]["skip_reason"]
-    assert all(torch.isfinite(p).all() for p in lora_state_dict(res.model.unet).values())
+    assert all(torch.isfinite(p).all() for p in lora_state_dict(res.model.denoiser).values())
     lines = [json.loads(line) for line in open(tmp_path / "nan" / "log.jsonl")]
     assert any(r["skipped"] for r in lines)
     for r in lines:
@@ -142,8 +143,8 @@ def test_bf16_autocast_with_bf16_weights_keeps_lora_fp32(sd, tmp_path):
                               "reward_checkpointing": True},
                       localize={"spec": "saliency", "radius": 1}, train={"steps": 2})
     res = train(cfg)
-    assert res.model.unet.dtype == torch.bfloat16 or any(p.dtype == torch.bfloat16 for p in res.model.unet.parameters())
-    lora = [p for n, p in res.model.unet.named_parameters() if p.requires_grad]
+    assert res.model.denoiser.dtype == torch.bfloat16 or any(p.dtype == torch.bfloat16 for p in res.model.denoiser.parameters())
+    lora = [p for n, p in res.model.denoiser.named_parameters() if p.requires_grad]
     assert lora and all(p.dtype == torch.float32 for p in lora)
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in res.history if not h["skipped"])
     assert not any(h["skipped"] for h in res.history)
@@ -151,7 +152,7 @@ def test_bf16_autocast_with_bf16_weights_keeps_lora_fp32(sd, tmp_path):
 
 def _first_step(session, lora_seed=0):
     """Loss, stats and LoRA gradients of a session's first micro-batch, from the same non-zero LoRA B."""
-    randomize_lora_B(session.model.unet, seed=lora_seed, std=0.05)
+    randomize_lora_B(session.model.denoiser, seed=lora_seed, std=0.05)
     loss, stats, finite, _ = session.micro_batch(0, 0)
     assert finite
     loss.backward()
@@ -214,8 +215,8 @@ def test_unet_checkpointing_gives_the_same_first_step_gradient_in_float64(sd, tm
         cfg = tiny_config(sd, str(tmp_path / f"ckpt{on}"), memory={"unet_checkpointing": on},
                           localize={"spec": "saliency"}, train={"batch_size": 2})
         session = float64_session(cfg)
-        calls, handles = _count_resnet_calls(session.model.unet)
-        randomize_lora_B(session.model.unet, seed=0, std=0.05)
+        calls, handles = _count_resnet_calls(session.model.denoiser)
+        randomize_lora_B(session.model.denoiser, seed=0, std=0.05)
         loss, stats, finite, _ = session.micro_batch(0, 0)
         forward_calls = len(calls)
         loss.backward()
@@ -240,7 +241,7 @@ def test_training_with_unet_checkpointing_on_end_to_end(sd, tmp_path):
     assert [h["skipped"] for h in res.history] == [False] * 3
     assert all(math.isfinite(h["loss"]) and math.isfinite(h["grad_norm"]) and h["grad_norm"] > 0
                for h in res.history)
-    lora = lora_state_dict(res.model.unet)
+    lora = lora_state_dict(res.model.denoiser)
     assert all(torch.isfinite(v).all() for v in lora.values())
     assert max(v.abs().max().item() for k, v in lora.items() if "lora_B" in k) > 0.5 * cfg.train.lr  # B started at 0
 
@@ -273,7 +274,7 @@ def test_reference_pool_precomputes_i0_once_and_resumes_exactly(sd, tmp_path, mo
     for j in (0, 3):
         x_T = initial_latents(m, 1, IMAGE_SIZE, IMAGE_SIZE, torch.Generator().manual_seed(entry_seed(0, j)), "cpu")
         cond = session.embeds.index(torch.tensor([int(p.prompt_index[j])]))
-        with adapters_disabled(m.unet):
+        with adapters_disabled(m.denoiser):
             expect = sample_images(m, x_T, cond, session.negative, steps=4, guidance_scale=3.0)
         torch.testing.assert_close(p.ref[j:j + 1], expect, rtol=0, atol=1e-5)
 
@@ -283,7 +284,7 @@ def test_reference_pool_precomputes_i0_once_and_resumes_exactly(sd, tmp_path, mo
     resumed_cfg = tiny_config(sd, str(tmp_path / "part"), **extra)
     resumed_cfg.train.resume = "latest"
     resumed = train(resumed_cfg)
-    a, b = lora_state_dict(full.model.unet), lora_state_dict(resumed.model.unet)
+    a, b = lora_state_dict(full.model.denoiser), lora_state_dict(resumed.model.denoiser)
     for k in a:
         assert torch.equal(a[k], b[k]), k
 

@@ -20,7 +20,8 @@ from tiny_flux import IMAGE_SIZE, cached_flux
 from fnf import config as config_mod
 from fnf import preflight, quantize
 from fnf.config import ConfigError
-from fnf.models import LOAD_OPTIONS, adapters_disabled, add_lora, load_model
+from fnf.families.registry import LOAD_OPTIONS, load_model
+from fnf.lora import adapters_disabled, add_lora
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 HAS_TORCHAO = importlib.util.find_spec("torchao") is not None
@@ -116,7 +117,7 @@ def test_preflight_refuses_options_the_family_does_not_take(flux, tmp_path, monk
                                           r"only; this folder is 'FLUX.1'"):
         preflight.check(_cfg(flux, text_encoder_3=False))
     preflight.check(_cfg(flux, max_sequence_length=64))   # accepted
-    from fnf.models import families_accepting
+    from fnf.families.registry import families_accepting
 
     assert set(families_accepting("quantize")) >= {"sd", "sdxl", "sd3", "flux", "flux2"}
     monkeypatch.setattr(quantize, "problem", lambda method, cuda: None)   # as if torchao were installed
@@ -174,15 +175,15 @@ def test_loading_path_passes_the_quantization_config(family, flux, tmp_path, mon
     m = load_model(path, weight_dtype=dtype, quantize=method)
     assert seen == [(method, torch_dtype)]
     assert [c for c in calls if c[1] is not None] == [(denoiser.__name__, sentinel, torch_dtype)]
-    assert moved == [] and quantize.method_of(m.unet) == "bitsandbytes"
+    assert moved == [] and quantize.method_of(m.denoiser) == "bitsandbytes"
     params = add_lora(m, rank=2, alpha=2, target_modules=targets)
     assert params and all(p.dtype == torch.float32 for p in params)
-    assert {n for n, p in m.unet.named_parameters() if p.requires_grad} == \
-        {n for n, p in m.unet.named_parameters() if "lora_" in n}
-    on, why = fused_lora.enable(m.unet, "auto", "cpu")
+    assert {n for n, p in m.denoiser.named_parameters() if p.requires_grad} == \
+        {n for n, p in m.denoiser.named_parameters() if "lora_" in n}
+    on, why = fused_lora.enable(m.denoiser, "auto", "cpu")
     assert not on and "quantized, bitsandbytes" in why
     with pytest.raises(ValueError, match="memory.fused_lora=on: the frozen base is quantized"):
-        fused_lora.enable(m.unet, "on", "cpu")
+        fused_lora.enable(m.denoiser, "on", "cpu")
 
 
 def test_move_and_method_of():
@@ -213,7 +214,7 @@ def test_torchao_int8_transformer_trains_lora_on_a_frozen_base(flux):
     output is close to the float one (per-row int8: within 5% of the output's scale) but not equal; with a random
     LoRA the adapters-off output equals the quantized base without LoRA exactly (the frozen model); one backward
     gives every LoRA tensor a non-zero gradient and no base parameter any."""
-    from fnf.models import encode_prompts
+    from fnf.encoding import encode_prompts
 
     print("seed", SEED)
     if quantize.problem("torchao-int8", cuda=False):
@@ -221,8 +222,8 @@ def test_torchao_int8_transformer_trains_lora_on_a_frozen_base(flux):
     full = load_model(flux)
     m = load_model(flux, quantize="torchao-int8")
     base = load_model(flux, quantize="torchao-int8")
-    assert quantize.method_of(m.unet) == "torchao" and quantize.method_of(full.unet) is None
-    weight = m.unet.transformer_blocks[0].attn.to_q.weight
+    assert quantize.method_of(m.denoiser) == "torchao" and quantize.method_of(full.denoiser) is None
+    weight = m.denoiser.transformer_blocks[0].attn.to_q.weight
     assert type(weight) is not torch.nn.Parameter and "int8" in repr(type(weight)).lower() + str(weight.dtype)
     g = torch.Generator().manual_seed(SEED)
     x = m.family.initial_latents(m, 1, IMAGE_SIZE, IMAGE_SIZE, g, "cpu")
@@ -230,22 +231,22 @@ def test_torchao_int8_transformer_trains_lora_on_a_frozen_base(flux):
     t = m.scheduler.timesteps[0]
     cond = encode_prompts(m, ["a photo of a cat"], height=IMAGE_SIZE, width=IMAGE_SIZE)
     with torch.no_grad():
-        ref_full, ref_q = _predict(full, full.unet, x, cond, t), _predict(base, base.unet, x, cond, t)
+        ref_full, ref_q = _predict(full, full.denoiser, x, cond, t), _predict(base, base.denoiser, x, cond, t)
     err = (ref_q - ref_full).abs().max() / ref_full.abs().max()
     assert 0 < err < 0.05, err
     params = add_lora(m, rank=2, alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
-    assert type(m.unet.transformer_blocks[0].attn.to_q).__name__ == "TorchaoLoraLinear"
+    assert type(m.denoiser.transformer_blocks[0].attn.to_q).__name__ == "TorchaoLoraLinear"
     with torch.no_grad():
         for p in params:
             p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    with torch.no_grad(), adapters_disabled(m.unet):
-        frozen = _predict(m, m.unet, x, cond, t)
+    with torch.no_grad(), adapters_disabled(m.denoiser):
+        frozen = _predict(m, m.denoiser, x, cond, t)
     assert torch.equal(frozen, ref_q)
-    out = _predict(m, m.unet, x, cond, t)
+    out = _predict(m, m.denoiser, x, cond, t)
     assert (out - ref_q).abs().max() > 1e-4
     out.square().mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
-    assert all(p.grad is None for n, p in m.unet.named_parameters() if "lora_" not in n)
+    assert all(p.grad is None for n, p in m.denoiser.named_parameters() if "lora_" not in n)
 
 
 @pytest.mark.skipif(not HAS_TORCHAO, reason="torchao is not installed (pip install torchao): the real int8 "
@@ -257,7 +258,7 @@ def test_torchao_int8_session_step_and_export(family, flux, tmp_path):
     it, and the exported LoRA loads into a full-precision model of the same folder with the trained tensors."""
     from fnf_tiny_models import IMAGE_SIZE as UNET_SIZE
 
-    from fnf.models import load_lora_for_sampling, lora_state_dict
+    from fnf.lora import load_lora, lora_state_dict
     from fnf.train import Session
 
     print("seed", SEED)
@@ -273,23 +274,23 @@ def test_torchao_int8_session_step_and_export(family, flux, tmp_path):
     preflight.check(cfg, specs=False)
     session = Session(cfg)
     m = session.model
-    assert quantize.method_of(m.unet) == "torchao"
+    assert quantize.method_of(m.denoiser) == "torchao"
     g = torch.Generator().manual_seed(SEED)
     x = m.family.initial_latents(m, 1, size, size, g, "cpu")
     m.family.schedule(m, 2, size, size, "cpu")
     t = m.scheduler.timesteps[0]
-    with torch.no_grad(), adapters_disabled(m.unet):
-        before = _predict(m, m.unet, x, session.embeds, t)
-    lora_before = lora_state_dict(m.unet)
+    with torch.no_grad(), adapters_disabled(m.denoiser):
+        before = _predict(m, m.denoiser, x, session.embeds, t)
+    lora_before = lora_state_dict(m.denoiser)
     record, _ = session.optimizer_step(0)
     assert not record["skipped"] and record["grad_norm"] > 0
-    trained = lora_state_dict(m.unet)
+    trained = lora_state_dict(m.denoiser)
     assert any(not torch.equal(trained[k], lora_before[k]) for k in trained)
-    with torch.no_grad(), adapters_disabled(m.unet):
-        assert torch.equal(_predict(m, m.unet, x, session.embeds, t), before)
+    with torch.no_grad(), adapters_disabled(m.denoiser):
+        assert torch.equal(_predict(m, m.denoiser, x, session.embeds, t), before)
     m.family.save_lora(m, str(tmp_path / "lora"))
     full = load_model(path)
-    load_lora_for_sampling(full, str(tmp_path / "lora"))
-    loaded = {n: p for n, p in full.unet.named_parameters() if "lora_" in n}
+    load_lora(full, str(tmp_path / "lora"))
+    loaded = {n: p for n, p in full.denoiser.named_parameters() if "lora_" in n}
     assert sorted(loaded) == sorted(trained)
     assert all(torch.equal(loaded[n].float(), trained[n].float()) for n in trained)

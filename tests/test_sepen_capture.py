@@ -9,7 +9,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 from fnf_tiny_models import IMAGE_SIZE, cached_model, one_torch_thread  # noqa: E402,F401
 
 import fnf_kernels  # noqa: E402
-from fnf.models import add_lora, encode_prompts, load_model  # noqa: E402
+from fnf.lora import add_lora  # noqa: E402
+from fnf.encoding import encode_prompts  # noqa: E402
+from fnf.families.registry import load_model  # noqa: E402
 from fnf.sepen.capture import capture, install_capture, map_size, remove_capture  # noqa: E402
 from fnf.sepen.tokens import token_weights, word_positions  # noqa: E402
 
@@ -108,7 +110,7 @@ def _hand_maps(unet, latents, hidden, weights, t):
 
 
 def test_capture_matches_hand_computation_and_keeps_output(model):
-    unet = model.unet
+    unet = model.denoiser
     latents, hidden, weights = _inputs(model, PROMPTS, OBJECTS)
     t = torch.tensor(500)
     expected, out_plain = _hand_maps(unet, latents, hidden, weights, t)
@@ -145,30 +147,30 @@ def test_capture_with_fused_lora_processor(sd):
             p.normal_(0, 0.1)  # a non-trivial LoRA
     latents, hidden, weights = _inputs(m, PROMPTS, OBJECTS, seed=1)
     t = torch.tensor(300)
-    install_capture(m.unet)
-    with torch.no_grad(), capture(m.unet, weights, latents.shape[-2:], downsample=1) as store:
-        out_peft = m.unet(latents, t, encoder_hidden_states=hidden).sample
+    install_capture(m.denoiser)
+    with torch.no_grad(), capture(m.denoiser, weights, latents.shape[-2:], downsample=1) as store:
+        out_peft = m.denoiser(latents, t, encoder_hidden_states=hidden).sample
     maps_peft = store.maps()
-    remove_capture(m.unet)
-    fnf_kernels.patch_lora(m.unet)
-    install_capture(m.unet)
-    kinds = {type(a.processor.inner).__name__ for n, a in m.unet.named_modules() if n.endswith("attn2")}
+    remove_capture(m.denoiser)
+    fnf_kernels.patch_lora(m.denoiser)
+    install_capture(m.denoiser)
+    kinds = {type(a.processor.inner).__name__ for n, a in m.denoiser.named_modules() if n.endswith("attn2")}
     assert kinds == {"FusedLoRAAttnProcessor"}
-    with torch.no_grad(), capture(m.unet, weights, latents.shape[-2:], downsample=1) as store:
-        out_fused = m.unet(latents, t, encoder_hidden_states=hidden).sample
+    with torch.no_grad(), capture(m.denoiser, weights, latents.shape[-2:], downsample=1) as store:
+        out_fused = m.denoiser(latents, t, encoder_hidden_states=hidden).sample
     torch.testing.assert_close(store.maps(), maps_peft, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out_fused, out_peft, rtol=1e-4, atol=1e-5)
     # The fused processor's per-sample LoRA scale applies to the captured maps as well.
-    with torch.no_grad(), fnf_kernels.lora_scale(m.unet, 0.0), \
-            capture(m.unet, weights, latents.shape[-2:], downsample=1) as store:
-        m.unet(latents, t, encoder_hidden_states=hidden)
+    with torch.no_grad(), fnf_kernels.lora_scale(m.denoiser, 0.0), \
+            capture(m.denoiser, weights, latents.shape[-2:], downsample=1) as store:
+        m.denoiser(latents, t, encoder_hidden_states=hidden)
     assert not torch.allclose(store.maps(), maps_peft)
-    remove_capture(m.unet)
-    fnf_kernels.unpatch_lora(m.unet)
+    remove_capture(m.denoiser)
+    fnf_kernels.unpatch_lora(m.denoiser)
 
 
 def test_captured_maps_carry_gradient_to_to_k(model):
-    unet = model.unet
+    unet = model.denoiser
     latents, hidden, weights = _inputs(model, PROMPTS, OBJECTS, seed=2)
     install_capture(unet)
     try:

@@ -11,7 +11,8 @@ from fnf_tiny_models import IMAGE_SIZE, cached_model, one_torch_thread  # noqa: 
 
 import fnf_kernels  # noqa: E402
 from fnf import config  # noqa: E402
-from fnf.models import encode_prompts, load_model  # noqa: E402
+from fnf.encoding import encode_prompts  # noqa: E402
+from fnf.families.registry import load_model  # noqa: E402
 from fnf.sepen.capture import capture, install_capture, remove_capture  # noqa: E402
 from fnf.sepen.tokens import token_weights, word_positions  # noqa: E402
 from fnf.train import train  # noqa: E402
@@ -63,7 +64,7 @@ def test_config_shorthand_and_validation(sd):
 def test_only_to_k_changes(sd, tmp_path):
     before = {k: v.clone() for k, v in load_model(sd).unet.state_dict().items()}
     result = train(sepen_config(sd, str(tmp_path / "run")))
-    after = result.model.unet.state_dict()
+    after = result.model.denoiser.state_dict()
     assert set(after) == set(before)
     changed = {k for k in before if not torch.equal(before[k], after[k].to(before[k].dtype))}
     to_k = {k for k in before if k.endswith("attn2.to_k.weight")}
@@ -78,9 +79,9 @@ def test_only_to_k_changes(sd, tmp_path):
 
 def test_lora_option_trains_only_to_k_adapters(sd, tmp_path):
     result = train(sepen_config(sd, str(tmp_path / "run"), **{"sepen.lora": True, "train.lr": 1e-2}))
-    trainable = [n for n, p in result.model.unet.named_parameters() if p.requires_grad]
+    trainable = [n for n, p in result.model.denoiser.named_parameters() if p.requires_grad]
     assert trainable and all("attn2.to_k" in n and "lora_" in n for n in trainable)
-    lora_b = [p for n, p in result.model.unet.named_parameters() if "lora_B" in n]
+    lora_b = [p for n, p in result.model.denoiser.named_parameters() if "lora_B" in n]
     assert any(p.abs().sum() > 0 for p in lora_b)  # B starts at 0: it moved
     assert os.path.isfile(os.path.join(result.lora_dir, "pytorch_lora_weights.safetensors"))
 
@@ -91,7 +92,7 @@ def test_resume_matches_uninterrupted(sd, tmp_path):
     full = train(sepen_config(sd, str(tmp_path / "full"), **{"train.steps": 3}))
     train(sepen_config(sd, str(tmp_path / "part"), **{"train.steps": 2, "train.checkpoint_every": 2}))
     resumed = train(sepen_config(sd, str(tmp_path / "part"), **{"train.steps": 3, "train.resume": "latest"}))
-    a, b = full.model.unet.state_dict(), resumed.model.unet.state_dict()
+    a, b = full.model.denoiser.state_dict(), resumed.model.denoiser.state_dict()
     for k in a:
         if k.endswith("attn2.to_k.weight"):
             assert torch.equal(a[k], b[k]), k
@@ -105,13 +106,13 @@ def _separate_on(model, prompts, objects, seed=0):
                             cond.hidden.shape[1])
     x = torch.randn(len(prompts), 4, IMAGE_SIZE // 2, IMAGE_SIZE // 2, generator=g)
     t = torch.randint(0, 1000, (len(prompts),), generator=g)
-    install_capture(model.unet)
+    install_capture(model.denoiser)
     try:
-        with torch.no_grad(), capture(model.unet, weights, x.shape[-2:], downsample=1) as store:
-            model.unet(x, t, encoder_hidden_states=cond.hidden)
+        with torch.no_grad(), capture(model.denoiser, weights, x.shape[-2:], downsample=1) as store:
+            model.denoiser(x, t, encoder_hidden_states=cond.hidden)
         return fnf_kernels.separate_loss(store.maps()).mean().item()
     finally:
-        remove_capture(model.unet)
+        remove_capture(model.denoiser)
 
 
 def test_training_reduces_separate_loss(sd, tmp_path):

@@ -146,7 +146,7 @@ def test_checkpoint_loras_are_the_run_s_loras_at_each_step(tmp_path):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from fnf_tiny_models import cached_model, tiny_config
 
-    from fnf.models import lora_state_dict
+    from fnf.lora import lora_state_dict
     from fnf.toy.demo import _checkpoint_loras
     from fnf.train import train
 
@@ -156,7 +156,7 @@ def test_checkpoint_loras_are_the_run_s_loras_at_each_step(tmp_path):
     r = train(cfg)
     loras = _checkpoint_loras(cfg.train.out)
     assert [s for s, _ in loras] == [1, 2, 3]
-    final = lora_state_dict(r.model.unet)
+    final = lora_state_dict(r.model.denoiser)
     assert set(loras[-1][1]) == set(final)
     assert all(torch.equal(loras[-1][1][k], final[k]) for k in final)
     assert not all(torch.equal(loras[0][1][k], final[k]) for k in final)      # step 1 differs from step 3

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(SD, "model_index
 
 
 def test_loads_and_samples():
-    from fnf.models import load_model
+    from fnf.families.registry import load_model
     from fnf.toy.evaluate_sd import sample
 
     torch.set_num_threads(1)
@@ -49,7 +49,8 @@ def test_cross_attention_heads_are_wide():
 def test_text_encoder_states_are_per_token():
     """Toy v3: the text encoder has no layers, so a token's state is its word at its place: changing a later word
     leaves every earlier and later token's state alone (with causal layers, EOS and padding saw the whole prompt)."""
-    from fnf.models import encode_prompts, load_model
+    from fnf.encoding import encode_prompts
+    from fnf.families.registry import load_model
 
     model = load_model(SD)
     assert model.text_encoders[0].config.num_hidden_layers == 0

@@ -113,7 +113,7 @@ def test_evaluate_counts_fixed_broken_and_paired_intervals():
 def toy_model():
     if not HAS_TOY:
         pytest.skip("toy assets not trained yet")
-    from fnf.models import load_model
+    from fnf.families.registry import load_model
 
     torch.set_num_threads(1)
     return load_model(SD)
@@ -124,7 +124,7 @@ def test_capturing_unet_maps_the_conditional_rows_in_one_call(toy_model):
     same losses as capturing the conditional rows on their own."""
     import fnf_kernels
 
-    from fnf.models import encode_prompts
+    from fnf.encoding import encode_prompts
     from fnf.sepen.capture import capture, install_capture, remove_capture
     from fnf.sepen.tokens import token_weights, word_positions
 
@@ -139,19 +139,19 @@ def test_capturing_unet_maps_the_conditional_rows_in_one_call(toy_model):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(3, 4, 16, 16, generator=g)
     t = torch.tensor(500)
-    install_capture(m.unet)
+    install_capture(m.denoiser)
     try:
         with torch.no_grad():
-            plain = m.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond]),
+            plain = m.denoiser(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond]),
                            return_dict=False)[0]
-            wrapped = sepen_demo._CapturingUNet(m.unet, weights, (16, 16), 4)
+            wrapped = sepen_demo._CapturingUNet(m.denoiser, weights, (16, 16), 4)
             out = wrapped(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond]),
                           return_dict=False)[0]
-            with capture(m.unet, weights, (16, 16), 4) as store:
-                m.unet(x, t, encoder_hidden_states=cond, return_dict=False)
+            with capture(m.denoiser, weights, (16, 16), 4) as store:
+                m.denoiser(x, t, encoder_hidden_states=cond, return_dict=False)
             sep, en = fnf_kernels.separate_enhance_losses(store.maps().float())
     finally:
-        remove_capture(m.unet)
+        remove_capture(m.denoiser)
     torch.testing.assert_close(out, plain, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(wrapped.separate[0], sep, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(wrapped.enhance[0], en, atol=1e-6, rtol=1e-5)

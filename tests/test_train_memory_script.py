@@ -29,7 +29,7 @@ def test_variants_are_cumulative_and_validated():
 def test_architectures_have_the_real_parameter_counts(arch, unet_m, text_m):
     m = tm.build_model(arch, "meta")
     count = lambda mod: round(sum(p.numel() for p in mod.parameters()) / 1e6, 1)  # noqa: E731
-    assert count(m.unet) == unet_m and [count(e) for e in m.text_encoders] == text_m
+    assert count(m.denoiser) == unet_m and [count(e) for e in m.text_encoders] == text_m
     assert m.native_size == tm.ARCHS[arch]["resolution"]
     with torch.device("meta"):
         assert count(tm.ClipReward(arch)) == 304.2                 # CLIP ViT-L/14 vision tower + MLP head

@@ -8,7 +8,7 @@ interface; nothing outside ``fnf/families/`` branches on the family.
 
 Conventions every family follows (the contract the tests check):
 
-* ``model.unet`` holds the denoiser (a UNet or a transformer; ``model.denoiser`` is the same object) and
+* ``model.denoiser`` holds the denoiser (a UNet or a transformer; ``model.denoiser`` is the same object) and
   ``model.family`` the family instance; LoRA lives on the denoiser (peft, adapter ``fnf.models.ADAPTER``),
   the frozen model is the same denoiser with adapters disabled.
 * Steps are indexed: ``timesteps = family.schedule(model, steps, h, w, device)`` configures
@@ -25,7 +25,16 @@ Conventions every family follows (the contract the tests check):
 """
 from __future__ import annotations
 
+import os
+
 import torch
+
+from ..core import LORA_WEIGHTS, ModelLoadError, resolve_dtype
+from ..lora import check_lora_folder, dropout_off, export_state
+from . import flow
+
+__all__ = ["FlowMatchingEuler", "ModelFamily", "TransformerLoRA", "check_lora_folder", "load_component",
+           "resolve_dtype", "set_vae_precision"]
 
 
 class ModelFamily:
@@ -91,39 +100,18 @@ class ModelFamily:
         raise NotImplementedError
 
     # -------------------------------------------------------------------------------- LoRA
-    @staticmethod
-    def lora_export(model) -> tuple[dict, dict]:
-        """The trained adapter's peft state (float32, CPU, contiguous) and the peft-config metadata that every
-        family's ``save_lora_weights`` writes beside it (rank_pattern / alpha_pattern: diffusers 0.34 reads them
-        unconditionally)."""
-        from peft.utils import get_peft_model_state_dict
-
-        from ..models import ADAPTER
-
-        state = get_peft_model_state_dict(model.unet, adapter_name=ADAPTER)
-        state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
-        cfg = model.unet.peft_config[ADAPTER]
-        metadata = {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target_modules": sorted(cfg.target_modules),
-                    "lora_dropout": cfg.lora_dropout, "init_lora_weights": True,
-                    "rank_pattern": dict(cfg.rank_pattern or {}), "alpha_pattern": dict(cfg.alpha_pattern or {})}
-        return state, metadata
-
     def save_lora(self, model, directory: str) -> None:
         """The trained adapter in the format ``pipeline.load_lora_weights(directory)`` reads."""
         raise NotImplementedError
 
     def load_lora(self, model, directory: str, adapter_name: str) -> None:
-        """A LoRA folder written by :meth:`save_lora` (or by diffusers) into ``model.unet``."""
+        """A LoRA folder written by :meth:`save_lora` (or by diffusers) into ``model.denoiser``."""
         raise NotImplementedError
 
 
 def load_component(component: str, path: str, loader, pipeline: str, needs: str, note: str = ""):
     """``loader(path/component)``; a missing subfolder or a failing loader is a ModelLoadError that names the
     component, the folder and what a ``pipeline`` folder needs (``note`` is added after the missing name)."""
-    import os
-
-    from ..models import ModelLoadError
-
     folder = os.path.join(path, component)
     if not os.path.isdir(folder):
         raise ModelLoadError(f"model folder {path!r} has no '{component}' subfolder{note}; a {pipeline} folder "
@@ -134,46 +122,19 @@ def load_component(component: str, path: str, loader, pipeline: str, needs: str,
         raise ModelLoadError(f"could not load '{component}' from {folder!r}: {type(e).__name__}: {e}") from e
 
 
-def check_lora_folder(directory: str) -> None:
-    """FileNotFoundError naming what is missing when ``directory`` is not a LoRA folder fnf can read."""
-    import os
-
-    from ..models import LORA_WEIGHTS
-
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"LoRA folder does not exist: {directory!r}")
-    if not os.path.isfile(os.path.join(directory, LORA_WEIGHTS)):
-        raise FileNotFoundError(f"LoRA folder {directory!r} has no {LORA_WEIGHTS}")
-
-
 class FlowMatchingEuler:
     """The flow families' sampler step and DRaFT-LV re-noise (``fnf.families.flow``): the folder's
     FlowMatchEulerDiscreteScheduler step from sigma_i to sigma_{i+1}, deterministic (``eta`` must be 0)."""
 
     def step(self, model, out: torch.Tensor, i: int, t, x: torch.Tensor, *, eta: float = 0.0,
              generator: torch.Generator | None = None) -> torch.Tensor:
-        from . import flow
-
         if eta:
             raise ValueError(f"sampling.eta: the {self.title} flow-matching Euler sampler is deterministic; "
                              f"expected 0, got {eta!r}")
         return flow.euler_step(model.scheduler, out, i, x, generator=generator)
 
     def renoise(self, model, x0: torch.Tensor, noise: torch.Tensor, i: int, t) -> torch.Tensor:
-        from . import flow
-
         return flow.renoise(model.scheduler, x0, noise, i)
-
-
-def resolve_dtype(weight_dtype) -> torch.dtype:
-    """A torch dtype, or a name of ``fnf.models.DTYPES`` ("fp32", "bf16", ...), as a torch dtype."""
-    from ..models import DTYPES
-
-    if isinstance(weight_dtype, torch.dtype):
-        return weight_dtype
-    if weight_dtype in DTYPES:
-        return DTYPES[weight_dtype]
-    raise ValueError(f"weight_dtype: expected a torch dtype or one of {sorted(DTYPES)}, got {weight_dtype!r}")
 
 
 class TransformerLoRA:
@@ -185,15 +146,11 @@ class TransformerLoRA:
     lora_network_alphas = False
 
     def save_lora(self, model, directory: str) -> None:
-        from ..models import LORA_WEIGHTS
-
-        state, metadata = self.lora_export(model)
+        state, metadata = export_state(model.denoiser)
         self.pipeline_class().save_lora_weights(directory, transformer_lora_layers=state, safe_serialization=True,
                                                 weight_name=LORA_WEIGHTS, transformer_lora_adapter_metadata=metadata)
 
     def load_lora(self, model, directory: str, adapter_name: str) -> None:
-        from ..models import LORA_WEIGHTS, lora_dropout_layers
-
         check_lora_folder(directory)
         cls = self.pipeline_class()
         # weight_name explicitly: diffusers < 0.40 refuses a folder without it when HF_HUB_OFFLINE is set.
@@ -207,7 +164,21 @@ class TransformerLoRA:
         state = {k: v for k, v in state.items() if k.startswith(prefix)}
         if self.lora_network_alphas:
             kw = {"network_alphas": out[1]}
-        cls.load_lora_into_transformer(state, transformer=model.unet, adapter_name=adapter_name, metadata=metadata,
+        cls.load_lora_into_transformer(state, transformer=model.denoiser, adapter_name=adapter_name, metadata=metadata,
                                        **kw)
-        for layer in lora_dropout_layers(model.unet):   # a LoRA saved with dropout must not drop out while sampling
-            layer.eval()
+        dropout_off(model.denoiser)   # a LoRA saved with dropout must not drop out while sampling
+
+
+def set_vae_precision(model, weight_dtype: torch.dtype, fp16_autocast: bool = False) -> bool:
+    """Cast the VAE to ``weight_dtype``, except when its config sets ``force_upcast`` (SD and SDXL VAEs overflow
+    in float16) and float16 is in play (fp16 weights or fp16 autocast): then the VAE is kept in float32 and the
+    family's ``decode`` runs it with autocast off, as the diffusers pipelines do. Sets and returns
+    ``model.vae_upcast``."""
+    if model.vae is None:
+        return False
+    fp16 = weight_dtype == torch.float16 or fp16_autocast
+    model.vae_upcast = bool(fp16 and getattr(model.vae.config, "force_upcast", False))
+    target = torch.float32 if model.vae_upcast else weight_dtype
+    if model.vae_dtype != target:
+        model.vae.to(target)
+    return model.vae_upcast

@@ -24,8 +24,10 @@ import math
 import numpy as np
 import torch
 
+from .. import quantize as quant
+from ..core import DiffusionModel, ModelLoadError, PromptEmbeds
 from . import flow
-from .base import FlowMatchingEuler, ModelFamily, TransformerLoRA, load_component, resolve_dtype
+from .base import FlowMatchingEuler, ModelFamily, TransformerLoRA, load_component, resolve_dtype, set_vae_precision
 
 MAX_SEQUENCE_LENGTH = 512   # FluxPipeline's default max_sequence_length for the T5 tokens
 
@@ -88,9 +90,6 @@ class FluxFamily(FlowMatchingEuler, TransformerLoRA, ModelFamily):
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
         from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-        from .. import quantize as quant
-        from ..models import DiffusionModel, ModelLoadError, set_vae_precision
-
         if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) \
                 or not 1 <= max_sequence_length <= 512:
             raise ValueError(f"max_sequence_length: expected an int in [1, 512] (FluxPipeline's limit), got "
@@ -117,9 +116,9 @@ class FluxFamily(FlowMatchingEuler, TransformerLoRA, ModelFamily):
             quant.move(module, device)
         extras = {"guidance_embeds": bool(transformer.config.guidance_embeds),
                   "max_sequence_length": max_sequence_length}
-        model = DiffusionModel(path=path, kind=self.name, unet=transformer, vae=vae, scheduler=scheduler,
+        model = DiffusionModel(path=path, family=self, denoiser=transformer, vae=vae, scheduler=scheduler,
                                text_encoders=[clip, t5], tokenizers=[clip_tok, t5_tok],
-                               force_zeros_for_empty_prompt=False, family=self, extras=extras)
+                               force_zeros_for_empty_prompt=False, extras=extras)
         set_vae_precision(model, dtype)
         return model
 
@@ -132,7 +131,6 @@ class FluxFamily(FlowMatchingEuler, TransformerLoRA, ModelFamily):
     def encode(self, model, prompts: list[str], *, height: int, width: int, zero: bool = False):
         """FluxPipeline.encode_prompt: T5 last hidden state (``max_sequence_length`` tokens) as ``hidden``, the
         CLIP text model's pooled output as ``pooled`` (``zero``: both all-zero; FluxPipeline never uses it)."""
-        from ..models import PromptEmbeds
 
         if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)) or \
                 not all(isinstance(p, str) for p in prompts):
@@ -140,7 +138,7 @@ class FluxFamily(FlowMatchingEuler, TransformerLoRA, ModelFamily):
         prompts = list(prompts)
         clip, t5 = model.text_encoders
         clip_tok, t5_tok = model.tokenizers
-        device = model.unet.device
+        device = model.denoiser.device
         with torch.no_grad():
             pooled = clip(_tokenize(clip_tok, prompts, clip_tok.model_max_length).to(clip.device),
                           output_hidden_states=False).pooler_output
@@ -187,7 +185,7 @@ class FluxFamily(FlowMatchingEuler, TransformerLoRA, ModelFamily):
                         device) -> torch.Tensor:
         """FluxPipeline.prepare_latents with a CPU generator: N(0, I) of (B, C, h, w), packed 2x2."""
         h, w = self._latent_hw(model, height, width)
-        channels = model.unet.config.in_channels // 4
+        channels = model.denoiser.config.in_channels // 4
         x = torch.randn((batch, channels, h, w), generator=generator, dtype=torch.float32)
         return pack_latents(x).to(device)
 
@@ -206,12 +204,11 @@ class FluxFamily(FlowMatchingEuler, TransformerLoRA, ModelFamily):
         """One transformer call (``timestep / 1000``, guidance embedding for guidance-distilled folders, text ids
         zeros, latent image ids) and the guided velocity in float32 (float64 for a float64 transformer); with
         true CFG the batch is ``[uncond rows of x, cond rows of x]``."""
-        from ..models import PromptEmbeds
 
         cfg = self.uses_cfg(model, uncond, guidance_scale)
         emb = PromptEmbeds.cat(uncond, cond) if cfg else cond
         x_in = torch.cat([x, x]) if cfg else x
-        dtype, n = model.unet.dtype, x_in.shape[0]
+        dtype, n = model.denoiser.dtype, x_in.shape[0]
         h, w = self._latent_hw(model, *self.image_size(model, x))
         img_ids = latent_image_ids(h // 2, w // 2, x.device, dtype)
         txt_ids = torch.zeros(emb.hidden.shape[1], 3, device=x.device, dtype=dtype)

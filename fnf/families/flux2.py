@@ -24,8 +24,10 @@ import math
 import numpy as np
 import torch
 
+from .. import quantize as quant
+from ..core import DiffusionModel, ModelLoadError, PromptEmbeds
 from . import flow
-from .base import FlowMatchingEuler, ModelFamily, TransformerLoRA, load_component, resolve_dtype
+from .base import FlowMatchingEuler, ModelFamily, TransformerLoRA, load_component, resolve_dtype, set_vae_precision
 
 MAX_SEQUENCE_LENGTH = 512                 # Flux2Pipeline's default max_sequence_length
 TEXT_ENCODER_OUT_LAYERS = (10, 20, 30)    # Flux2Pipeline's default text_encoder_out_layers
@@ -92,8 +94,6 @@ def _tokenizer_class(index: dict, path: str):
     ``Flux2Pipeline.from_pretrained`` loads it."""
     import transformers
 
-    from ..models import ModelLoadError
-
     entry = index.get("tokenizer") or [None, None]
     library, name = (list(entry) + [None, None])[:2]
     try:   # transformers' placeholder for a class whose backend is missing raises ImportError on any attribute
@@ -112,8 +112,6 @@ def _tokenizer_class(index: dict, path: str):
 def _require_flux2() -> None:
     """A clear error where the installed diffusers / transformers predate FLUX.2."""
     import diffusers
-
-    from ..models import ModelLoadError
 
     try:
         from diffusers import AutoencoderKLFlux2, Flux2Pipeline, Flux2Transformer2DModel  # noqa: F401
@@ -150,9 +148,6 @@ class Flux2Family(FlowMatchingEuler, TransformerLoRA, ModelFamily):
         from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
         from transformers import Mistral3ForConditionalGeneration
 
-        from .. import quantize as quant
-        from ..models import DiffusionModel, ModelLoadError, set_vae_precision
-
         if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) \
                 or max_sequence_length < 1:
             raise ValueError(f"max_sequence_length: expected a positive int (Flux2Pipeline's default is "
@@ -185,9 +180,9 @@ class Flux2Family(FlowMatchingEuler, TransformerLoRA, ModelFamily):
             quant.move(module, device)
         extras = {"guidance_embeds": bool(transformer.config.guidance_embeds),
                   "max_sequence_length": max_sequence_length, "text_encoder_out_layers": TEXT_ENCODER_OUT_LAYERS}
-        model = DiffusionModel(path=path, kind=self.name, unet=transformer, vae=vae, scheduler=scheduler,
+        model = DiffusionModel(path=path, family=self, denoiser=transformer, vae=vae, scheduler=scheduler,
                                text_encoders=[encoder], tokenizers=[tokenizer], force_zeros_for_empty_prompt=False,
-                               family=self, extras=extras)
+                               extras=extras)
         set_vae_precision(model, dtype)
         return model
 
@@ -203,8 +198,6 @@ class Flux2Family(FlowMatchingEuler, TransformerLoRA, ModelFamily):
         (``zero``: all zeros; Flux2Pipeline never uses it)."""
         from diffusers.pipelines.flux2.pipeline_flux2 import format_input
         from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
-
-        from ..models import PromptEmbeds
 
         if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)) or \
                 not all(isinstance(p, str) for p in prompts):
@@ -222,7 +215,7 @@ class Flux2Family(FlowMatchingEuler, TransformerLoRA, ModelFamily):
         stacked = torch.stack([out.hidden_states[k] for k in layers], dim=1)
         b, n, length, hidden = stacked.shape
         embeds = stacked.permute(0, 2, 1, 3).reshape(b, length, n * hidden)
-        embeds = embeds.to(device=model.unet.device, dtype=encoder.dtype)
+        embeds = embeds.to(device=model.denoiser.device, dtype=encoder.dtype)
         return PromptEmbeds(torch.zeros_like(embeds) if zero else embeds)
 
     def uses_cfg(self, model, uncond, guidance_scale: float) -> bool:
@@ -258,7 +251,7 @@ class Flux2Family(FlowMatchingEuler, TransformerLoRA, ModelFamily):
                         device) -> torch.Tensor:
         """Flux2Pipeline.prepare_latents with a CPU generator: N(0, I) of (B, in_channels, h/2, w/2), packed."""
         h, w = self._latent_hw(model, height, width)
-        channels = (model.unet.config.in_channels // 4) * 4
+        channels = (model.denoiser.config.in_channels // 4) * 4
         x = torch.randn((batch, channels, h, w), generator=generator, dtype=torch.float32)
         return pack_latents(x).to(device)
 
@@ -276,7 +269,7 @@ class Flux2Family(FlowMatchingEuler, TransformerLoRA, ModelFamily):
     def predict(self, model, denoiser, x: torch.Tensor, i: int, t, cond, uncond, guidance_scale: float):
         """One transformer call (``timestep / 1000``, the guidance scale as embedding, text and image ids) and the
         velocity in float32 (float64 for a float64 transformer). ``uncond`` is unused (no CFG in FLUX.2)."""
-        dtype, n = model.unet.dtype, x.shape[0]
+        dtype, n = model.denoiser.dtype, x.shape[0]
         if cond.hidden.shape[0] != n:
             raise ValueError(f"cond: expected {n} rows (x's batch), got {cond.hidden.shape[0]}")
         h, w = self._latent_hw(model, *self.image_size(model, x))

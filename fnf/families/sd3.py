@@ -14,6 +14,10 @@ import contextlib
 
 import torch
 
+from fnf import quantize as quant
+from fnf.core import DiffusionModel, ModelLoadError, PromptEmbeds
+from fnf.families.base import set_vae_precision
+
 from . import flow
 from .base import FlowMatchingEuler, ModelFamily, TransformerLoRA, load_component, resolve_dtype
 
@@ -70,9 +74,6 @@ class SD3Family(FlowMatchingEuler, TransformerLoRA, ModelFamily):
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-        from fnf import quantize as quant
-        from fnf.models import DiffusionModel, ModelLoadError, set_vae_precision
-
         dtype = resolve_dtype(weight_dtype)
         if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) \
                 or max_sequence_length < 1:
@@ -101,9 +102,8 @@ class SD3Family(FlowMatchingEuler, TransformerLoRA, ModelFamily):
             module.requires_grad_(False)
             module.eval()
             quant.move(module, device)
-        model = DiffusionModel(path=path, kind=self.name, unet=transformer, vae=vae, scheduler=scheduler,
+        model = DiffusionModel(path=path, family=self, denoiser=transformer, vae=vae, scheduler=scheduler,
                                text_encoders=encoders, tokenizers=tokenizers, force_zeros_for_empty_prompt=False)
-        model.family = self
         extras = dict(getattr(model, "extras", None) or {})
         extras.update(max_sequence_length=max_sequence_length, t5=len(encoders) == 3)
         model.extras = extras
@@ -114,11 +114,10 @@ class SD3Family(FlowMatchingEuler, TransformerLoRA, ModelFamily):
     @torch.no_grad()
     def encode(self, model, prompts: list[str], *, height: int, width: int, zero: bool = False):
         """``StableDiffusion3Pipeline.encode_prompt`` for ``prompts`` (also its negative prompt branch)."""
-        from fnf.models import PromptEmbeds
 
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise TypeError(f"prompts: expected a list of str, got {prompts!r}")
-        device = model.unet.device
+        device = model.denoiser.device
         clip_l = model.text_encoders[0]
         max_len = model.tokenizers[0].model_max_length      # the pipeline's tokenizer_max_length (both CLIPs)
         hiddens, pooled = [], []
@@ -140,7 +139,7 @@ class SD3Family(FlowMatchingEuler, TransformerLoRA, ModelFamily):
     def _t5_embeds(self, model, prompts, device, zeros_dtype):
         seq = int(getattr(model, "extras", {}).get("max_sequence_length", T5_MAX_SEQUENCE_LENGTH))
         if len(model.text_encoders) < 3:
-            width = model.unet.config.joint_attention_dim
+            width = model.denoiser.config.joint_attention_dim
             zeros_len = model.tokenizers[0].model_max_length if _zero_t5_uses_clip_length() else seq
             return torch.zeros((len(prompts), zeros_len, width), device=device, dtype=zeros_dtype)
         tok, enc = model.tokenizers[2], model.text_encoders[2]
@@ -151,7 +150,7 @@ class SD3Family(FlowMatchingEuler, TransformerLoRA, ModelFamily):
     # -------------------------------------------------------------------------------- sampling
     def _latent_hw(self, model, height: int, width: int) -> tuple[int, int]:
         f = model.vae_scale_factor
-        multiple = f * int(model.unet.config.patch_size)
+        multiple = f * int(model.denoiser.config.patch_size)
         for name, v in (("height", height), ("width", width)):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % multiple:
                 raise ValueError(f"{name}: expected a positive multiple of {multiple} (VAE factor {f} x patch "
@@ -162,7 +161,7 @@ class SD3Family(FlowMatchingEuler, TransformerLoRA, ModelFamily):
         """x_T ~ N(0, I) (no init_noise_sigma), drawn as the pipeline's prepare_latents draws with a CPU
         generator."""
         h, w = self._latent_hw(model, height, width)
-        shape = (batch, model.unet.config.in_channels, h, w)
+        shape = (batch, model.denoiser.config.in_channels, h, w)
         return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
 
     def schedule(self, model, steps: int, height: int, width: int, device) -> torch.Tensor:
@@ -171,19 +170,17 @@ class SD3Family(FlowMatchingEuler, TransformerLoRA, ModelFamily):
         mu = None
         if model.scheduler.config.get("use_dynamic_shifting", False):
             h, w = self._latent_hw(model, height, width)
-            p = int(model.unet.config.patch_size)
+            p = int(model.denoiser.config.patch_size)
             mu = flow.shift_mu(model.scheduler, (h // p) * (w // p), default_max_shift=SD3_DEFAULT_MAX_SHIFT)
         return flow.flow_schedule(model.scheduler, steps, device, mu=mu)
 
     def predict(self, model, denoiser, x: torch.Tensor, i: int, t, cond, uncond, guidance_scale: float):
-        from fnf.models import PromptEmbeds
-
         cfg = self.uses_cfg(model, uncond, guidance_scale)
         emb = PromptEmbeds.cat(uncond, cond) if cfg else cond
         if emb.pooled is None:
             raise ValueError("cond: SD3 needs pooled prompt embeddings (encode them with the SD3 family)")
         x_in = torch.cat([x, x]) if cfg else x
-        dtype = model.unet.dtype
+        dtype = model.denoiser.dtype
         timestep = torch.as_tensor(t, device=x_in.device).expand(x_in.shape[0])
         out = denoiser(hidden_states=x_in.to(dtype), timestep=timestep, encoder_hidden_states=emb.hidden.to(dtype),
                        pooled_projections=emb.pooled.to(dtype), return_dict=False)[0]

@@ -10,7 +10,10 @@ import contextlib
 
 import torch
 
-from .base import ModelFamily, check_lora_folder, load_component
+from .. import quantize as quant
+from ..core import LORA_WEIGHTS, DiffusionModel, PromptEmbeds
+from ..lora import export_state
+from .base import ModelFamily, check_lora_folder, load_component, set_vae_precision
 
 
 def _load(component: str, path: str, loader, needs: tuple[str, ...]):
@@ -49,9 +52,6 @@ class StableDiffusionFamily(ModelFamily):
         ``model.quantize``: its Linear layers; convolutions stay in the weight dtype)."""
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
-        from .. import quantize as quant
-        from ..models import DiffusionModel, set_vae_precision
-
         dtype, kw, need = weight_dtype, {"local_files_only": True}, self.components
         unet = _load("unet", path, lambda f: quant.load_denoiser(UNet2DConditionModel, f, dtype=dtype,
                                                                  method=quantize, **kw), need)
@@ -66,9 +66,8 @@ class StableDiffusionFamily(ModelFamily):
             module.eval()
             quant.move(module, device)
         zeros = bool(index.get("force_zeros_for_empty_prompt", self.name == "sdxl"))
-        model = DiffusionModel(path=path, kind=self.name, unet=unet, vae=vae, scheduler=scheduler,
-                               text_encoders=encoders, tokenizers=tokenizers, force_zeros_for_empty_prompt=zeros,
-                               family=self)
+        model = DiffusionModel(path=path, family=self, denoiser=unet, vae=vae, scheduler=scheduler,
+                               text_encoders=encoders, tokenizers=tokenizers, force_zeros_for_empty_prompt=zeros)
         set_vae_precision(model, dtype)
         return model
 
@@ -80,18 +79,17 @@ class StableDiffusionFamily(ModelFamily):
     # -------------------------------------------------------------------------------- conditioning
     def encode(self, model, prompts: list[str], *, height: int, width: int, zero: bool = False):
         """The last hidden state of the CLIP text encoder (``zero`` is an SDXL option; ignored here)."""
-        from ..models import PromptEmbeds
 
         enc = model.text_encoders[0]
         hidden = enc(_tokenize(model.tokenizers[0], prompts, enc.device))[0]
-        return PromptEmbeds(hidden.to(model.unet.device))
+        return PromptEmbeds(hidden.to(model.denoiser.device))
 
     # -------------------------------------------------------------------------------- sampling
     def initial_latents(self, model, batch: int, height: int, width: int, generator: torch.Generator,
                         device) -> torch.Tensor:
         """x_T ~ N(0, I) * init_noise_sigma, drawn on CPU from ``generator`` (device independent)."""
         f = model.vae_scale_factor
-        shape = (batch, model.unet.config.in_channels, height // f, width // f)
+        shape = (batch, model.denoiser.config.in_channels, height // f, width // f)
         x = torch.randn(shape, generator=generator, dtype=torch.float32)
         return (x * model.scheduler.init_noise_sigma).to(device)
 
@@ -108,13 +106,12 @@ class StableDiffusionFamily(ModelFamily):
     def predict(self, model, denoiser, x: torch.Tensor, i: int, t, cond, uncond, guidance_scale: float):
         """One UNet call and the guided noise prediction, in float32 (float64 for a float64 UNet); with CFG the
         UNet batch is ``[uncond rows of x, cond rows of x]``. ``t`` may be one timestep or one per row."""
-        from ..models import PromptEmbeds
 
         cfg = self.uses_cfg(model, uncond, guidance_scale)
         emb = PromptEmbeds.cat(uncond, cond) if cfg else cond
         x_in = torch.cat([x, x]) if cfg else x
         x_in = model.scheduler.scale_model_input(x_in, t)
-        dtype = model.unet.dtype
+        dtype = model.denoiser.dtype
         out = denoiser(x_in.to(dtype), t, encoder_hidden_states=emb.hidden.to(dtype), return_dict=False,
                        **self._added_cond(emb, dtype))[0]
         out = out.to(torch.promote_types(out.dtype, torch.float32))  # half -> float32; float64 stays float64
@@ -148,22 +145,19 @@ class StableDiffusionFamily(ModelFamily):
         """``save_lora_weights(unet_lora_layers=...)`` of the pipeline class, with peft's adapter metadata."""
         from diffusers.utils import convert_state_dict_to_diffusers
 
-        from ..models import LORA_WEIGHTS
-
-        state, metadata = self.lora_export(model)
+        state, metadata = export_state(model.denoiser)
         state = convert_state_dict_to_diffusers(state)
         self.pipeline_class().save_lora_weights(directory, unet_lora_layers=state, safe_serialization=True,
                                                 weight_name=LORA_WEIGHTS, unet_lora_adapter_metadata=metadata)
 
     def load_lora(self, model, directory: str, adapter_name: str) -> None:
         """The loader ``pipe.load_lora_weights`` uses (``lora_state_dict`` + ``load_lora_into_unet``)."""
-        from ..models import LORA_WEIGHTS
 
         check_lora_folder(directory)
         cls = self.pipeline_class()
         # weight_name explicitly: diffusers < 0.40 refuses a folder without it when HF_HUB_OFFLINE is set.
         state, alphas, metadata = cls.lora_state_dict(directory, weight_name=LORA_WEIGHTS, return_lora_metadata=True)
-        cls.load_lora_into_unet(state, network_alphas=alphas, unet=model.unet, adapter_name=adapter_name,
+        cls.load_lora_into_unet(state, network_alphas=alphas, unet=model.denoiser, adapter_name=adapter_name,
                                 metadata=metadata)
 
 
@@ -193,9 +187,7 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
         return StableDiffusionXLPipeline
 
     def encode(self, model, prompts: list[str], *, height: int, width: int, zero: bool = False):
-        from ..models import PromptEmbeds
-
-        device = model.unet.device
+        device = model.denoiser.device
         hiddens, pooled = [], None
         for tok, enc in zip(model.tokenizers, model.text_encoders):
             out = enc(_tokenize(tok, prompts, enc.device), output_hidden_states=True)

@@ -6,6 +6,8 @@ import os
 
 import torch
 
+from ..core import DTYPES
+
 _VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
             block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
             up_block_types=["UpDecoderBlock2D"] * 4, norm_num_groups=32, act_fn="silu")
@@ -171,6 +173,5 @@ class ClipL14Reward(torch.nn.Module):
 
 def clip_l14_reward(dtype: str = "bf16", vision: dict | None = None) -> ClipL14Reward:
     """Reward factory (``fnf.memory.archs:clip_l14_reward``): built in float32 on the host, then cast."""
-    from ..models import DTYPES
 
     return ClipL14Reward(vision).to(DTYPES[dtype])

@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 import os
 
+from .. import config
 from .archs import ARCHS
+from .estimate import MARGIN_BYTES, MARGIN_FRACTION, NOT_INCLUDED, estimate, ladder, plan_bytes
 
 EPILOG = """\
 The estimate is of torch.cuda.max_memory_allocated over a run (weights, LoRA, AdamW state and the step's peak).
@@ -42,8 +44,6 @@ def _gib(b: float) -> str:
 
 
 def report(est, title: str = "") -> str:
-    from .estimate import MARGIN_BYTES, MARGIN_FRACTION, NOT_INCLUDED, plan_bytes
-
     s = est.settings
     lines = [f"fnf estimate-memory: {s['model']} ({s['kind']}) at {s['width']}x{s['height']}, weights "
              f"{s['weight_dtype']}, autocast {s['mixed_precision']}, LoRA rank {s['lora_rank']}, "
@@ -80,8 +80,6 @@ def report(est, title: str = "") -> str:
 
 
 def ladder_table(rows) -> str:
-    from .estimate import plan_bytes
-
     width = max([len("configuration"), *(len(name) for name, _ in rows)]) + 1
     quant = bool(rows) and rows[0][1].quantized is not None
     lines = [f"{'configuration':<{width}}{'peak GiB':>9}{'plan GiB':>9}  peak phase"
@@ -94,9 +92,6 @@ def ladder_table(rows) -> str:
 
 
 def run(args) -> int:
-    from .. import config
-    from .estimate import estimate, ladder
-
     cfg = config.load(args.config, args.overrides)
     if not (args.model or args.arch or cfg.model.path):
         raise ValueError("no model: give --model DIR (a diffusers folder; only its config.json files are read), "

@@ -17,9 +17,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..core import DTYPES, DiffusionModel, ModelLoadError
+from ..families.registry import detect_kind, family_by_name, read_index
+from ..placement import text_encoders_first
+from ..train import Session
 from . import cuda_rules
 from .archs import ARCHS, TOY_TOKENIZER
 from .counter import StorageCounter, rounded
+from .flow_models import build, folder_spec, native_size
+from .quantized import adjustment, quantized_peak
 
 GIB = 2 ** 30
 # What a dispatch-level counter cannot see, as a margin on top of the estimate (uncalibrated until the first
@@ -135,15 +141,13 @@ def model_spec(model_dir: str | None = None, arch: str | None = None) -> dict:
         if arch not in ARCHS:
             raise ValueError(f"--arch: unknown architecture {arch!r}; expected one of {', '.join(sorted(ARCHS))}")
         return {"name": arch, "tokenizers": None, **copy.deepcopy(ARCHS[arch])}
-    from ..models import ModelLoadError, _read_index, detect_kind
 
     try:
-        index = _read_index(model_dir or "")
+        index = read_index(model_dir or "")
     except ModelLoadError as e:
         raise ValueError(str(e)) from None
     kind = detect_kind(model_dir, index)
     if kind not in ("sd", "sdxl"):  # the transformer (flow-matching) families
-        from .flow_models import folder_spec
 
         return {"kind": kind, **folder_spec(model_dir, index)}
 
@@ -168,14 +172,11 @@ def model_spec(model_dir: str | None = None, arch: str | None = None) -> dict:
 def build_model(spec: dict, weight_dtype: str, fp16_autocast: bool = False):
     """A frozen DiffusionModel with random (under FakeTensorMode: fake) weights in the training dtypes."""
     if "pipeline" in spec:  # SD3 / FLUX specs (fnf/memory/flow_models.py)
-        from .flow_models import build
 
         return build(spec, weight_dtype, fp16_autocast)
     import transformers
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTokenizer
-
-    from ..models import DTYPES, DiffusionModel
 
     dtype = DTYPES[weight_dtype]
     fp16 = dtype == torch.float16 or fp16_autocast
@@ -201,7 +202,7 @@ def build_model(spec: dict, weight_dtype: str, fp16_autocast: bool = False):
     for module in [unet, vae, *encoders]:
         module.requires_grad_(False).eval()
     scheduler = DDIMScheduler.from_config(spec["scheduler"])
-    model = DiffusionModel(path=f"<{spec['name']}>", kind=spec["kind"], unet=unet, vae=vae, scheduler=scheduler,
+    model = DiffusionModel(path=f"<{spec['name']}>", family=family_by_name(spec["kind"]), denoiser=unet, vae=vae, scheduler=scheduler,
                            text_encoders=encoders, tokenizers=toks,
                            force_zeros_for_empty_prompt=spec.get("force_zeros_for_empty_prompt", False))
     model.vae_upcast = vae_dtype != dtype
@@ -293,9 +294,6 @@ def run_trace(cfg, spec: dict, *, fake: bool = True, cuda: bool = True, optimize
     ``model_hook(model)`` may change the built model first (experiments with memory levers)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from ..models import text_encoders_first
-    from ..train import Session
-
     acc = _TraceAccelerator()
     fp16_autocast = cfg.memory.mixed_precision == "fp16"
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
@@ -318,7 +316,7 @@ def run_trace(cfg, spec: dict, *, fake: bool = True, cuda: bool = True, optimize
         counter.register([t for m in [model.vae, *model.text_encoders] for t in [*m.parameters(), *m.buffers()]],
                          FROZEN)
         # the Session keeps the denoiser on the host until the prompts are encoded (text_encoders_first)
-        counter.register([*model.unet.parameters(), *model.unet.buffers()], FROZEN,
+        counter.register([*model.denoiser.parameters(), *model.denoiser.buffers()], FROZEN,
                          on_device=not text_encoders_first(cfg))
         session = Session(cfg, acc, model, probe=CounterProbe(counter))
         if cuda:  # torch.optim picks foreach on CUDA tensors
@@ -373,10 +371,7 @@ def run_trace(cfg, spec: dict, *, fake: bool = True, cuda: bool = True, optimize
 
 
 def _quantize_adjustment(cfg, model) -> dict:
-    from ..models import DTYPES
-    from .quantized import adjustment
-
-    return adjustment(model.unet, cfg.model.quantize, DTYPES[cfg.model.weight_dtype])
+    return adjustment(model.denoiser, cfg.model.quantize, DTYPES[cfg.model.weight_dtype])
 
 
 def _quantized(cfg, adj: dict, phases: dict) -> dict:
@@ -384,8 +379,6 @@ def _quantized(cfg, adj: dict, phases: dict) -> dict:
     device its Linear weights take the stored bytes instead of the traced ones, and the step's phases gain one
     dequantized layer. With text_encoders_first the denoiser is on the host while the prompts are encoded,
     except under bitsandbytes, which loads it onto the GPU already quantized."""
-    from ..models import text_encoders_first
-    from .quantized import quantized_peak
 
     encoding_first = text_encoders_first(cfg)
     bnb = cfg.model.quantize.startswith("bnb-")
@@ -426,7 +419,6 @@ def estimate(cfg, *, model_dir: str | None = None, arch: str | None = None, heig
         cfg.memory.fused_lora = "off"
     if not cfg.sampling.height:  # the model's native size
         if "pipeline" in spec:
-            from .flow_models import native_size
 
             native = native_size(spec)
         else:

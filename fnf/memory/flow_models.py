@@ -2,7 +2,7 @@
 
 A spec lists the pipeline's components as its model_index.json does (``{component: [library, class]}``) with
 each one's config; :func:`build` makes them from the configs alone (random, under FakeTensorMode fake, weights
-in the training dtype) and wraps them as the family's ``load`` does (denoiser as ``model.unet``, text encoders in
+in the training dtype) and wraps them as the family's ``load`` does (denoiser as ``model.denoiser``, text encoders in
 the pipeline's order, the family's extras), so the trainer runs its own code on them.
 """
 from __future__ import annotations
@@ -12,6 +12,8 @@ import os
 
 import torch
 
+from ..core import DTYPES, DiffusionModel
+from ..families import family_by_name
 from .archs import TOY_TOKENIZER
 
 # pipeline class -> (family name, text encoder components in order, tokenizer components, extras defaults)
@@ -114,9 +116,6 @@ def build(spec: dict, weight_dtype: str, fp16_autocast: bool = False):
     """A frozen DiffusionModel of the spec's flow family (random or fake weights), wrapped as its load() does."""
     import diffusers
 
-    from ..families import family_by_name
-    from ..models import DTYPES, DiffusionModel
-
     family_name, encoder_names, tokenizer_names, extras = PIPELINES[spec["pipeline"]]
     family = family_by_name(family_name)
     dtype = DTYPES[weight_dtype]
@@ -148,9 +147,9 @@ def build(spec: dict, weight_dtype: str, fp16_autocast: bool = False):
 
     with unset_fake_temporarily():  # the scheduler's sigmas are real (its __init__ reads them with .item())
         scheduler = getattr(diffusers, comps["scheduler"][0]).from_config(comps["scheduler"][1])
-    model = DiffusionModel(path=f"<{spec['name']}>", kind=family.name, unet=transformer, vae=vae,
+    model = DiffusionModel(path=f"<{spec['name']}>", family=family, denoiser=transformer, vae=vae,
                            scheduler=scheduler, text_encoders=encoders, tokenizers=tokenizers,
-                           force_zeros_for_empty_prompt=False, family=family)
+                           force_zeros_for_empty_prompt=False)
     extras = {**extras, **spec.get("extras", {})}
     if family_name == "sd3":  # as SD3Family.load / FluxFamily.load set them
         extras["t5"] = "text_encoder_3" in comps

@@ -8,15 +8,15 @@
 from __future__ import annotations
 
 from .base import Objective
+from .focus_n_fix import FocusNFix
 from .penalty import focus_n_fix_loss, region_penalty
+from .sepen import SeparateAndEnhance
 
 __all__ = ["Objective", "focus_n_fix_loss", "objective_class", "region_penalty"]
 
 
 def objective_class(name: str) -> type:
     """The Objective class of ``objective.name``."""
-    from .focus_n_fix import FocusNFix
-    from .sepen import SeparateAndEnhance
 
     classes = {"fnf": FocusNFix, "sepen": SeparateAndEnhance}
     if name not in classes:

@@ -5,6 +5,8 @@ import os
 
 import torch
 
+from ..lora import save_lora
+
 
 class Objective:
     """One training objective, built by the Session once the model is loaded.
@@ -38,8 +40,7 @@ class Objective:
     def export(self, session, out: str) -> str:
         """Write the trained result under ``out`` (main process); returns its path. Default: the LoRA folder in
         the format the family's ``pipe.load_lora_weights`` reads."""
-        from ..models import save_lora_diffusers
 
         path = os.path.join(out, "lora")
-        save_lora_diffusers(session.model, path)
+        save_lora(session.model, path)
         return path

@@ -15,8 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..core import PromptEmbeds
+from ..encoding import encode_negative, encode_prompts, offload_text_encoders
 from ..localize import localizer_from_config
-from ..models import PromptEmbeds, adapters_disabled, add_lora, encode_negative, encode_prompts, offload_text_encoders
+from ..lora import adapters_disabled, add_lora
+from ..reference_pool import ReferencePool
 from ..rewards import build_reward, evaluate, prepare_reward
 from ..sampling import decode, denoise, denoise_batched, grad_start, initial_latents
 from .base import Objective
@@ -118,7 +121,7 @@ class SampledReference(ReferenceSource):
 
     def reference(self, obj, session, batch):
         m, phase = session.model, session.probe.phase
-        with torch.no_grad(), adapters_disabled(m.unet), session.autocast():
+        with torch.no_grad(), adapters_disabled(m.denoiser), session.autocast():
             with phase("no-grad sampling"):
                 z_ref = denoise(m, batch.x_T, batch.cond, batch.uncond, grad_steps=0, generator=batch.gen_ref,
                                 **obj.sampling_kwargs(session))
@@ -173,8 +176,9 @@ class FocusNFix(Objective):
             raise ValueError("no prompts: set train.prompts or train.prompts_file")
         h, w = session.height, session.width
         with probe.phase("prompt encoding"):
-            self.embeds = encode_prompts(m, self.prompts, height=h, width=w)
-            self.negative = encode_negative(m, cfg.sampling.negative_prompt, 1, height=h, width=w)
+            cache = session.prompt_cache
+            self.embeds = encode_prompts(m, self.prompts, height=h, width=w, cache=cache)
+            self.negative = encode_negative(m, cfg.sampling.negative_prompt, 1, height=h, width=w, cache=cache)
         self.draws = RandomDraws()                    # _reference_source replaces it with the pool's
         self.references = self._reference_source(session)
         if cfg.memory.offload_text_encoder:
@@ -184,7 +188,6 @@ class FocusNFix(Objective):
     def _reference_source(self, session) -> ReferenceSource:
         cfg = self.cfg
         if cfg.train.seeds_per_prompt > 0:
-            from ..reference_pool import ReferencePool
             with session.probe.phase("reference pool"):
                 self.pool = ReferencePool(
                     session.model, self.embeds, self.negative, self.localizer, self.prompts,

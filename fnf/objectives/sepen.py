@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from ..models import lora_dropout_active
+from ..lora import lora_dropout_active
+from ..preflight import sepen_unsupported
+from ..sepen.train_step import SepenObjective
 from .base import Objective
 
 
@@ -17,9 +19,6 @@ class SeparateAndEnhance(Objective):
     denoiser_checkpointing = False
 
     def __init__(self, session):
-        from ..preflight import sepen_unsupported
-        from ..sepen.train_step import SepenObjective
-
         family = session.model.family
         if not family.supports_sepen:
             raise ValueError(sepen_unsupported(family))
@@ -27,16 +26,16 @@ class SeparateAndEnhance(Objective):
         self.params = self.method.params
 
     def setup(self, session) -> None:
-        self.method.install(session.model.unet)   # after fnf_kernels.patch_lora when the fused path is on
+        self.method.install(session.model.denoiser)   # after fnf_kernels.patch_lora when the fused path is on
 
     def loss(self, session, generator: torch.Generator):
         # Its LoRA-on UNet call is the grad-carrying one (the frozen reference runs adapters off, no grad).
-        with lora_dropout_active(session.model.unet):
+        with lora_dropout_active(session.model.denoiser):
             loss, stats, _, images = self.method.micro_batch(session, generator)
         return loss, stats, images
 
     def finish(self, session) -> None:
-        self.method.uninstall(session.model.unet)
+        self.method.uninstall(session.model.denoiser)
 
     def export(self, session, out: str) -> str:
         return self.method.export(session.model, out)   # a LoRA folder or to_k.safetensors

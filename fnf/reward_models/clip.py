@@ -18,7 +18,7 @@ import os
 import torch
 from torch import nn
 
-from ..rewards import SpecError, register_reward
+from ..core import SpecError
 from .preprocess import clip_preprocess, crop_window, read_processor_config
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
@@ -265,7 +265,6 @@ def check_aesthetic(clip: str = "", head: str = "", processor: str | None = None
     _check_head_fits(read_head(head), head, projection_dim(cfg), clip)
 
 
-@register_reward("aesthetic")
 def aesthetic(clip: str = "", head: str = "", processor: str | None = None) -> AestheticReward:
     """LAION aesthetic predictor v2. kwargs: clip = local CLIP ViT-L/14 folder (CLIPModel or
     CLIPVisionModelWithProjection), head = the predictor's .pth, processor = folder of preprocessor_config.json
@@ -295,7 +294,6 @@ def check_pickscore(model: str = "", processor: str | None = None) -> None:
     check_processor_folder(processor or model, "processor", "pickscore", tokenizer=True)
 
 
-@register_reward("pickscore")
 def pickscore(model: str = "", processor: str | None = None) -> CLIPSimilarityReward:
     """PickScore: ``logit_scale.exp() * cos``. kwargs: model = local PickScore_v1 CLIPModel folder,
     processor = folder with the tokenizer and preprocessor_config.json (default: model)."""
@@ -315,7 +313,6 @@ def check_clipscore(model: str = "", processor: str | None = None, scale: float 
     check_processor_folder(processor or model, "processor", "clipscore", tokenizer=True)
 
 
-@register_reward("clipscore")
 def clipscore(model: str = "", processor: str | None = None, scale: float = 100.0, clamp_negative: bool = False,
               prefix: str = "") -> CLIPSimilarityReward:
     """CLIP score ``scale * cos(image, prompt)`` (default 100 * cos, differentiable everywhere). The CLIPScore

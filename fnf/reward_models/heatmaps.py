@@ -14,7 +14,7 @@ import zipfile
 import torch
 import torch.nn.functional as F
 
-from ..rewards import SpecError, register_heatmap_loader
+from ..core import SpecError
 
 ACTIVATIONS = ("none", "sigmoid", "softmax")
 BOX_FORMATS = ("xyxy", "xywh", "cxcywh")
@@ -155,7 +155,6 @@ def _bind(cls, args, kwargs, what):
         raise SpecError(f"{what} does not accept kwargs {sorted(kwargs)} ({e}); it takes {known}") from None
 
 
-@register_heatmap_loader("torchscript", check=check_torchscript)
 def torchscript_heatmap(path: str, **kwargs) -> TorchScriptHeatmap:
     return TorchScriptHeatmap(path, **kwargs)
 

@@ -14,8 +14,8 @@ import os
 import torch
 from torch import nn
 
-from ..rewards import SpecError, register_reward
-from .preprocess import CLIP_MEAN, CLIP_STD, clip_preprocess
+from ..core import SpecError
+from .preprocess import CLIP_MEAN, CLIP_STD, center_crop_window, clip_preprocess
 
 # open_clip architectures -> vision head width (text heads are width // 64 in all of them).
 VISION_HEAD_WIDTH = {"ViT-H-14": 80, "ViT-L-14": 64, "ViT-B-16": 64, "ViT-B-32": 64, "ViT-g-14": 88,
@@ -79,7 +79,6 @@ def _check_tokenizer_folder(folder: str) -> None:
                         "tokenizer folder, e.g. an SD 1.x model's tokenizer/)")
 
 
-@register_reward("hpsv2")
 def hpsv2(*, checkpoint: str = "", tokenizer: str = "", arch: str = "ViT-H-14",
           vision_head_width: int | None = None, text_head_width: int = 64, hidden_act: str = "gelu",
           backend: str = "auto", resize: str = "longest") -> HPSv2Reward:
@@ -315,7 +314,6 @@ def hps_window(height: int, width: int, size: int, resize: str = "longest"):
     """``gradcam_crop`` of :func:`hps_preprocess`: the window (top, left, h, w), in image pixels, that the model
     input covers. Pad-to-square covers more than the image (negative top or left: the padding)."""
     if resize == "shortest" or height == width:
-        from ..localize import center_crop_window
 
         return center_crop_window(size)(height, width)
     scale = max(height, width) / size

@@ -135,3 +135,10 @@ def read_processor_config(folder: str | None) -> dict:
     if any(s <= 0 for s in settings["std"]):
         raise ValueError(f"{path}: 'image_std' must be positive, got {settings['std']!r}")
     return settings
+
+
+def center_crop_window(size: int, crop: int | None = None):
+    """``gradcam_crop`` of a reward that resizes the short side to ``size`` and center crops ``crop`` (default
+    ``size``) as :func:`clip_preprocess` does: (height, width) -> the window
+    (top, left, crop_h, crop_w) of the image, in image pixels."""
+    return lambda height, width: crop_window(height, width, size, crop)

@@ -22,8 +22,8 @@ import os
 import torch
 from torch import nn
 
-from ..rewards import SpecError, register_reward
-from .preprocess import CLIP_MEAN, CLIP_STD, clip_preprocess
+from ..core import SpecError
+from .preprocess import CLIP_MEAN, CLIP_STD, center_crop_window, clip_preprocess
 
 SPECIAL_CARE_ADJUSTMENT = 0.01  # diffusers' `adjustment` once a special-care concept is present
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.fp16.safetensors", "pytorch_model.fp16.bin",
@@ -123,7 +123,6 @@ def check_sd_safety(*, model: str = "", processor: str = "", temperature: float 
     resolve_folders(model, processor)
 
 
-@register_reward("sd-safety")
 def sd_safety(*, model: str = "", processor: str = "", temperature: float = 0.02,
               smooth_max_temperature: float = 0.005, variant: str | None = None) -> SDSafetyReward:
     """kwargs: model (SD 1.x folder or its safety_checker/), processor (feature_extractor/ override),
@@ -170,7 +169,6 @@ class SDSafetyReward(nn.Module):
 
     def gradcam_crop(self, height: int, width: int):
         """The window (top, left, h, w) of the image the checker sees (short-side resize + center crop)."""
-        from ..localize import center_crop_window
 
         return center_crop_window(self.size, self.crop_size)(height, width)
 

@@ -28,7 +28,9 @@ import torch.nn.functional as F
 import fnf_kernels
 
 from ..config import sepen_concepts, sepen_pairs
-from ..models import DiffusionModel, adapters_disabled, add_lora, encode_prompts
+from ..core import DiffusionModel, PromptEmbeds
+from ..encoding import encode_prompts
+from ..lora import adapters_disabled, add_lora, save_lora
 from ..sampling import predict_noise
 from .capture import capture, install_capture, remove_capture
 from .tokens import token_weights, word_positions
@@ -43,7 +45,7 @@ class SepenObjective:
 
     def __init__(self, cfg, model: DiffusionModel):
         self.cfg, self.sc = cfg, cfg.sepen
-        unet = model.unet
+        unet = model.denoiser
         unet.requires_grad_(False)
         modules = to_k_modules(unet)
         if not modules:
@@ -84,7 +86,7 @@ class SepenObjective:
         return pairs, objects, singles
 
     def frozen_prediction(self, model: DiffusionModel, x, t, cond):
-        unet = model.unet
+        unet = model.denoiser
         with torch.no_grad():
             if self.sc.lora:
                 with adapters_disabled(unet):
@@ -103,7 +105,7 @@ class SepenObjective:
         spans = [word_positions(model.tokenizers[0], p, o) for p, o in zip(pairs, objects)]
         weights = token_weights(spans, cond.hidden.shape[1], device=session.device)
         f = model.vae_scale_factor
-        shape = (len(prompts), model.unet.config.in_channels, session.height // f, session.width // f)
+        shape = (len(prompts), model.denoiser.config.in_channels, session.height // f, session.width // f)
         x0 = torch.randn(shape, generator=gen)
         noise = torch.randn(shape, generator=gen)
         n_t = model.scheduler.config.num_train_timesteps
@@ -112,8 +114,8 @@ class SepenObjective:
         t = torch.randint(lo, hi, (len(prompts),), generator=gen)
         x_t = model.scheduler.add_noise(x0, noise, t).to(session.device)
         t = t.to(session.device)
-        with session.autocast(), capture(model.unet, weights, shape[-2:], sc.downsample) as store:
-            pred = predict_noise(model, model.unet, x_t, t, cond, None, 1.0)
+        with session.autocast(), capture(model.denoiser, weights, shape[-2:], sc.downsample) as store:
+            pred = predict_noise(model, model.denoiser, x_t, t, cond, None, 1.0)
         maps = store.maps().float()
         separate, enhance = fnf_kernels.separate_enhance_losses(maps, sc.eps, backend=sc.loss_backend)
         loss = sc.lambda_sep * separate.mean() + sc.lambda_en * enhance.mean()
@@ -135,13 +137,12 @@ class SepenObjective:
         """Write the result: a diffusers LoRA folder (sepen.lora) or ``to_k.safetensors`` (the tuned to_k
         tensors by UNet parameter name, for ``unet.load_state_dict(..., strict=False)``). Returns the path."""
         if self.sc.lora:
-            from ..models import save_lora_diffusers
             path = os.path.join(out, "lora")
-            save_lora_diffusers(model, path)
+            save_lora(model, path)
             return path
         from safetensors.torch import save_file
         path = os.path.join(out, "to_k.safetensors")
-        tuned = dict(model.unet.named_parameters())
+        tuned = dict(model.denoiser.named_parameters())
         save_file({k: tuned[k].detach().cpu().contiguous() for k in self.frozen}, path)
         return path
 
@@ -157,6 +158,5 @@ class _Callable:
 
 
 def _rows(cond, rows: slice):
-    from ..models import PromptEmbeds
     pick = lambda x: None if x is None else x[rows]  # noqa: E731
     return PromptEmbeds(cond.hidden[rows], pick(cond.pooled), pick(cond.time_ids))

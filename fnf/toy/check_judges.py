@@ -18,6 +18,8 @@ import torch
 
 from . import ASSETS
 from . import data as toydata
+from .models_small import load
+from .train_small import eval_prompts
 
 EVAL_SEED = 999          # the small models' held-out seed (train_small.DEFAULTS["eval_seed"])
 
@@ -35,7 +37,6 @@ def vae_roundtrip(sd_folder: str, images: torch.Tensor, batch: int = 100) -> tor
 @torch.no_grad()
 def judge_metrics(x: torch.Tensor, ds: dict) -> dict:
     """Every judge on images ``x`` against the ground truth of dataset ``ds``."""
-    from .models_small import load
 
     defect = torch.from_numpy(ds["defect"])
     logit = torch.cat([load("defect_classifier")(x[i:i + 200]) for i in range(0, len(x), 200)])
@@ -69,7 +70,6 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.path.join(ASSETS, "judges.json"))
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
-    from .train_small import eval_prompts
 
     torch.set_num_threads(args.threads)
     ds = toydata.make_dataset(args.n, EVAL_SEED, prompts=eval_prompts())

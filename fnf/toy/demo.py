@@ -34,8 +34,24 @@ import time
 
 import torch
 
-from . import ASSETS
+from .. import checkpoint as ckpt
+from .. import run_dir
+from ..config import from_dict
+from ..families.registry import load_model
+from ..images import save_png
+from ..lora import adapters_disabled, load_lora_state_dict
+from ..metrics import finite_or_none, masked_mse, summary
+from ..run_dir import move_aside
+from ..train import train
+from . import ASSETS, sepen_demo
 from . import data as toydata
+from .draw import outline
+from .evaluate_sd import eval_prompts, eval_seed, sample
+from .evaluate_sd import per_image as measure
+from .judges import DARK_MIN_PIXELS
+from .rewards import defect_heatmap
+from .sepen_demo import sepen_report
+from .sepen_demo import write_grid as sepen_grid
 
 METHODS = ("draft", "fnf_heatmap", "fnf_gradcam")
 LOCALIZERS = {"draft": "heatmap:fnf.toy.rewards:defect_heatmap",
@@ -71,7 +87,6 @@ CI_KEYS = DELTA_KEYS + ("outside_change_mse", "inside_change_mse")
 
 def prepare_out(out: str, overwrite: bool) -> None:
     """Refuse an <out> that holds an earlier demo (naming what is there) unless ``overwrite``; then move it aside."""
-    from ..run_dir import move_aside
 
     found = [n for n in OUTPUTS if os.path.lexists(os.path.join(out, n))]
     if found and not overwrite:
@@ -94,7 +109,6 @@ def base_config(model: str, out: str, method: str, steps: int, batch: int, seed:
                 pool_reward_below: float = math.inf, prompts: list | None = None, checkpoint_every: int = 0,
                 small: str = ""):
     """The fnf training config of one demo run (``method`` picks the localizer; draft has beta 0)."""
-    from ..config import from_dict
 
     root = {"root": small} if small else {}
     return from_dict({
@@ -118,8 +132,6 @@ def eval_masks(images: torch.Tensor, small: str = "") -> torch.Tensor:
     """Base-image defect masks (B, H, W) bool: heatmap p > threshold, dilated by MASK_RADIUS."""
     import torch.nn.functional as F
 
-    from .rewards import defect_heatmap
-
     m = (defect_heatmap(root=small)(images) > MASK_THRESHOLD).float()[:, None]
     r = MASK_RADIUS
     return F.max_pool2d(m, 2 * r + 1, stride=1, padding=r)[:, 0] > 0.5 if r else m[:, 0] > 0.5
@@ -128,8 +140,6 @@ def eval_masks(images: torch.Tensor, small: str = "") -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ metrics
 def per_image(images, base, masks, prompts, small: str = "") -> dict:
     """Per-image values (float64 tensors (B,)): p_defect, defect, judge, recall, exact, outside, inside."""
-    from ..metrics import masked_mse
-    from .evaluate_sd import per_image as measure
 
     m = measure(images, prompts, small)
     inside, outside = masked_mse(images, base, masks)        # fnf eval's metric; NaN where a region is empty
@@ -146,7 +156,6 @@ NAMES = {"defect_score": "p_defect", "defect_rate": "defect", "judge_defect_rate
 def summarize(v: dict, b: dict, masks: torch.Tensor) -> dict:
     """Means (today's keys), their intervals ("ci"), paired differences to base ("delta"), and on the images whose
     base image the judge calls defective: how often the reward's classifier vs the judge now call them clean."""
-    from ..metrics import summary
 
     has = masks.flatten(1).any(1)
     res = {k: summary(v[NAMES[k]])["mean"] for k in CI_KEYS}
@@ -169,7 +178,6 @@ def subset_point(v: dict, b: dict) -> dict:
     """One Pareto point from per-image values of a model (``v``) and of base (``b``) on the same images (those
     whose base has a mask): judge / classifier defect-rate reductions (paired), change outside the mask,
     alignment; means with intervals."""
-    from ..metrics import summary
 
     return {"judge_reduction": summary(b["judge"] - v["judge"]),
             "reward_reduction": summary(b["defect"] - v["defect"]),
@@ -204,8 +212,6 @@ def matched(points: list[dict], method: str) -> dict | None:
 # ------------------------------------------------------------------------------------------ pictures
 def write_grid(path, base, masks, rows: dict, idx: list[int]) -> None:
     """Columns: base (mask outlined), then each method's image from the same noise; one row per index."""
-    from ..images import save_png
-    from .draw import outline
 
     scale = 4
     up = lambda t: torch.nn.functional.interpolate(t, scale_factor=scale, mode="nearest")  # noqa: E731
@@ -290,8 +296,6 @@ def _d(s: dict, fmt: str = "+.3f") -> str:
 
 
 def report(path, res: dict, settings: dict, seconds: float, sepen_lines: list[str] | None = None) -> None:
-    from ..metrics import finite_or_none
-
     b = res["base"]
     names = [k for k in res["models"]]
     nb = b["on_base_defects"]["n"]
@@ -380,7 +384,6 @@ def report(path, res: dict, settings: dict, seconds: float, sepen_lines: list[st
 # ------------------------------------------------------------------------------------------ the demo
 def rewrite_report(out: str) -> None:
     """Write <out>/report.md again from its metrics.json and settings.json (e.g. after a wording change)."""
-    from .sepen_demo import sepen_report
 
     with open(os.path.join(out, "metrics.json")) as f:
         m = json.load(f)
@@ -399,9 +402,6 @@ def rewrite_report(out: str) -> None:
 
 
 def _checkpoint_loras(run_out: str) -> list[tuple[int, dict]]:
-    from .. import checkpoint as ckpt
-    from .. import run_dir
-
     run = run_dir.read_run(run_out)
     return [(step, ckpt.read(folder)["lora"])
             for step, folder in ckpt.list_checkpoints(run_dir.checkpoint_root(run_out), run.get("run_id"))]
@@ -409,7 +409,6 @@ def _checkpoint_loras(run_out: str) -> list[tuple[int, dict]]:
 
 def _sepen(model, out, ps, ss, base, kw, st, checks, quick):
     """Separate-and-Enhance (fnf.toy.sepen_demo.run_sepen): (metrics, tuned images, report lines)."""
-    from . import sepen_demo
 
     res = sepen_demo.run_sepen(model, os.path.join(out, "runs", "sepen"), ps, ss, base, kw, st["sepen_steps"],
                                st["batch"], checks, quick=quick)
@@ -438,11 +437,6 @@ def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 0, model: 
 
 def _run_demo(out, quick, seed, model, threads, beta, methods, squared, grad_clip, sepen, overwrite, sweep, small,
               settings) -> dict:
-    from ..metrics import finite_or_none
-    from ..models import adapters_disabled, load_lora_state_dict, load_model
-    from ..train import train
-    from .evaluate_sd import eval_prompts, eval_seed, sample
-    from .judges import DARK_MIN_PIXELS
 
     t0, c0 = time.time(), time.process_time()
     model = model or os.path.join(ASSETS, "sd")
@@ -511,7 +505,7 @@ def _run_demo(out, quick, seed, model, threads, beta, methods, squared, grad_cli
                 del r
                 continue
             images[name] = sample(r.model, ps, ss, **kw)
-            with adapters_disabled(r.model.unet):                # the same model with the LoRA off is the base
+            with adapters_disabled(r.model.denoiser):                # the same model with the LoRA off is the base
                 check = sample(r.model, ps[:2], ss[:2], **kw)
             same_images(check, base[:2], f"{name}: adapters-off model reproduces the base images", checks)
             v = per_image(images[name], base, masks, ps, small)
@@ -520,12 +514,12 @@ def _run_demo(out, quick, seed, model, threads, beta, methods, squared, grad_cli
             # Earlier checkpoints of the same run: DRaFT's (the matched-reduction curve); FnF's too with --sweep
             # (each costs a Pareto-subset evaluation, ~45 s of CPU: the default run must stay within 10 minutes).
             if len(sub) and (run == "draft" or (sweep and run == "fnf_heatmap")):
-                final = {n: p.detach().clone() for n, p in r.model.unet.named_parameters() if p.requires_grad}
+                final = {n: p.detach().clone() for n, p in r.model.denoiser.named_parameters() if p.requires_grad}
                 for step, lora in _checkpoint_loras(cfg.train.out):
                     if step < cfg.train.steps:
-                        load_lora_state_dict(r.model.unet, lora)
+                        load_lora_state_dict(r.model.denoiser, lora)
                         points.append(point(f"{name}@{step}", run, b, step, f"{tag} {step}", r.model))
-                load_lora_state_dict(r.model.unet, final)
+                load_lora_state_dict(r.model.denoiser, final)
             if len(sub):
                 points.append({"name": name, "run": run, "beta": b, "step": cfg.train.steps,
                                "label": f"{tag} {cfg.train.steps}",
@@ -581,7 +575,6 @@ def _run_demo(out, quick, seed, model, threads, beta, methods, squared, grad_cli
     if points:
         picture("pareto.png", plot_pareto, os.path.join(out, "pareto.png"), points)
     if sepen and tuned is not None:
-        from .sepen_demo import write_grid as sepen_grid
 
         picture("grids/sepen.png", sepen_grid, os.path.join(out, "grids", "sepen.png"), base, tuned, ps)
     picture("training.png", plot, os.path.join(out, "training.png"), histories)

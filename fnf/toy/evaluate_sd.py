@@ -15,8 +15,13 @@ import os
 import numpy as np
 import torch
 
+from ..encoding import encode_prompts
+from ..families.registry import load_model
+from ..sampling import initial_latents, sample_images
 from . import ASSETS
 from . import data as toydata
+from .judges import pixel_judge
+from .rewards import alignment, defect_probability
 
 STEPS, GUIDANCE = 20, 1.5   # guidance 1.5: the defect rate is closest to the training rate (see README)
 EVAL_SEED0 = 10_000      # evaluation noise seeds start here; training never samples noise from these
@@ -41,8 +46,6 @@ def sample(model, prompts: list[str], seeds: list[int], *, steps: int = STEPS, g
            batch: int = 32, unet=None) -> torch.Tensor:
     """Images (len(prompts), 3, H, W) in [0, 1]; prompt i uses noise seed seeds[i]; ``unet`` as in
     fnf.sampling.sample_images."""
-    from ..models import encode_prompts
-    from ..sampling import initial_latents, sample_images
 
     size = model.native_size
     out = []
@@ -52,7 +55,7 @@ def sample(model, prompts: list[str], seeds: list[int], *, steps: int = STEPS, g
         uncond = encode_prompts(model, [""] * len(ps), height=size, width=size)
         x_T = torch.cat([initial_latents(model, 1, size, size, torch.Generator().manual_seed(s), "cpu") for s in ss])
         out.append(sample_images(model, x_T, cond, uncond, steps=steps, guidance_scale=guidance, eta=0.0, seed=0,
-                                 unet=unet))
+                                 denoiser=unet))
     return torch.cat(out)
 
 
@@ -60,8 +63,6 @@ def per_image(images: torch.Tensor, prompts: list[str], root: str = "") -> dict:
     """Per-image (B,) tensors: ``p_defect`` (defect classifier, the training reward's model), ``judge`` (the pixel
     rule of fnf.toy.judges, which no training sees), ``recall`` and ``exact`` (attribute classifier alignment);
     ``root``: folder of the small models (default the shipped ones)."""
-    from .judges import pixel_judge
-    from .rewards import alignment, defect_probability
 
     al = alignment(images, prompts, root)
     return {"p_defect": defect_probability(images, root), "judge": pixel_judge(images).float(),
@@ -99,7 +100,6 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from ..models import load_model
 
     model = load_model(args.model)
     prompts = eval_prompts()

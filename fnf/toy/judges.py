@@ -23,7 +23,9 @@ import os
 import numpy as np
 import torch
 
+from . import ASSETS
 from . import data as toydata
+from .rewards import defect_heatmap
 
 CALIBRATION_SEED = 4242          # data seed of the calibration images (unused elsewhere)
 CALIBRATION_IMAGES = 600
@@ -52,7 +54,6 @@ def pixel_judge(images: torch.Tensor, min_pixels: int = DARK_MIN_PIXELS) -> torc
 
 def heat_counts(images: torch.Tensor, root: str = "") -> torch.Tensor:
     """(B,) number of pixels the defect heatmap model marks (p > 0.5)."""
-    from .rewards import defect_heatmap
 
     return (defect_heatmap(root=root)(images) > 0.5).flatten(1).sum(1)
 
@@ -108,8 +109,6 @@ def calibrate(model_path: str, n: int = CALIBRATION_IMAGES, seed: int = CALIBRAT
 
 
 def main(argv=None) -> int:
-    from . import ASSETS
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=os.path.join(ASSETS, "sd"), help="pipeline folder whose VAE reconstructs")
     p.add_argument("--small", default="", help="folder of the small models (default the shipped ones)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..localize import GradCAM
 from . import data as toydata
 from .models_small import load
 
@@ -63,7 +64,6 @@ def defect_gradcam(*, layer: str = "classifier.features", root: str = ""):
     Grad-CAM keeps ReLU(sum_c mean(dS/dA_c) A_c): evidence *for* S, and S is the defect logit, so this asks for
     ``explain="reward"``. (The ``gradcam:classifier.features`` localizer on ``defect_reward`` gives the same map:
     its default, ``explain="problem"``, explains the evidence against the reward -softplus(logit).)"""
-    from ..localize import GradCAM
 
     cam = GradCAM(DefectLogit(root or None), layer, explain="reward")
 

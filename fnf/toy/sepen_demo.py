@@ -26,7 +26,21 @@ import time
 import numpy as np
 import torch
 
+import fnf_kernels
+
+from .. import metrics
+from ..config import from_dict
+from ..families.registry import load_model
+from ..images import grid, save_png
+from ..metrics import summary
+from ..sepen.capture import capture, install_capture, remove_capture
+from ..sepen.evaluate import compare, success_rate
+from ..sepen.tokens import token_weights, word_positions
+from ..train import train
 from . import data as toydata
+from .evaluate_sd import sample
+from .models_small import load
+from .rewards import attribute_probs
 
 # Ours. The paper's lr range (5e-7 .. 8e-6) is for SD's 860M UNet; the toy UNet needs a larger step.
 # Chosen on validation noise seeds (VALIDATION_SEED0 + k), never on the evaluation seeds.
@@ -51,7 +65,6 @@ def concepts() -> list[str]:
 def sepen_config(model: str, out: str, steps: int = STEPS, batch: int = BATCH, seed: int = 0, lr: float = LR,
                  **sepen):
     """The fnf training config of the toy run; ``sepen`` overrides keys of the config's sepen section."""
-    from ..config import from_dict
 
     return from_dict({
         "model": {"path": model},
@@ -69,12 +82,10 @@ def sepen_config(model: str, out: str, steps: int = STEPS, batch: int = BATCH, s
 def found_pairs(images: torch.Tensor, root: str = "") -> list[set]:
     """The (shape, colour) pairs the attribute classifier (shipped, or the one under ``root``) finds (p > 0.5)."""
     if root:
-        from .models_small import load
 
         with torch.no_grad():
             probs = torch.sigmoid(load("attribute_classifier", root)(images.float()))
     else:
-        from .rewards import attribute_probs
 
         probs = attribute_probs(images)
     return [{toydata.PAIRS[j] for j in row.nonzero()[:, 0].tolist()} for row in probs > 0.5]
@@ -87,7 +98,6 @@ def _classifier(found, root: str):
 def successes(images: torch.Tensor, prompts: list[str], root: str = "", found=None) -> torch.Tensor:
     """(N,) bool: the classifier finds every pair prompt i asks for in image i. ``found``: a stand-in for
     :func:`found_pairs` (images -> list of sets of (shape, colour))."""
-    from ..sepen.evaluate import success_rate
 
     per = success_rate(images, [toydata.parse_caption(p) for p in prompts], _classifier(found, root))["per_prompt"]
     return torch.tensor(per, dtype=torch.bool)
@@ -120,7 +130,6 @@ def group_gap(values, failed, resamples: int | None = None, seed: int | None = N
     "ci_high"} of the values for predicting failure}. The difference and the AUROC use a stratified bootstrap:
     each group resampled within itself (success with seed ``seed``, failure with ``seed + 1``, the same draws
     for both statistics), percentile interval."""
-    from .. import metrics
 
     resamples = metrics.BOOTSTRAP_RESAMPLES if resamples is None else resamples
     seed = metrics.BOOTSTRAP_SEED if seed is None else seed
@@ -161,8 +170,6 @@ def _counts(indices: np.ndarray, n: int) -> np.ndarray:
 def evaluate(base: torch.Tensor, tuned: torch.Tensor, prompts: list[str], root: str = "", found=None) -> dict:
     """Base vs tuned success on two-object prompts, the single-object forgetting check, per-image change; with
     bootstrap intervals under "intervals" (paired: tuned - base resamples the same images)."""
-    from ..metrics import summary
-    from ..sepen.evaluate import compare, success_rate
 
     if base.shape != tuned.shape or base.shape[0] != len(prompts):
         raise ValueError(f"base, tuned, prompts: expected {len(prompts)} images of one shape each, got "
@@ -201,10 +208,6 @@ class _CapturingUNet:
         self.separate, self.enhance = [], []
 
     def __call__(self, x, t, encoder_hidden_states=None, **kw):
-        import fnf_kernels
-
-        from ..sepen.capture import capture
-
         n = self.weights.shape[0]
         cfg = x.shape[0] == 2 * n
         swap = (lambda a: torch.cat([a[n:], a[:n]])) if cfg else (lambda a: a)  # noqa: E731
@@ -223,28 +226,25 @@ def trajectory_losses(model, prompts: list[str], seeds: list[int], *, steps: int
                       downsample: int = DOWNSAMPLE, batch: int = 32) -> dict:
     """Sample two-object ``prompts`` (phrase maps as in training) and return {"images", "separate", "enhance"
     (per image, mean over the sampling steps), "separate_steps", "enhance_steps" ((steps, N), per step)}."""
-    from ..sepen.capture import install_capture, remove_capture
-    from ..sepen.tokens import token_weights, word_positions
-    from .evaluate_sd import sample
 
     size = model.native_size
     tokenizer = model.tokenizers[0]   # prompts are encoded padded to model_max_length tokens
     f = model.vae_scale_factor
     images, sep, en = [], [], []
-    install_capture(model.unet)
+    install_capture(model.denoiser)
     try:
         for i in range(0, len(prompts), batch):
             ps = prompts[i:i + batch]
             objects = [[f"{c} {s}" for s, c in toydata.parse_caption(p)] for p in ps]
             weights = token_weights([word_positions(tokenizer, p, o) for p, o in zip(ps, objects)],
                                     tokenizer.model_max_length)
-            unet = _CapturingUNet(model.unet, weights, (size // f, size // f), downsample)
+            unet = _CapturingUNet(model.denoiser, weights, (size // f, size // f), downsample)
             images.append(sample(model, ps, seeds[i:i + batch], steps=steps, guidance=guidance, batch=len(ps),
-                                 unet=unet))
+                                 denoiser=unet))
             sep.append(torch.stack(unet.separate))
             en.append(torch.stack(unet.enhance))
     finally:
-        remove_capture(model.unet)
+        remove_capture(model.denoiser)
     sep_steps, en_steps = torch.cat(sep, 1), torch.cat(en, 1)
     return {"images": torch.cat(images), "separate": sep_steps.mean(0), "enhance": en_steps.mean(0),
             "separate_steps": sep_steps, "enhance_steps": en_steps}
@@ -269,7 +269,6 @@ def losses_after(traj_base: dict, traj_tuned: dict, prompts: list[str], tuned_im
     evaluation prompts (training only sees random noised latents)? Per loss: base and tuned means, the paired
     tuned - base difference (bootstrap intervals), and the loss gap of the tuned model (its own successes vs
     failures)."""
-    from ..metrics import summary
 
     out = {"gap": loss_gap(traj_tuned, prompts, root, ok=successes(tuned_images, prompts, root))}
     for name in ("separate", "enhance"):
@@ -296,9 +295,6 @@ def run_sepen(model_path: str, out_dir: str, prompts: list[str], seeds: list[int
     fnf.toy.evaluate_sd.sample). ``checks`` gets the consistency check of the capture. ``quick`` is recorded
     (the caller's sizes make it quick). Returns the JSON-able results plus ``"_tuned"`` (the tuned images, to pop
     before writing JSON)."""
-    from ..models import load_model
-    from ..train import train
-    from .evaluate_sd import sample
 
     if len(prompts) != len(seeds) or base.shape[0] != len(prompts):
         raise ValueError(f"prompts, seeds, base: expected one seed and one base image per prompt, got "
@@ -404,7 +400,6 @@ def write_grid(path: str, base: torch.Tensor, tuned: torch.Tensor, prompts: list
                root: str = "") -> list[int]:
     """Two-object images, base (top row) over Separate-and-Enhance (bottom): the fixed ones first, then the
     broken ones, then the rest. Returns the indices shown."""
-    from ..images import grid, save_png
 
     two = [i for i, p in enumerate(prompts) if " and " in p]
     ok_b = successes(base[two], [prompts[i] for i in two], root)

@@ -1,0 +1,61 @@
+"""Where the trainer puts each model part: the text encoders before the denoiser when the objective allows it.
+
+:func:`text_encoders_first` is the policy, :func:`encode_before_denoiser` carries it out into a
+:class:`~fnf.encoding.PromptCache`; the estimator (fnf/memory/) reads the same policy.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from . import quantize
+from .core import DiffusionModel
+from .encoding import PromptCache, negative_is_zero, offload_text_encoders
+from .objectives import objective_class
+
+
+def text_encoders_first(cfg) -> bool:
+    """Whether training encodes the prompts before the denoiser reaches the device (:func:`encode_before_denoiser`):
+    ``memory.offload_text_encoder`` with an objective that encodes only its fixed prompts
+    (``Objective.encodes_prompts_once``)."""
+    return bool(cfg.memory.offload_text_encoder and objective_class(cfg.objective.name).encodes_prompts_once)
+
+
+class NoProbe:
+    """The trainer's estimation hook when nothing estimates: phases and placements are not recorded."""
+
+    def phase(self, name: str, host: bool = False):
+        """Context for one phase of a step (``host``: what is allocated inside stays on the host)."""
+        return contextlib.nullcontext()
+
+    def placed(self, modules, on_device: bool) -> None:
+        """``modules`` (a list of nn.Modules) now live on the device (True) or on the host (False)."""
+
+
+@torch.no_grad()
+def encode_before_denoiser(model: DiffusionModel, prompts: list[str], negative_prompt: str, *, height: int,
+                           width: int, device, probe=None, move_denoiser: bool = True) -> PromptCache:
+    """Encode ``prompts`` and the negative prompt (one row) with only the text encoders on ``device``, keep the
+    embeddings on the host (the returned cache, read by :func:`fnf.encoding.encode_prompts`), move the encoders
+    back to the host, then the denoiser onto ``device``: the device never holds the text encoders beside the
+    denoiser. The denoiser must still be on the host (a bitsandbytes one is already on its GPU and stays there);
+    ``move_denoiser=False`` leaves it there (FSDP shards it later). ``probe``: phases and placements for
+    ``fnf estimate-memory``."""
+    probe = probe if probe is not None else NoProbe()
+    on_gpu_already = quantize.method_of(model.denoiser) == "bitsandbytes"
+    probe.placed([model.denoiser], on_device=on_gpu_already)
+    for enc in model.text_encoders:
+        enc.to(device)
+    probe.placed(model.text_encoders, on_device=True)
+    cache = PromptCache()
+    with probe.phase("prompt encoding"):
+        for rows, zero in ((list(prompts), False), ([negative_prompt], negative_is_zero(model, negative_prompt))):
+            if rows:
+                cache.fill(model, rows, height, width, zero)
+    offload_text_encoders(model)
+    probe.placed(model.text_encoders, on_device=False)
+    if move_denoiser:
+        quantize.move(model.denoiser, device)
+        probe.placed([model.denoiser], on_device=True)
+    return cache
