@@ -40,11 +40,36 @@ demo: install
 	$(PY) -m fnf demo --out runs/demo
 
 # Wheels of what the GPU machine's image lacks, for benchmarks/gpu_proof.sh (carry .whl in the device call).
+GPU_WHEELS ?= diffusers==0.42.1 kornia==0.9.0 kornia_rs==0.2.0 importlib_metadata==10.2.0 expecttest==0.3.0
 .PHONY: gpu-wheels
 gpu-wheels: $(PY)
 	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-	  -d .whl diffusers==0.42.1 kornia==0.9.0 kornia_rs==0.2.0 importlib_metadata==10.2.0 zipp
+	  -d .whl $(GPU_WHEELS)
+
+# The GPU proof rehearsed on CPU: a Python 3.12 venv with the GPU image's versions (ci/gpu-image.txt: torch 2.11
+# CUDA build, triton 3.6, numpy 2.5, transformers 5.17, ...), the carried wheels of `make gpu-wheels` installed the
+# way the device call installs them, and every stage of benchmarks/gpu_proof.sh run in CPU mode in a copy of the
+# tree (build/gpu-rehearsal, as the device gets one), results in build/gpu-rehearsal-out. Times printed per stage.
+GPU_PYTHON ?= $(shell command -v python3.12 2>/dev/null || echo python3.12)
+GPU_VENV ?= .venv-gpu
+GPU_PY = $(abspath $(GPU_VENV))/bin/python
+GPU_STAGES ?= kernels-test kernels-bench "train sd15" "train sdxl"
+.PHONY: gpu-venv gpu-rehearsal
+gpu-venv:
+	test -x $(GPU_PY) || $(GPU_PYTHON) -m venv $(GPU_VENV)
+	$(GPU_PY) -m pip --disable-pip-version-check install -q -c ci/gpu-image.txt "setuptools>=64" wheel ninja torch \
+	  triton numpy transformers accelerate safetensors huggingface_hub tokenizers onnx onnxruntime peft pytest \
+	  pytest-timeout pytest-xdist pytest-benchmark hypothesis PyYAML tqdm Pillow matplotlib regex requests filelock
+gpu-rehearsal: gpu-venv gpu-wheels
+	mkdir -p build/gpu-rehearsal build/gpu-rehearsal-out
+	find build/gpu-rehearsal -mindepth 1 -maxdepth 1 ! -name build -exec rm -rf {} +
+	git ls-files -z -co --exclude-standard | tar --null -T - --ignore-failed-read -cf - 2>/dev/null \
+	  | tar -xf - -C build/gpu-rehearsal
+	cp -r .whl build/gpu-rehearsal/
+	cd build/gpu-rehearsal && for s in $(GPU_STAGES); do \
+	  /usr/bin/env time -f "gpu_proof $$s: %e s" env OUT=$(abspath build/gpu-rehearsal-out) PYTHON=$(GPU_PY) \
+	    PROOF_SITE=$(abspath build/gpu-rehearsal-site) bash benchmarks/gpu_proof.sh $$s || true; done
 
 # The dependency floors of setup.py (ci/floors.txt: torch 2.11 (PyPI's CUDA build, run on the CPU), triton, numpy,
 # diffusers, transformers, peft, accelerate, ...) installed together in their own venv; a copy of the working tree
