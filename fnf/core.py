@@ -3,7 +3,8 @@
 * :class:`DiffusionModel`: the components of one pipeline folder and the family that knows how to use them;
 * :class:`PromptEmbeds`: text conditioning for a batch;
 * :data:`DTYPES`, :data:`ADAPTER`, :data:`LORA_WEIGHTS`: the names config keys and LoRA folders use;
-* :class:`ModelLoadError`, :class:`SpecError`: the errors the loaders raise.
+* :class:`ModelLoadError`, :class:`SpecError`: the errors the loaders raise;
+* :func:`resolve_device`: the device a ``train.device`` setting means on this machine.
 """
 from __future__ import annotations
 
@@ -31,6 +32,16 @@ def resolve_dtype(weight_dtype) -> torch.dtype:
     if weight_dtype in DTYPES:
         return DTYPES[weight_dtype]
     raise ValueError(f"weight_dtype: expected a torch dtype or one of {sorted(DTYPES)}, got {weight_dtype!r}")
+
+
+def resolve_device(name: str) -> str:
+    """A device setting (train.device: "auto", "cpu" or "cuda") -> the device to use; "auto" is CUDA when one is
+    visible, else the CPU. RuntimeError for "cuda" when none is visible."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no CUDA device is visible")
+    return name
 
 
 @dataclass
