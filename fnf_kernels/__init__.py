@@ -10,10 +10,15 @@ Ops (each with CUDA C++, Triton, CPU C++ and pure-torch reference backends behin
 * the Separate-and-Enhance attention losses :func:`separate_loss`, :func:`enhance_loss` and both at once,
   :func:`separate_enhance_losses` (fused Triton kernel and torch reference)
 
-``python -m fnf_kernels info`` shows which backends are active here; :func:`select_backend` (op, backend,
-device, dtype) is the one function every op uses to pick its backend.
+``python -m fnf_kernels info`` shows which backends are active here and ``python -m fnf_kernels selftest``
+checks each of them against the float64 references on this machine; :func:`select_backend` (op, backend,
+device, dtype, batch) is the one function every op uses to pick its backend. :mod:`fnf_kernels.references`
+holds the reference (the spec) of every op (``fnf_kernels.reference`` is its old name).
+
+Triton reads TRITON_INTERPRET when fnf_kernels is imported: set it before the import to run the Triton
+kernels on CPU tensors.
 """
-from . import reference
+from . import reference, references
 from .attention_losses import enhance_loss, separate_enhance_losses, separate_loss
 from .backends import BACKENDS, info, select as select_backend
 from .dilation import threshold_dilate
@@ -34,6 +39,7 @@ __all__ = [
     "masked_frobenius_penalty",
     "patch_lora",
     "reference",
+    "references",
     "separate_enhance_losses",
     "select_backend",
     "separate_loss",

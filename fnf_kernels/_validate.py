@@ -36,12 +36,10 @@ def flag(name: str, value) -> bool:
     return value
 
 
-def nonempty(name: str, t: torch.Tensor, dims: str) -> None:
-    if t.shape[0] == 0:
-        raise ValueError(f"{name} has an empty batch (shape {tuple(t.shape)}); expected at least one sample")
-    if t.numel() == 0:
-        raise ValueError(f"{name} has a zero-size dimension (shape {tuple(t.shape)} as {dims}); "
-                         "expected every dimension >= 1")
+def nonzero_dim(name: str, t: torch.Tensor, dim: int, what: str) -> None:
+    """Reject a zero-size dimension that leaves each sample's result undefined (e.g. a max over nothing)."""
+    if t.shape[dim] == 0:
+        raise ValueError(f"{name} has no {what} (dim {dim} of shape {tuple(t.shape)}); expected at least one")
 
 
 def same_device(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
@@ -65,7 +63,6 @@ def penalty_args(image, reference, mask, squared, reduction, backend):
         raise TypeError(f"reference must have image's dtype {image.dtype}, got {reference.dtype}")
     same_device("reference", reference, "image", image)
     same_device("mask", mask, "image", image)
-    nonempty("image", image, "(B, C, H, W)")
     b, c, h, w = image.shape
     if mask.dim() == 3:
         if tuple(mask.shape) != (b, h, w):
@@ -101,7 +98,6 @@ def dilate_args(heatmap, threshold, radius, shape, dtype, backend):
         heatmap = heatmap[:, 0]
     elif heatmap.dim() != 3:
         raise ValueError(f"heatmap must be (B, H, W) or (B, 1, H, W), got shape {tuple(heatmap.shape)}")
-    nonempty("heatmap", heatmap, "(B, H, W)")
     b, h, w = heatmap.shape
     if h + w >= MAX_DILATE_EXTENT:
         raise ValueError(f"heatmap is too large: H + W = {h + w}, expected below {MAX_DILATE_EXTENT}")

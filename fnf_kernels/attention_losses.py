@@ -15,40 +15,27 @@ the argmax pixel, weighted by G; neighbours that reflect onto the same pixel add
 
 Ties: the maximum over (head, pixel) goes to the FIRST maximal element in (head, row, column) order, and the
 minimum over objects to the first minimal object -- what torch.max / torch.min with ``dim`` return on CPU.
-The torch reference here is written so its autograd routes gradients the same way, so reference and kernel
-agree on ties too (when the float values tie exactly; the smoothed maps may round differently in the last
-bit between the two). NaN in the maps gives an unspecified result (attention probabilities are finite).
+The torch reference (in fnf_kernels.references) is written so its autograd routes gradients the same way, so
+reference and kernel agree on ties too (when the float values tie exactly; the smoothed maps may round
+differently in the last bit between the two). NaN in the maps gives an unspecified result (attention
+probabilities are finite).
 """
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 
-from . import _validate
-from . import backends
+from . import _validate, backends
+from .references import (SIGMA, accumulate_dtype, enhance_reference, gaussian_1d, gaussian_kernel,  # noqa: F401
+                         separate_per_head_reference, separate_reference, smooth_reference)
 
-SIGMA = 0.5
+if backends.triton_installed():  # the Triton ops register on import; triton reads TRITON_INTERPRET here
+    from .triton_kernels import attention_losses as _triton
+else:
+    _triton = None
+
 BACKENDS = ("auto", "triton", "reference")
-
-
-def gaussian_1d(sigma: float = SIGMA) -> tuple[float, float]:
-    """(side, centre) weights of the normalised 3-tap Gaussian; the 3x3 kernel is their outer product."""
-    side = math.exp(-1.0 / (2.0 * sigma * sigma))
-    total = 1.0 + 2.0 * side
-    return side / total, 1.0 / total
-
-
-def gaussian_kernel(dtype=torch.float32, device="cpu") -> torch.Tensor:
-    """The normalised 3x3 Gaussian (sigma 0.5) as a (3, 3) tensor."""
-    side, centre = gaussian_1d()
-    g = torch.tensor([side, centre, side], dtype=torch.float64)
-    return torch.outer(g, g).to(dtype=dtype, device=device)
-
-
-def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ----------------------------------------------------------------------------------------- validation
@@ -59,47 +46,21 @@ def _check(maps, eps=1e-8, backend="auto") -> torch.Tensor:
     _validate.choice("backend", backend, BACKENDS)
     if maps.dim() != 5:
         raise ValueError(f"maps must be 5-D (B, heads, k, H, W), got shape {tuple(maps.shape)}")
-    _validate.nonempty("maps", maps, "(B, heads, k, H, W)")
     if maps.shape[2] < 2:
         raise ValueError(f"maps must hold k >= 2 object maps (dim 2), got k = {maps.shape[2]} "
                          f"(shape {tuple(maps.shape)})")
     if maps.shape[3] < 2 or maps.shape[4] < 2:
         raise ValueError(f"maps must have H, W >= 2 (the 3x3 Gaussian uses reflect padding), got "
                          f"H = {maps.shape[3]}, W = {maps.shape[4]}")
+    if maps.shape[0] > 0:
+        _validate.nonzero_dim("maps", maps, 1, "heads (a maximum over no heads is undefined)")
     return maps
 
 
-# ----------------------------------------------------------------------------------------- reference
-def _first_max(x: torch.Tensor) -> torch.Tensor:
-    """max over dim 1 of (N, M) whose gradient goes to the first maximal index only (torch.max(dim))."""
-    return x.max(dim=1).values
-
-
-def separate_per_head_reference(maps: torch.Tensor, eps: float) -> torch.Tensor:
-    """prod_i A_i / (sum_i A_i + eps), shape (B, heads, H, W), in the accumulation dtype."""
-    a = maps.to(accumulate_dtype(maps.dtype))
-    return a.prod(dim=2) / (a.sum(dim=2) + eps)
-
-
-def smooth_reference(maps: torch.Tensor) -> torch.Tensor:
-    """G * A_i per (head, object), reflect padding; shape (B, heads, k, H, W) in the accumulation dtype."""
-    a = maps.to(accumulate_dtype(maps.dtype))
-    b, h, k, hh, ww = a.shape
-    x = F.pad(a.reshape(b * h * k, 1, hh, ww), (1, 1, 1, 1), mode="reflect")
-    out = F.conv2d(x, gaussian_kernel(a.dtype, a.device)[None, None])
-    return out.reshape(b, h, k, hh, ww)
-
-
-def separate_reference(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    ratio = separate_per_head_reference(maps, eps)
-    return _first_max(ratio.reshape(ratio.shape[0], -1))
-
-
-def enhance_reference(maps: torch.Tensor) -> torch.Tensor:
-    s = smooth_reference(maps)
-    b, h, k = s.shape[:3]
-    per_object = s.transpose(1, 2).reshape(b * k, h * s.shape[3] * s.shape[4]).max(dim=1).values.reshape(b, k)
-    return 1.0 - per_object.min(dim=1).values
+def _backend(maps: torch.Tensor, backend: str) -> str:
+    """The backend that runs: an empty batch always takes the reference (empty results, every backend)."""
+    chosen = backends.select("separate_enhance_losses", backend, maps.device, maps.dtype, maps.shape[0])
+    return "reference" if maps.shape[0] == 0 else chosen
 
 
 # ----------------------------------------------------------------------------------------- fused path
@@ -111,9 +72,7 @@ def _from_maxima(sep_max: torch.Tensor, en_max: torch.Tensor):
 
 
 def _fused(maps: torch.Tensor, eps: float):
-    from .triton_kernels import attention_losses as tk
-
-    sep_max, _, en_max, _ = tk.attention_maxima(maps.contiguous(), float(eps))
+    sep_max, _, en_max, _ = _triton.attention_maxima(maps.contiguous(), float(eps))
     return _from_maxima(sep_max, en_max)
 
 
@@ -124,9 +83,10 @@ def separate_enhance_losses(maps: torch.Tensor, eps: float = 1e-8, *, backend: s
     maps: (B, heads, k, H, W) float16/bfloat16/float32/float64, k >= 2, H, W >= 2. Results are float32
     (float64 for float64 maps); gradients flow back to ``maps`` in its dtype.
     backend: "auto" (Triton on CUDA when installed, else the torch reference), "triton" or "reference".
+    An empty batch (B = 0) gives two (0,) results on every backend; heads = 0 with B > 0 raises ValueError.
     """
     maps = _check(maps, eps, backend)
-    if backends.select("separate_enhance_losses", backend, maps.device) == "triton":
+    if _backend(maps, backend) == "triton":
         return _fused(maps, eps)
     return separate_reference(maps, eps), enhance_reference(maps)
 
@@ -136,7 +96,7 @@ def separate_loss(maps: torch.Tensor, eps: float = 1e-8, *, backend: str = "auto
 
     ``eps`` (default 1e-8) keeps the ratio finite where every map is 0 (the official code has none)."""
     maps = _check(maps, eps, backend)
-    if backends.select("separate_enhance_losses", backend, maps.device) == "triton":
+    if _backend(maps, backend) == "triton":
         return _fused(maps, eps)[0]
     return separate_reference(maps, eps)
 
@@ -144,6 +104,6 @@ def separate_loss(maps: torch.Tensor, eps: float = 1e-8, *, backend: str = "auto
 def enhance_loss(maps: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """Enhance loss (B,): 1 - min_i max over heads and pixels of G * A_i (3x3 Gaussian, sigma 0.5, reflect)."""
     maps = _check(maps, 0.0, backend)
-    if backends.select("separate_enhance_losses", backend, maps.device) == "triton":
+    if _backend(maps, backend) == "triton":
         return _fused(maps, 1e-8)[1]  # eps only touches the unused Separate part
     return enhance_reference(maps)

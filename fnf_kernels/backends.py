@@ -10,6 +10,10 @@ Backends: "cuda" (CUDA C++ in the extension), "triton", "cpu" (C++/OpenMP in the
 * separate_enhance_losses: triton > reference on CUDA tensors, reference on CPU tensors.
 
 Triton runs on CPU tensors only under TRITON_INTERPRET=1 and only when asked for explicitly.
+Input limits: a backend that cannot take an input (``input_problem``: today the CUDA dilation kernel of an
+extension that does not report larger limits, at most 65535 images per call) is skipped by "auto", which
+says why once (a RuntimeWarning), and refused with that reason when asked for explicitly. Empty inputs never
+reach a backend: every op returns its correctly-shaped empty or zero result from the reference.
 ``select`` resolves a backend for the ops; ``info`` (``python -m fnf_kernels info``) prints these tables and
 the same ``select("auto")`` result.
 """
@@ -17,6 +21,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import platform
+import warnings
 from typing import Optional
 
 import torch
@@ -37,6 +43,10 @@ AUTO_ORDER = {
     ("separate_enhance_losses", "cpu"): ("reference",),
 }
 _TORCH_OP = (True, "plain-torch custom op with a hand-written backward")
+# Largest batch per call of a backend, when it has one (CUDA grid y/z axes stop at 65535). An extension that
+# handles more reports it through ``cuda_limits()`` -> {"<op>_batch": max or -1 for no limit}.
+BATCH_LIMITS = {("threshold_dilate", "cuda"): 65535}
+_WARNED: set = set()
 
 
 def triton_interpreter() -> bool:
@@ -109,18 +119,62 @@ def _dtype_problem(op: str, backend: str, dtype: Optional[torch.dtype]) -> Optio
     return None
 
 
-def select(op: str, backend: str, device, dtype: Optional[torch.dtype] = None) -> str:
-    """Resolve ``backend`` ("auto" or one of BACKENDS) for ``op`` on tensors of ``device`` (and ``dtype``).
+def batch_limit(op: str, backend: str) -> Optional[int]:
+    """The largest batch ``backend`` takes per call of ``op``, or None when it has no limit."""
+    limit = BATCH_LIMITS.get((op, backend))
+    if limit is None or backend != "cuda":
+        return limit
+    ext = _extension.load()
+    reported = getattr(ext, "cuda_limits", None) if ext is not None else None
+    if reported is not None:
+        value = dict(reported()).get(f"{op}_batch", limit)
+        return None if value is None or value < 0 else int(value)
+    return limit
+
+
+def input_problem(op: str, backend: str, batch: Optional[int]) -> Optional[str]:
+    """Why ``backend`` cannot take an input of ``batch`` samples (None when it can, or batch is not given)."""
+    if batch is None:
+        return None
+    limit = batch_limit(op, backend)
+    if limit is not None and batch > limit:
+        return f"the {backend} kernel of {op} takes at most {limit} samples per call, got {batch}"
+    return None
+
+
+def _say_once(op: str, skipped: str, chosen: str, reason: str) -> None:
+    key = (op, skipped, reason.split(", got")[0])
+    if key in _WARNED or torch.compiler.is_compiling():
+        return
+    _WARNED.add(key)
+    warnings.warn(f"fnf_kernels: {op} backend='auto' runs {chosen!r} instead of {skipped!r}: {reason}",
+                  RuntimeWarning, stacklevel=4)
+
+
+def select(op: str, backend: str, device, dtype: Optional[torch.dtype] = None, batch: Optional[int] = None) -> str:
+    """Resolve ``backend`` ("auto" or one of BACKENDS) for ``op`` on tensors of ``device`` (and ``dtype``, and
+    ``batch`` samples).
 
     Returns the implementation to run: one of BACKENDS, or "torch" for lora_linear's plain-torch op.
-    Raises ValueError when an explicit backend cannot run on that device, TypeError when it cannot take
-    ``dtype``.
+    "auto" skips a backend that cannot take the input (``input_problem``), warning once why.
+    Raises ValueError when an explicit backend cannot run on that device or input, TypeError when it cannot
+    take ``dtype``.
     """
     device_type = _device_type(device)
     table = op_availability(op, device_type)
     if backend == "auto":
-        return next(name for name in AUTO_ORDER[(op, device_type)]
-                    if table[name][0] and _dtype_problem(op, name, dtype) is None)
+        skipped = []
+        for name in AUTO_ORDER[(op, device_type)]:
+            if not table[name][0] or _dtype_problem(op, name, dtype) is not None:
+                continue
+            problem = input_problem(op, name, batch)
+            if problem is not None:
+                skipped.append((name, problem))
+                continue
+            for other, why in skipped:
+                _say_once(op, other, name, why)
+            return name
+        raise RuntimeError(f"no backend of {op} can take this input: {skipped}")  # the reference always can
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
     usable, reason = table[backend]
@@ -129,13 +183,14 @@ def select(op: str, backend: str, device, dtype: Optional[torch.dtype] = None) -
     problem = _dtype_problem(op, backend, dtype)
     if problem is not None:
         raise TypeError(problem)
+    problem = input_problem(op, backend, batch)
+    if problem is not None:
+        raise ValueError(f"backend={backend!r} cannot take this input: {problem}; use backend='auto'")
     return "torch" if (op == "lora_linear" and backend == "cpu") else backend
 
 
 def info() -> str:
     """A human-readable table of the backends per op and device, with what "auto" picks (via :func:`select`)."""
-    import platform
-
     lines = [f"fnf_kernels backends (torch {torch.__version__}, python {platform.python_version()})"]
     ext_error = _extension.error()
     lines.append(f"extension fnf_kernels._C: {'loaded' if ext_error is None else 'missing: ' + ext_error}")

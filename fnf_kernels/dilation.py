@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import torch
 
-from . import _extension, _validate, reference as ref
-from . import backends
+from . import _extension, _library, _validate, backends
+from . import references as ref
 
-
-def _fake_dilate(heatmap, threshold, radius, disk, dtype):
-    return heatmap.new_empty(heatmap.shape, dtype=dtype)
-
+if backends.triton_installed():  # the Triton op registers on import; triton reads TRITON_INTERPRET here
+    from .triton_kernels import dilation as _triton
+else:
+    _triton = None
 
 if _extension.load() is not None:
-    torch.library.register_fake("fnf_kernels::threshold_dilate")(_fake_dilate)
+    _library.register_dilate("fnf_kernels::threshold_dilate")
 
 
 def threshold_dilate(heatmap: torch.Tensor, threshold, radius: int, *, shape: str = "square",
@@ -42,19 +42,19 @@ def threshold_dilate(heatmap: torch.Tensor, threshold, radius: int, *, shape: st
         backend: "auto", "cuda", "triton", "cpu" or "reference".
 
     Returns a contiguous tensor of heatmap's shape holding 0/1; pixels beyond the border never count.
-    A window that holds a NaN heatmap pixel gives NaN (1 for bool/uint8 outputs).
+    A window that holds a NaN heatmap pixel gives NaN (1 for bool/uint8 outputs). An empty heatmap (any
+    zero-size dimension) gives an empty mask of its shape, on every backend.
     """
     in_shape = heatmap.shape if isinstance(heatmap, torch.Tensor) else None
     hm, thr, radius = _validate.dilate_args(heatmap, threshold, radius, shape, dtype, backend)
     # A radius beyond H + W covers the whole image either way; clamping keeps distances in 16 bits.
     radius = min(radius, hm.shape[1] + hm.shape[2])
-    chosen = backends.select("threshold_dilate", backend, hm.device, hm.dtype)
+    chosen = backends.select("threshold_dilate", backend, hm.device, hm.dtype, hm.shape[0])
     disk = shape == "disk"
-    if chosen == "reference":
+    if chosen == "reference" or hm.numel() == 0:
         out = ref.threshold_dilate(hm, thr, radius, shape, dtype)
     elif chosen == "triton":
-        from .triton_kernels import dilation as triton_dilation
-        out = triton_dilation.threshold_dilate(hm, thr, radius, disk, dtype)
+        out = _triton.threshold_dilate(hm, thr, radius, disk, dtype)
     else:
         out = torch.ops.fnf_kernels.threshold_dilate(hm, thr, radius, disk, dtype)
     return out.reshape(in_shape)

@@ -20,96 +20,22 @@ block-diagonal and is passed as its G diagonal blocks stacked along the output d
 """
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
-from . import _validate
-from . import backends
+from . import _library, _validate, backends
+from .references import lora_linear_reference
+
+if backends.triton_installed():  # the Triton ops register on import; triton reads TRITON_INTERPRET here
+    from .triton_kernels import lora_linear as _triton
+else:
+    _triton = None
 
 LORA_BACKENDS = ("triton", "cpu", "reference")
-
-
-# --------------------------------------------------------------------------------------------------------
-# Reference (the spec)
-# --------------------------------------------------------------------------------------------------------
-
-def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                          lora_A: torch.Tensor, lora_B: torch.Tensor, scale=1.0, *, groups: int = 1) -> torch.Tensor:
-    """y = x Wᵀ + b + s · (x Aᵀ) Bᵀ with ordinary autograd (validated arguments).
-
-    ``scale``: a float, or a (B,) tensor applied per sample along x's first dimension (no gradient flows
-    to it). With ``groups=G`` output block g uses rank block g only (see the module docstring).
-    """
-    base = F.linear(x, weight, bias)
-    if groups == 1:
-        low = F.linear(F.linear(x, lora_A), lora_B)
-    else:
-        parts = [F.linear(F.linear(x, a), b) for a, b in zip(lora_A.chunk(groups, 0), lora_B.chunk(groups, 0))]
-        low = torch.cat(parts, dim=-1)
-    if isinstance(scale, torch.Tensor):
-        s = scale.detach().to(low.dtype)
-        if s.dim() == 1 and x.dim() >= 2:
-            s = s.reshape((-1,) + (1,) * (x.dim() - 1))
-        return base + s * low
-    return base + float(scale) * low
-
-
-# --------------------------------------------------------------------------------------------------------
-# Shared fake kernels and autograd (the Triton op registers through ``register`` too)
-# --------------------------------------------------------------------------------------------------------
-# forward op:  (x (M, K), weight (N, K), bias (N,)?, lora_A (R, K), lora_B (N, R/G), scale (nB,)? float32,
-#               scale_value, rows_per_sample, groups) -> (out (M, N), xs (M, R))
-#   xs = rowscale * (x Aᵀ): the scaled low-rank activation, the only extra tensor backward needs (for dB).
-# backward op: (grad (M, N), x?, weight?, lora_A?, lora_B?, xs?, scale?, scale_value, rows_per_sample, groups,
-#               need_x, need_weight, need_bias, need_A, need_B) -> (dx, dweight, dbias, dA, dB);
-#   a gradient that is not needed comes back as an empty (0,) tensor.
-
-
-def _fake_forward(x, weight, bias, lora_A, lora_B, scale, scale_value, rows_per_sample, groups):
-    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], lora_A.shape[0]))
-
-
-def _fake_backward(grad, x, weight, lora_A, lora_B, xs, scale, scale_value, rows_per_sample, groups,
-                   need_x, need_weight, need_bias, need_A, need_B):
-    m, n = grad.shape
-    dx = grad.new_empty((m, weight.shape[1])) if need_x else grad.new_empty((0,))
-    dw = grad.new_empty((n, x.shape[1])) if need_weight else grad.new_empty((0,))
-    db = grad.new_empty((n,)) if need_bias else grad.new_empty((0,))
-    da = grad.new_empty((lora_B.shape[1] * groups, x.shape[1])) if need_A else grad.new_empty((0,))
-    dbb = grad.new_empty((n, xs.shape[1] // groups)) if need_B else grad.new_empty((0,))
-    return dx, dw, db, da, dbb
-
-
-def register(forward_qualname: str, backward_qualname: str, backward_op) -> None:
-    """Register fake kernels and autograd for a (forward, backward) lora op pair."""
-    torch.library.register_fake(forward_qualname)(_fake_forward)
-    torch.library.register_fake(backward_qualname)(_fake_backward)
-
-    def setup_context(ctx, inputs, output):
-        x, weight, bias, lora_A, lora_B, scale, scale_value, rows_per_sample, groups = inputs
-        _, xs = output
-        ctx.mark_non_differentiable(xs)
-        nx, nw, nb, na, nB = ctx.needs_input_grad[:5]
-        # Save only what the needed gradients read: dx <- grad, W, A, B; dA <- grad, B, x; dB <- grad, xs;
-        # dW <- grad, x. The output and bias are never saved.
-        ctx.save_for_backward(x if (na or nw) else None, weight if nx else None, lora_A if nx else None,
-                              lora_B if (nx or na) else None, xs if nB else None, scale)
-        ctx.meta = (scale_value, rows_per_sample, groups)
-
-    def backward(ctx, grad, _grad_xs):
-        x, weight, lora_A, lora_B, xs, scale = ctx.saved_tensors
-        scale_value, rows_per_sample, groups = ctx.meta
-        need = tuple(bool(v) for v in ctx.needs_input_grad[:5])
-        if not any(need):
-            return (None,) * 9
-        grads = backward_op(grad.contiguous(), x, weight, lora_A, lora_B, xs, scale, scale_value,
-                            rows_per_sample, groups, *need)
-        return tuple(g if n else None for g, n in zip(grads, need)) + (None,) * 4
-
-    torch.library.register_autograd(forward_qualname, backward, setup_context=setup_context)
+# The fake kernels, autograd and op signatures shared by both custom ops: fnf_kernels._library (register_lora).
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -182,8 +108,8 @@ def lora_linear_torch_backward(grad: torch.Tensor, x: Optional[torch.Tensor], we
     return dx, dw, db, da, dbb
 
 
-register("fnf_kernels::lora_linear_torch", "fnf_kernels::lora_linear_torch_backward",
-         lambda *a: torch.ops.fnf_kernels.lora_linear_torch_backward(*a))
+_library.register_lora("fnf_kernels::lora_linear_torch", "fnf_kernels::lora_linear_torch_backward",
+                       lambda *a: torch.ops.fnf_kernels.lora_linear_torch_backward(*a))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -231,10 +157,7 @@ def _lora_args(x, weight, bias, lora_A, lora_B, scale, groups, backend):
         if bias.dtype != x.dtype:
             raise TypeError(f"bias must have x's dtype {x.dtype}, got {bias.dtype}")
         _validate.same_device("bias", bias, "x", x)
-    if x.numel() == 0 or rank == 0 or out_f == 0:
-        raise ValueError(f"lora_linear needs non-empty inputs; got x {_shape(x)}, weight {_shape(weight)}, "
-                         f"lora_A {_shape(lora_A)}; expected every dimension >= 1")
-    x2 = x.reshape(-1, in_f)
+    x2 = x.reshape(math.prod(x.shape[:-1]), in_f)
     m = x2.shape[0]
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     if isinstance(scale, torch.Tensor):
@@ -244,7 +167,7 @@ def _lora_args(x, weight, bias, lora_A, lora_B, scale, groups, backend):
         if scale.dim() == 0:
             scale_t, rows = scale.reshape(1), m
         elif scale.dim() == 1 and x.dim() >= 2 and scale.shape[0] == x.shape[0]:
-            scale_t, rows = scale, m // x.shape[0]
+            scale_t, rows = scale, (m // x.shape[0] if x.shape[0] else 1)
         else:
             lead = x.shape[0] if x.dim() >= 2 else None
             raise ValueError(f"scale must be a float, a 0-d tensor or a (B,) tensor with B = x.shape[0]"
@@ -279,7 +202,6 @@ def autocast_inputs(x, *others):
 def _lora_linear(x, weight, bias, lora_A, lora_B, scale_t, scale_value, rows_per_sample, groups, chosen):
     """Run a validated lora_linear on 2-D x; returns (M, out)."""
     if chosen == "triton":
-        from .triton_kernels import lora_linear as _tk  # noqa: F401  (registers the op)
         out, _ = torch.ops.fnf_kernels.triton_lora_linear(x, weight, bias, lora_A, lora_B, scale_t, scale_value,
                                                           rows_per_sample, groups)
     else:
@@ -306,12 +228,13 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     Under torch.autocast (CUDA or CPU) every floating input is first cast to the autocast dtype, like F.linear.
 
     Returns y of shape (..., out) in x's dtype. Gradients flow to x, weight, bias, lora_A and lora_B
-    (each only when it requires grad).
+    (each only when it requires grad). Empty inputs (no rows, in, out or rank of size 0) give the
+    correctly-shaped result (rank 0: the base layer) and gradients on every backend.
     """
     x, weight, bias, lora_A, lora_B = autocast_inputs(x, weight, bias, lora_A, lora_B)
     x2, scale_t, scale_value, rows = _lora_args(x, weight, bias, lora_A, lora_B, scale, groups, backend)
     chosen = backends.select("lora_linear", backend, x.device, x.dtype)
-    if chosen == "reference":
+    if chosen == "reference" or min(x2.shape[0], x2.shape[1], weight.shape[0], lora_A.shape[0]) == 0:
         return lora_linear_reference(x, weight, bias, lora_A, lora_B, scale, groups=groups)
     out = _lora_linear(x2, weight, bias, lora_A, lora_B, scale_t, scale_value, rows, groups, chosen)
     return out.reshape(*x.shape[:-1], weight.shape[0])

@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import backends, lora as _lora
+from . import _validate, backends, lora as _lora
 
 # Processors that compute exactly AttnProcessor2_0's math, so replacing them keeps the model's function.
 _REPLACEABLE = ("AttnProcessor2_0", "AttnProcessor", "XFormersAttnProcessor", "FusedLoRAAttnProcessor",
@@ -147,7 +147,6 @@ class FusedLoRAAttnProcessor:
 
     def __init__(self, *, backend: str = "auto", attention: str = "sdpa", state: Optional[LoRAScaleState] = None,
                  original=None) -> None:
-        from . import _validate
         _validate.choice("backend", backend, _validate.BACKEND_NAMES)
         _validate.choice("attention", attention, _ATTENTIONS)
         if attention == "xformers":

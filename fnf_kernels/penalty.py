@@ -3,7 +3,7 @@
 One fused pass computes the per-sample norms, one fused pass computes the gradient. The compiled ops
 ``fnf_kernels::penalty_norms`` / ``penalty_backward`` (C++ CPU and CUDA) and the Triton ops
 ``fnf_kernels::triton_penalty_norms`` / ``triton_penalty_backward`` share the fake and autograd
-registrations below, so all of them work under torch.compile.
+registrations of :mod:`fnf_kernels._library`, so all of them work under torch.compile.
 """
 from __future__ import annotations
 
@@ -11,50 +11,24 @@ import math
 
 import torch
 
-from . import _extension, _validate, reference as ref
-from . import backends
+from . import _extension, _library, _validate, backends
+from . import references as ref
 
+if backends.triton_installed():  # the Triton ops register on import; triton reads TRITON_INTERPRET here
+    from .triton_kernels import penalty as _triton
+else:
+    _triton = None
 
-def _fake_norms(image, reference, mask, squared):
-    return image.new_empty((image.shape[0],), dtype=ref.accumulate_dtype(image.dtype))
-
-
-def _fake_backward(grad, image, reference, mask, norms, squared):
-    return torch.empty_like(image)
-
-
-def register(norms_qualname: str, backward_qualname: str, backward_op) -> None:
-    """Register fake kernels and autograd for a (norms, backward) op pair."""
-    torch.library.register_fake(norms_qualname)(_fake_norms)
-    torch.library.register_fake(backward_qualname)(_fake_backward)
-
-    def setup_context(ctx, inputs, output):
-        image, reference, mask, squared = inputs
-        ctx.save_for_backward(image, reference, mask, output)
-        ctx.squared = squared
-
-    def backward(ctx, grad):
-        image, reference, mask, norms = ctx.saved_tensors
-        need_image, need_reference = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_image = backward_op(grad.contiguous(), image, reference, mask, norms, ctx.squared)
-        grad_reference = grad_image.neg() if need_reference else None
-        return (grad_image if need_image else None), grad_reference, None, None
-
-    torch.library.register_autograd(norms_qualname, backward, setup_context=setup_context)
-
-
-_ext = _extension.load()
-if _ext is not None:
-    register("fnf_kernels::penalty_norms", "fnf_kernels::penalty_backward",
-             lambda *a: torch.ops.fnf_kernels.penalty_backward(*a))
+if _extension.load() is not None:
+    _library.register_penalty("fnf_kernels::penalty_norms", "fnf_kernels::penalty_backward",
+                              lambda *a: torch.ops.fnf_kernels.penalty_backward(*a))
 
 
 def _norms(backend: str, image, reference, mask, squared):
     if backend == "reference":
         return ref.penalty_norms(image, reference, mask, squared)
     if backend == "triton":
-        from .triton_kernels import penalty as triton_penalty
-        return triton_penalty.penalty_norms(image, reference, mask, squared)
+        return _triton.penalty_norms(image, reference, mask, squared)
     return torch.ops.fnf_kernels.penalty_norms(image, reference, mask, squared)
 
 
@@ -74,9 +48,13 @@ def masked_frobenius_penalty(image: torch.Tensor, reference: torch.Tensor, mask:
 
     Returns float32 (float64 for float64 inputs). Gradients flow to ``image`` and to ``reference`` when it
     requires grad; where n_b == 0 they are exactly 0. NaN in any input propagates to the result.
+    Empty inputs, on every backend: a zero-size C, H or W gives n_b = 0 (zero gradients); an empty batch gives
+    shape (0,) for "none", 0 for "sum" and NaN for "mean" (torch's rules).
     """
     image, reference, mask = _validate.penalty_args(image, reference, mask, squared, reduction, backend)
-    chosen = backends.select("masked_frobenius_penalty", backend, image.device, image.dtype)
+    chosen = backends.select("masked_frobenius_penalty", backend, image.device, image.dtype, image.shape[0])
+    if image.numel() == 0:
+        chosen = "reference"
     return ref.reduce(_norms(chosen, image, reference, mask.detach(), squared), reduction)
 
 

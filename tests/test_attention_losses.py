@@ -181,8 +181,8 @@ def test_bad_inputs():
         fnf_kernels.enhance_loss(good[:, :, :1])
     with pytest.raises(ValueError, match="H, W >= 2"):
         fnf_kernels.enhance_loss(good[..., :1])
-    with pytest.raises(ValueError, match="empty batch"):
-        fnf_kernels.separate_loss(good[:0])
+    with pytest.raises(ValueError, match="no heads"):
+        fnf_kernels.separate_loss(good[:, :0])
     with pytest.raises(ValueError, match="eps"):
         fnf_kernels.separate_loss(good, eps=-1.0)
     with pytest.raises(ValueError, match="eps"):

@@ -256,7 +256,6 @@ BAD = [
     (dict(scale=True), TypeError, "scale must be a float or a"),
     (dict(scale=torch.ones(3)), ValueError, r"scale must be a float, a 0-d tensor or a \(B,\) tensor with B = "),
     (dict(scale=torch.ones(2, dtype=torch.int32)), TypeError, "scale must be a float or a floating"),
-    (dict(x=torch.randn(0, 3, 6)), ValueError, "needs non-empty inputs"),
     (dict(groups=0), ValueError, "groups must be an int >= 1"),
     (dict(groups=2, weight=torch.randn(6, 6), bias=None, lora_B=torch.randn(6, 2)), ValueError,
      r"lora_B must be 2-D \(out_features, rank / groups\) = \(6, 1\)"),

@@ -25,6 +25,19 @@ def accumulate_tl(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+# CUDA launch limits: grid x up to 2**31 - 1 programs, y and z up to 65535.
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
+
+
+def check_grid(grid: tuple) -> tuple:
+    """Return ``grid`` after checking it against the CUDA launch limits (a clear error instead of a failed
+    launch; the interpreter checks nothing)."""
+    for axis, (n, limit) in enumerate(zip(grid, GRID_LIMITS)):
+        if n > limit:
+            raise ValueError(f"Triton launch grid {tuple(grid)}: axis {axis} has {n} programs, the limit is {limit}")
+    return grid
+
+
 def device_guard(t: torch.Tensor):
     """Make t's GPU the current one for the launch (Triton launches on the current device)."""
     if t.device.type == "cuda":

@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import attention_losses as _al
-from ._common import accumulate_tl, device_guard, interpreter
+from .. import references as _ref
+from ._common import accumulate_tl, check_grid, device_guard, interpreter
 
 
 @triton.jit
@@ -147,8 +147,8 @@ def _block(hw: int) -> int:
 
 
 def _params(maps: torch.Tensor, eps: float) -> torch.Tensor:
-    side, centre = _al.gaussian_1d()
-    return torch.tensor([side, centre, eps], dtype=_al.accumulate_dtype(maps.dtype), device=maps.device)
+    side, centre = _ref.gaussian_1d()
+    return torch.tensor([side, centre, eps], dtype=_ref.accumulate_dtype(maps.dtype), device=maps.device)
 
 
 @torch.library.custom_op("fnf_kernels::triton_attention_maxima", mutates_args=())
@@ -158,7 +158,7 @@ def triton_attention_maxima(maps: torch.Tensor, eps: float) -> tuple[torch.Tenso
     (B, heads, k), their pixels (int64)); maps contiguous (B, heads, k, H, W), k >= 2, H, W >= 2."""
     maps = maps.contiguous()
     b, h, k, hh, ww = maps.shape
-    acc = _al.accumulate_dtype(maps.dtype)
+    acc = _ref.accumulate_dtype(maps.dtype)
     sep = torch.empty((b, h), dtype=acc, device=maps.device)
     sep_idx = torch.empty((b, h), dtype=torch.int64, device=maps.device)
     en = torch.empty((b, h, k), dtype=acc, device=maps.device)
@@ -166,7 +166,7 @@ def triton_attention_maxima(maps: torch.Tensor, eps: float) -> tuple[torch.Tenso
     if b * h == 0:
         return sep, sep_idx, en, en_idx
     with device_guard(maps):
-        _forward_kernel[(b * h,)](maps, _params(maps, eps), sep, sep_idx, en, en_idx, hh, ww, K=k,
+        _forward_kernel[check_grid((b * h,))](maps, _params(maps, eps), sep, sep_idx, en, en_idx, hh, ww, K=k,
                                   KP=triton.next_power_of_2(k), BLOCK=_block(hh * ww),
                                   ACC=accumulate_tl(maps.dtype))
     return sep, sep_idx, en, en_idx
@@ -175,7 +175,7 @@ def triton_attention_maxima(maps: torch.Tensor, eps: float) -> tuple[torch.Tenso
 @triton_attention_maxima.register_fake
 def _(maps, eps):
     b, h, k = maps.shape[:3]
-    acc = _al.accumulate_dtype(maps.dtype)
+    acc = _ref.accumulate_dtype(maps.dtype)
     return (maps.new_empty((b, h), dtype=acc), maps.new_empty((b, h), dtype=torch.int64),
             maps.new_empty((b, h, k), dtype=acc), maps.new_empty((b, h, k), dtype=torch.int64))
 
@@ -189,11 +189,12 @@ def triton_attention_maxima_backward(maps: torch.Tensor, grad_sep: torch.Tensor,
     out = torch.empty_like(maps)
     if b * h == 0:
         return out
-    acc = _al.accumulate_dtype(maps.dtype)
+    acc = _ref.accumulate_dtype(maps.dtype)
     with device_guard(maps):
-        _backward_kernel[(b * h,)](maps, _params(maps, eps), grad_sep.to(acc).contiguous(), sep_idx.contiguous(),
-                                   grad_en.to(acc).contiguous(), en_idx.contiguous(), out, hh, ww,
-                                   K=k, BLOCK=_block(hh * ww), ACC=accumulate_tl(maps.dtype))
+        _backward_kernel[check_grid((b * h,))](maps, _params(maps, eps), grad_sep.to(acc).contiguous(),
+                                               sep_idx.contiguous(), grad_en.to(acc).contiguous(),
+                                               en_idx.contiguous(), out, hh, ww,
+                                               K=k, BLOCK=_block(hh * ww), ACC=accumulate_tl(maps.dtype))
     return out
 
 
@@ -212,9 +213,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_sep, _g1, grad_en, _g2):
     maps, sep_idx, en_idx = ctx.saved_tensors
     if grad_sep is None:
-        grad_sep = sep_idx.new_zeros(sep_idx.shape, dtype=_al.accumulate_dtype(maps.dtype))
+        grad_sep = sep_idx.new_zeros(sep_idx.shape, dtype=_ref.accumulate_dtype(maps.dtype))
     if grad_en is None:
-        grad_en = en_idx.new_zeros(en_idx.shape, dtype=_al.accumulate_dtype(maps.dtype))
+        grad_en = en_idx.new_zeros(en_idx.shape, dtype=_ref.accumulate_dtype(maps.dtype))
     grad = torch.ops.fnf_kernels.triton_attention_maxima_backward(maps, grad_sep, sep_idx, grad_en, en_idx,
                                                                    ctx.eps)
     return grad, None

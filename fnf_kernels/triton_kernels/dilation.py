@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import accumulate_tl, device_guard, interpreter
+from .. import _library
+from ._common import accumulate_tl, check_grid, device_guard, interpreter
 from .index_width import dilation_wide
 
 # Test hooks: {"col": (BLOCK_H, BLOCK_W), "row": (ROWS, BLOCK)} forces the tile shapes; {"wide": True} forces
@@ -239,19 +240,17 @@ def triton_threshold_dilate(heatmap: torch.Tensor, threshold: torch.Tensor, radi
     wide = _OVERRIDE.get("wide", False) or dilation_wide(height, width, shy, shx, block_h, block_w)
     rows, block, tiled, row_warps = _row_config(batch * height, width)
     with device_guard(heatmap):
-        _column_kernel[(batch, triton.cdiv(width, block_w))](
+        _column_kernel[check_grid((batch, triton.cdiv(width, block_w)))](
             heatmap, threshold, scratch, height, width, shb, shy, shx, radius + 1,
             ACC=accumulate_tl(heatmap.dtype), BLOCK_H=block_h, BLOCK_W=block_w, WIDE=wide, num_warps=warps)
-        _row_kernel[(triton.cdiv(batch * height, rows),)](
+        _row_kernel[check_grid((triton.cdiv(batch * height, rows),))](
             scratch, out_view, batch * height, width, radius,
             DISK=disk, FLOAT_OUT=dtype.is_floating_point, ROWS=rows, BLOCK=block, TILED=tiled,
             num_warps=row_warps)
     return out
 
 
-@triton_threshold_dilate.register_fake
-def _(heatmap, threshold, radius, disk, dtype):
-    return heatmap.new_empty(heatmap.shape, dtype=dtype)
+_library.register_dilate("fnf_kernels::triton_threshold_dilate")
 
 
 def threshold_dilate(heatmap: torch.Tensor, threshold: torch.Tensor, radius: int, disk: bool,

@@ -59,8 +59,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import lora as _lora
-from ._common import device_guard, interpreter
+from .. import _library
+from ._common import check_grid, device_guard, interpreter
 
 # Forward variant: "auto" (in-kernel x Aᵀ when the total rank <= FUSED_DOWN_MAX_RANK), "fused" or "separate".
 FORWARD_DOWN = "auto"
@@ -263,7 +263,7 @@ def _down(a, v, v_strides, scale, scale_value, rows_per_sample, kg, rg, groups, 
     else:
         block_m, block_k, warps = (64 if m <= 4096 else 128), 64, 4
     grid = (triton.cdiv(m, block_m), groups * triton.cdiv(rg, block_r))
-    _down_kernel[grid](a, v, scale if scale is not None else out, out,
+    _down_kernel[check_grid(grid)](a, v, scale if scale is not None else out, out,
                        m, kg, rg, rows_per_sample, scale_value,
                        a.stride(0), a.stride(1), v_strides[0], v_strides[1], out.stride(0), out.stride(1),
                        HAS_SCALE=scale is not None, BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k,
@@ -292,8 +292,8 @@ def _fused(a, w_strides, w, bias, l, u, u_strides, out, og, rg, fuse_down=None, 
     if interpreter() or _OVERRIDE.get("BLOCK_M"):
         bm, bn, bk = _OVERRIDE.get("BLOCK_M", 16), _OVERRIDE.get("BLOCK_N", 32), _OVERRIDE.get("BLOCK_K", 16)
         grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-        _fused_kernel[grid](*common, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=_OVERRIDE.get("GROUP_M", 2),
-                            num_warps=4)
+        _fused_kernel[check_grid(grid)](*common, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                                        GROUP_M=_OVERRIDE.get("GROUP_M", 2), num_warps=4)
     else:
         def grid(meta):
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
@@ -314,7 +314,7 @@ def _wgrad(left, right, pg, q, qoff, groups, out_dtype):
     split = triton.cdiv(m, rows_per_split)
     part = torch.empty((split, groups * pg, q), device=left.device, dtype=torch.float32)
     grid = (groups * triton.cdiv(pg, bp), triton.cdiv(q, bq), split)
-    _wgrad_kernel[grid](left, right, part, m, pg, q, qoff, rows_per_split,
+    _wgrad_kernel[check_grid(grid)](left, right, part, m, pg, q, qoff, rows_per_split,
                         left.stride(0), left.stride(1), right.stride(0), right.stride(1),
                         part.stride(0), part.stride(1), part.stride(2),
                         BLOCK_P=bp, BLOCK_Q=bq, BLOCK_M=bm, PRECISION=_precision(left.dtype), num_warps=warps)
@@ -402,5 +402,5 @@ def triton_lora_linear_backward(grad: torch.Tensor, x: Optional[torch.Tensor], w
     return dx, dw, db, da, dbb
 
 
-_lora.register("fnf_kernels::triton_lora_linear", "fnf_kernels::triton_lora_linear_backward",
-               lambda *a: torch.ops.fnf_kernels.triton_lora_linear_backward(*a))
+_library.register_lora("fnf_kernels::triton_lora_linear", "fnf_kernels::triton_lora_linear_backward",
+                       lambda *a: torch.ops.fnf_kernels.triton_lora_linear_backward(*a))

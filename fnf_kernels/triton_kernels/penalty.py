@@ -10,6 +10,9 @@ Performance model (per element of the (B, C, H, W) image; e = bytes per element 
   3e + k*e bytes. grad_reference = -grad_image is left to autograd (one more e-read, e-write pass, only
   when reference requires grad).
 
+Grid: one axis of batch x chunks programs (program p is chunk p % n_chunks of sample p // n_chunks), so any
+batch size launches (the y and z grid axes stop at 65535).
+
 Both walk the (C, H, W) elements of a sample in the order of the image's strides (contiguous and
 channels_last read memory in order), with dims merged where every tensor is contiguous across them,
 so the common layouts need one or no integer division per element.
@@ -20,9 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import penalty as _penalty
-from .. import reference as _ref
-from ._common import accumulate_tl, device_guard, interpreter, plan_dims
+from .. import _library
+from .. import references as _ref
+from ._common import accumulate_tl, check_grid, device_guard, interpreter, plan_dims
 from .index_width import penalty_wide
 
 # Test hooks: {"block": int, "iters": int} forces the launch shape (e.g. several chunks per sample);
@@ -72,8 +75,10 @@ def _norms_kernel(x_ptr, r_ptr, m_ptr, part_ptr, N, n_chunks, D1, D2,
                   sxb, sx0, sx1, sx2, srb, sr0, sr1, sr2, smb, sm0, sm1, sm2,
                   NDIM: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
                   WIDE: tl.constexpr):
-    chunk = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0)
+    b32 = pid // n_chunks
+    chunk = pid - b32 * n_chunks
+    b = b32.to(tl.int64)
     x_ptr += b * sxb
     r_ptr += b * srb
     m_ptr += b * smb
@@ -96,12 +101,14 @@ def _norms_kernel(x_ptr, r_ptr, m_ptr, part_ptr, N, n_chunks, D1, D2,
 
 
 @triton.jit
-def _backward_kernel(coef_ptr, x_ptr, r_ptr, m_ptr, o_ptr, N, D1, D2,
+def _backward_kernel(coef_ptr, x_ptr, r_ptr, m_ptr, o_ptr, N, n_chunks, D1, D2,
                      sxb, sx0, sx1, sx2, srb, sr0, sr1, sr2, smb, sm0, sm1, sm2, sob, so0, so1, so2,
                      NDIM: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
                      WIDE: tl.constexpr):
-    chunk = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0)
+    b32 = pid // n_chunks
+    chunk = pid - b32 * n_chunks
+    b = b32.to(tl.int64)
     coef = tl.load(coef_ptr + b)
     x_ptr += b * sxb
     r_ptr += b * srb
@@ -171,7 +178,7 @@ def triton_penalty_norms(image: torch.Tensor, reference: torch.Tensor, mask: tor
     n_chunks = triton.cdiv(numel, block * iters)
     partials = torch.empty((batch, n_chunks), dtype=acc_dtype, device=image.device)
     with device_guard(image):
-        _norms_kernel[(n_chunks, batch)](
+        _norms_kernel[check_grid((batch * n_chunks,))](
             image, reference, mask, partials, numel, n_chunks, d1, d2,
             image.stride(0), *sx, reference.stride(0), *sr, mask.stride(0), *sm,
             NDIM=ndim, ACC=accumulate_tl(image.dtype), BLOCK=block, ITERS=iters, WIDE=wide, num_warps=warps)
@@ -202,15 +209,15 @@ def triton_penalty_backward(grad: torch.Tensor, image: torch.Tensor, reference: 
     ndim, (_, d1, d2), (sx, sr, sm, so), wide = _walk(image, [image, reference, mask, out], block * iters)
     n_chunks = triton.cdiv(numel, block * iters)
     with device_guard(image):
-        _backward_kernel[(n_chunks, batch)](
-            coef, image, reference, mask, out, numel, d1, d2,
+        _backward_kernel[check_grid((batch * n_chunks,))](
+            coef, image, reference, mask, out, numel, n_chunks, d1, d2,
             image.stride(0), *sx, reference.stride(0), *sr, mask.stride(0), *sm, out.stride(0), *so,
             NDIM=ndim, ACC=accumulate_tl(image.dtype), BLOCK=block, ITERS=iters, WIDE=wide, num_warps=warps)
     return out
 
 
-_penalty.register("fnf_kernels::triton_penalty_norms", "fnf_kernels::triton_penalty_backward",
-                  lambda *args: torch.ops.fnf_kernels.triton_penalty_backward(*args))
+_library.register_penalty("fnf_kernels::triton_penalty_norms", "fnf_kernels::triton_penalty_backward",
+                          lambda *args: torch.ops.fnf_kernels.triton_penalty_backward(*args))
 
 
 def penalty_norms(image: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor, squared: bool) -> torch.Tensor:
