@@ -21,77 +21,22 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import config as C
 from . import metrics as M
-from . import preflight
-from .cli import _prepare
-from .core import LORA_WEIGHTS
-from .encoding import encode_negative, encode_prompts
 from .images import grid, save_png
-from .localize import check_localizer_spec, localizer_from_config
+from .inference import load_for_inference, sample_seeded
+from .localize import localizer_from_config
 from .lora import adapters_disabled, load_lora
-from .rewards import build_reward, check_reward_spec, prepare_reward
+from .rewards import build_reward, prepare_reward
 from .rewards import evaluate as reward_values
-from .run_dir import move_aside
-from .sampling import initial_latents, sample_images
+from .train.run_dir import move_aside
 
 OUTPUTS = ("metrics.json", "report.md", "grids")   # what an evaluation writes into --out
-CLIP_METRIC = "clipscore"
 GRID_ROWS = 8                                       # images per grid file
-EPILOG = """\
-examples:
-  fnf eval --model /models/sd-v1-5 --lora runs/fix/lora runs/draft/lora --prompts prompts.txt --seeds 4 \\
-           --reward sd-safety --reward-kwargs '{"model": "/models/sd-v1-5/safety_checker"}' \\
-           --set reward.weight=-1 --localizer gradcam --clip /models/clip-vit-large-patch14 --out runs/eval
-  fnf eval --config configs/sd15_artifacts.yaml --lora runs/fix/lora --prompts heldout.txt --seeds 2
-
-A --metric is any reward spec, optionally with kwargs as JSON after '=':
-  --metric 'pickscore={"model": "/models/PickScore_v1", "processor": "/models/CLIP-ViT-H-14"}'
-With --set reward.weight < 0 a lower reward is better (win rate and Grad-CAM's 'problem' follow the sign).
-"""
-
-
-# ------------------------------------------------------------------------------------------ arguments
-def add_arguments(parser) -> None:
-    parser.description = __doc__.split("\n\n")[0].strip() + " " + " ".join(__doc__.split("\n\n")[1].split())
-    parser.epilog = EPILOG
-    p = parser
-    p.add_argument("--model", metavar="DIR", help="local diffusers folder (model.path)")
-    p.add_argument("--lora", nargs="+", default=[], metavar="DIR",
-                   help="LoRA folders written by `fnf train` (<out>/lora), each compared with the base model")
-    p.add_argument("--prompts", metavar="FILE", help="prompts, one per line (default: the config's train prompts)")
-    p.add_argument("--seeds", type=int, default=1, metavar="N", help="noise seeds per prompt (default 1)")
-    p.add_argument("--first-seed", type=int, default=0, metavar="S", help="seeds are S .. S+N-1 (default 0)")
-    p.add_argument("--reward", metavar="SPEC", help="reward spec (reward.spec): the main score")
-    p.add_argument("--reward-kwargs", metavar="JSON", help="reward keyword arguments as a JSON object (reward.kwargs)")
-    p.add_argument("--localizer", metavar="SPEC",
-                   help="localizer of the base image's mask (localize.spec; default: the config's, or none)")
-    p.add_argument("--metric", action="append", default=[], metavar="SPEC[=JSON]",
-                   help="another score, any reward spec (repeatable)")
-    p.add_argument("--clip", metavar="DIR", help=f"a local CLIP folder: adds the '{CLIP_METRIC}' metric (100 cos)")
-    p.add_argument("--out", default="runs/eval", metavar="DIR", help="output folder (default runs/eval)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="an --out holding an earlier evaluation is moved to <out>/previous-<time>/ (else refused)")
-    p.add_argument("--steps", type=int, metavar="T", help="DDIM steps (sampling.steps)")
-    p.add_argument("--guidance", type=float, metavar="G", help="classifier-free guidance (sampling.guidance_scale)")
-    p.add_argument("--height", type=int, metavar="H", help="image height (sampling.height; default the model's)")
-    p.add_argument("--width", type=int, metavar="W", help="image width (sampling.width)")
-    p.add_argument("--batch-size", type=int, default=4, metavar="B", help="images per sampling batch (default 4)")
-    p.add_argument("--bootstrap", type=int, default=M.BOOTSTRAP_RESAMPLES, metavar="B",
-                   help=f"bootstrap resamples (default {M.BOOTSTRAP_RESAMPLES})")
-    p.add_argument("--bootstrap-seed", type=int, default=M.BOOTSTRAP_SEED, metavar="S",
-                   help=f"seed of the bootstrap draws (default {M.BOOTSTRAP_SEED})")
-    p.add_argument("--grid-images", type=int, default=16, metavar="N",
-                   help="how many prompt/seed images the grids show (default 16; 0: no grids)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--config", metavar="X.yaml", help="YAML config (sections model, sampling, reward, localize)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set localize.threshold=0.3 (repeatable)")
 
 
 @dataclass
 class Plan:
-    """Everything `fnf eval` will do, checked before any model loads."""
+    """Everything `fnf eval` will do, checked before any model loads (fnf.commands.eval.plan)."""
     cfg: object
     loras: dict                       # name -> LoRA folder
     prompts: list
@@ -105,73 +50,6 @@ class Plan:
     grid_images: int
     progress: bool
     lpips_note: str = ""
-
-
-def _json_object(text: str, what: str) -> dict:
-    try:
-        value = json.loads(text)
-    except ValueError as e:
-        raise ValueError(f"{what}: expected a JSON object, got {text!r} ({e})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{what}: expected a JSON object, got {text!r}")
-    return value
-
-
-def parse_metric(text: str) -> tuple[str, dict]:
-    """'SPEC' or 'SPEC={json kwargs}' -> (spec, kwargs)."""
-    spec, sep, rest = text.partition("={")
-    kwargs = _json_object("{" + rest, f"--metric {text!r}: the kwargs after '='") if sep else {}
-    if not spec:
-        raise ValueError(f"--metric {text!r}: expected a reward spec, optionally followed by ={{json kwargs}}")
-    return spec, kwargs
-
-
-def lora_names(folders: list[str]) -> dict:
-    """Short unique names: runs/fix/lora -> 'fix', runs/x/my_lora -> 'my_lora'."""
-    names = {}
-    for folder in folders:
-        parts = os.path.normpath(os.path.abspath(folder)).split(os.sep)
-        name = parts[-2] if parts[-1] == "lora" and len(parts) > 1 else parts[-1]
-        unique, k = name, 2
-        while unique in names or unique == "base":
-            unique, k = f"{name}-{k}", k + 1
-        names[unique] = folder
-    return names
-
-
-def _config(args):
-    cfg = C.load(args.config, args.overrides)
-    set_keys = {o.split("=", 1)[0].strip() for o in args.overrides}
-    flags = {"model.path": args.model, "reward.spec": args.reward, "sampling.guidance_scale": args.guidance,
-             "sampling.height": args.height, "sampling.width": args.width}
-    if args.reward_kwargs is not None:
-        flags["reward.kwargs"] = _json_object(args.reward_kwargs, "--reward-kwargs")
-    if args.steps is not None:
-        flags["sampling.steps"] = args.steps
-        if args.steps >= 1:  # eval takes no gradient steps: keep truncation_k valid for any --steps
-            cfg.sampling.truncation_k = min(cfg.sampling.truncation_k, args.steps)
-    if args.localizer is not None:
-        flags["localize.spec"] = args.localizer
-    elif not args.config and "localize.spec" not in set_keys:
-        flags["localize.spec"] = "none"
-    for key, value in flags.items():
-        if value is not None:
-            C._set(cfg, key, value)
-    if not cfg.model.path:
-        raise ValueError("--model: expected a local diffusers model folder (or model.path in --config)")
-    if not (args.reward or args.config or "reward.spec" in set_keys):
-        raise ValueError("--reward: expected a reward spec (a registered name, module:callable or file.py:callable)")
-    return C.validate(cfg)
-
-
-def _read_prompts(path: str) -> list[str]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--prompts {path!r}: expected a file of prompts (one per line), which does not exist")
-    with open(path, encoding="utf-8") as f:
-        prompts = [line.strip() for line in f if line.strip()]
-    if not prompts:
-        raise ValueError(f"--prompts {path!r}: expected at least one non-empty line")
-    return prompts
 
 
 def lpips_status() -> str:
@@ -195,55 +73,11 @@ def check_out(out: str, overwrite: bool) -> None:
                               f"move it to {out}/previous-<time>/, or choose another --out")
 
 
-def plan(args) -> Plan:
-    """Check every input without loading a model (raises ValueError/OSError naming the argument)."""
-
-    for name, value, low in (("--seeds", args.seeds, 1), ("--batch-size", args.batch_size, 1),
-                             ("--bootstrap", args.bootstrap, 1), ("--grid-images", args.grid_images, 0),
-                             ("--first-seed", args.first_seed, 0)):
-        if value < low:
-            raise ValueError(f"{name}: expected an integer >= {low}, got {value}")
-    cfg = _config(args)
-    prompts = _read_prompts(args.prompts) if args.prompts else preflight.check_prompts(cfg)
-    for folder in args.lora:
-        if not os.path.isfile(os.path.join(folder, LORA_WEIGHTS)):
-            raise FileNotFoundError(f"--lora {folder!r}: expected a LoRA folder written by `fnf train` "
-                                    f"(<out>/lora with {LORA_WEIGHTS})")
-    metric_specs = []
-    for text in args.metric:
-        spec, kwargs = parse_metric(text)
-        metric_specs.append((text.partition("={")[0], spec, kwargs))
-    if args.clip:
-        if not os.path.isdir(args.clip):
-            raise FileNotFoundError(f"--clip {args.clip!r}: expected a local CLIP model folder, which does not exist")
-        metric_specs.append((CLIP_METRIC, CLIP_METRIC, {"model": args.clip}))  # fnf.reward_models.clip
-    names = [n for n, _, _ in metric_specs]
-    if len(set(names)) != len(names):
-        raise ValueError(f"--metric: each metric once, got {names}")
-    check_reward_spec(cfg.reward.spec, cfg.reward.kwargs)
-    for name, spec, kwargs in metric_specs:
-        check_reward_spec(spec, kwargs)
-    check_localizer_spec(cfg.localize.spec, cfg.localize.kwargs)
-    check_out(args.out, args.overwrite)
-    preflight.check_device(cfg)
-    preflight.check_model_folder(cfg.model.path, cfg.model.kind)
-    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-    return Plan(cfg, lora_names(args.lora), prompts, seeds, metric_specs, args.out, args.overwrite,
-                args.batch_size if cfg.sampling.eta == 0 else 1, args.bootstrap, args.bootstrap_seed,
-                args.grid_images, not args.no_progress, lpips_status())
-
-
 # ------------------------------------------------------------------------------------------ sampling
 def sample_batch(model, cfg, prompts: list[str], seeds: list[int], h: int, w: int, device) -> torch.Tensor:
-    """Images of ``prompts[i]`` from the noise of ``seeds[i]`` (the x_T `fnf sample` draws for that seed)."""
-
-    cond = encode_prompts(model, prompts, height=h, width=w)
-    uncond = encode_negative(model, cfg.sampling.negative_prompt, len(prompts), height=h, width=w)
-    x_T = torch.cat([initial_latents(model, 1, h, w, torch.Generator().manual_seed(s), device) for s in seeds])
-    # eta > 0 runs batches of one (plan), so the DDIM noise of an image depends only on its seed.
-    return sample_images(model, x_T, cond, uncond, steps=cfg.sampling.steps,
-                         guidance_scale=cfg.sampling.guidance_scale, eta=cfg.sampling.eta, seed=seeds[0],
-                         height=h, width=w).float()
+    """Images of ``prompts[i]`` from the noise of ``seeds[i]`` (the x_T `fnf sample` draws for that seed), float32.
+    eta > 0 runs batches of one (the command's plan), so the DDIM noise of an image depends only on its seed."""
+    return sample_seeded(model, cfg, prompts, seeds, h, w, device).float()
 
 
 def _lpips_model(device):
@@ -403,16 +237,8 @@ def write_grids(out: str, columns: list[torch.Tensor], mask: torch.Tensor) -> li
     return paths
 
 
-# ------------------------------------------------------------------------------------------ the command
+# ------------------------------------------------------------------------------------------ the run
 SAME_IMAGES_ATOL = 1e-4   # adapters-off vs base: the same computation, float32 rounding of other GEMM orders
-
-
-def run(args) -> int:
-    p = plan(args)
-    result = evaluate(p)
-    print(f"fnf eval: {result['settings']['n_images']} images x {len(result['models'])} models; report in "
-          f"{os.path.join(p.out, 'report.md')}")
-    return 0
 
 
 def evaluate(p: Plan) -> dict:
@@ -420,7 +246,7 @@ def evaluate(p: Plan) -> dict:
 
     t0 = time.time()
     cfg = p.cfg
-    model, device, h, w = _prepare(cfg)
+    model, device, h, w = load_for_inference(cfg)
     reward = prepare_reward(build_reward(cfg.reward.spec, **cfg.reward.kwargs), device)
     metric_fns = {name: prepare_reward(build_reward(spec, **kw), device) for name, spec, kw in p.metric_specs}
     localizer = localizer_from_config(cfg, reward)

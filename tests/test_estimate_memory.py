@@ -249,7 +249,7 @@ def test_quantize_moves_the_step_peak_by_the_linear_weights_saving(sd, sd_fake, 
     the step's peak minus (the denoiser's Linear weights as traced - as stored quantized) plus its largest Linear
     weight in the compute dtype, counted here from the UNet's own modules; the command prints it (and the ladder
     uses it)."""
-    from fnf.memory.cli import report
+    from fnf.commands.estimate_memory import report
 
     cfg = memory_config(sd, str(tmp_path / "run"))
     cfg.model.quantize = method

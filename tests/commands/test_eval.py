@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fnf_tiny_models import IMAGE_SIZE, cached_model, one_torch_thread, randomize_lora_B  # noqa: E402,F401
 
 from fnf import metrics as M  # noqa: E402
@@ -250,7 +250,7 @@ def test_bad_input_is_one_line_and_exit_2_before_any_model_loads(setup, tmp_path
 
 
 def test_metric_specs_and_lora_names():
-    from fnf.evaluate import lora_names, parse_metric
+    from fnf.commands.eval import lora_names, parse_metric
 
     assert parse_metric("redness") == ("redness", {})
     assert parse_metric('region={"statistic": "redness"}') == ("region", {"statistic": "redness"})

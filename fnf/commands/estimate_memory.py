@@ -5,8 +5,8 @@ import json
 import os
 
 from .. import config
-from .archs import ARCHS
-from .estimate import MARGIN_BYTES, MARGIN_FRACTION, NOT_INCLUDED, estimate, ladder, plan_bytes
+from ..memory.archs import ARCHS
+from ..memory.estimate import MARGIN_BYTES, MARGIN_FRACTION, NOT_INCLUDED, estimate, ladder, plan_bytes
 
 EPILOG = """\
 The estimate is of torch.cuda.max_memory_allocated over a run (weights, LoRA, AdamW state and the step's peak).
