@@ -44,6 +44,8 @@ import time
 
 import torch
 
+from fnf.memory.archs import ClipL14Reward
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 TOY_TOKENIZER = os.path.join(ROOT, "fnf", "assets", "toy", "sd", "tokenizer")
@@ -131,34 +133,11 @@ def variant_settings(name: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ reward model
-class ClipReward(torch.nn.Module):
-    """A CLIP vision tower (random weights) with an MLP head: images in [0, 1] -> one score each."""
-
-    MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-
-    def __init__(self, arch: str = "sd15"):
-        super().__init__()
-        from transformers import CLIPVisionConfig, CLIPVisionModel
-
-        cfg = CLIPVisionConfig(**ARCHS[arch]["reward"])
-        self.size = cfg.image_size
-        self.vision = CLIPVisionModel(cfg)
-        self.head = torch.nn.Sequential(torch.nn.Linear(cfg.hidden_size, cfg.hidden_size), torch.nn.GELU(),
-                                        torch.nn.Linear(cfg.hidden_size, 1))
-        self.register_buffer("mean", torch.tensor(self.MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(self.STD).view(1, 3, 1, 1), persistent=False)
-
-    def forward(self, images, prompts=None):
-        x = torch.nn.functional.interpolate(images, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        dtype = self.head[0].weight.dtype
-        x = ((x - self.mean.to(x.dtype)) / self.std.to(x.dtype)).to(dtype)
-        return self.head(self.vision(pixel_values=x).pooler_output).squeeze(-1).float()
-
-
-def clip_reward(*, arch: str = "sd15") -> ClipReward:
-    """Reward factory for the trainer: ``benchmarks/train_memory.py:clip_reward`` with kwargs {arch}; bf16
+def clip_reward(*, arch: str = "sd15") -> ClipL14Reward:
+    """Reward factory for the trainer: ``benchmarks/train_memory.py:clip_reward`` with kwargs {arch}: the
+    estimator's stand-in CLIP reward (:class:`fnf.memory.archs.ClipL14Reward`) with this arch's vision tower, bf16
     weights like the diffusion model's."""
-    return ClipReward(arch).to(torch.bfloat16)
+    return ClipL14Reward(ARCHS[arch]["reward"]).to(torch.bfloat16)
 
 
 # ------------------------------------------------------------------------------------------ models

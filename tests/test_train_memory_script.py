@@ -32,7 +32,7 @@ def test_architectures_have_the_real_parameter_counts(arch, unet_m, text_m):
     assert count(m.denoiser) == unet_m and [count(e) for e in m.text_encoders] == text_m
     assert m.native_size == tm.ARCHS[arch]["resolution"]
     with torch.device("meta"):
-        assert count(tm.ClipReward(arch)) == 304.2                 # CLIP ViT-L/14 vision tower + MLP head
+        assert count(tm.clip_reward(arch=arch)) == 304.2                 # CLIP ViT-L/14 vision tower + MLP head
 
 
 @pytest.mark.slow
