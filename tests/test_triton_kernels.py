@@ -282,7 +282,7 @@ def test_penalty_fuzz(b, c, h, w, layout, mask_kind, squared, dtype):
 
 
 def test_empty_inputs_direct():
-    """The ops themselves (the public API rejects empty tensors before reaching them)."""
+    """The ops themselves (the public API answers empty inputs from the reference before reaching them)."""
     image = torch.empty(2, 0, 3, 3, device=DEVICE)
     assert (tpen.penalty_norms(image, image, image, False) == 0).all()
     grad = torch.ops.fnf_kernels.triton_penalty_backward(torch.ones(2, device=DEVICE), image, image, image,
