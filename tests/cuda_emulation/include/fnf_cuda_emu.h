@@ -1,8 +1,8 @@
 // CUDA on CPU: enough of the CUDA language and runtime to run the .cu sources of csrc/cuda, compiled as
 // host C++ (g++/clang++ -x c++), under AddressSanitizer/UBSan. Used by tests/test_cuda_emulation.py.
 //
-// Execution model: blocks run one after another; inside a block every CUDA thread is a fiber (ucontext)
-// with its own stack, scheduled cooperatively by this header. A fiber runs until it reaches a barrier
+// Execution model: blocks run one after another; inside a block every CUDA thread is a fiber with its own
+// stack (a 14-instruction stack switch on x86-64, ucontext elsewhere), scheduled cooperatively by this header. A fiber runs until it reaches a barrier
 // (__syncthreads, a warp shuffle/vote, __syncwarp) or returns. The order in which ready fibers run is
 // adversarial and changes per block (lowest index first, highest first, seeded random; FNF_EMU_SCHEDULE=
 // low|high|random|mixed, default mixed), so a missing barrier shows up as a wrong result.
@@ -182,21 +182,55 @@ namespace fnf_emu {
 
 [[noreturn]] inline void fail(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
 
+#if defined(__x86_64__) && !defined(FNF_EMU_UCONTEXT)
+#define FNF_EMU_FAST_SWITCH 1
+// Saves the callee-saved registers on the current stack, stores its pointer in *save, continues on `to`.
+extern "C" void fnf_emu_switch(void** save, void* to);
+asm(R"(
+  .text
+  .weak fnf_emu_switch
+  .type fnf_emu_switch, @function
+fnf_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size fnf_emu_switch, .-fnf_emu_switch
+)");
+#endif
+
 struct Fiber {
+#ifdef FNF_EMU_FAST_SWITCH
+  void* sp = nullptr;
+#else
   ucontext_t ctx;
+#endif
   char* stack = nullptr;
   uint3 tid{0, 0, 0};
   enum State { Ready, AtBlockBarrier, AtWarpBarrier, Done } state = Ready;
+  unsigned exchanges = 0;  // warp exchanges this thread has made: picks the slot buffer
 };
 
-// One warp's exchange: lanes write their slot, wait until every lane of the warp has, read, wait again.
+// One warp's exchange: lanes write their slot, wait until every lane of the warp has, read. Two slot buffers
+// used alternately: a lane can only write the buffer of exchange k + 2 after every lane has arrived at
+// exchange k + 1, that is after every lane has read exchange k.
 struct Warp {
   int lanes = 0;          // threads of this warp that exist (the last warp of a block may be partial)
   int arrived = 0;
-  int phase_done = 0;     // lanes that left the first wait of the current exchange
+  int exited = 0;         // lanes that have returned
   const char* op = nullptr;
-  unsigned long long slot[32];
-  int arrived_second = 0;
+  unsigned long long slot[2][32];
 };
 
 struct Block {
@@ -210,10 +244,21 @@ struct Block {
   unsigned long long seed = 0;
   int policy = 0;          // 0: lowest ready first, 1: highest first, 2: random
   unsigned long long rng = 0;
+  uint64_t ready[16] = {};  // bit i: fiber i is Ready (runnable, or running)
+
+  void set_state(int i, Fiber::State st) {
+    fibers[size_t(i)].state = st;
+    const uint64_t bit = uint64_t(1) << (i & 63);
+    ready[i >> 6] = st == Fiber::Ready ? (ready[i >> 6] | bit) : (ready[i >> 6] & ~bit);
+  }
 };
 
 inline thread_local Block* block = nullptr;
+#ifdef FNF_EMU_FAST_SWITCH
+inline thread_local void* scheduler_sp = nullptr;
+#else
 inline thread_local ucontext_t scheduler_ctx;
+#endif
 inline thread_local void* scheduler_fake_stack = nullptr;
 inline thread_local const void* scheduler_stack_bottom = nullptr;
 inline thread_local size_t scheduler_stack_size = 0;
@@ -221,6 +266,7 @@ inline thread_local void (*fiber_entry)() = nullptr;
 inline thread_local unsigned long long launches = 0;
 
 constexpr size_t kStackBytes = 256 * 1024;
+constexpr size_t kStackReused = 32 * 1024;  // the part of a stack that a fiber may have poisoned
 
 inline void where(char* buf, size_t n) {
   std::snprintf(buf, n, "kernel %s, block (%u,%u,%u)", block ? block->kernel : "?", blockIdx.x, blockIdx.y,
@@ -253,60 +299,10 @@ inline char* get_stack(size_t i) {
     pool.push_back(static_cast<char*>(p));
   }
 #ifdef FNF_EMU_ASAN
-  __asan_unpoison_memory_region(pool[i], kStackBytes);
+  // A finished fiber leaves the shadow of its last frames (near the top) poisoned; clear it for the next.
+  __asan_unpoison_memory_region(pool[i] + kStackBytes - kStackReused, kStackReused);
 #endif
   return pool[i];
-}
-
-inline void set_thread_index(int i) {
-  block->current = i;
-  threadIdx = block->fibers[size_t(i)].tid;
-}
-
-// Switch from the current fiber to the scheduler (dying: the fiber will not be resumed).
-inline void to_scheduler(bool dying) {
-  Fiber& f = block->fibers[size_t(block->current)];
-#ifdef FNF_EMU_ASAN
-  void* fake = nullptr;
-  __sanitizer_start_switch_fiber(dying ? nullptr : &fake, scheduler_stack_bottom, scheduler_stack_size);
-  swapcontext(&f.ctx, &scheduler_ctx);
-  __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
-#else
-  (void)dying;
-  swapcontext(&f.ctx, &scheduler_ctx);
-#endif
-}
-
-inline void resume(int i) {
-  set_thread_index(i);
-  Fiber& f = block->fibers[size_t(i)];
-#ifdef FNF_EMU_ASAN
-  __sanitizer_start_switch_fiber(&scheduler_fake_stack, f.stack, kStackBytes);
-  swapcontext(&scheduler_ctx, &f.ctx);
-  __sanitizer_finish_switch_fiber(scheduler_fake_stack, nullptr, nullptr);
-#else
-  swapcontext(&scheduler_ctx, &f.ctx);
-#endif
-}
-
-inline void fiber_main() {
-#ifdef FNF_EMU_ASAN
-  __sanitizer_finish_switch_fiber(nullptr, &scheduler_stack_bottom, &scheduler_stack_size);
-#endif
-  fiber_entry();
-  Block& b = *block;
-  Fiber& f = b.fibers[size_t(b.current)];
-  f.state = Fiber::Done;
-  ++b.done;
-  if (b.block_arrived > 0) {
-    fail("exited while %d thread(s) wait at __syncthreads (a barrier in divergent code, or an early return "
-         "before it)", b.block_arrived);
-  }
-  const int w = b.current / 32;
-  if (b.warps[size_t(w)].arrived > 0) {
-    fail("exited while %d lane(s) of warp %d wait in %s for it", b.warps[size_t(w)].arrived, w, b.warps[size_t(w)].op);
-  }
-  to_scheduler(true);
 }
 
 inline unsigned long long next_random() {
@@ -318,23 +314,94 @@ inline unsigned long long next_random() {
   return z ^ (z >> 31);
 }
 
+// The ready fiber to run next under the block's policy, or -1.
 inline int pick_ready() {
   Block& b = *block;
   const int n = b.threads;
+  const int words = (n + 63) / 64;
   if (b.policy == 0) {
-    for (int i = 0; i < n; ++i)
-      if (b.fibers[size_t(i)].state == Fiber::Ready) return i;
+    for (int w = 0; w < words; ++w)
+      if (b.ready[w]) return w * 64 + __builtin_ctzll(b.ready[w]);
   } else if (b.policy == 1) {
-    for (int i = n - 1; i >= 0; --i)
-      if (b.fibers[size_t(i)].state == Fiber::Ready) return i;
-  } else {
+    for (int w = words - 1; w >= 0; --w)
+      if (b.ready[w]) return w * 64 + 63 - __builtin_clzll(b.ready[w]);
+  } else {  // the first ready fiber at or after a random one (cyclically)
     const int start = int(next_random() % unsigned(n));
-    for (int k = 0; k < n; ++k) {
-      const int i = (start + k) % n;
-      if (b.fibers[size_t(i)].state == Fiber::Ready) return i;
+    for (int k = 0; k <= words; ++k) {
+      const int w = (start / 64 + k) % words;
+      uint64_t bits = b.ready[w];
+      if (k == 0) bits &= ~uint64_t(0) << (start & 63);
+      if (bits) return w * 64 + __builtin_ctzll(bits);
     }
   }
   return -1;
+}
+
+inline thread_local bool from_scheduler = false;  // the switch in progress leaves the scheduler's stack
+
+// Switch from `from` to `to` (-1: the scheduler's context). `from` == -2: a fiber that has finished.
+inline void switch_context(int from, int to) {
+  Block& b = *block;
+  if (to >= 0) {
+    b.current = to;
+    threadIdx = b.fibers[size_t(to)].tid;
+  }
+#ifdef FNF_EMU_ASAN
+  void* fake = nullptr;
+  void** fake_save = from == -2 ? nullptr : (from == -1 ? &scheduler_fake_stack : &fake);
+  if (to >= 0) {
+    __sanitizer_start_switch_fiber(fake_save, b.fibers[size_t(to)].stack, kStackBytes);
+  } else {
+    __sanitizer_start_switch_fiber(fake_save, scheduler_stack_bottom, scheduler_stack_size);
+  }
+#endif
+  from_scheduler = from == -1;
+#ifdef FNF_EMU_FAST_SWITCH
+  static thread_local void* dead_sp = nullptr;
+  void** save = from >= 0 ? &b.fibers[size_t(from)].sp : (from == -1 ? &scheduler_sp : &dead_sp);
+  fnf_emu_switch(save, to >= 0 ? b.fibers[size_t(to)].sp : scheduler_sp);
+#else
+  static thread_local ucontext_t dead_ctx;
+  ucontext_t* save = from >= 0 ? &b.fibers[size_t(from)].ctx : (from == -1 ? &scheduler_ctx : &dead_ctx);
+  swapcontext(save, to >= 0 ? &b.fibers[size_t(to)].ctx : &scheduler_ctx);
+#endif
+#ifdef FNF_EMU_ASAN
+  __sanitizer_finish_switch_fiber(from == -1 ? scheduler_fake_stack : fake, nullptr, nullptr);
+#endif
+}
+
+// The current fiber blocks (or has finished: dying): run the next ready fiber directly, or go back to the
+// scheduler when there is none (all done, or a deadlock that the scheduler reports).
+inline void yield_current(bool dying) {
+  const int from = block->current;
+  switch_context(dying ? -2 : from, pick_ready());
+}
+
+inline void fiber_main() {
+#ifdef FNF_EMU_ASAN
+  const void* bottom = nullptr;
+  size_t size = 0;
+  __sanitizer_finish_switch_fiber(nullptr, &bottom, &size);
+  if (from_scheduler) {
+    scheduler_stack_bottom = bottom;
+    scheduler_stack_size = size;
+  }
+#endif
+  fiber_entry();
+  Block& b = *block;
+  b.set_state(b.current, Fiber::Done);
+  ++b.done;
+  if (b.block_arrived > 0) {
+    fail("exited while %d thread(s) wait at __syncthreads (a barrier in divergent code, or an early return "
+         "before it)", b.block_arrived);
+  }
+  const int w = b.current / 32;
+  ++b.warps[size_t(w)].exited;
+  if (b.warps[size_t(w)].arrived > 0) {
+    fail("exited while %d lane(s) of warp %d wait in %s for it", b.warps[size_t(w)].arrived, w, b.warps[size_t(w)].op);
+  }
+  yield_current(true);
+  __builtin_unreachable();
 }
 
 [[noreturn]] inline void report_deadlock() {
@@ -362,15 +429,14 @@ inline int pick_ready() {
 inline void block_barrier() {
   Block& b = *block;
   if (b.done > 0) fail("__syncthreads after %d thread(s) of the block exited", b.done);
-  Fiber& f = b.fibers[size_t(b.current)];
   if (++b.block_arrived == b.threads) {
     b.block_arrived = 0;
     for (Fiber& g : b.fibers)
-      if (g.state == Fiber::AtBlockBarrier) g.state = Fiber::Ready;
+      if (g.state == Fiber::AtBlockBarrier) b.set_state(int(&g - b.fibers.data()), Fiber::Ready);
     return;  // the last to arrive goes on; the others run when the scheduler picks them
   }
-  f.state = Fiber::AtBlockBarrier;
-  to_scheduler(false);
+  b.set_state(b.current, Fiber::AtBlockBarrier);
+  yield_current(false);
 }
 
 inline unsigned full_mask(const Warp& w) { return w.lanes == 32 ? 0xffffffffu : ((1u << w.lanes) - 1u); }
@@ -386,34 +452,41 @@ inline void warp_wait(Warp& w, const char* op, unsigned mask) {
   }
   if (w.arrived == 0) {
     w.op = op;
-  } else if (std::strcmp(w.op, op) != 0) {
+  } else if (w.op != op && std::strcmp(w.op, op) != 0) {
     fail("lane %d calls %s while other lanes of warp %d wait in %s (divergent warp exchange)", lane, op, warp, w.op);
   }
-  for (int i = warp * 32; i < warp * 32 + w.lanes; ++i) {
-    if (b.fibers[size_t(i)].state == Fiber::Done) fail("%s in warp %d: lane %d already exited", op, warp, i % 32);
+  if (w.exited > 0) {
+    for (int i = warp * 32; i < warp * 32 + w.lanes; ++i) {
+      if (b.fibers[size_t(i)].state == Fiber::Done) fail("%s in warp %d: lane %d already exited", op, warp, i % 32);
+    }
   }
-  Fiber& f = b.fibers[size_t(b.current)];
   if (++w.arrived == w.lanes) {
     w.arrived = 0;
     for (int i = warp * 32; i < warp * 32 + w.lanes; ++i)
-      if (b.fibers[size_t(i)].state == Fiber::AtWarpBarrier) b.fibers[size_t(i)].state = Fiber::Ready;
+      if (b.fibers[size_t(i)].state == Fiber::AtWarpBarrier) b.set_state(i, Fiber::Ready);
     return;
   }
-  f.state = Fiber::AtWarpBarrier;
-  to_scheduler(false);
+  b.set_state(b.current, Fiber::AtWarpBarrier);
+  yield_current(false);
 }
 
-// Exchange of one 64-bit value per lane; returns the value of lane `src` (its own value when src is out of
-// range), as the shuffle instructions do.
-inline unsigned long long exchange(const char* op, unsigned mask, unsigned long long value, int src_of_lane) {
+// Every lane of the warp publishes one 64-bit value; returns the warp's slots (valid until this lane's next
+// exchange).
+inline const unsigned long long* exchange_all(const char* op, unsigned mask, unsigned long long value) {
   Block& b = *block;
   Warp& w = b.warps[size_t(b.current / 32)];
-  const int lane = b.current % 32;
-  w.slot[lane] = value;
+  Fiber& f = b.fibers[size_t(b.current)];
+  unsigned long long* slots = w.slot[f.exchanges++ & 1u];
+  slots[b.current % 32] = value;
   warp_wait(w, op, mask);
-  const unsigned long long got = (src_of_lane >= 0 && src_of_lane < w.lanes) ? w.slot[src_of_lane] : value;
-  warp_wait(w, op, mask);  // nobody rewrites a slot before every lane has read
-  return got;
+  return slots;
+}
+
+// Returns the value of lane `src` (its own value when src is out of range), as the shuffle instructions do.
+inline unsigned long long exchange(const char* op, unsigned mask, unsigned long long value, int src_of_lane) {
+  const int lanes = block->warps[size_t(block->current / 32)].lanes;
+  const unsigned long long* slots = exchange_all(op, mask, value);
+  return (src_of_lane >= 0 && src_of_lane < lanes) ? slots[src_of_lane] : value;
 }
 
 template <typename T>
@@ -473,12 +546,10 @@ inline T __shfl_sync(unsigned mask, T var, int src_lane, int width = 32) {
   return fnf_emu::from_slot<T>(fnf_emu::exchange("__shfl_sync", mask, fnf_emu::to_slot(var), src));
 }
 inline unsigned __ballot_sync(unsigned mask, int predicate) {
-  // Every lane's predicate bit, gathered through the slots one lane at a time.
-  unsigned bits = 0;
   const int lanes = fnf_emu::block->warps[size_t(fnf_emu::block->current / 32)].lanes;
-  for (int src = 0; src < lanes; ++src) {
-    bits |= unsigned(fnf_emu::exchange("__ballot_sync", mask, predicate != 0, src) != 0) << src;
-  }
+  const unsigned long long* slots = fnf_emu::exchange_all("__ballot_sync", mask, predicate != 0);
+  unsigned bits = 0;
+  for (int src = 0; src < lanes; ++src) bits |= unsigned(slots[src] != 0) << src;
   return bits;
 }
 inline int __any_sync(unsigned mask, int predicate) { return __ballot_sync(mask, predicate) != 0; }
@@ -528,11 +599,22 @@ inline bool config_ok(const char* name, dim3 grid, dim3 blk, size_t smem) {
 // Out of line: getcontext returns twice, which would make the caller's locals "clobbered".
 __attribute__((noinline)) inline void init_fiber(Fiber& f, char* stack) {
   f.stack = stack;
+  f.exchanges = 0;
+#ifdef FNF_EMU_FAST_SWITCH
+  // The first switch to the fiber pops six zero registers and "returns" into fiber_main, entered as if
+  // called (rsp % 16 == 8) with a null return address above it.
+  void** top = reinterpret_cast<void**>((reinterpret_cast<uintptr_t>(stack) + kStackBytes) & ~uintptr_t(15));
+  top[-1] = nullptr;
+  top[-2] = reinterpret_cast<void*>(&fiber_main);
+  for (int k = 3; k <= 8; ++k) top[-k] = nullptr;
+  f.sp = top - 8;
+#else
   getcontext(&f.ctx);
   f.ctx.uc_stack.ss_sp = f.stack;
   f.ctx.uc_stack.ss_size = kStackBytes;
   f.ctx.uc_link = &scheduler_ctx;
   makecontext(&f.ctx, fiber_main, 0);
+#endif
 }
 
 template <typename F, typename... Args>
@@ -571,17 +653,17 @@ void run_grid(const char* name, F kernel, dim3 grid, dim3 blk, std::tuple<Args..
         b.rng = 0x5eedull * (launches + 1) + index;
         b.done = 0;
         b.block_arrived = 0;
-        for (Warp& w : b.warps) w.arrived = 0;
+        for (Warp& w : b.warps) w.arrived = w.exited = 0;
         for (int t = 0; t < threads; ++t) {
           Fiber& f = b.fibers[size_t(t)];
-          f.state = Fiber::Ready;
+          b.set_state(t, Fiber::Ready);
           f.tid = uint3{unsigned(t) % blk.x, (unsigned(t) / blk.x) % blk.y, unsigned(t) / (blk.x * blk.y)};
           init_fiber(f, get_stack(size_t(t)));
         }
-        while (b.done < threads) {
+        while (b.done < threads) {  // fibers switch among themselves; back here when none is ready
           const int i = pick_ready();
           if (i < 0) report_deadlock();
-          resume(i);
+          switch_context(-1, i);
         }
       }
     }

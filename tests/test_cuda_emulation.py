@@ -1,0 +1,461 @@
+"""The CUDA kernels of csrc/cuda executed on CPU: their own source compiled as host C++ with the emulation
+of tests/cuda_emulation (a fiber per CUDA thread, block barriers, warp shuffles, launch checks, deadlock and
+timeout detection, half/bfloat16 with round-to-nearest-even) under AddressSanitizer and UBSan, compared with
+the float64 reference in fp32/fp16/bf16/fp64. Builds are cached under $TMPDIR/fnf-cuda-emulation."""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from fnf_kernels import reference as ref
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EMU = os.path.join(ROOT, "tests", "cuda_emulation")
+SEED = 20240624
+CXX = os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
+pytestmark = pytest.mark.skipif(CXX is None, reason="no C++ compiler (g++ or clang++; or set CXX) to build the "
+                                                    "CUDA emulation harness")
+
+DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3, torch.bool: 4,
+              torch.uint8: 5}
+FLOATS = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+CACHE = os.path.join(tempfile.gettempdir(), "fnf-cuda-emulation")
+# -O0 -g1: a third of -O1's compile time, line numbers in the sanitizer reports.
+BASE_FLAGS = ["-std=c++17", "-O0", "-g1", "-fno-omit-frame-pointer", "-Wall", "-Wextra", "-Werror",
+              "-Wno-unknown-pragmas"]
+RUN_ENV = {"ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0:halt_on_error=1",
+           "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1", "FNF_EMU_TIMEOUT": "120"}
+
+
+# ---- building ------------------------------------------------------------------------------------------------
+_sanitizers: list[str] | None = None
+
+
+def sanitizer_flags() -> list[str]:
+    """-fsanitize=address,undefined where it links, else address alone, else none (said in the test output)."""
+    global _sanitizers
+    if _sanitizers is None:
+        _sanitizers = []
+        with tempfile.TemporaryDirectory() as tmp:
+            src = os.path.join(tmp, "probe.cpp")
+            with open(src, "w") as f:
+                f.write("int main() { return 0; }\n")
+            for flags in (["-fsanitize=address,undefined", "-fno-sanitize-recover=all"], ["-fsanitize=address"]):
+                done = subprocess.run([CXX, *flags, src, "-o", os.path.join(tmp, "probe")], capture_output=True)
+                if done.returncode == 0:
+                    _sanitizers = flags
+                    break
+    return _sanitizers
+
+
+def _digest(*parts) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p if isinstance(p, bytes) else str(p).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:20]
+
+
+def _headers(csrc: str) -> bytes:
+    names = []
+    for folder in (os.path.join(csrc, "include", "fnf"), os.path.join(EMU, "include")):
+        names += sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".h"))
+    return b"".join(open(n, "rb").read() for n in names)
+
+
+def build(csrc: str = os.path.join(ROOT, "csrc"), defines: tuple = ()) -> str:
+    """The driver executable built from ``csrc`` (the repository's or a patched copy), cached by content."""
+    flags = BASE_FLAGS + sanitizer_flags()
+    includes = ["-I", os.path.join(EMU, "include"), "-I", os.path.join(csrc, "include")]
+    headers = _headers(csrc)
+    sources = [os.path.join(csrc, "cuda", "penalty.cu"), os.path.join(csrc, "cuda", "dilate.cu"),
+               os.path.join(EMU, "driver.cpp"), os.path.join(EMU, "selftest_kernels.cpp")]
+    os.makedirs(CACHE, exist_ok=True)
+    objects = []
+    for src in sources:
+        src_flags = flags + [f"-D{d}" for d in defines] if src.endswith(".cu") else flags
+        key = _digest(CXX, src_flags, headers, open(src, "rb").read())
+        objects.append((src, src_flags, os.path.join(CACHE, f"{os.path.basename(src)}-{key}.o")))
+
+    def compile_one(item):
+        src, src_flags, obj = item
+        if os.path.exists(obj):
+            return None
+        tmp = f"{obj}.{os.getpid()}.tmp"
+        done = subprocess.run([CXX, *src_flags, *includes, "-x", "c++", "-c", src, "-o", tmp], capture_output=True,
+                              text=True, timeout=600)
+        if done.returncode != 0:
+            return f"{src}:\n{done.stderr[-6000:]}"
+        os.replace(tmp, obj)
+        return None
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        errors = [e for e in pool.map(compile_one, objects) if e]
+    if errors:
+        raise AssertionError("the CUDA emulation build failed:\n" + "\n".join(errors))
+    exe = os.path.join(CACHE, "driver-" + _digest(*(o for *_, o in objects)))
+    if not os.path.exists(exe):
+        tmp = f"{exe}.{os.getpid()}.tmp"
+        done = subprocess.run([CXX, *sanitizer_flags(), *(o for *_, o in objects), "-o", tmp], capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-6000:]
+        os.replace(tmp, exe)
+    return exe
+
+
+@pytest.fixture(scope="module")
+def driver():
+    print(f"CUDA emulation: {CXX} {' '.join(sanitizer_flags()) or '(no sanitizer builds here)'}")
+    return build()
+
+
+@pytest.fixture(scope="module")
+def driver_small_grid():
+    """gridDim.y limited to 3 (FNF_MAX_GRID_Y): batches and planes beyond it take the grid-striding paths."""
+    return build(defines=("FNF_MAX_GRID_Y=3",))
+
+
+def run(exe: str, script: str, folder: str, env: dict | None = None, timeout: int = 300):
+    path = os.path.join(folder, "script.txt")
+    with open(path, "w") as f:
+        f.write(script)
+    return subprocess.run([exe, path], capture_output=True, text=True, timeout=timeout, cwd=folder,
+                          env={**os.environ, **RUN_ENV, **(env or {})})
+
+
+# ---- tensors <-> files ---------------------------------------------------------------------------------------
+def storage_spec(t: torch.Tensor, folder: str, name: str) -> str:
+    """'path numel offset sizes... strides...' of t's whole storage, written to a file."""
+    storage = t.untyped_storage()
+    path = os.path.join(folder, name + ".bin")
+    with open(path, "wb") as f:
+        f.write(ctypes.string_at(storage.data_ptr(), storage.nbytes()) if storage.nbytes() else b"")
+    numel = storage.nbytes() // t.element_size()
+    return " ".join(str(v) for v in [path, numel, t.storage_offset(), *t.shape, *t.stride()])
+
+
+def write_tensor(t: torch.Tensor, folder: str, name: str) -> str:
+    path = os.path.join(folder, name + ".bin")
+    t = t.contiguous()
+    with open(path, "wb") as f:
+        f.write(ctypes.string_at(t.data_ptr(), t.numel() * t.element_size()))
+    return path
+
+
+def read_tensor(path: str, dtype: torch.dtype) -> torch.Tensor:
+    data = bytearray(open(path, "rb").read())
+    if not data:
+        return torch.empty(0, dtype=dtype)
+    return torch.frombuffer(data, dtype=dtype).clone()
+
+
+def check_run(done, expect_lines: int):
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, f"the emulated kernels failed (exit {done.returncode}):\n{out[-8000:]}"
+    results = [line for line in done.stdout.splitlines() if line[:2] in ("P ", "D ")]
+    assert len(results) == expect_lines, out[-4000:]
+    bad = [line for line in results if not line.endswith(("err=0", "err=0,0"))]
+    assert not bad, f"launch errors: {bad}"
+    return results
+
+
+# ---- cases ---------------------------------------------------------------------------------------------------
+def _fill(shape, dtype, gen, special=False):
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    if special:  # NaN, +Inf and -Inf at fixed places of the first sample
+        flat = x.view(-1)
+        n = flat.numel()
+        flat[n // 7] = float("nan")
+        flat[min(n - 1, 3)] = float("inf")
+        flat[n // 2] = -float("inf")
+    return x.to(dtype)
+
+
+def penalty_cases(dtype, gen):
+    """(name, image, reference, mask) with odd sizes, chunk tails, batch 1 and > 1, several layouts."""
+    cases = []
+    img = _fill((1, 3, 5, 7), dtype, gen)
+    cases.append(("tiny", img, _fill(img.shape, dtype, gen), torch.rand(1, 1, 5, 7, generator=gen).to(dtype)))
+    img = _fill((2, 3, 37, 61), dtype, gen).contiguous(memory_format=torch.channels_last)
+    cases.append(("channels_last", img, _fill(img.shape, dtype, gen).contiguous(memory_format=torch.channels_last),
+                  (torch.rand(2, 1, 37, 61, generator=gen) * 1.4 - 0.2).to(dtype)))
+    img = _fill((3, 2, 45, 50), dtype, gen)  # 2250 elements per plane: one full chunk of 2048 and a tail
+    cases.append(("two_chunks", img, _fill(img.shape, dtype, gen), torch.rand(3, 2, 45, 50, generator=gen).to(dtype)))
+    big = _fill((2, 4, 9, 23), dtype, gen)
+    img = big[:, :, :, 1::2]  # strided, offset view: not dense
+    refr = _fill((2, 4, 11, 9), dtype, gen).transpose(2, 3)  # (2, 4, 9, 11) with H/W strides swapped
+    mask = torch.rand(1, 1, 9, 11, generator=gen).to(dtype).expand(2, 1, 9, 11)  # batch stride 0
+    cases.append(("strided", img, refr, mask))
+    img = _fill((2, 3, 6, 5), dtype, gen, special=True)  # NaN / Inf in sample 0
+    cases.append(("nan_inf", img, _fill(img.shape, dtype, gen), torch.rand(2, 3, 6, 5, generator=gen).to(dtype)))
+    one = _fill((1, 1, 1, 1), dtype, gen)
+    cases.append(("single", one, _fill(one.shape, dtype, gen), torch.zeros(1, 1, 1, 1, dtype=dtype)))
+    return cases
+
+
+def striding_penalty_cases(dtype, gen):
+    img = _fill((5, 3, 13, 17), dtype, gen)  # 15 planes over gridDim.y = 3
+    m = torch.rand(5, 1, 13, 17, generator=gen).to(dtype)
+    cl = _fill((4, 2, 47, 49), dtype, gen).contiguous(memory_format=torch.channels_last)  # 8 planes, 2 chunks each
+    return [("stride_planes", img, _fill(img.shape, dtype, gen), m),
+            ("stride_cl", cl, _fill(cl.shape, dtype, gen), torch.rand(4, 2, 47, 49, generator=gen).to(dtype))]
+
+
+def run_penalty(exe, cases, dtype, folder, gen, env=None):
+    """Runs every case through penalty_partials and penalty_backward; returns [(name, norms, grad, expected)]."""
+    lines, expected = [], []
+    acc = ref.accumulate_dtype(dtype)
+    for name, img, refr, mask in cases:
+        squared = len(expected) % 2 == 0
+        want = ref.penalty_norms(img.double(), refr.double(), mask.double(), squared=True)
+        norms = (want if squared else want.sqrt()).to(acc)
+        g = torch.randn(img.shape[0], generator=gen, dtype=torch.float64).to(acc)
+        if squared:
+            coef = g * 2
+        else:
+            coef = torch.where(norms > 0, g / norms, torch.where(norms == norms, torch.zeros_like(norms), norms))
+        grad_out = torch.empty_like(img)  # the layout bindings_cuda.cpp gives the gradient
+        w = 1 - mask.double().clamp(0, 1)
+        grad_want = (-coef.double().view(-1, 1, 1, 1) * w * w * (refr.double() - img.double()))
+        lines.append(" ".join(["P", str(DTYPE_CODE[dtype]), os.path.join(folder, name),
+                               storage_spec(img, folder, name + "_x"), storage_spec(refr, folder, name + "_r"),
+                               storage_spec(mask, folder, name + "_m"), write_tensor(coef, folder, name + "_c"),
+                               str(grad_out.untyped_storage().nbytes() // grad_out.element_size()),
+                               str(grad_out.storage_offset()), *map(str, grad_out.stride())]))
+        expected.append((name, img, want, grad_out, grad_want))
+    done = run(exe, "\n".join(lines) + "\n", folder, env)
+    check_run(done, len(cases))
+    results = []
+    for name, img, want, grad_out, grad_want in expected:
+        partials = read_tensor(os.path.join(folder, name + ".partials"), acc)
+        # As bindings_cuda.cpp: partials viewed (B, D0 * chunks) and summed in the accumulate dtype.
+        sumsq = partials.view(img.shape[0], -1).sum(1) if img.numel() else torch.zeros(img.shape[0], dtype=acc)
+        storage = read_tensor(os.path.join(folder, name + ".grad"), dtype)
+        grad = storage.as_strided(grad_out.shape, grad_out.stride(), grad_out.storage_offset())
+        results.append((name, sumsq, want, grad, grad_want))
+    return results, done
+
+
+def compare_penalty(results, dtype):
+    acc = ref.accumulate_dtype(dtype)
+    for name, sumsq, want, grad, grad_want in results:
+        # Sums of squares in the accumulate dtype: a few eps per level of the reduction tree.
+        torch.testing.assert_close(sumsq.double(), want, rtol=64 * torch.finfo(acc).eps, atol=0, equal_nan=True,
+                                   msg=lambda m: f"{name} norms ({dtype}): {m}")
+        # The gradient: a few roundings in the accumulate dtype, then one to dtype.
+        torch.testing.assert_close(grad.double(), grad_want.to(dtype).double(), rtol=4 * torch.finfo(dtype).eps,
+                                   atol=4 * torch.finfo(dtype).tiny, equal_nan=True,
+                                   msg=lambda m: f"{name} gradient ({dtype}): {m}")
+
+
+def dilation_cases(dtype, gen):
+    """(name, heatmap, threshold, radius, disk, out_dtype)."""
+    out_dtypes = [torch.float32, torch.bool, torch.uint8, torch.float16, torch.bfloat16, torch.float64]
+    cases = []
+    shapes = [("tiny", (1, 1, 1)), ("odd", (2, 37, 45)), ("tall", (3, 70, 33)), ("wide", (1, 9, 75)),
+              ("col", (2, 100, 1))]
+    k = 0
+    for name, shape in shapes:
+        hm = torch.rand(shape, generator=gen, dtype=torch.float64)
+        hm.view(-1)[:: 11] = float("nan") if name == "odd" else hm.view(-1)[:: 11]
+        hm = hm.to(dtype)
+        thr = torch.full((shape[0],), 0.97, dtype=ref.accumulate_dtype(dtype))
+        for radius in sorted({0, 1, 3, shape[1] + shape[2]}):
+            for disk in (False, True):
+                cases.append((f"{name}_r{radius}_{'disk' if disk else 'square'}", hm, thr, radius, disk,
+                              out_dtypes[k % len(out_dtypes)]))
+                k += 1
+    base = torch.rand(2, 41, 29, generator=gen, dtype=torch.float64).to(dtype)
+    thr = torch.tensor([0.9, 0.95], dtype=ref.accumulate_dtype(dtype))
+    cases.append(("transposed", base.transpose(1, 2), thr, 2, True, torch.float32))  # (2, 29, 41), x stride 29
+    cases.append(("sliced", base[:, 3:, ::3], thr, 4, False, torch.uint8))  # offset, x stride 3
+    cases.append(("expanded", base[:1].expand(2, 41, 29), thr, 1, True, torch.bool))  # batch stride 0
+    inf = torch.rand(1, 8, 40, generator=gen, dtype=torch.float64)
+    inf[0, 2, 5], inf[0, 6, 33] = float("inf"), -float("inf")
+    cases.append(("inf", inf.to(dtype), torch.tensor([0.99], dtype=ref.accumulate_dtype(dtype)), 2, False,
+                  torch.float32))
+    return cases
+
+
+def striding_dilation_cases(dtype, gen):
+    hm = torch.rand(7, 70, 37, generator=gen, dtype=torch.float64).to(dtype)  # 7 images over gridDim.y = 3;
+    thr = torch.full((7,), 0.95, dtype=ref.accumulate_dtype(dtype))  # 490 rows over 48 row blocks of 8
+    return [("stride_batch_sq", hm, thr, 2, False, torch.float32), ("stride_batch_disk", hm, thr, 5, True, torch.bool)]
+
+
+def run_dilation(exe, cases, dtype, folder, env=None):
+    lines = []
+    for name, hm, thr, radius, disk, out_dtype in cases:
+        lines.append(" ".join(["D", str(DTYPE_CODE[dtype]), str(DTYPE_CODE[out_dtype]), os.path.join(folder, name),
+                               storage_spec(hm, folder, name + "_h"), write_tensor(thr, folder, name + "_t"),
+                               str(radius), str(int(disk))]))
+    done = run(exe, "\n".join(lines) + "\n", folder, env)
+    check_run(done, len(cases))
+    for name, hm, thr, radius, disk, out_dtype in cases:
+        raw = read_tensor(os.path.join(folder, name + ".out"), torch.uint8 if out_dtype == torch.bool else out_dtype)
+        out = raw.view(hm.shape)
+        want = ref.threshold_dilate(hm, thr, radius, "disk" if disk else "square", out_dtype)
+        if out_dtype == torch.bool:
+            want = want.to(torch.uint8)
+        torch.testing.assert_close(out, want, rtol=0, atol=0, equal_nan=True,
+                                   msg=lambda m: f"{name} ({dtype} -> {out_dtype}, r={radius}): {m}")
+    return done
+
+
+def generator(label: str) -> torch.Generator:
+    seed = SEED + int(hashlib.sha256(label.encode()).hexdigest()[:6], 16)
+    print(f"{label}: seed {seed}")
+    return torch.Generator().manual_seed(seed)
+
+
+# ---- tests ---------------------------------------------------------------------------------------------------
+def test_emulator_runs_indices_and_shuffles(driver, tmp_path):
+    done = run(driver, "T indices\nT shuffles\n", str(tmp_path))
+    assert done.returncode == 0 and "T indices rc=0" in done.stdout and "T shuffles rc=0" in done.stdout, \
+        done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("case", ["zero_grid", "grid_y", "grid_z", "big_block", "block_2d", "zero_block",
+                                  "big_smem"])
+def test_emulator_refuses_bad_launch_configs(driver, tmp_path, case):
+    done = run(driver, f"T {case}\n", str(tmp_path))
+    assert done.returncode == 0 and f"T {case} rc=0" in done.stdout, done.stdout + done.stderr
+    assert "refused" in done.stderr and "launch error 9" in done.stdout
+
+
+@pytest.mark.parametrize("case, message", [
+    ("deadlock", "deadlock: a barrier can never fill"),
+    ("early_exit", "exited while 16 thread(s) wait at __syncthreads"),
+    ("partial_mask", "partial masks"),
+    ("divergent_shuffle", "divergent warp exchange"),
+    ("partial_warp", "masks naming lanes the block does not have"),
+    ("out_of_bounds", "AddressSanitizer: heap-buffer-overflow"),
+    ("timeout", "timeout"),
+])
+def test_emulator_reports_misuse(driver, tmp_path, case, message):
+    if case == "out_of_bounds" and "-fsanitize=address" not in " ".join(sanitizer_flags()):
+        pytest.skip("AddressSanitizer does not link here")
+    done = run(driver, f"T {case}\n", str(tmp_path), env={"FNF_EMU_TIMEOUT": "1"})
+    assert done.returncode != 0 and message in done.stderr, done.stdout + done.stderr[-3000:]
+
+
+def test_half_and_bfloat16_round_like_torch(driver, tmp_path):
+    gen = generator("conversions")
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 65504.0, 65519.99, 65520.0, 2.0 ** -24,
+                            2.0 ** -25, 2.0 ** -25 * 1.0001, 3 * 2.0 ** -26, 2.0 ** -14, 1 + 2.0 ** -11,
+                            1 + 3 * 2.0 ** -11, 1 + 2.0 ** -8, 1 + 3 * 2.0 ** -8, 3.3895e38, 1e-40, -1e-45])
+    bits = torch.randint(-2 ** 31, 2 ** 31, (200000,), generator=gen, dtype=torch.int64).to(torch.int32)
+    values = torch.cat([special, bits.view(torch.float32), torch.randn(50000, generator=gen) * 1e3])
+    values = values[~torch.isnan(values)]  # NaN payloads are compared below by class only
+    values = torch.cat([values, torch.tensor([float("nan")])])
+    path = write_tensor(values, str(tmp_path), "values")
+    done = run(driver, f"C {values.numel()} {path} {tmp_path}/conv\n", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    half = read_tensor(f"{tmp_path}/conv.half", torch.int16)
+    bf16 = read_tensor(f"{tmp_path}/conv.bf16", torch.int16)
+    for got, dtype in ((half, torch.float16), (bf16, torch.bfloat16)):
+        want = values.to(dtype)
+        nan = torch.isnan(want)
+        assert torch.isnan(got.view(dtype)[nan]).all()
+        mismatch = (got[~nan] != want.view(torch.int16)[~nan]).nonzero()
+        assert mismatch.numel() == 0, (dtype, values[~nan][mismatch[:5, 0]])
+    patterns = torch.arange(65536, dtype=torch.int32).to(torch.int16)
+    for name, dtype in (("half2f", torch.float16), ("bf162f", torch.bfloat16)):
+        got = read_tensor(f"{tmp_path}/conv.{name}", torch.float32)
+        torch.testing.assert_close(got, patterns.view(dtype).float(), rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+def test_penalty_kernels_match_float64_reference(driver, tmp_path, dtype):
+    gen = generator(f"penalty {dtype}")
+    results, _ = run_penalty(driver, penalty_cases(dtype, gen), dtype, str(tmp_path), gen)
+    compare_penalty(results, dtype)
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+def test_dilation_kernels_match_reference(driver, tmp_path, dtype):
+    gen = generator(f"dilation {dtype}")
+    run_dilation(driver, dilation_cases(dtype, gen), dtype, str(tmp_path))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_grid_striding_paths(driver_small_grid, tmp_path, dtype):
+    """With gridDim.y capped at 3, planes (penalty), images and rows (dilation) are strided over."""
+    gen = generator(f"striding {dtype}")
+    env = {"FNF_EMU_TRACE": "1"}
+    results, done = run_penalty(driver_small_grid, striding_penalty_cases(dtype, gen), dtype, str(tmp_path), gen, env)
+    compare_penalty(results, dtype)
+    grids = re.findall(r"launch \(?(\w+)<.*?grid \((\d+),(\d+),1\)", done.stderr)
+    assert grids and all(int(y) <= 3 for _, _, y in grids), done.stderr[-2000:]
+    done = run_dilation(driver_small_grid, striding_dilation_cases(dtype, gen), dtype, str(tmp_path), env)
+    launches = re.findall(r"launch (\w+)<.*?grid \((\d+),(\d+),1\)", done.stderr)
+    assert ("column_kernel", "2", "3") in launches and ("row_kernel", "48", "1") in launches, done.stderr[-2000:]
+
+
+def test_empty_inputs_launch_nothing(driver, tmp_path):
+    """Empty images and heatmaps: no launch (an empty grid would be an invalid configuration), no error."""
+    folder = str(tmp_path)
+    gen = generator("empty")
+    empty = [("b0", torch.zeros(0, 3, 4, 4), torch.zeros(0, 3, 4, 4), torch.zeros(0, 1, 4, 4)),
+             ("c0", torch.zeros(2, 0, 4, 4), torch.zeros(2, 0, 4, 4), torch.zeros(2, 0, 4, 4)),
+             ("h0", torch.zeros(2, 3, 0, 4), torch.zeros(2, 3, 0, 4), torch.zeros(2, 1, 0, 4))]
+    results, done = run_penalty(driver, empty, torch.float32, folder, gen, {"FNF_EMU_TRACE": "1"})
+    assert "launch" not in done.stderr
+    for name, sumsq, *_ in results:
+        assert sumsq.eq(0).all(), name
+    cases = [(f"e{i}", torch.zeros(shape), torch.zeros(shape[0]), 1, False, torch.float32)
+             for i, shape in enumerate([(0, 5, 5), (2, 0, 5), (2, 5, 0)])]
+    done = run_dilation(driver, cases, torch.float32, folder, {"FNF_EMU_TRACE": "1"})
+    assert "launch" not in done.stderr
+
+
+# ---- planted bugs: each must make the harness fail -------------------------------------------------------------
+PLANTED = {
+    # j < n -> j <= n in the forward kernel: one element past each plane's end (the tail).
+    "off_by_one_tail": ("cuda/penalty.cu", "      if (j < n) {\n        const acc_t d",
+                        "      if (j <= n) {\n        const acc_t d"),
+    # The barrier between the per-warp sums and their reduction by warp 0.
+    "missing_syncthreads": ("cuda/penalty.cu", "  if (lane == 0) warp_sums[warp] = v;\n  __syncthreads();\n",
+                            "  if (lane == 0) warp_sums[warp] = v;\n"),
+    # Only the lanes that hold a warp sum take part in the second-level shuffles (with a full mask).
+    "partial_warp_shuffle": ("cuda/penalty.cu", "  if (warp == 0) {\n", "  if (warp == 0 && lane < kThreads / 32) {\n"),
+    # The partials buffer sized per sample instead of per plane (B * chunks, not B * D0 * chunks).
+    "undersized_partials": ("cuda/penalty.cu", "return empty(a) ? 0 : a.batch * a.size[0] * grid_geometry(a).chunks;",
+                            "return empty(a) ? 0 : a.batch * grid_geometry(a).chunks;"),
+}
+
+
+def harness_verdict(exe: str, folder: str) -> str:
+    """'' when the penalty cases pass in fp32, else the failure (emulator/sanitizer error or mismatch)."""
+    gen = generator("planted")
+    try:
+        results, _ = run_penalty(exe, penalty_cases(torch.float32, gen), torch.float32, folder, gen)
+        compare_penalty(results, torch.float32)
+    except AssertionError as e:
+        return str(e)
+    return ""
+
+
+@pytest.mark.slow  # ~10 s per bug: one rebuild of penalty.cu under the sanitizers
+@pytest.mark.parametrize("bug", sorted(PLANTED))
+def test_planted_bug_makes_the_harness_fail(driver, tmp_path, bug):
+    path, old, new = PLANTED[bug]
+    csrc = str(tmp_path / "csrc")
+    shutil.copytree(os.path.join(ROOT, "csrc"), csrc, ignore=shutil.ignore_patterns("__pycache__"))
+    text = open(os.path.join(csrc, path)).read()
+    assert text.count(old) == 1, f"the code the {bug} bug is planted in has changed: update PLANTED"
+    with open(os.path.join(csrc, path), "w") as f:
+        f.write(text.replace(old, new))
+    assert harness_verdict(driver, str(tmp_path)) == "", "the unpatched source must pass"
+    verdict = harness_verdict(build(csrc), str(tmp_path))
+    print(f"planted {bug}: the harness fails with:\n{verdict[:3000]}")
+    assert verdict, f"planted bug {bug} went unnoticed"
