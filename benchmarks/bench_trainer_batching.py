@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     from fnf_kernels import lora_scale, patch_lora, unpatch_lora
     from fnf.core import PromptEmbeds
     from fnf.lora import adapters_disabled
-    from fnf.sampling import denoise, denoise_batched, grad_start, run_steps, uses_cfg
+    from fnf.sampling import denoise_batched, grad_start, run_steps, schedule, uses_cfg
 
     m = build_model(args, device, dtype)
     gen = torch.Generator().manual_seed(0)
@@ -140,31 +140,31 @@ def main(argv=None) -> int:
     cond = PromptEmbeds(torch.randn(b, args.text_len, args.cross_attention_dim, generator=gen).to(device))
     uncond = PromptEmbeds(torch.randn(b, args.text_len, args.cross_attention_dim, generator=gen).to(device))
     T, shared = args.steps, grad_start(args.steps, args.k, args.lv)
-    kw = dict(steps=T, guidance_scale=args.guidance)
+    plan = schedule(m, T, args.resolution, args.resolution, device)
+    kw = dict(guidance_scale=args.guidance)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def ft_prefix():
-        m.scheduler.set_timesteps(T, device=device)
-        return run_steps(m, x_T, m.scheduler.timesteps[:shared], cond, uncond, guidance_scale=args.guidance)
+        return run_steps(m, x_T, plan, cond, uncond, stop=shared, guidance_scale=args.guidance)
 
     @torch.no_grad()
     def two_passes_peft():
         with autocast:
             with adapters_disabled(m.denoiser):
-                z_ref = denoise(m, x_T, cond, uncond, **kw)
+                z_ref = run_steps(m, x_T, plan, cond, uncond, **kw)
             return z_ref, ft_prefix()
 
     @torch.no_grad()
     def two_passes_fused():
         with autocast:
             with lora_scale(m.denoiser, 0.0):
-                z_ref = denoise(m, x_T, cond, uncond, **kw)
+                z_ref = run_steps(m, x_T, plan, cond, uncond, **kw)
             return z_ref, ft_prefix()
 
     @torch.no_grad()
     def one_batch():
         with autocast:
-            return denoise_batched(m, x_T, cond, uncond, grad_steps=args.k, lv_copies=args.lv, **kw)
+            return denoise_batched(m, x_T, plan, cond, uncond, shared=shared, **kw)
 
     def peft():
         unpatch_lora(m.denoiser)

@@ -8,7 +8,9 @@
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import torch
 
@@ -75,8 +77,8 @@ class DiffusionModel:
     """The components of one pipeline folder, loaded for training and sampling.
 
     ``family`` (:class:`fnf.families.base.ModelFamily`) knows how to encode, sample, decode and export this model;
-    ``denoiser`` is the UNet or transformer; ``extras`` holds the family's load-time settings (read-only after
-    loading)."""
+    ``denoiser`` is the UNet or transformer; ``settings`` holds the family's load-time settings (a read-only
+    mapping set once at load: max_sequence_length, t5, guidance_embeds, text_encoder_out_layers)."""
 
     path: str
     family: object
@@ -87,7 +89,10 @@ class DiffusionModel:
     tokenizers: list = field(default_factory=list)
     force_zeros_for_empty_prompt: bool = False
     vae_upcast: bool = False       # VAE kept in float32, decoded with autocast off (see set_vae_precision)
-    extras: dict = field(default_factory=dict)
+    settings: Mapping = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.settings = MappingProxyType(dict(self.settings))
 
     @property
     def kind(self) -> str:

@@ -16,7 +16,7 @@ class PromptCache:
 
     @staticmethod
     def key(model: DiffusionModel, prompts, height: int, width: int, zero: bool) -> tuple:
-        return (tuple(prompts), int(height), int(width), bool(zero), model.extras.get("max_sequence_length"))
+        return (tuple(prompts), int(height), int(width), bool(zero), model.settings.get("max_sequence_length"))
 
     def get(self, model: DiffusionModel, prompts, height: int, width: int, zero: bool) -> PromptEmbeds | None:
         return self.entries.get(self.key(model, prompts, height, width, zero))

@@ -24,7 +24,7 @@ from fnf.lora import adapters_disabled, add_lora  # noqa: E402
 from fnf.encoding import encode_prompts  # noqa: E402
 from fnf.families.registry import load_model  # noqa: E402
 from fnf.objectives import focus_n_fix_loss  # noqa: E402
-from fnf.sampling import decode, denoise, initial_latents  # noqa: E402
+from fnf.sampling import decode, draft_k, draft_lv, initial_latents, run_steps, schedule  # noqa: E402
 
 STEPS = 4
 RTOL = 1e-9
@@ -132,11 +132,13 @@ def _reference_loss(setup, *, guidance, k, lv, eta, beta):
 # ------------------------------------------------------------------------------------------ fnf's path
 def _fnf_loss(setup, *, guidance, k, lv, eta, beta):
     m, params, cond, uncond, x_T, mask, weights, acp = setup
-    kw = dict(steps=STEPS, guidance_scale=guidance, eta=eta)
+    plan = schedule(m, STEPS, IMAGE_SIZE, IMAGE_SIZE, x_T.device)
+    kw = dict(guidance_scale=guidance, eta=eta)
     with torch.no_grad(), adapters_disabled(m.denoiser):
-        ref = decode(m, denoise(m, x_T, cond, uncond, generator=torch.Generator().manual_seed(NOISE_SEED), **kw))
-    z = denoise(m, x_T, cond, uncond, grad_steps=k, lv_copies=lv, generator=torch.Generator().manual_seed(NOISE_SEED),
-                **kw)
+        ref = decode(m, run_steps(m, x_T, plan, cond, uncond, generator=torch.Generator().manual_seed(NOISE_SEED), **kw))
+    gen = torch.Generator().manual_seed(NOISE_SEED)
+    z = draft_lv(m, x_T, plan, cond, uncond, copies=lv, generator=gen, **kw) if lv else \
+        draft_k(m, x_T, plan, cond, uncond, grad_steps=k, generator=gen, **kw)
     images = decode(m, z)
     copies = max(1, lv)
     loss, stats = focus_n_fix_loss(_reward(images, weights), images, ref.repeat(copies, 1, 1, 1),

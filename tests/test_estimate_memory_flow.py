@@ -104,7 +104,7 @@ def test_folder_configs_build_what_the_family_loads(kind, parts, request):
     real_parts = [real.denoiser, real.vae, *real.text_encoders]
     assert [type(m) for m in fake_parts] == [type(m) for m in real_parts] and len(real_parts) == parts
     assert fake_bytes == [_device_bytes([m]) for m in real_parts]
-    assert fake.family is real.family and fake.extras == real.extras and fake.vae_upcast == real.vae_upcast
+    assert fake.family is real.family and fake.settings == real.settings and fake.vae_upcast == real.vae_upcast
     assert [type(t).__name__ for t in fake.tokenizers] == [type(t).__name__ for t in real.tokenizers]
 
 

@@ -46,7 +46,7 @@ def test_flux2_dev_has_the_released_parameter_counts():
     count = lambda mod: round(sum(p.numel() for p in mod.parameters()) / 1e6, 1)  # noqa: E731
     assert count(m.denoiser) == 32223.3 and [count(e) for e in m.text_encoders] == [24011.4]
     assert m.vae.bn.running_mean.shape == (128,) and m.native_size == 1024 and m.family.name == "flux2"
-    assert m.extras == {"max_sequence_length": 512, "text_encoder_out_layers": (10, 20, 30), "guidance_embeds": True}
+    assert m.settings == {"max_sequence_length": 512, "text_encoder_out_layers": (10, 20, 30), "guidance_embeds": True}
     dtypes = {t.dtype for mod in [m.denoiser, m.vae, *m.text_encoders] for t in [*mod.parameters(), *mod.buffers()]
               if t.is_floating_point()}
     assert dtypes == {torch.bfloat16}
@@ -67,7 +67,7 @@ def test_folder_configs_build_what_the_family_loads(folder):
     real_parts = [real.denoiser, real.vae, *real.text_encoders]
     assert [type(m) for m in fake_parts] == [type(m) for m in real_parts] and len(real_parts) == 3
     assert fake_bytes == [_device_bytes(m) for m in real_parts]
-    assert fake.family is real.family and fake.extras == real.extras and fake.vae_upcast == real.vae_upcast
+    assert fake.family is real.family and fake.settings == real.settings and fake.vae_upcast == real.vae_upcast
     assert [type(t).__name__ for t in fake.tokenizers] == [type(t).__name__ for t in real.tokenizers]
 
 

@@ -17,7 +17,7 @@ from fnf.families.unet import SD, SDXL, StableDiffusionFamily  # noqa: E402
 from fnf.core import DiffusionModel, ModelLoadError  # noqa: E402
 from fnf.families.registry import detect_kind, family_of, load_model  # noqa: E402
 from fnf.encoding import encode_prompts  # noqa: E402
-from fnf.sampling import denoise, initial_latents  # noqa: E402
+from fnf.sampling import draft_lv, initial_latents, run_steps, schedule  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -41,7 +41,7 @@ def test_families_are_detected_from_the_pipeline_class(sd, sdxl):
     # A hand-made index without _class_name: the old rule (text_encoder_2 -> SDXL).
     assert family_of("x", {}) is SD and family_of("x", {"text_encoder_2": ["transformers", "C"]}) is SDXL
     m = load_model(sd)
-    assert m.family is SD and m.kind == "sd" and m.denoiser is m.denoiser and m.extras == {}
+    assert m.family is SD and m.kind == "sd" and m.denoiser is m.denoiser and m.settings == {}
     assert m.pipeline_class.__name__ == "StableDiffusionPipeline"
     # A DiffusionModel built in memory (benchmarks, the memory estimator) gets the family its kind names.
     built = DiffusionModel(path="", family=family_by_name("sdxl"), denoiser=m.denoiser, vae=m.vae, scheduler=m.scheduler)
@@ -80,17 +80,17 @@ class CountingFamily(StableDiffusionFamily):
     def __init__(self):
         self.calls = []
 
-    def predict(self, model, denoiser, x, i, t, *a, **k):
-        self.calls.append(("predict", i, int(t)))
-        return super().predict(model, denoiser, x, i, t, *a, **k)
+    def predict(self, model, denoiser, x, t, *a, **k):
+        self.calls.append(("predict", int(t)))
+        return super().predict(model, denoiser, x, t, *a, **k)
 
-    def step(self, model, out, i, t, x, **k):
-        self.calls.append(("step", i, int(t)))
-        return super().step(model, out, i, t, x, **k)
+    def step(self, model, schedule, i, out, x, **k):
+        self.calls.append(("step", i, int(schedule.timesteps[i])))
+        return super().step(model, schedule, i, out, x, **k)
 
-    def renoise(self, model, x0, noise, i, t):
-        self.calls.append(("renoise", i, int(t)))
-        return super().renoise(model, x0, noise, i, t)
+    def renoise(self, model, schedule, i, x0, noise):
+        self.calls.append(("renoise", i, int(schedule.timesteps[i])))
+        return super().renoise(model, schedule, i, x0, noise)
 
 
 def test_samplers_call_the_family_with_step_indices(sd):
@@ -100,15 +100,16 @@ def test_samplers_call_the_family_with_step_indices(sd):
     m.family = fam = CountingFamily()
     cond = encode_prompts(m, ["a cat"], height=IMAGE_SIZE, width=IMAGE_SIZE)
     x_T = initial_latents(m, 1, IMAGE_SIZE, IMAGE_SIZE, torch.Generator().manual_seed(0), "cpu")
-    denoise(m, x_T, cond, None, steps=4, guidance_scale=1.0)
-    ts = [int(t) for t in m.scheduler.timesteps]
-    assert fam.calls == [(kind, i, ts[i]) for i in range(4) for kind in ("predict", "step")]
+    plan = schedule(m, 4, IMAGE_SIZE, IMAGE_SIZE, "cpu")
+    run_steps(m, x_T, plan, cond, None, guidance_scale=1.0)
+    ts = [int(t) for t in plan.timesteps]
+    assert fam.calls == [c for i in range(4) for c in (("predict", ts[i]), ("step", i, ts[i]))]
     fam.calls.clear()
-    denoise(m, x_T, cond, None, steps=4, guidance_scale=1.0, start=2)
-    assert [c[1] for c in fam.calls] == [2, 2, 3, 3]
+    run_steps(m, x_T, plan, cond, None, guidance_scale=1.0, start=2)
+    assert [c[-1] for c in fam.calls] == [ts[2], ts[2], ts[3], ts[3]]
     fam.calls.clear()
-    denoise(m, x_T, cond, None, steps=4, guidance_scale=1.0, lv_copies=2, generator=torch.Generator().manual_seed(1))
-    assert fam.calls[8:] == [("renoise", 3, ts[3]), ("predict", 3, ts[3]), ("step", 3, ts[3])] * 2
+    draft_lv(m, x_T, plan, cond, None, copies=2, guidance_scale=1.0, generator=torch.Generator().manual_seed(1))
+    assert fam.calls[8:] == [("renoise", 3, ts[3]), ("predict", ts[3]), ("step", 3, ts[3])] * 2
 
 
 class JointAttentionFamily(StableDiffusionFamily):

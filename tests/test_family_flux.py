@@ -67,22 +67,22 @@ def _sample(m, *, guidance=GUIDANCE, negative=False, grad_steps=0, calls=None):
     cond = FAMILY.encode(m, PROMPTS, height=IMAGE_SIZE, width=IMAGE_SIZE)
     uncond = FAMILY.encode(m, [""] * len(PROMPTS), height=IMAGE_SIZE, width=IMAGE_SIZE) if negative else None
     x = FAMILY.initial_latents(m, len(PROMPTS), IMAGE_SIZE, IMAGE_SIZE, torch.Generator().manual_seed(SEED), "cpu")
-    timesteps = FAMILY.schedule(m, STEPS, IMAGE_SIZE, IMAGE_SIZE, "cpu")
+    plan = FAMILY.schedule(m, STEPS, IMAGE_SIZE, IMAGE_SIZE, "cpu")
     handle = None
     if calls is not None:
         handle = m.denoiser.register_forward_hook(lambda mod, args, kwargs, out: calls.append(
             (kwargs["hidden_states"].shape[0], out[0].requires_grad)), with_kwargs=True)
     try:
-        for i, t in enumerate(timesteps):
+        for i, t in enumerate(plan.timesteps):
             with torch.set_grad_enabled(i >= STEPS - grad_steps):
-                out = FAMILY.predict(m, m.denoiser, x if i >= STEPS - grad_steps else x.detach(), i, t, cond, uncond,
-                                     guidance)
-                x = FAMILY.step(m, out, i, t, x)
+                out = FAMILY.predict(m, m.denoiser, x if i >= STEPS - grad_steps else x.detach(), t, cond, uncond,
+                                     guidance, plan)
+                x = FAMILY.step(m, plan, i, out, x)
     finally:
         if handle is not None:
             handle.remove()
     with torch.set_grad_enabled(grad_steps > 0):
-        return FAMILY.decode(m, x)
+        return FAMILY.decode(m, x, plan)
 
 
 def _randomize_lora(m, seed, std=0.3):
@@ -110,7 +110,7 @@ def test_guidance_distilled_sample_equals_pipeline(folder, guidance):
     """FLUX.1-dev-shaped: the guidance embedding, one transformer row per image even with a negative given."""
     print("seed", SEED)
     m = _load(folder)
-    assert m.extras["guidance_embeds"] and not FAMILY.uses_cfg(m, object(), guidance)
+    assert m.settings["guidance_embeds"] and not FAMILY.uses_cfg(m, object(), guidance)
     calls = []
     ours = _sample(m, guidance=guidance, negative=True, calls=calls)
     assert [b for b, _ in calls] == [len(PROMPTS)] * STEPS
@@ -125,7 +125,7 @@ def test_true_cfg_sample_equals_pipeline(schnell):
     doubled); without a negative, the plain conditional sample."""
     print("seed", SEED)
     m = _load(schnell)
-    assert not m.extras["guidance_embeds"]
+    assert not m.settings["guidance_embeds"]
     pipe = _pipeline(schnell)
     calls = []
     ours = _sample(m, guidance=3.0, negative=True, calls=calls)
@@ -221,9 +221,9 @@ def test_clear_errors(folder, tmp_path):
     with pytest.raises(ValueError, match="steps"):
         FAMILY.schedule(m, 0, IMAGE_SIZE, IMAGE_SIZE, "cpu")
     x = FAMILY.initial_latents(m, 1, IMAGE_SIZE, IMAGE_SIZE, torch.Generator(), "cpu")
-    FAMILY.schedule(m, STEPS, IMAGE_SIZE, IMAGE_SIZE, "cpu")
+    plan = FAMILY.schedule(m, STEPS, IMAGE_SIZE, IMAGE_SIZE, "cpu")
     with pytest.raises(ValueError, match="eta"):
-        FAMILY.step(m, x, 0, m.scheduler.timesteps[0], x, eta=0.5)
+        FAMILY.step(m, plan, 0, x, x, eta=0.5)
     with pytest.raises(ValueError, match="packed tokens"):
         unpack_latents(x, 8, 8)
     with pytest.raises(TypeError, match="prompts"):
@@ -312,9 +312,10 @@ def test_draft_lv_copies_renoise_along_the_flow_path(folder):
     _randomize_lora(m, SEED)
     cond = FAMILY.encode(m, PROMPTS, height=IMAGE_SIZE, width=IMAGE_SIZE)
     x_T = FAMILY.initial_latents(m, len(PROMPTS), IMAGE_SIZE, IMAGE_SIZE, torch.Generator().manual_seed(SEED), "cpu")
-    z = sampling.denoise(m, x_T, cond, None, steps=STEPS, guidance_scale=GUIDANCE, lv_copies=2,
-                         generator=torch.Generator().manual_seed(SEED), height=IMAGE_SIZE, width=IMAGE_SIZE)
+    plan = sampling.schedule(m, STEPS, IMAGE_SIZE, IMAGE_SIZE, "cpu")
+    z = sampling.draft_lv(m, x_T, plan, cond, None, copies=2, guidance_scale=GUIDANCE,
+                          generator=torch.Generator().manual_seed(SEED))
     assert z.shape == (2 * len(PROMPTS), *x_T.shape[1:]) and z.requires_grad
     assert (z[:2] - z[2:]).abs().max() > 0   # two different re-noisings
-    images = sampling.decode(m, z)
+    images = sampling.decode(m, z, plan)
     assert images.shape == (4, 3, IMAGE_SIZE, IMAGE_SIZE)

@@ -73,22 +73,22 @@ def _sample(m, *, guidance=GUIDANCE, grad_steps=0, calls=None, negative=False):
     cond = FAMILY.encode(m, PROMPTS, **SIZE)
     uncond = FAMILY.encode(m, [""] * len(PROMPTS), **SIZE) if negative else None
     x = FAMILY.initial_latents(m, len(PROMPTS), IMAGE_SIZE, IMAGE_SIZE, torch.Generator().manual_seed(SEED), "cpu")
-    timesteps = FAMILY.schedule(m, STEPS, IMAGE_SIZE, IMAGE_SIZE, "cpu")
+    plan = FAMILY.schedule(m, STEPS, IMAGE_SIZE, IMAGE_SIZE, "cpu")
     handle = None
     if calls is not None:
         handle = m.denoiser.register_forward_hook(lambda mod, args, kwargs, out: calls.append(
             (kwargs["hidden_states"].shape[0], out[0].requires_grad)), with_kwargs=True)
     try:
-        for i, t in enumerate(timesteps):
+        for i, t in enumerate(plan.timesteps):
             with torch.set_grad_enabled(i >= STEPS - grad_steps):
-                out = FAMILY.predict(m, m.denoiser, x if i >= STEPS - grad_steps else x.detach(), i, t, cond, uncond,
-                                     guidance)
-                x = FAMILY.step(m, out, i, t, x)
+                out = FAMILY.predict(m, m.denoiser, x if i >= STEPS - grad_steps else x.detach(), t, cond, uncond,
+                                     guidance, plan)
+                x = FAMILY.step(m, plan, i, out, x)
     finally:
         if handle is not None:
             handle.remove()
     with torch.set_grad_enabled(grad_steps > 0):
-        return FAMILY.decode(m, x)
+        return FAMILY.decode(m, x, plan)
 
 
 def _randomize_lora(m, seed, std=0.3):
@@ -128,7 +128,7 @@ def test_registry_and_generic_sampler_equal_pipeline(folder):
     assert type(family_for_index(_index(folder))).__name__ == "Flux2Family"
     assert preflight.check_model_folder(folder) == "flux2"
     m = load_model(folder)
-    assert m.family.name == "flux2" and m.kind == "flux2" and m.extras["guidance_embeds"]
+    assert m.family.name == "flux2" and m.kind == "flux2" and m.settings["guidance_embeds"]
     cond = encode_prompts(m, PROMPTS, **SIZE)
     uncond = encode_prompts(m, [""] * len(PROMPTS), **SIZE)
     assert cond.hidden.shape == (2, 512, 3 * 16) and (cond.hidden[0] - cond.hidden[1]).abs().max() > 0
@@ -246,16 +246,16 @@ def test_clear_errors(folder, tmp_path):
     with pytest.raises(ValueError, match="steps"):
         FAMILY.schedule(m, 0, IMAGE_SIZE, IMAGE_SIZE, "cpu")
     x = FAMILY.initial_latents(m, 1, IMAGE_SIZE, IMAGE_SIZE, torch.Generator(), "cpu")
-    FAMILY.schedule(m, STEPS, IMAGE_SIZE, IMAGE_SIZE, "cpu")
+    plan = FAMILY.schedule(m, STEPS, IMAGE_SIZE, IMAGE_SIZE, "cpu")
     with pytest.raises(ValueError, match="eta"):
-        FAMILY.step(m, x, 0, m.scheduler.timesteps[0], x, eta=0.5)
+        FAMILY.step(m, plan, 0, x, x, eta=0.5)
     with pytest.raises(ValueError, match="packed tokens"):
         unpack_latents(x, 4, 4)
     with pytest.raises(TypeError, match="prompts"):
         FAMILY.encode(m, "a cat", **SIZE)
     cond = FAMILY.encode(m, PROMPTS, **SIZE)
     with pytest.raises(ValueError, match="cond"):
-        FAMILY.predict(m, m.denoiser, x, 0, m.scheduler.timesteps[0], cond, None, GUIDANCE)
+        FAMILY.predict(m, m.denoiser, x, plan.timesteps[0], cond, None, GUIDANCE, plan)
     with pytest.raises(ValueError, match="weight_dtype"):
         FAMILY.load(folder, _index(folder), weight_dtype="fp64")
     with pytest.raises(FileNotFoundError, match="LoRA folder"):
@@ -361,8 +361,9 @@ def test_draft_lv_copies_renoise_along_the_flow_path(folder):
     _randomize_lora(m, SEED)
     cond = FAMILY.encode(m, PROMPTS, **SIZE)
     x_T = FAMILY.initial_latents(m, len(PROMPTS), IMAGE_SIZE, IMAGE_SIZE, torch.Generator().manual_seed(SEED), "cpu")
-    z = sampling.denoise(m, x_T, cond, None, steps=STEPS, guidance_scale=GUIDANCE, lv_copies=2,
-                         generator=torch.Generator().manual_seed(SEED), **SIZE)
+    plan = sampling.schedule(m, STEPS, IMAGE_SIZE, IMAGE_SIZE, "cpu")
+    z = sampling.draft_lv(m, x_T, plan, cond, None, copies=2, guidance_scale=GUIDANCE,
+                          generator=torch.Generator().manual_seed(SEED))
     assert z.shape == (2 * len(PROMPTS), *x_T.shape[1:]) and z.requires_grad
     assert (z[:2] - z[2:]).abs().max() > 0   # two different re-noisings
-    assert sampling.decode(m, z).shape == (4, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert sampling.decode(m, z, plan).shape == (4, 3, IMAGE_SIZE, IMAGE_SIZE)

@@ -68,15 +68,15 @@ def _sample(model, seed=SEED, prompts=PROMPTS, grad_steps=0, calls=None):
     uncond = FAMILY.encode(model, [""] * len(prompts), height=IMAGE_SIZE, width=IMAGE_SIZE)
     x = FAMILY.initial_latents(model, len(prompts), IMAGE_SIZE, IMAGE_SIZE, torch.Generator().manual_seed(seed),
                                "cpu")
-    timesteps = FAMILY.schedule(model, STEPS, IMAGE_SIZE, IMAGE_SIZE, "cpu")
-    for i, t in enumerate(timesteps):
+    plan = FAMILY.schedule(model, STEPS, IMAGE_SIZE, IMAGE_SIZE, "cpu")
+    for i, t in enumerate(plan.timesteps):
         with torch.set_grad_enabled(i >= STEPS - grad_steps):
-            out = FAMILY.predict(model, model.denoiser, x, i, t, cond, uncond, GUIDANCE)
+            out = FAMILY.predict(model, model.denoiser, x, t, cond, uncond, GUIDANCE, plan)
             if calls is not None:
                 calls.append(out.requires_grad)
-            x = FAMILY.step(model, out, i, t, x)
+            x = FAMILY.step(model, plan, i, out, x)
     with torch.set_grad_enabled(grad_steps > 0):
-        return FAMILY.decode(model, x)
+        return FAMILY.decode(model, x, plan)
 
 
 def _randomize_lora(model, seed):
@@ -91,7 +91,7 @@ def test_registry_and_components(folder):
     assert isinstance(family_for_index(_index(folder)), SD3Family)
     m = _load(folder)
     assert m.kind == "sd3" and m.family is FAMILY and m.denoiser.__class__.__name__ == "SD3Transformer2DModel"
-    assert len(m.text_encoders) == 3 and m.extras["t5"] and m.native_size == IMAGE_SIZE
+    assert len(m.text_encoders) == 3 and m.settings["t5"] and m.native_size == IMAGE_SIZE
     assert not any(p.requires_grad for mod in [m.denoiser, m.vae, *m.text_encoders] for p in mod.parameters())
 
 
@@ -131,7 +131,8 @@ def test_generic_sampler_and_load_model_equal_pipeline(folder):
     calls = []
     hook = m.denoiser.register_forward_hook(lambda mod, args, out: calls.append(torch.is_grad_enabled()))
     try:
-        z = sampling.denoise(m, x_T, cond, uncond, steps=STEPS, guidance_scale=GUIDANCE, grad_steps=2)
+        plan = sampling.schedule(m, STEPS, IMAGE_SIZE, IMAGE_SIZE, "cpu")
+        z = sampling.draft_k(m, x_T, plan, cond, uncond, guidance_scale=GUIDANCE, grad_steps=2)
     finally:
         hook.remove()
     assert calls == [False, False, True, True] and z.requires_grad
@@ -159,7 +160,7 @@ def test_without_t5_equals_pipeline_without_t5(folder, folder_no_t5):
     no_t5 = {"text_encoder_3": None, "tokenizer_3": None}
     for path, kw in [(folder_no_t5, {}), (folder, {"text_encoder_3": False})]:
         m = _load(path, **kw)
-        assert len(m.text_encoders) == 2 and not m.extras["t5"]
+        assert len(m.text_encoders) == 2 and not m.settings["t5"]
         cond = FAMILY.encode(m, PROMPTS, height=IMAGE_SIZE, width=IMAGE_SIZE)
         assert torch.all(cond.hidden[:, 16:] == 0)
         ours, ref = _sample(m), _pipeline_images(_pipeline(path, **no_t5))
@@ -226,9 +227,9 @@ def test_clear_errors(folder, tmp_path):
     with pytest.raises(ValueError, match="width"):
         FAMILY.initial_latents(m, 1, IMAGE_SIZE, 33, torch.Generator(), "cpu")
     x = torch.zeros(1, 4, 16, 16)
-    FAMILY.schedule(m, 4, IMAGE_SIZE, IMAGE_SIZE, "cpu")
+    plan = FAMILY.schedule(m, 4, IMAGE_SIZE, IMAGE_SIZE, "cpu")
     with pytest.raises(ValueError, match="eta"):
-        FAMILY.step(m, x, 0, m.scheduler.timesteps[0], x, eta=0.5)
+        FAMILY.step(m, plan, 0, x, x, eta=0.5)
     with pytest.raises(TypeError, match="prompts"):
         FAMILY.encode(m, "a cat", height=IMAGE_SIZE, width=IMAGE_SIZE)
     with pytest.raises(ValueError, match="weight_dtype"):

@@ -24,7 +24,7 @@ from fnf.config import ConfigError  # noqa: E402
 from fnf.lora import adapters_disabled, add_lora, lora_state_dict  # noqa: E402
 from fnf.encoding import encode_prompts  # noqa: E402
 from fnf.families.registry import load_model  # noqa: E402
-from fnf.sampling import denoise, denoise_batched, grad_start, initial_latents  # noqa: E402
+from fnf.sampling import denoise_batched, draft_k, draft_lv, grad_start, initial_latents, run_steps, schedule  # noqa: E402
 from fnf.train import train  # noqa: E402
 
 TOL64 = dict(atol=1e-9, rtol=1e-9)   # float64 latents / images of magnitude O(1)
@@ -66,19 +66,30 @@ def _draft(m, params, run):
     return z_ref, z.detach(), grads
 
 
+def _finish(m, x, plan, cond, uncond, kw, generator, start=0):
+    """I's trajectory from step ``start``: DRaFT-LV's copies or DRaFT-K's grad steps."""
+    g = dict(guidance_scale=kw["guidance_scale"], eta=kw["eta"], generator=generator, start=start)
+    if kw["lv_copies"]:
+        return draft_lv(m, x, plan, cond, uncond, copies=kw["lv_copies"], **g)
+    return draft_k(m, x, plan, cond, uncond, grad_steps=kw["grad_steps"], **g)
+
+
 def _two_passes(m, cond, uncond, x_T, kw, seed):
+    plan = schedule(m, kw["steps"], IMAGE_SIZE, IMAGE_SIZE, x_T.device)
     with torch.no_grad(), adapters_disabled(m.denoiser):
-        z_ref = denoise(m, x_T, cond, uncond, grad_steps=0, generator=torch.Generator().manual_seed(seed),
-                        **{k: v for k, v in kw.items() if k not in ("grad_steps", "lv_copies")})
-    z = denoise(m, x_T, cond, uncond, generator=torch.Generator().manual_seed(seed), **kw)
+        z_ref = run_steps(m, x_T, plan, cond, uncond, guidance_scale=kw["guidance_scale"], eta=kw["eta"],
+                          generator=torch.Generator().manual_seed(seed))
+    z = _finish(m, x_T, plan, cond, uncond, kw, torch.Generator().manual_seed(seed))
     return z_ref, z
 
 
 def _batched(m, cond, uncond, x_T, kw, seed):
+    plan = schedule(m, kw["steps"], IMAGE_SIZE, IMAGE_SIZE, x_T.device)
     gens = (torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed))
-    z_ref, x_ft = denoise_batched(m, x_T, cond, uncond, generators=gens, **kw)
     start = grad_start(kw["steps"], kw["grad_steps"], kw["lv_copies"])
-    z = denoise(m, x_ft, cond, uncond, generator=gens[1], start=start, **kw)
+    z_ref, x_ft = denoise_batched(m, x_T, plan, cond, uncond, shared=start, guidance_scale=kw["guidance_scale"],
+                                  eta=kw["eta"], generators=gens)
+    z = _finish(m, x_ft, plan, cond, uncond, kw, gens[1], start=start)
     return z_ref, z
 
 
@@ -167,7 +178,8 @@ def test_batched_sampling_through_triton_kernels(sd):
         ref_ref, ref_z = _two_passes(m, cond, None, x_T, kw, seed=0)
     fnf_kernels.patch_lora(m.denoiser, backend="triton")
     try:
-        z_ref, z = denoise_batched(m, x_T, cond, None, **kw)
+        plan = schedule(m, kw["steps"], IMAGE_SIZE, IMAGE_SIZE, x_T.device)
+        z_ref, z = denoise_batched(m, x_T, plan, cond, None, shared=1, guidance_scale=1.0)
     finally:
         fnf_kernels.unpatch_lora(m.denoiser)
     print(f"LoRA effect {(ref_ref - ref_z).abs().max():.2e}, triton vs peft {(z - ref_z).abs().max():.2e}")

@@ -14,7 +14,7 @@ from fnf.lora import add_lora, lora_dropout_layers, lora_state_dict  # noqa: E40
 from fnf.encoding import encode_prompts  # noqa: E402
 from fnf.families.registry import load_model  # noqa: E402
 from fnf.families.base import set_vae_precision  # noqa: E402
-from fnf.sampling import decode, denoise, initial_latents, sample_images  # noqa: E402
+from fnf.sampling import decode, draft_k, initial_latents, sample_images, schedule  # noqa: E402
 from fnf.train import Session, train  # noqa: E402
 
 OVERFLOW_GAIN = 1e4   # decoder.conv_in x 1e4: activations ~1e5 (> fp16's 65504), weights still < 2e3
@@ -224,12 +224,13 @@ def test_lora_dropout_acts_only_in_the_grad_steps(root):
     cond = encode_prompts(drop, ["a photo of a cat"], height=IMAGE_SIZE, width=IMAGE_SIZE)
     uncond = encode_prompts(drop, [""], height=IMAGE_SIZE, width=IMAGE_SIZE)
     x_T = initial_latents(drop, 1, IMAGE_SIZE, IMAGE_SIZE, torch.Generator().manual_seed(5), "cpu")
-    kw = dict(steps=4, guidance_scale=3.0, grad_steps=2)
+    kw = dict(guidance_scale=3.0, grad_steps=2)
+    plan = schedule(drop, 4, IMAGE_SIZE, IMAGE_SIZE, "cpu")
 
     def run(model, torch_seed):
         seen, hook = _unet_inputs(model.denoiser)
         torch.manual_seed(torch_seed)
-        z = denoise(model, x_T, cond, uncond, **kw)
+        z = draft_k(model, x_T, plan, cond, uncond, **kw)
         hook.remove()
         return z.detach(), seen
 
@@ -249,9 +250,9 @@ def test_lora_dropout_acts_only_in_the_grad_steps(root):
     drop.denoiser.eval()
     with torch.no_grad():  # plain sampling (no grad anywhere) never drops out
         torch.manual_seed(1)
-        a = denoise(drop, x_T, cond, uncond, **kw)
+        a = draft_k(drop, x_T, plan, cond, uncond, **kw)
         torch.manual_seed(2)
-        assert torch.equal(a, denoise(drop, x_T, cond, uncond, **kw))
+        assert torch.equal(a, draft_k(drop, x_T, plan, cond, uncond, **kw))
 
 
 def test_session_lora_dropout_is_on_exactly_in_grad_carrying_unet_calls(root, tmp_path):

@@ -13,7 +13,7 @@ from fnf_tiny_models import cached_model, one_torch_thread  # noqa: E402,F401
 from fnf.lora import adapters_disabled, add_lora
 from fnf.encoding import encode_prompts
 from fnf.families.registry import load_model
-from fnf.sampling import decode, denoise, initial_latents
+from fnf.sampling import decode, draft_k, draft_lv, initial_latents, schedule
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -45,7 +45,7 @@ def _record_grad_calls(unet):
 def test_only_last_k_unet_calls_carry_grad_and_grads_reach_lora_only(kind, tmp_path_factory):
     m, cond, uncond, x_T = _setup(kind, str(tmp_path_factory.getbasetemp()))
     calls, handle = _record_grad_calls(m.denoiser)
-    z = denoise(m, x_T, cond, uncond, steps=5, guidance_scale=3.0, grad_steps=2)
+    z = draft_k(m, x_T, schedule(m, 5, 32, 32, "cpu"), cond, uncond, guidance_scale=3.0, grad_steps=2)
     handle.remove()
     assert calls == [False, False, False, True, True]
     images = decode(m, z)
@@ -63,9 +63,10 @@ def test_only_last_k_unet_calls_carry_grad_and_grads_reach_lora_only(kind, tmp_p
 def test_k_equals_steps_and_pretrained_pass_without_grad(tmp_path_factory):
     m, cond, uncond, x_T = _setup("sd", str(tmp_path_factory.getbasetemp()))
     calls, handle = _record_grad_calls(m.denoiser)
-    denoise(m, x_T, cond, uncond, steps=3, guidance_scale=3.0, grad_steps=3)
+    plan = schedule(m, 3, 32, 32, "cpu")
+    draft_k(m, x_T, plan, cond, uncond, guidance_scale=3.0, grad_steps=3)
     with torch.no_grad(), adapters_disabled(m.denoiser):
-        denoise(m, x_T, cond, uncond, steps=3, guidance_scale=3.0, grad_steps=2)
+        draft_k(m, x_T, plan, cond, uncond, guidance_scale=3.0, grad_steps=2)
     handle.remove()
     assert calls == [True, True, True, False, False, False]
 
@@ -73,7 +74,7 @@ def test_k_equals_steps_and_pretrained_pass_without_grad(tmp_path_factory):
 def test_draft_lv_copies(tmp_path_factory):
     m, cond, uncond, x_T = _setup("sd", str(tmp_path_factory.getbasetemp()))
     calls, handle = _record_grad_calls(m.denoiser)
-    z = denoise(m, x_T, cond, uncond, steps=4, guidance_scale=3.0, grad_steps=1, lv_copies=3,
+    z = draft_lv(m, x_T, schedule(m, 4, 32, 32, "cpu"), cond, uncond, guidance_scale=3.0, copies=3,
                 generator=torch.Generator().manual_seed(1))
     handle.remove()
     assert calls == [False] * 4 + [True] * 3

@@ -204,7 +204,7 @@ def test_bitsandbytes_configs():
 
 # ------------------------------------------------------------------------------------------ torchao, for real
 def _predict(m, denoiser, x, cond, t):
-    return m.family.predict(m, denoiser, x, 0, t, cond, None, 3.5)
+    return m.family.predict(m, denoiser, x, t, cond, None, 3.5)
 
 
 @pytest.mark.skipif(not HAS_TORCHAO, reason="torchao is not installed (pip install torchao): the real int8 "
@@ -227,8 +227,7 @@ def test_torchao_int8_transformer_trains_lora_on_a_frozen_base(flux):
     assert type(weight) is not torch.nn.Parameter and "int8" in repr(type(weight)).lower() + str(weight.dtype)
     g = torch.Generator().manual_seed(SEED)
     x = m.family.initial_latents(m, 1, IMAGE_SIZE, IMAGE_SIZE, g, "cpu")
-    m.family.schedule(m, 2, IMAGE_SIZE, IMAGE_SIZE, "cpu")
-    t = m.scheduler.timesteps[0]
+    t = m.family.schedule(m, 2, IMAGE_SIZE, IMAGE_SIZE, "cpu").timesteps[0]
     cond = encode_prompts(m, ["a photo of a cat"], height=IMAGE_SIZE, width=IMAGE_SIZE)
     with torch.no_grad():
         ref_full, ref_q = _predict(full, full.denoiser, x, cond, t), _predict(base, base.denoiser, x, cond, t)
@@ -277,8 +276,7 @@ def test_torchao_int8_session_step_and_export(family, flux, tmp_path):
     assert quantize.method_of(m.denoiser) == "torchao"
     g = torch.Generator().manual_seed(SEED)
     x = m.family.initial_latents(m, 1, size, size, g, "cpu")
-    m.family.schedule(m, 2, size, size, "cpu")
-    t = m.scheduler.timesteps[0]
+    t = m.family.schedule(m, 2, size, size, "cpu").timesteps[0]
     with torch.no_grad(), adapters_disabled(m.denoiser):
         before = _predict(m, m.denoiser, x, session.embeds, t)
     lora_before = lora_state_dict(m.denoiser)

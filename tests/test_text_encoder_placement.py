@@ -170,7 +170,7 @@ def test_sd3_without_t5_from_config_equals_the_pipeline_without_t5(sd3, max_sequ
 
     print("seed", SEED)
     m = _load_from_config(sd3, text_encoder_3=False, max_sequence_length=max_sequence_length)
-    assert len(m.text_encoders) == 2 and not m.extras["t5"]
+    assert len(m.text_encoders) == 2 and not m.settings["t5"]
     steps, guidance = 4, 3.0
     cond = encode_prompts(m, PROMPTS, height=SD3_SIZE, width=SD3_SIZE)
     uncond = encode_prompts(m, ["", ""], height=SD3_SIZE, width=SD3_SIZE)
@@ -212,4 +212,4 @@ def test_max_sequence_length_defaults_are_the_pipelines(sd3, flux):
 
     for path, pipeline in ((sd3, StableDiffusion3Pipeline), (flux, FluxPipeline)):
         default = inspect.signature(pipeline.__call__).parameters["max_sequence_length"].default
-        assert _load_from_config(path).extras["max_sequence_length"] == default
+        assert _load_from_config(path).settings["max_sequence_length"] == default

@@ -11,11 +11,12 @@ Conventions every family follows (the contract the tests check):
 * ``model.denoiser`` holds the denoiser (a UNet or a transformer; ``model.denoiser`` is the same object) and
   ``model.family`` the family instance; LoRA lives on the denoiser (peft, adapter ``fnf.models.ADAPTER``),
   the frozen model is the same denoiser with adapters disabled.
-* Steps are indexed: ``timesteps = family.schedule(model, steps, h, w, device)`` configures
-  ``model.scheduler`` and returns the T timesteps; step ``i`` goes from noise level i to i + 1 with
-  ``x = family.step(model, family.predict(model, denoiser, x, i, t, cond, uncond, g), i, t, x, eta=, generator=)``.
-  ``step`` must be a pure function of its arguments (no scheduler step counter), so a trajectory can be split
-  into a no-grad part and a grad part, or continued from any ``i``.
+* The schedule is a value: ``schedule = family.schedule(model, steps, h, w, device)`` (a :class:`Schedule`;
+  ``model.scheduler`` is never configured per call, it holds only the folder's fixed config). Step ``i`` goes
+  from noise level i to i + 1 with ``out = family.predict(model, denoiser, x, schedule.timesteps[i], cond,
+  uncond, g, schedule)`` and ``x = family.step(model, schedule, i, out, x, eta=, generator=)``. ``step`` is a pure
+  function of its arguments, so a trajectory can be split into a no-grad part and a grad part, or continued
+  from any ``i``.
 * ``predict`` returns the guided model output in float32 (float64 for a float64 denoiser); it applies CFG when
   ``family.uses_cfg(model, uncond, g)`` (with the batch order ``[uncond rows, cond rows]``), or a guidance
   embedding (guidance-distilled FLUX: no batch doubling).
@@ -25,16 +26,39 @@ Conventions every family follows (the contract the tests check):
 """
 from __future__ import annotations
 
+import contextlib
+import math
 import os
+from dataclasses import dataclass
 
 import torch
 
-from ..core import LORA_WEIGHTS, ModelLoadError, resolve_dtype
+from ..core import LORA_WEIGHTS, ModelLoadError, PromptEmbeds, resolve_dtype
 from ..lora import check_lora_folder, dropout_off, export_state
 from . import flow
 
-__all__ = ["FlowMatchingEuler", "ModelFamily", "TransformerLoRA", "check_lora_folder", "load_component",
-           "resolve_dtype", "set_vae_precision"]
+__all__ = ["FlowMatchingEuler", "ModelFamily", "PackedLatents", "Schedule", "TransformerLoRA", "cfg_combine",
+           "cfg_inputs", "check_lora_folder", "decode_vae", "load_component", "resolve_dtype", "set_vae_precision",
+           "unscale_latents"]
+
+
+@dataclass(frozen=True, eq=False)
+class Schedule:
+    """One sampling schedule (a value; :meth:`ModelFamily.schedule` builds it): the T ``timesteps`` the denoiser
+    sees (on the sampling device), the T + 1 noise levels ``sigmas`` of the flow families (the last is 0; None for
+    DDIM) and the image size the latents decode to."""
+
+    timesteps: torch.Tensor
+    height: int
+    width: int
+    sigmas: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def steps(self) -> int:
+        return len(self.timesteps)
 
 
 class ModelFamily:
@@ -79,24 +103,27 @@ class ModelFamily:
         f = model.vae_scale_factor
         return int(latents.shape[-2]) * f, int(latents.shape[-1]) * f
 
-    def schedule(self, model, steps: int, height: int, width: int, device) -> torch.Tensor:
-        """Configure ``model.scheduler`` for ``steps`` steps at this image size; return the timesteps."""
+    def schedule(self, model, steps: int, height: int, width: int, device) -> Schedule:
+        """The :class:`Schedule` of ``steps`` steps at this image size (``model.scheduler`` is left as it is)."""
         raise NotImplementedError
 
-    def predict(self, model, denoiser, x: torch.Tensor, i: int, t, cond, uncond, guidance_scale: float):
-        """One denoiser call at step ``i`` (timestep ``t``) and the guided output."""
+    def predict(self, model, denoiser, x: torch.Tensor, t, cond, uncond, guidance_scale: float,
+                schedule: Schedule | None = None):
+        """One denoiser call at timestep ``t`` (one, or one per row) and the guided output; ``schedule`` gives the
+        image size of packed latents (families with unpacked latents ignore it)."""
         raise NotImplementedError
 
-    def step(self, model, out: torch.Tensor, i: int, t, x: torch.Tensor, *, eta: float = 0.0,
+    def step(self, model, schedule: Schedule, i: int, out: torch.Tensor, x: torch.Tensor, *, eta: float = 0.0,
              generator: torch.Generator | None = None) -> torch.Tensor:
         """x at noise level i -> x at level i + 1, given the guided output (pure)."""
         raise NotImplementedError
 
-    def renoise(self, model, x0: torch.Tensor, noise: torch.Tensor, i: int, t) -> torch.Tensor:
+    def renoise(self, model, schedule: Schedule, i: int, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """DRaFT-LV: clean latents x0 put back at step i's noise level with ``noise``."""
         raise NotImplementedError
 
-    def decode(self, model, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, model, latents: torch.Tensor, schedule: Schedule | None = None) -> torch.Tensor:
+        """Float32 images in [0, 1]; ``schedule`` gives the image size of packed latents."""
         raise NotImplementedError
 
     # -------------------------------------------------------------------------------- LoRA
@@ -122,19 +149,94 @@ def load_component(component: str, path: str, loader, pipeline: str, needs: str,
         raise ModelLoadError(f"could not load '{component}' from {folder!r}: {type(e).__name__}: {e}") from e
 
 
+def cfg_inputs(family, model, x: torch.Tensor, cond, uncond, guidance_scale: float):
+    """(cfg, conditioning, denoiser input): with classifier-free guidance the batch is ``[uncond rows of x, cond
+    rows of x]``."""
+    cfg = family.uses_cfg(model, uncond, guidance_scale)
+    if not cfg:
+        return False, cond, x
+    return True, PromptEmbeds.cat(uncond, cond), torch.cat([x, x])
+
+
+def cfg_combine(out: torch.Tensor, cfg: bool, guidance_scale: float) -> torch.Tensor:
+    """The denoiser output in float32 (float64 stays float64), guided as the pipelines guide it when ``cfg``."""
+    out = out.to(torch.promote_types(out.dtype, torch.float32))
+    if cfg:
+        out_uncond, out_cond = out.chunk(2)
+        out = out_uncond + guidance_scale * (out_cond - out_uncond)
+    return out
+
+
+def unscale_latents(model, latents: torch.Tensor) -> torch.Tensor:
+    """``latents / scaling_factor (+ shift_factor)`` in the VAE's latent space (float32 with ``model.vae_upcast``)."""
+    vae = model.vae
+    z = (latents.float() if model.vae_upcast else latents) / vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None)
+    if shift:
+        z = z + shift
+    return z
+
+
+def decode_vae(model, z: torch.Tensor) -> torch.Tensor:
+    """VAE decode of VAE-space latents to float32 images in [0, 1]. With ``model.vae_upcast`` (force_upcast with
+    fp16 in play) the float32 VAE runs with autocast off: an fp16 decode of SD/SDXL VAEs overflows to NaN images."""
+    vae = model.vae
+    with torch.autocast(z.device.type, enabled=False) if model.vae_upcast else contextlib.nullcontext():
+        x = vae.decode(z.to(vae.dtype), return_dict=False)[0]
+    return (x.to(torch.promote_types(x.dtype, torch.float32)) / 2 + 0.5).clamp(0, 1)
+
+
 class FlowMatchingEuler:
     """The flow families' sampler step and DRaFT-LV re-noise (``fnf.families.flow``): the folder's
-    FlowMatchEulerDiscreteScheduler step from sigma_i to sigma_{i+1}, deterministic (``eta`` must be 0)."""
+    FlowMatchEulerDiscreteScheduler step from ``schedule.sigmas[i]`` to ``[i + 1]``, deterministic (``eta`` must
+    be 0) unless the scheduler config sets ``stochastic_sampling``."""
 
-    def step(self, model, out: torch.Tensor, i: int, t, x: torch.Tensor, *, eta: float = 0.0,
+    def flow_schedule(self, model, steps, height: int, width: int, device, *, mu=None, sigmas=None) -> Schedule:
+        timesteps, levels = flow.flow_schedule(model.scheduler, steps, device, mu=mu, sigmas=sigmas)
+        return Schedule(timesteps, int(height), int(width), levels)
+
+    def step(self, model, schedule: Schedule, i: int, out: torch.Tensor, x: torch.Tensor, *, eta: float = 0.0,
              generator: torch.Generator | None = None) -> torch.Tensor:
         if eta:
             raise ValueError(f"sampling.eta: the {self.title} flow-matching Euler sampler is deterministic; "
                              f"expected 0, got {eta!r}")
-        return flow.euler_step(model.scheduler, out, i, x, generator=generator)
+        stochastic = bool(model.scheduler.config.get("stochastic_sampling", False))
+        return flow.euler_step(schedule.sigmas, out, i, x, stochastic=stochastic, generator=generator)
 
-    def renoise(self, model, x0: torch.Tensor, noise: torch.Tensor, i: int, t) -> torch.Tensor:
-        return flow.renoise(model.scheduler, x0, noise, i)
+    def renoise(self, model, schedule: Schedule, i: int, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return flow.renoise(schedule.sigmas, x0, noise, i)
+
+
+class PackedLatents:
+    """FLUX.1 / FLUX.2: latents packed into (B, (h/2)*(w/2), C') tokens of 2x2 latent patches; the image size comes
+    from the schedule (or, without one, a square token grid)."""
+
+    def token_grid(self, model, height: int, width: int) -> tuple[int, int]:
+        """The packed token grid (h/2, w/2) as the pipelines' prepare_latents round the size."""
+        f = model.vae_scale_factor
+        for name, side in (("height", height), ("width", width)):
+            if isinstance(side, bool) or not isinstance(side, int) or side < 2 * f:
+                raise ValueError(f"{name}: expected an int >= {2 * f} ({self.title} packs 2x2 latent patches of the "
+                                 f"{f}x-downsampled image), got {side!r}")
+        return height // (f * 2), width // (f * 2)
+
+    def image_size(self, model, latents: torch.Tensor) -> tuple[int, int]:
+        n = int(latents.shape[1])
+        side = math.isqrt(n)
+        if side * side != n:
+            raise ValueError(f"latents: {n} packed tokens are not a square grid; pass the schedule (or height and "
+                             "width)")
+        f = model.vae_scale_factor
+        return 2 * side * f, 2 * side * f
+
+    def packed_grid(self, model, latents: torch.Tensor, schedule: Schedule | None) -> tuple[int, int]:
+        """The token grid of ``latents``: the schedule's image size, checked against the token count."""
+        size = (schedule.height, schedule.width) if schedule is not None else self.image_size(model, latents)
+        h2, w2 = self.token_grid(model, *size)
+        if h2 * w2 != int(latents.shape[1]):
+            raise ValueError(f"latents: expected {h2 * w2} packed tokens for a {size[0]}x{size[1]} image, got "
+                             f"{int(latents.shape[1])}")
+        return h2, w2
 
 
 class TransformerLoRA:

@@ -1,12 +1,15 @@
 """Flow-matching Euler helpers shared by the SD3 and FLUX families.
 
-Pure functions over a diffusers ``FlowMatchEulerDiscreteScheduler`` configured by :func:`flow_schedule`
-(its ``set_timesteps``): step ``i`` goes from ``sigmas[i]`` to ``sigmas[i + 1]`` and never reads or moves the
-scheduler's step counter, so a trajectory can be split into a no-grad and a grad part or resumed at any ``i``.
+:func:`flow_schedule` computes a schedule's sigmas from the folder's ``FlowMatchEulerDiscreteScheduler`` (its
+``set_timesteps`` on a copy); the step and re-noise are pure functions of those sigmas: step ``i`` goes from
+``sigmas[i]`` to ``sigmas[i + 1]``, so a trajectory can be split into a no-grad and a grad part or resumed at any
+``i``.
 The arithmetic is the scheduler's own (``scheduler.step``'s float32 upcast and cast back), so a loop over
 :func:`euler_step` reproduces the pipeline's latents bit for bit.
 """
 from __future__ import annotations
+
+import copy
 
 import torch
 
@@ -34,8 +37,9 @@ def _check_flow_scheduler(scheduler) -> None:
 
 
 def flow_schedule(scheduler, steps: int | None, device=None, *, mu: float | None = None,
-                  sigmas=None) -> torch.Tensor:
-    """Configure ``scheduler`` as the pipelines' ``retrieve_timesteps`` does and return its timesteps.
+                  sigmas=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(timesteps, sigmas) as the pipelines' ``retrieve_timesteps`` computes them (``set_timesteps`` on a shallow
+    copy: ``scheduler`` itself is left as it is); ``sigmas`` has T + 1 entries, the last 0.
 
     ``sigmas``: custom sigmas (FluxPipeline passes ``linspace(1, 1/steps, steps)``), then ``steps`` may be None
     and the schedule has ``len(sigmas)`` steps; ``mu``: the dynamic-shifting exponent (:func:`shift_mu`),
@@ -49,29 +53,30 @@ def flow_schedule(scheduler, steps: int | None, device=None, *, mu: float | None
     if scheduler.config.get("use_dynamic_shifting", False) and mu is None:
         raise ValueError("mu: required by a scheduler with use_dynamic_shifting (see flow.shift_mu)")
     kwargs = {} if mu is None else {"mu": mu}
+    work = copy.copy(scheduler)
     if sigmas is not None:
-        scheduler.set_timesteps(sigmas=sigmas, device=device, **kwargs)
+        work.set_timesteps(sigmas=sigmas, device=device, **kwargs)
     else:
-        scheduler.set_timesteps(steps, device=device, **kwargs)
-    return scheduler.timesteps
+        work.set_timesteps(steps, device=device, **kwargs)
+    return work.timesteps, work.sigmas
 
 
-def _sigma_pair(scheduler, i: int):
-    n = len(scheduler.sigmas) - 1
+def _sigma_pair(sigmas: torch.Tensor, i: int):
+    n = len(sigmas) - 1
     if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n:
         raise ValueError(f"i: expected a step index in [0, {n}), got {i!r}")
-    return scheduler.sigmas[i], scheduler.sigmas[i + 1]
+    return sigmas[i], sigmas[i + 1]
 
 
-def euler_step(scheduler, out: torch.Tensor, i: int, x: torch.Tensor, *,
+def euler_step(sigmas: torch.Tensor, out: torch.Tensor, i: int, x: torch.Tensor, *, stochastic: bool = False,
                generator: torch.Generator | None = None) -> torch.Tensor:
-    """x at ``sigmas[i]`` -> x at ``sigmas[i + 1]`` given the velocity ``out``, exactly as ``scheduler.step``:
-    ``x`` upcast to float32, ``x + (sigma_{i+1} - sigma_i) * out``, cast to ``out``'s dtype. A config with
-    ``stochastic_sampling`` re-noises the predicted x0 to ``sigma_{i+1}`` with noise from ``generator``."""
-    _check_flow_scheduler(scheduler)
-    sigma, sigma_next = _sigma_pair(scheduler, i)
+    """x at ``sigmas[i]`` -> x at ``sigmas[i + 1]`` given the velocity ``out``, exactly as the scheduler's
+    ``step``: ``x`` upcast to float32, ``x + (sigma_{i+1} - sigma_i) * out``, cast to ``out``'s dtype.
+    ``stochastic`` (the config's ``stochastic_sampling``) re-noises the predicted x0 to ``sigma_{i+1}`` with
+    noise from ``generator``."""
+    sigma, sigma_next = _sigma_pair(sigmas, i)
     sample = x.to(torch.float32)
-    if scheduler.config.get("stochastic_sampling", False):
+    if stochastic:
         from diffusers.utils.torch_utils import randn_tensor
 
         x0 = sample - sigma * out
@@ -82,19 +87,18 @@ def euler_step(scheduler, out: torch.Tensor, i: int, x: torch.Tensor, *,
     return prev.to(out.dtype)
 
 
-def renoise(scheduler, x0: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
+def renoise(sigmas: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
     """DRaFT-LV along the flow path: ``sigma_i * noise + (1 - sigma_i) * x0`` (the scheduler's ``scale_noise``
     at step i, sigma in ``x0``'s dtype)."""
-    _check_flow_scheduler(scheduler)
     if noise.shape != x0.shape:
         raise ValueError(f"noise: expected shape {tuple(x0.shape)} (x0's), got {tuple(noise.shape)}")
-    n = len(scheduler.sigmas)
+    n = len(sigmas)
     if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n:
         raise ValueError(f"i: expected a sigma index in [0, {n}), got {i!r}")
-    sigma = scheduler.sigmas.to(device=x0.device, dtype=x0.dtype)[i]
+    sigma = sigmas.to(device=x0.device, dtype=x0.dtype)[i]
     return sigma * noise + (1.0 - sigma) * x0
 
 
-def sigma_at(scheduler, i: int) -> float:
+def sigma_at(sigmas: torch.Tensor, i: int) -> float:
     """The noise level of step ``i`` (``sigmas[i]``; ``i == steps`` is the final 0)."""
-    return float(scheduler.sigmas[i])
+    return float(sigmas[i])

@@ -13,13 +13,9 @@ The T5 encoder is required: FluxPipeline has no path without it (its ``encode_pr
 and moves the encoders off it (``memory.offload_text_encoder``, ``fnf.models.encode_before_denoiser``).
 ``model.max_sequence_length`` sets the T5 tokens, ``model.quantize`` the transformer's quantization.
 
-Latents are packed, (B, (h/2)*(w/2), 4*C); their image size is the one of the last :meth:`initial_latents`
-or :meth:`schedule` call (``model.extras["image_size"]``), else square.
+Latents are packed, (B, (h/2)*(w/2), 4*C); their image size comes from the schedule (else a square grid).
 """
 from __future__ import annotations
-
-import contextlib
-import math
 
 import numpy as np
 import torch
@@ -27,7 +23,20 @@ import torch
 from .. import quantize as quant
 from ..core import DiffusionModel, ModelLoadError, PromptEmbeds
 from . import flow
-from .base import FlowMatchingEuler, ModelFamily, TransformerLoRA, load_component, resolve_dtype, set_vae_precision
+from .base import (
+                   FlowMatchingEuler,
+                   ModelFamily,
+                   PackedLatents,
+                   Schedule,
+                   TransformerLoRA,
+                   cfg_combine,
+                   cfg_inputs,
+                   decode_vae,
+                   load_component,
+                   resolve_dtype,
+                   set_vae_precision,
+                   unscale_latents,
+)
 
 MAX_SEQUENCE_LENGTH = 512   # FluxPipeline's default max_sequence_length for the T5 tokens
 
@@ -67,7 +76,7 @@ def _tokenize(tokenizer, prompts: list[str], max_length: int) -> torch.Tensor:
                      return_tensors="pt").input_ids
 
 
-class FluxFamily(FlowMatchingEuler, TransformerLoRA, ModelFamily):
+class FluxFamily(PackedLatents, FlowMatchingEuler, TransformerLoRA, ModelFamily):
     """FLUX.1: FluxTransformer2DModel, CLIP-L (pooled) + T5 (sequence), 16-channel VAE, flow-matching Euler."""
 
     name = "flux"
@@ -114,11 +123,11 @@ class FluxFamily(FlowMatchingEuler, TransformerLoRA, ModelFamily):
             module.requires_grad_(False)
             module.eval()
             quant.move(module, device)
-        extras = {"guidance_embeds": bool(transformer.config.guidance_embeds),
+        settings = {"guidance_embeds": bool(transformer.config.guidance_embeds),
                   "max_sequence_length": max_sequence_length}
         model = DiffusionModel(path=path, family=self, denoiser=transformer, vae=vae, scheduler=scheduler,
                                text_encoders=[clip, t5], tokenizers=[clip_tok, t5_tok],
-                               force_zeros_for_empty_prompt=False, extras=extras)
+                               force_zeros_for_empty_prompt=False, settings=settings)
         set_vae_precision(model, dtype)
         return model
 
@@ -142,7 +151,7 @@ class FluxFamily(FlowMatchingEuler, TransformerLoRA, ModelFamily):
         with torch.no_grad():
             pooled = clip(_tokenize(clip_tok, prompts, clip_tok.model_max_length).to(clip.device),
                           output_hidden_states=False).pooler_output
-            max_len = int(model.extras.get("max_sequence_length", MAX_SEQUENCE_LENGTH))
+            max_len = int(model.settings.get("max_sequence_length", MAX_SEQUENCE_LENGTH))
             hidden = t5(_tokenize(t5_tok, prompts, max_len).to(t5.device), output_hidden_states=False)[0]
         hidden, pooled = hidden.to(device=device, dtype=t5.dtype), pooled.to(device=device, dtype=clip.dtype)
         if zero:
@@ -152,90 +161,55 @@ class FluxFamily(FlowMatchingEuler, TransformerLoRA, ModelFamily):
     def uses_cfg(self, model, uncond, guidance_scale: float) -> bool:
         """Guidance-distilled (FLUX.1-dev): never (the scale is an embedding). Otherwise true CFG when a negative
         conditioning is given and the scale is > 1 (FluxPipeline's ``true_cfg_scale`` with a negative prompt)."""
-        if model.extras.get("guidance_embeds", False):
+        if model.settings.get("guidance_embeds", False):
             return False
         return uncond is not None and guidance_scale > 1.0
 
     # -------------------------------------------------------------------------------- sampling
-    def _latent_hw(self, model, height: int, width: int) -> tuple[int, int]:
-        """Latent grid size as FluxPipeline.prepare_latents rounds it (a multiple of 2 for the 2x2 packing)."""
-        f = model.vae_scale_factor
-        for name, side in (("height", height), ("width", width)):
-            if isinstance(side, bool) or not isinstance(side, int) or side < 2 * f:
-                raise ValueError(f"{name}: expected an int >= {2 * f} (FLUX packs 2x2 latent patches of the "
-                                 f"{f}x-downsampled image), got {side!r}")
-        model.extras["image_size"] = (int(height), int(width))
-        return 2 * (height // (f * 2)), 2 * (width // (f * 2))
-
-    def image_size(self, model, latents: torch.Tensor) -> tuple[int, int]:
-        n = int(latents.shape[1])
-        f = model.vae_scale_factor
-        size = model.extras.get("image_size")
-        if size is not None:
-            h, w = self._latent_hw(model, *size)
-            if (h // 2) * (w // 2) == n:
-                return size
-        side = math.isqrt(n)
-        if side * side != n:
-            raise ValueError(f"latents: {n} packed tokens are not a square grid and no image size is known; pass "
-                             "height and width (or draw them with initial_latents)")
-        return 2 * side * f, 2 * side * f
-
     def initial_latents(self, model, batch: int, height: int, width: int, generator: torch.Generator,
                         device) -> torch.Tensor:
         """FluxPipeline.prepare_latents with a CPU generator: N(0, I) of (B, C, h, w), packed 2x2."""
-        h, w = self._latent_hw(model, height, width)
+        h2, w2 = self.token_grid(model, height, width)
         channels = model.denoiser.config.in_channels // 4
-        x = torch.randn((batch, channels, h, w), generator=generator, dtype=torch.float32)
+        x = torch.randn((batch, channels, 2 * h2, 2 * w2), generator=generator, dtype=torch.float32)
         return pack_latents(x).to(device)
 
-    def schedule(self, model, steps: int, height: int, width: int, device) -> torch.Tensor:
+    def schedule(self, model, steps: int, height: int, width: int, device) -> Schedule:
         """FluxPipeline's schedule: sigmas linspace(1, 1/T, T) (none with use_flow_sigmas), mu from the packed
         sequence length (used with dynamic shifting)."""
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps: expected a positive int, got {steps!r}")
-        h, w = self._latent_hw(model, height, width)
+        h2, w2 = self.token_grid(model, height, width)
         sched = model.scheduler
         sigmas = None if sched.config.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / steps, steps)
-        mu = flow.shift_mu(sched, (h // 2) * (w // 2), default_max_shift=1.15)
-        return flow.flow_schedule(sched, None if sigmas is not None else steps, device, mu=mu, sigmas=sigmas)
+        mu = flow.shift_mu(sched, h2 * w2, default_max_shift=1.15)
+        return self.flow_schedule(model, None if sigmas is not None else steps, height, width, device, mu=mu,
+                                  sigmas=sigmas)
 
-    def predict(self, model, denoiser, x: torch.Tensor, i: int, t, cond, uncond, guidance_scale: float):
+    def predict(self, model, denoiser, x: torch.Tensor, t, cond, uncond, guidance_scale: float,
+                schedule: Schedule | None = None):
         """One transformer call (``timestep / 1000``, guidance embedding for guidance-distilled folders, text ids
         zeros, latent image ids) and the guided velocity in float32 (float64 for a float64 transformer); with
         true CFG the batch is ``[uncond rows of x, cond rows of x]``."""
-
-        cfg = self.uses_cfg(model, uncond, guidance_scale)
-        emb = PromptEmbeds.cat(uncond, cond) if cfg else cond
-        x_in = torch.cat([x, x]) if cfg else x
+        cfg, emb, x_in = cfg_inputs(self, model, x, cond, uncond, guidance_scale)
         dtype, n = model.denoiser.dtype, x_in.shape[0]
-        h, w = self._latent_hw(model, *self.image_size(model, x))
-        img_ids = latent_image_ids(h // 2, w // 2, x.device, dtype)
+        h2, w2 = self.packed_grid(model, x, schedule)
+        img_ids = latent_image_ids(h2, w2, x.device, dtype)
         txt_ids = torch.zeros(emb.hidden.shape[1], 3, device=x.device, dtype=dtype)
         t = torch.as_tensor(t, device=x.device)
         timestep = (t.expand(n) if t.dim() == 0 else t.repeat(n // t.shape[0])).to(dtype)
         guidance = None
-        if model.extras.get("guidance_embeds", False):
+        if model.settings.get("guidance_embeds", False):
             guidance = torch.full([1], guidance_scale, device=x.device, dtype=torch.float32).expand(n)
         out = denoiser(hidden_states=x_in.to(dtype), timestep=timestep / 1000, guidance=guidance,
                        pooled_projections=emb.pooled.to(dtype), encoder_hidden_states=emb.hidden.to(dtype),
                        txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
-        out = out.to(torch.promote_types(out.dtype, torch.float32))
-        if cfg:
-            out_uncond, out_cond = out.chunk(2)
-            out = out_uncond + guidance_scale * (out_cond - out_uncond)
-        return out
+        return cfg_combine(out, cfg, guidance_scale)
 
-    def decode(self, model, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, model, latents: torch.Tensor, schedule: Schedule | None = None) -> torch.Tensor:
         """Unpack, ``z / scaling_factor + shift_factor``, VAE decode, ``x / 2 + 0.5`` clamped: float32 in [0, 1]."""
-        vae = model.vae
-        f = model.vae_scale_factor
-        height, width = self.image_size(model, latents)
-        z = unpack_latents(latents, 2 * (height // (f * 2)), 2 * (width // (f * 2)))
-        z = (z.float() if model.vae_upcast else z) / vae.config.scaling_factor + vae.config.shift_factor
-        with torch.autocast(z.device.type, enabled=False) if model.vae_upcast else contextlib.nullcontext():
-            x = vae.decode(z.to(vae.dtype), return_dict=False)[0]
-        return (x.to(torch.promote_types(x.dtype, torch.float32)) / 2 + 0.5).clamp(0, 1)
+        h2, w2 = self.packed_grid(model, latents, schedule)
+        return decode_vae(model, unscale_latents(model, unpack_latents(latents, 2 * h2, 2 * w2)))
 
 
 FLUX = FluxFamily()

@@ -18,16 +18,24 @@ The FLUX.2 Klein pipelines (Qwen3 text encoder, true CFG) are other pipeline cla
 """
 from __future__ import annotations
 
-import contextlib
-import math
-
 import numpy as np
 import torch
 
 from .. import quantize as quant
 from ..core import DiffusionModel, ModelLoadError, PromptEmbeds
 from . import flow
-from .base import FlowMatchingEuler, ModelFamily, TransformerLoRA, load_component, resolve_dtype, set_vae_precision
+from .base import (
+                   FlowMatchingEuler,
+                   ModelFamily,
+                   PackedLatents,
+                   Schedule,
+                   TransformerLoRA,
+                   cfg_combine,
+                   decode_vae,
+                   load_component,
+                   resolve_dtype,
+                   set_vae_precision,
+)
 
 MAX_SEQUENCE_LENGTH = 512                 # Flux2Pipeline's default max_sequence_length
 TEXT_ENCODER_OUT_LAYERS = (10, 20, 30)    # Flux2Pipeline's default text_encoder_out_layers
@@ -121,7 +129,7 @@ def _require_flux2() -> None:
                              f"has none; upgrade diffusers) and a transformers with Mistral3: {e}") from None
 
 
-class Flux2Family(FlowMatchingEuler, TransformerLoRA, ModelFamily):
+class Flux2Family(PackedLatents, FlowMatchingEuler, TransformerLoRA, ModelFamily):
     """FLUX.2: Flux2Transformer2DModel, a Mistral3 text encoder (stacked hidden states), AutoencoderKLFlux2 with
     batch-norm latent statistics, flow-matching Euler with the empirical mu."""
 
@@ -178,11 +186,11 @@ class Flux2Family(FlowMatchingEuler, TransformerLoRA, ModelFamily):
             module.requires_grad_(False)
             module.eval()
             quant.move(module, device)
-        extras = {"guidance_embeds": bool(transformer.config.guidance_embeds),
+        settings = {"guidance_embeds": bool(transformer.config.guidance_embeds),
                   "max_sequence_length": max_sequence_length, "text_encoder_out_layers": TEXT_ENCODER_OUT_LAYERS}
         model = DiffusionModel(path=path, family=self, denoiser=transformer, vae=vae, scheduler=scheduler,
                                text_encoders=[encoder], tokenizers=[tokenizer], force_zeros_for_empty_prompt=False,
-                               extras=extras)
+                               settings=settings)
         set_vae_precision(model, dtype)
         return model
 
@@ -203,11 +211,11 @@ class Flux2Family(FlowMatchingEuler, TransformerLoRA, ModelFamily):
                 not all(isinstance(p, str) for p in prompts):
             raise TypeError(f"prompts: expected a list of str, got {prompts!r}")
         encoder, tokenizer = model.text_encoders[0], model.tokenizers[0]
-        layers = tuple(model.extras.get("text_encoder_out_layers", TEXT_ENCODER_OUT_LAYERS))
+        layers = tuple(model.settings.get("text_encoder_out_layers", TEXT_ENCODER_OUT_LAYERS))
         inputs = tokenizer.apply_chat_template(
             format_input(prompts=list(prompts), system_message=SYSTEM_MESSAGE), add_generation_prompt=False,
             tokenize=True, return_dict=True, return_tensors="pt", padding="max_length", truncation=True,
-            max_length=int(model.extras.get("max_sequence_length", MAX_SEQUENCE_LENGTH)))
+            max_length=int(model.settings.get("max_sequence_length", MAX_SEQUENCE_LENGTH)))
         with torch.no_grad():
             out = encoder(input_ids=inputs["input_ids"].to(encoder.device),
                           attention_mask=inputs["attention_mask"].to(encoder.device), output_hidden_states=True,
@@ -223,78 +231,49 @@ class Flux2Family(FlowMatchingEuler, TransformerLoRA, ModelFamily):
         return False
 
     # -------------------------------------------------------------------------------- sampling
-    def _latent_hw(self, model, height: int, width: int) -> tuple[int, int]:
-        """The packed token grid (h/2, w/2) as Flux2Pipeline.prepare_latents rounds the size."""
-        f = model.vae_scale_factor
-        for name, side in (("height", height), ("width", width)):
-            if isinstance(side, bool) or not isinstance(side, int) or side < 2 * f:
-                raise ValueError(f"{name}: expected an int >= {2 * f} (FLUX.2 packs 2x2 latent patches of the "
-                                 f"{f}x-downsampled image), got {side!r}")
-        model.extras["image_size"] = (int(height), int(width))
-        return height // (f * 2), width // (f * 2)
-
-    def image_size(self, model, latents: torch.Tensor) -> tuple[int, int]:
-        n = int(latents.shape[1])
-        f = model.vae_scale_factor
-        size = model.extras.get("image_size")
-        if size is not None:
-            h, w = self._latent_hw(model, *size)
-            if h * w == n:
-                return size
-        side = math.isqrt(n)
-        if side * side != n:
-            raise ValueError(f"latents: {n} packed tokens are not a square grid and no image size is known; pass "
-                             "height and width (or draw them with initial_latents)")
-        return 2 * side * f, 2 * side * f
-
     def initial_latents(self, model, batch: int, height: int, width: int, generator: torch.Generator,
                         device) -> torch.Tensor:
         """Flux2Pipeline.prepare_latents with a CPU generator: N(0, I) of (B, in_channels, h/2, w/2), packed."""
-        h, w = self._latent_hw(model, height, width)
+        h2, w2 = self.token_grid(model, height, width)
         channels = (model.denoiser.config.in_channels // 4) * 4
-        x = torch.randn((batch, channels, h, w), generator=generator, dtype=torch.float32)
+        x = torch.randn((batch, channels, h2, w2), generator=generator, dtype=torch.float32)
         return pack_latents(x).to(device)
 
-    def schedule(self, model, steps: int, height: int, width: int, device) -> torch.Tensor:
+    def schedule(self, model, steps: int, height: int, width: int, device) -> Schedule:
         """Flux2Pipeline's schedule: sigmas linspace(1, 1/T, T) (none with use_flow_sigmas), mu from
         :func:`empirical_mu` of the packed token count and T."""
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps: expected a positive int, got {steps!r}")
-        h, w = self._latent_hw(model, height, width)
-        sched = model.scheduler
-        sigmas = None if sched.config.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / steps, steps)
-        mu = empirical_mu(h * w, steps)
-        return flow.flow_schedule(sched, None if sigmas is not None else steps, device, mu=mu, sigmas=sigmas)
+        h2, w2 = self.token_grid(model, height, width)
+        sigmas = None if model.scheduler.config.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / steps, steps)
+        return self.flow_schedule(model, None if sigmas is not None else steps, height, width, device,
+                                  mu=empirical_mu(h2 * w2, steps), sigmas=sigmas)
 
-    def predict(self, model, denoiser, x: torch.Tensor, i: int, t, cond, uncond, guidance_scale: float):
+    def predict(self, model, denoiser, x: torch.Tensor, t, cond, uncond, guidance_scale: float,
+                schedule: Schedule | None = None):
         """One transformer call (``timestep / 1000``, the guidance scale as embedding, text and image ids) and the
         velocity in float32 (float64 for a float64 transformer). ``uncond`` is unused (no CFG in FLUX.2)."""
         dtype, n = model.denoiser.dtype, x.shape[0]
         if cond.hidden.shape[0] != n:
             raise ValueError(f"cond: expected {n} rows (x's batch), got {cond.hidden.shape[0]}")
-        h, w = self._latent_hw(model, *self.image_size(model, x))
+        h2, w2 = self.packed_grid(model, x, schedule)
         t = torch.as_tensor(t, device=x.device)
         timestep = (t.expand(n) if t.dim() == 0 else t.repeat(n // t.shape[0])).to(dtype)
         guidance = torch.full([1], guidance_scale, device=x.device, dtype=torch.float32).expand(n)
         out = denoiser(hidden_states=x.to(dtype), timestep=timestep / 1000, guidance=guidance,
                        encoder_hidden_states=cond.hidden.to(dtype), txt_ids=text_ids(cond.hidden.shape[1], x.device),
-                       img_ids=latent_ids(h, w, x.device), return_dict=False)[0]
-        out = out[:, : x.shape[1]]
-        return out.to(torch.promote_types(out.dtype, torch.float32))
+                       img_ids=latent_ids(h2, w2, x.device), return_dict=False)[0]
+        return cfg_combine(out[:, : x.shape[1]], False, guidance_scale)
 
-    def decode(self, model, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, model, latents: torch.Tensor, schedule: Schedule | None = None) -> torch.Tensor:
         """Unpack, ``z * bn_std + bn_mean`` (the VAE's batch-norm statistics), un-patchify, VAE decode,
         ``x / 2 + 0.5`` clamped: float32 in [0, 1]."""
         vae = model.vae
-        h, w = self._latent_hw(model, *self.image_size(model, latents))
-        z = unpack_latents(latents, h, w)
+        z = unpack_latents(latents, *self.packed_grid(model, latents, schedule))
         z = z.float() if model.vae_upcast else z
         mean = vae.bn.running_mean.view(1, -1, 1, 1).to(z.device, z.dtype)
         std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(z.device, z.dtype)
-        z = unpatchify(z * std + mean)
-        with torch.autocast(z.device.type, enabled=False) if model.vae_upcast else contextlib.nullcontext():
-            x = vae.decode(z.to(vae.dtype), return_dict=False)[0]
-        return (x.to(torch.promote_types(x.dtype, torch.float32)) / 2 + 0.5).clamp(0, 1)
+        return decode_vae(model, unpatchify(z * std + mean))
 
 
 FLUX2 = Flux2Family()

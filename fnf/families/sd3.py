@@ -10,8 +10,6 @@ and is written with ``StableDiffusion3Pipeline.save_lora_weights`` (``pipe.load_
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from fnf import quantize as quant
@@ -19,7 +17,18 @@ from fnf.core import DiffusionModel, ModelLoadError, PromptEmbeds
 from fnf.families.base import set_vae_precision
 
 from . import flow
-from .base import FlowMatchingEuler, ModelFamily, TransformerLoRA, load_component, resolve_dtype
+from .base import (
+                   FlowMatchingEuler,
+                   ModelFamily,
+                   Schedule,
+                   TransformerLoRA,
+                   cfg_combine,
+                   cfg_inputs,
+                   decode_vae,
+                   load_component,
+                   resolve_dtype,
+                   unscale_latents,
+)
 
 T5_MAX_SEQUENCE_LENGTH = 256          # StableDiffusion3Pipeline's default max_sequence_length
 SD3_DEFAULT_MAX_SHIFT = 1.16          # the pipeline's fallback for a dynamic-shifting config without max_shift
@@ -103,10 +112,8 @@ class SD3Family(FlowMatchingEuler, TransformerLoRA, ModelFamily):
             module.eval()
             quant.move(module, device)
         model = DiffusionModel(path=path, family=self, denoiser=transformer, vae=vae, scheduler=scheduler,
-                               text_encoders=encoders, tokenizers=tokenizers, force_zeros_for_empty_prompt=False)
-        extras = dict(getattr(model, "extras", None) or {})
-        extras.update(max_sequence_length=max_sequence_length, t5=len(encoders) == 3)
-        model.extras = extras
+                               text_encoders=encoders, tokenizers=tokenizers, force_zeros_for_empty_prompt=False,
+                               settings={"max_sequence_length": max_sequence_length, "t5": len(encoders) == 3})
         set_vae_precision(model, dtype)
         return model
 
@@ -137,7 +144,7 @@ class SD3Family(FlowMatchingEuler, TransformerLoRA, ModelFamily):
         return PromptEmbeds(hidden, pooled)
 
     def _t5_embeds(self, model, prompts, device, zeros_dtype):
-        seq = int(getattr(model, "extras", {}).get("max_sequence_length", T5_MAX_SEQUENCE_LENGTH))
+        seq = int(model.settings.get("max_sequence_length", T5_MAX_SEQUENCE_LENGTH))
         if len(model.text_encoders) < 3:
             width = model.denoiser.config.joint_attention_dim
             zeros_len = model.tokenizers[0].model_max_length if _zero_t5_uses_clip_length() else seq
@@ -164,7 +171,7 @@ class SD3Family(FlowMatchingEuler, TransformerLoRA, ModelFamily):
         shape = (batch, model.denoiser.config.in_channels, h, w)
         return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
 
-    def schedule(self, model, steps: int, height: int, width: int, device) -> torch.Tensor:
+    def schedule(self, model, steps: int, height: int, width: int, device) -> Schedule:
         """The scheduler's sigmas for ``steps`` steps; dynamic shifting (mu from the image token count) when the
         scheduler config asks for it, as the pipeline computes it."""
         mu = None
@@ -172,34 +179,22 @@ class SD3Family(FlowMatchingEuler, TransformerLoRA, ModelFamily):
             h, w = self._latent_hw(model, height, width)
             p = int(model.denoiser.config.patch_size)
             mu = flow.shift_mu(model.scheduler, (h // p) * (w // p), default_max_shift=SD3_DEFAULT_MAX_SHIFT)
-        return flow.flow_schedule(model.scheduler, steps, device, mu=mu)
+        return self.flow_schedule(model, steps, height, width, device, mu=mu)
 
-    def predict(self, model, denoiser, x: torch.Tensor, i: int, t, cond, uncond, guidance_scale: float):
-        cfg = self.uses_cfg(model, uncond, guidance_scale)
-        emb = PromptEmbeds.cat(uncond, cond) if cfg else cond
+    def predict(self, model, denoiser, x: torch.Tensor, t, cond, uncond, guidance_scale: float,
+                schedule: Schedule | None = None):
+        cfg, emb, x_in = cfg_inputs(self, model, x, cond, uncond, guidance_scale)
         if emb.pooled is None:
             raise ValueError("cond: SD3 needs pooled prompt embeddings (encode them with the SD3 family)")
-        x_in = torch.cat([x, x]) if cfg else x
         dtype = model.denoiser.dtype
         timestep = torch.as_tensor(t, device=x_in.device).expand(x_in.shape[0])
         out = denoiser(hidden_states=x_in.to(dtype), timestep=timestep, encoder_hidden_states=emb.hidden.to(dtype),
                        pooled_projections=emb.pooled.to(dtype), return_dict=False)[0]
-        out = out.to(torch.promote_types(out.dtype, torch.float32))  # half -> float32; float64 stays float64
-        if cfg:
-            out_uncond, out_cond = out.chunk(2)
-            out = out_uncond + guidance_scale * (out_cond - out_uncond)
-        return out
+        return cfg_combine(out, cfg, guidance_scale)
 
-    def decode(self, model, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, model, latents: torch.Tensor, schedule: Schedule | None = None) -> torch.Tensor:
         """``vae.decode(z / scaling_factor + shift_factor)`` to float32 images in [0, 1]; with grad when enabled."""
-        vae = model.vae
-        z = (latents.float() if model.vae_upcast else latents) / vae.config.scaling_factor
-        shift = getattr(vae.config, "shift_factor", None)
-        if shift:
-            z = z + shift
-        with torch.autocast(z.device.type, enabled=False) if model.vae_upcast else contextlib.nullcontext():
-            x = vae.decode(z.to(vae.dtype), return_dict=False)[0]
-        return (x.to(torch.promote_types(x.dtype, torch.float32)) / 2 + 0.5).clamp(0, 1)
+        return decode_vae(model, unscale_latents(model, latents))
 
 
 FAMILIES = [SD3Family()]

@@ -6,14 +6,24 @@ the pipeline's images with ``pipe.load_lora_weights``.
 """
 from __future__ import annotations
 
-import contextlib
+import copy
 
 import torch
 
 from .. import quantize as quant
 from ..core import LORA_WEIGHTS, DiffusionModel, PromptEmbeds
 from ..lora import export_state
-from .base import ModelFamily, check_lora_folder, load_component, set_vae_precision
+from .base import (
+                   ModelFamily,
+                   Schedule,
+                   cfg_combine,
+                   cfg_inputs,
+                   check_lora_folder,
+                   decode_vae,
+                   load_component,
+                   set_vae_precision,
+                   unscale_latents,
+)
 
 
 def _load(component: str, path: str, loader, needs: tuple[str, ...]):
@@ -24,6 +34,43 @@ def _tokenize(tokenizer, prompts: list[str], device) -> torch.Tensor:
     ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids
     return ids.to(device)
+
+
+def ddim_step(scheduler, out: torch.Tensor, t, x: torch.Tensor, steps: int, *, eta: float = 0.0,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """``DDIMScheduler.step(out, t, x, eta=, generator=)`` of a scheduler set to ``steps`` inference steps, as a
+    pure function: it reads only the fixed alphas and the config of ``scheduler``."""
+    cfg = scheduler.config
+    prev_t = t - cfg.num_train_timesteps // steps
+    alpha_prod_t = scheduler.alphas_cumprod[t]
+    alpha_prod_t_prev = scheduler.alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod
+    beta_prod_t = 1 - alpha_prod_t
+    if cfg.prediction_type == "epsilon":
+        x0 = (x - beta_prod_t ** (0.5) * out) / alpha_prod_t ** (0.5)
+        eps = out
+    elif cfg.prediction_type == "sample":
+        x0 = out
+        eps = (x - alpha_prod_t ** (0.5) * x0) / beta_prod_t ** (0.5)
+    elif cfg.prediction_type == "v_prediction":
+        x0 = (alpha_prod_t**0.5) * x - (beta_prod_t**0.5) * out
+        eps = (alpha_prod_t**0.5) * out + (beta_prod_t**0.5) * x
+    else:
+        raise ValueError(f"scheduler prediction_type: expected epsilon, sample or v_prediction, got "
+                         f"{cfg.prediction_type!r}")
+    if cfg.thresholding:
+        x0 = scheduler._threshold_sample(x0)
+    elif cfg.clip_sample:
+        x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
+    beta_prod_t_prev = 1 - alpha_prod_t_prev
+    variance = (beta_prod_t_prev / beta_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev)
+    std_dev_t = eta * variance ** (0.5)
+    direction = (1 - alpha_prod_t_prev - std_dev_t**2) ** (0.5) * eps
+    prev = alpha_prod_t_prev ** (0.5) * x0 + direction
+    if eta > 0:
+        from diffusers.utils.torch_utils import randn_tensor
+
+        prev = prev + std_dev_t * randn_tensor(out.shape, generator=generator, device=out.device, dtype=out.dtype)
+    return prev
 
 
 class StableDiffusionFamily(ModelFamily):
@@ -93,9 +140,11 @@ class StableDiffusionFamily(ModelFamily):
         x = torch.randn(shape, generator=generator, dtype=torch.float32)
         return (x * model.scheduler.init_noise_sigma).to(device)
 
-    def schedule(self, model, steps: int, height: int, width: int, device) -> torch.Tensor:
-        model.scheduler.set_timesteps(steps, device=device)
-        return model.scheduler.timesteps
+    def schedule(self, model, steps: int, height: int, width: int, device) -> Schedule:
+        """DDIMScheduler.set_timesteps's timesteps (computed on a copy; ``model.scheduler`` keeps its config)."""
+        work = copy.copy(model.scheduler)
+        work.set_timesteps(steps, device=device)
+        return Schedule(work.timesteps, int(height), int(width))
 
     def _added_cond(self, emb, dtype) -> dict:
         """SDXL's pooled text embeds and time ids (absent for SD 1.x/2.x conditioning)."""
@@ -103,42 +152,28 @@ class StableDiffusionFamily(ModelFamily):
             return {}
         return {"added_cond_kwargs": {"text_embeds": emb.pooled.to(dtype), "time_ids": emb.time_ids.to(dtype)}}
 
-    def predict(self, model, denoiser, x: torch.Tensor, i: int, t, cond, uncond, guidance_scale: float):
+    def predict(self, model, denoiser, x: torch.Tensor, t, cond, uncond, guidance_scale: float,
+                schedule: Schedule | None = None):
         """One UNet call and the guided noise prediction, in float32 (float64 for a float64 UNet); with CFG the
         UNet batch is ``[uncond rows of x, cond rows of x]``. ``t`` may be one timestep or one per row."""
-
-        cfg = self.uses_cfg(model, uncond, guidance_scale)
-        emb = PromptEmbeds.cat(uncond, cond) if cfg else cond
-        x_in = torch.cat([x, x]) if cfg else x
+        cfg, emb, x_in = cfg_inputs(self, model, x, cond, uncond, guidance_scale)
         x_in = model.scheduler.scale_model_input(x_in, t)
         dtype = model.denoiser.dtype
         out = denoiser(x_in.to(dtype), t, encoder_hidden_states=emb.hidden.to(dtype), return_dict=False,
                        **self._added_cond(emb, dtype))[0]
-        out = out.to(torch.promote_types(out.dtype, torch.float32))  # half -> float32; float64 stays float64
-        if cfg:
-            out_uncond, out_cond = out.chunk(2)
-            out = out_uncond + guidance_scale * (out_cond - out_uncond)
-        return out
+        return cfg_combine(out, cfg, guidance_scale)
 
-    def step(self, model, out: torch.Tensor, i: int, t, x: torch.Tensor, *, eta: float = 0.0,
+    def step(self, model, schedule: Schedule, i: int, out: torch.Tensor, x: torch.Tensor, *, eta: float = 0.0,
              generator: torch.Generator | None = None) -> torch.Tensor:
-        """``DDIMScheduler.step`` (stateless: it reads only the configured timesteps)."""
-        return model.scheduler.step(out, t, x, eta=eta, generator=generator, return_dict=False)[0]
+        """``DDIMScheduler.step`` at ``schedule.timesteps[i]`` (:func:`ddim_step`)."""
+        return ddim_step(model.scheduler, out, schedule.timesteps[i], x, len(schedule), eta=eta, generator=generator)
 
-    def renoise(self, model, x0: torch.Tensor, noise: torch.Tensor, i: int, t) -> torch.Tensor:
-        return model.scheduler.add_noise(x0, noise, torch.as_tensor(t).reshape(1))
+    def renoise(self, model, schedule: Schedule, i: int, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return model.scheduler.add_noise(x0, noise, torch.as_tensor(schedule.timesteps[i]).reshape(1))
 
-    def decode(self, model, latents: torch.Tensor) -> torch.Tensor:
-        """VAE decode to float32 images in [0, 1]. With ``model.vae_upcast`` (force_upcast with fp16 in play) the
-        float32 VAE runs with autocast off: an fp16 decode of SD/SDXL VAEs overflows to NaN images."""
-        vae = model.vae
-        z = (latents.float() if model.vae_upcast else latents) / vae.config.scaling_factor
-        shift = getattr(vae.config, "shift_factor", None)
-        if shift:
-            z = z + shift
-        with torch.autocast(z.device.type, enabled=False) if model.vae_upcast else contextlib.nullcontext():
-            x = vae.decode(z.to(vae.dtype), return_dict=False)[0]
-        return (x.to(torch.promote_types(x.dtype, torch.float32)) / 2 + 0.5).clamp(0, 1)
+    def decode(self, model, latents: torch.Tensor, schedule: Schedule | None = None) -> torch.Tensor:
+        """VAE decode to float32 images in [0, 1] (:func:`~fnf.families.base.decode_vae`)."""
+        return decode_vae(model, unscale_latents(model, latents))
 
     # -------------------------------------------------------------------------------- LoRA
     def save_lora(self, model, directory: str) -> None:

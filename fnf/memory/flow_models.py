@@ -147,15 +147,14 @@ def build(spec: dict, weight_dtype: str, fp16_autocast: bool = False):
 
     with unset_fake_temporarily():  # the scheduler's sigmas are real (its __init__ reads them with .item())
         scheduler = getattr(diffusers, comps["scheduler"][0]).from_config(comps["scheduler"][1])
-    model = DiffusionModel(path=f"<{spec['name']}>", family=family, denoiser=transformer, vae=vae,
-                           scheduler=scheduler, text_encoders=encoders, tokenizers=tokenizers,
-                           force_zeros_for_empty_prompt=False)
     extras = {**extras, **spec.get("extras", {})}
     if family_name == "sd3":  # as SD3Family.load / FluxFamily.load set them
         extras["t5"] = "text_encoder_3" in comps
     else:
         extras["guidance_embeds"] = bool(transformer.config.get("guidance_embeds", False))
-    model.extras = extras
+    model = DiffusionModel(path=f"<{spec['name']}>", family=family, denoiser=transformer, vae=vae,
+                           scheduler=scheduler, text_encoders=encoders, tokenizers=tokenizers,
+                           force_zeros_for_empty_prompt=False, settings=extras)
     # the VAE in the dtype set_vae_precision gives it (float32 when float16 is in play and force_upcast is set)
     fp16 = dtype == torch.float16 or fp16_autocast
     model.vae_upcast = bool(fp16 and vae.config.get("force_upcast", False))
