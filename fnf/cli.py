@@ -39,6 +39,7 @@ def build_parser(names=None) -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run ``fnf`` on ``argv`` (default: the process's arguments); returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
     name = next((a for a in argv if not a.startswith("-")), None)   # the command; fnf itself has only --help
     try:

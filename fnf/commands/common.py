@@ -6,7 +6,7 @@ import argparse
 from .. import config
 
 DESCRIPTION = """\
-Focus-N-Fix: fine-tune a local diffusers model folder (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1) with
+Focus-N-Fix: fine-tune a local diffusers model folder (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1, FLUX.2) with
 DRaFT-K + LoRA so that a reward improves inside problem regions while the rest of the image stays as the
 pretrained model drew it:
 

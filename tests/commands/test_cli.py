@@ -81,3 +81,21 @@ def test_cli_turns_runtime_errors_into_one_line(monkeypatch, capsys):
     monkeypatch.setenv("FNF_DEBUG", "1")
     with pytest.raises(RuntimeError):
         cli.main(["demo"])
+
+
+def test_only_the_running_command_module_is_imported():
+    """fnf/cli.py imports a command's module only when that command runs: `fnf --help` none, `fnf estimate-memory
+    --help` only fnf.commands.estimate_memory (a fresh interpreter, so other tests' imports do not count)."""
+    import subprocess
+    import sys
+
+    code = ("import contextlib, io, sys\nfrom fnf import cli\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    try:\n        cli.main(sys.argv[1:])\n    except SystemExit:\n        pass\n"
+            "print(sorted(m for m in sys.modules if m.startswith('fnf.commands.') and m != 'fnf.commands.common'))")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for argv, expected in ((["--help"], []), (["estimate-memory", "--help"], ["fnf.commands.estimate_memory"])):
+        out = subprocess.run([sys.executable, "-c", code, *argv], cwd=root, capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip().splitlines()[-1] == repr(expected), (argv, out.stdout, out.stderr)
