@@ -24,5 +24,6 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     cfg = config_from_args(args)
     result = train(cfg)
-    print(f"fnf: done: {result.steps_done} steps; LoRA in {result.lora_dir}; log in {os.path.join(result.out, 'log.jsonl')}")
+    log = os.path.join(result.out, "log.jsonl")
+    print(f"fnf: done: {result.steps_done} steps; LoRA in {result.lora_dir}; log in {log}")
     return 0
