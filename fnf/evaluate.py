@@ -27,7 +27,7 @@ from .inference import load_for_inference, sample_seeded
 from .localize import localizer_from_config
 from .lora import adapters_disabled, load_lora
 from .rewards import build_reward, prepare_reward
-from .rewards import evaluate as reward_values
+from .rewards import score as reward_values
 from .train.run_dir import move_aside
 
 OUTPUTS = ("metrics.json", "report.md", "grids")   # what an evaluation writes into --out

@@ -16,9 +16,10 @@ import numpy as np
 import torch
 
 from .core import DiffusionModel, PromptEmbeds
+from .families.base import Schedule
 from .lora import adapters_disabled
-from .rewards import evaluate
-from .sampling import decode, denoise, initial_latents
+from .rewards import score
+from .sampling import decode, draft_k, initial_latents
 
 
 def entry_seed(seed: int, entry: int) -> int:
@@ -30,7 +31,7 @@ class ReferencePool:
     """I0, heatmap and mask of every (prompt, seed slot) entry, on the CPU."""
 
     def __init__(self, model: DiffusionModel, embeds: PromptEmbeds, negative: PromptEmbeds, localizer, prompts,
-                 *, seeds_per_prompt: int, seed: int, height: int, width: int, steps: int, guidance_scale: float,
+                 *, seeds_per_prompt: int, seed: int, height: int, width: int, plan: Schedule, guidance_scale: float,
                  batch_size: int, device, autocast, references: bool = True, progress: bool = False,
                  reward=None, reward_below: float = math.inf):
         self.model, self.seed, self.height, self.width = model, seed, height, width
@@ -42,12 +43,12 @@ class ReferencePool:
         if filtered and reward is None:
             raise ValueError("ReferencePool: reward_below needs the reward (reward=...)")
         if references or filtered:  # plain DRaFT-K draws from the pool but needs no I0 (unless filtering)
-            self._compute(embeds, negative, localizer, prompts, steps, guidance_scale, batch_size, device, autocast,
+            self._compute(embeds, negative, localizer, prompts, plan, guidance_scale, batch_size, device, autocast,
                           progress)
         if filtered:
             self._keep_below(reward, prompts, reward_below, batch_size, device, autocast)
 
-    def _compute(self, embeds, negative, localizer, prompts, steps, guidance_scale, batch_size, device, autocast,
+    def _compute(self, embeds, negative, localizer, prompts, plan, guidance_scale, batch_size, device, autocast,
                  progress):
         model = self.model
         refs, heats, masks = [], [], []
@@ -60,9 +61,9 @@ class ReferencePool:
             idx = self.prompt_index[j]
             cond = embeds.index(idx.to(embeds.hidden.device))
             with torch.no_grad(), adapters_disabled(model.denoiser), autocast():
-                z = denoise(model, self.latents(j, device), cond, negative.repeat(len(j)), steps=steps,
-                            guidance_scale=guidance_scale, height=self.height, width=self.width)
-                ref = decode(model, z).float()
+                z = draft_k(model, self.latents(j, device), plan, cond, negative.repeat(len(j)), grad_steps=0,
+                            guidance_scale=guidance_scale)
+                ref = decode(model, z, plan).float()
             heat, mask = localizer(ref, [prompts[i] for i in idx.tolist()], idx)
             refs.append(ref.cpu())
             heats.append(heat.detach().cpu())
@@ -78,7 +79,7 @@ class ReferencePool:
         for start in range(0, self.size, batch_size):
             j = torch.arange(start, min(start + batch_size, self.size))
             with torch.no_grad(), autocast():
-                scores.append(evaluate(reward, self.ref[j].to(device),
+                scores.append(score(reward, self.ref[j].to(device),
                                        [prompts[i] for i in self.prompt_index[j].tolist()]).float().cpu())
         self.reward0 = torch.cat(scores)
         keep = self.reward0 < below

@@ -99,8 +99,9 @@ def prepare_reward(reward, device) -> Reward:
     return reward
 
 
-def evaluate(reward, images: torch.Tensor, prompts: list[str], checkpoint: bool = False) -> torch.Tensor:
-    """r(images, prompts) as float32 (B,), optionally under activation checkpointing (nn.Module rewards)."""
+def score(reward, images: torch.Tensor, prompts: list[str], checkpoint: bool = False) -> torch.Tensor:
+    """The reward r(images, prompts) as float32 (B,), optionally under activation checkpointing (nn.Module
+    rewards)."""
     if checkpoint and torch.is_grad_enabled():
         from torch.utils.checkpoint import checkpoint as ckpt
         out = ckpt(lambda x: reward(x, prompts), images, use_reentrant=False)

@@ -222,14 +222,14 @@ def to_float64(model) -> "object":
 def float64_session(cfg) -> "object":
     """A fnf.train.Session whose model is float64 (weight_dtype fp32 is loaded as float64 while it is built; the
     LoRA parameters and the DDIM schedule are cast after). The trainer still rounds the loss-level tensors to
-    float32 (``.float()`` on I0, I and the rewards in fnf/train.py, fnf/rewards.py:evaluate), so two paths through
+    float32 (``.float()`` on I0, I and the rewards in fnf/objectives/, fnf/rewards.py:score), so two paths through
     a float64 session agree to a few float32 ulps of the loss inputs, not to float64 rounding."""
     from fnf import core as models
     from fnf.train import Session
 
-    import fnf.train
+    import fnf.train.trainer
 
-    load = fnf.train.load_model
+    load = fnf.train.trainer.load_model
 
     def load_float64(*args, **kwargs):  # text encoders back to float32 (see to_float64)
         model = load(*args, **kwargs)
@@ -239,12 +239,12 @@ def float64_session(cfg) -> "object":
 
     before = models.DTYPES["fp32"]
     models.DTYPES["fp32"] = torch.float64
-    fnf.train.load_model = load_float64
+    fnf.train.trainer.load_model = load_float64
     try:
         session = Session(cfg)
     finally:
         models.DTYPES["fp32"] = before
-        fnf.train.load_model = load
+        fnf.train.trainer.load_model = load
     for p in session.params:
         p.data = p.data.double()
     sched = session.model.scheduler

@@ -10,7 +10,7 @@ runs ``fnf.cli.main(["train", ...])`` and is killed with SIGKILL by pid. One uni
 also goes through a plain ``python -m fnf train`` subprocess and must give the same LoRA.
 
 Kills come in two kinds: at a uniformly random delay (setup, steps, writes), and at a chosen stage of a
-checkpoint write ($FNF_CHECKPOINT_TEST_PAUSE makes fnf.checkpoint announce each stage and wait there), every
+checkpoint write ($FNF_CHECKPOINT_TEST_PAUSE makes fnf.train.checkpoint announce each stage and wait there), every
 stage at least twice, the replace of an existing checkpoint included (resumes from the older kept checkpoint
 re-save the newer one). The seed is printed; FNF_FAULT_SEED=<n> repeats a schedule, FNF_FAULT_KILLS sets the
 number of kills (default 24).
@@ -41,7 +41,7 @@ sampling: {{steps: 3, truncation_k: 1, guidance_scale: 3.0, eta: 0.5}}
 reward: {{spec: brightness}}
 localize: {{spec: none, radius: 0}}
 objective: {{beta: 1.0}}
-memory: {{unet_checkpointing: false, vae_checkpointing: false}}
+memory: {{denoiser_checkpointing: false, vae_checkpointing: false}}
 train: {{steps: {steps}, lr: 1.0e-2, warmup_steps: 2, checkpoint_every: 1, keep_checkpoints: 2, sample_every: 0,
         progress: false, tensorboard: false, device: cpu, prompts: ["a photo of a cat", "a red car"]}}
 """
@@ -152,8 +152,8 @@ def _assert_same(a: dict, b: dict, what: str) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "fork") or not hasattr(signal, "SIGKILL"), reason="needs fork and SIGKILL")
 def test_sigkill_at_random_moments_always_leaves_a_resumable_checkpoint_and_the_same_lora(sd, tmp_path):
-    from fnf import checkpoint as ckpt
-    from fnf import run_dir
+    from fnf.train import checkpoint as ckpt
+    from fnf.train import run_dir
 
     seed = int(os.environ.get("FNF_FAULT_SEED", random.SystemRandom().randrange(2**31)))
     kills_wanted = int(os.environ.get("FNF_FAULT_KILLS", "24"))

@@ -11,8 +11,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fnf_tiny_models import cached_model, one_torch_thread, tiny_config  # noqa: E402,F401
-from fnf import checkpoint as ckpt  # noqa: E402
-from fnf import cli, run_dir  # noqa: E402
+from fnf import cli  # noqa: E402
+from fnf.train import checkpoint as ckpt  # noqa: E402
+from fnf.train import run_dir  # noqa: E402
 from fnf.lora import lora_state_dict  # noqa: E402
 from fnf.train import train  # noqa: E402
 
@@ -245,7 +246,7 @@ def test_resume_of_a_legacy_folder_adopts_a_new_run_id_and_never_prunes_the_lega
 def test_reused_output_folder(sd, tmp_path, monkeypatch, capsys):
     """A second run into a used --out is refused before the model loads (train() and the CLI); --overwrite
     keeps the first run's files byte for byte in previous-*/ and the new run's checkpoints survive pruning."""
-    import fnf.train as train_mod
+    import fnf.train.trainer as train_mod
 
     out = str(tmp_path / "run")
     extra = dict(train={"steps": 3, "checkpoint_every": 1, "keep_checkpoints": 2})

@@ -6,7 +6,10 @@ import sys
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
+from accelerate import PartialState
+from accelerate.utils import DistributedType
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fnf_tiny_models import cached_model, tiny_config, one_torch_thread  # noqa: E402,F401
@@ -69,8 +72,8 @@ def _grad_worker(rank: int, world: int, port: int, model: str, out: str, tests_d
     session = float64_session(tiny_config(model, out, train={"batch_size": 1, "device": "cpu"}))
     assert dist.is_initialized() and dist.get_world_size() == world
     randomize_lora_B(session.model.denoiser, seed=0, std=0.05)  # the same on both ranks
-    loss, _, finite, _ = session.micro_batch(0, 0)
-    assert finite
+    loss = session.micro_batch(0, 0).loss
+    assert bool(torch.isfinite(loss))
     loss.backward()
     local = [p.grad.clone() for p in session.params]
     session.sync_grads()
@@ -115,14 +118,16 @@ class _PeerSum:
         self.peer = peer
 
     def all_reduce(self, t, op=None):
-        assert op is None, "sync_grads must use the default op (SUM)"
+        assert op in (None, dist.ReduceOp.SUM), "sync_grads must use the default op (SUM)"
         t += self.peer
 
 
-def test_sync_grads_averages_over_ranks_in_process(tmp_path_factory, tmp_path):
+def test_sync_grads_averages_over_ranks_in_process(tmp_path_factory, tmp_path, monkeypatch):
     """Quick, single-process form of the two-process test: rank 1's gradient (its own sample, session.rank = 1)
     plays the peer of a SUM all-reduce; sync_grads must leave (g_0 + g_1) / 2, not the sum and not g_0 alone.
-    Float64: the mean of two numbers is exact to 1 ulp (rtol 1e-12); the ranks' gradients differ by > 10 %."""
+    Float64: the mean of two numbers is exact to 1 ulp (rtol 1e-12); the ranks' gradients differ by > 10 %.
+    accelerate's reduce runs for real, told by its state that there are 2 CPU processes; torch.distributed's
+    all_reduce is the peer's sum."""
     from fnf_tiny_models import float64_session, randomize_lora_B
 
     model = cached_model("sd", str(tmp_path_factory.getbasetemp()))
@@ -138,7 +143,10 @@ def test_sync_grads_averages_over_ranks_in_process(tmp_path_factory, tmp_path):
     g0, g1 = local[0], local[1]
     assert (g0 - g1).norm() > 0.1 * g0.norm()
     session.rank, session.world = 0, 2
-    session._dist = lambda: _PeerSum(g1)
+    state = PartialState()
+    monkeypatch.setattr(state, "distributed_type", DistributedType.MULTI_CPU)
+    monkeypatch.setattr(state, "num_processes", 2)
+    monkeypatch.setattr(dist, "all_reduce", _PeerSum(g1).all_reduce)
     session.sync_grads()
     synced = torch.cat([p.grad.flatten() for p in session.params])
     mean = (g0 + g1) / 2

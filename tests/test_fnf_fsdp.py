@@ -223,10 +223,10 @@ def _free_port() -> int:
 def _float64_flow_session(cfg):
     """A Session whose denoiser and VAE are float64 (flow families: no DDIM schedule to cast; the Euler step
     upcasts to float32 and back, as the scheduler does). Text encoders stay float32, as in float64_session."""
-    import fnf.train
+    import fnf.train.trainer
     from fnf import core as models
 
-    load = fnf.train.load_model
+    load = fnf.train.trainer.load_model
 
     def load_float64(*args, **kwargs):
         model = load(*args, **kwargs)
@@ -236,12 +236,12 @@ def _float64_flow_session(cfg):
 
     before = models.DTYPES["fp32"]
     models.DTYPES["fp32"] = torch.float64
-    fnf.train.load_model = load_float64
+    fnf.train.trainer.load_model = load_float64
     try:
         session = fnf.train.Session(cfg)
     finally:
         models.DTYPES["fp32"] = before
-        fnf.train.load_model = load
+        fnf.train.trainer.load_model = load
     for p in session.params:
         p.data = p.data.double()
     return session

@@ -19,7 +19,9 @@ from fnf_tiny_models import (IMAGE_SIZE, cached_model, float64_session, one_torc
                              ours_and_pipeline_images,
                              randomize_lora_B, tiny_config, to_float64)
 import fnf_kernels  # noqa: E402
-from fnf import cli, config, fused_lora  # noqa: E402
+from fnf import cli, config  # noqa: E402
+from fnf.commands.common import config_from_args  # noqa: E402
+from fnf.train import fused_lora  # noqa: E402
 from fnf.config import ConfigError  # noqa: E402
 from fnf.lora import adapters_disabled, add_lora, lora_state_dict  # noqa: E402
 from fnf.encoding import encode_prompts  # noqa: E402
@@ -190,7 +192,7 @@ def test_batched_sampling_through_triton_kernels(sd):
 
 # ------------------------------------------------------------------------------------------ training
 def _cfg(sd, out, mode, **sections):
-    return tiny_config(sd, out, memory={"unet_checkpointing": True, "fused_lora": mode}, **sections)
+    return tiny_config(sd, out, memory={"denoiser_checkpointing": True, "fused_lora": mode}, **sections)
 
 
 @pytest.mark.parametrize("sampling,pool", [({}, 0), ({"truncation_k": 1, "lv_copies": 2, "eta": 0.5,
@@ -210,9 +212,10 @@ def test_training_first_step_fused_on_gives_the_gradient_of_off_in_float64(sd, t
     got = {}
     for mode in ("off", "on"):
         session = float64_session(_cfg(sd, str(tmp_path / mode), mode, **extra))
-        assert session.fused_lora == (mode == "on")
+        assert session.ctx.fused_lora == (mode == "on")
         randomize_lora_B(session.model.denoiser, seed=0, std=0.05)
-        (loss, stats, finite, last), sizes = _batch_sizes(session.model.denoiser, lambda: session.micro_batch(0, 0))
+        (loss, stats, last), sizes = _batch_sizes(session.model.denoiser, lambda: session.micro_batch(0, 0))
+        finite = bool(torch.isfinite(loss))
         assert finite and last["images"].dtype == torch.float64
         loss.backward()
         grads = [p.grad.clone() for p in session.params]
@@ -280,10 +283,10 @@ def test_config_key_aliases_and_errors(tmp_path):
         config.from_dict({"memory": {"fused_lora": "on"}, "lora": {"dropout": 0.1}})
     config.from_dict({"memory": {"fused_lora": "auto"}, "lora": {"dropout": 0.1}})  # auto falls back instead
     args = cli.build_parser().parse_args(["train", "--fused-lora"])
-    assert cli.config_from_args(args).memory.fused_lora == "on"
+    assert config_from_args(args).memory.fused_lora == "on"
     args = cli.build_parser().parse_args(["train", "--fused-lora", "auto"])
-    assert cli.config_from_args(args).memory.fused_lora == "auto"
-    assert cli.config_from_args(cli.build_parser().parse_args(["train"])).memory.fused_lora == "off"
+    assert config_from_args(args).memory.fused_lora == "auto"
+    assert config_from_args(cli.build_parser().parse_args(["train"])).memory.fused_lora == "off"
 
 
 def test_enable_modes(sd):

@@ -173,14 +173,14 @@ def test_the_three_kinds_of_non_finite_step_are_told_apart(root, tmp_path):
 
     # (a) data NaN under fp16 + scaler: "non-finite loss or reward", not a scaler overflow.
     s = Session(tiny_config(sd, str(tmp_path / "a"), reward={"spec": "brightness"}, **half))
-    s.reward = lambda images, prompts: images.mean(dim=(1, 2, 3)) * float("nan")
+    s.objective.reward = lambda images, prompts: images.mean(dim=(1, 2, 3)) * float("nan")
     record, _ = s.optimizer_step(0)
     assert record["skipped"] and not record["scaler_overflow"]
     assert record["skip_reason"] == "non-finite loss or reward" and record["grad_scale"] == 65536.0
 
     # (c) a non-finite gradient without a scaler (fp32): "non-finite gradient".
     s = Session(tiny_config(sd, str(tmp_path / "c")))
-    s.reward = InfGradReward()
+    s.objective.reward = InfGradReward()
     record, _ = s.optimizer_step(0)
     assert record["skipped"] and not record["scaler_overflow"] and "grad_scale" not in record
     assert record["skip_reason"] == "non-finite gradient"

@@ -139,7 +139,7 @@ train: {{prompts: ["a photo of a dog", "a blue house"], checkpoint_every: 1, sam
 
 def test_bf16_autocast_with_bf16_weights_keeps_lora_fp32(sd, tmp_path):
     cfg = tiny_config(sd, str(tmp_path / "bf16"), model={"weight_dtype": "bf16"},
-                      memory={"mixed_precision": "bf16", "unet_checkpointing": True, "vae_checkpointing": True,
+                      memory={"mixed_precision": "bf16", "denoiser_checkpointing": True, "vae_checkpointing": True,
                               "reward_checkpointing": True},
                       localize={"spec": "saliency", "radius": 1}, train={"steps": 2})
     res = train(cfg)
@@ -153,7 +153,8 @@ def test_bf16_autocast_with_bf16_weights_keeps_lora_fp32(sd, tmp_path):
 def _first_step(session, lora_seed=0):
     """Loss, stats and LoRA gradients of a session's first micro-batch, from the same non-zero LoRA B."""
     randomize_lora_B(session.model.denoiser, seed=lora_seed, std=0.05)
-    loss, stats, finite, _ = session.micro_batch(0, 0)
+    loss, stats, _ = session.micro_batch(0, 0)
+    finite = bool(torch.isfinite(loss))
     assert finite
     loss.backward()
     return loss.item(), stats, [p.grad.clone() for p in session.params]
@@ -171,23 +172,23 @@ def test_plain_draft_skips_the_pretrained_trajectory_and_matches_beta_zero(sd, t
     gradient of beta = 0 with a localizer (the penalty then has no gradient anyway).
 
     Gradient parity on the first step in float64 sessions: the loss-level tensors pass through float32 in
-    fnf/train.py, so the two paths agree to a few float32 ulps (u32 = 6e-8): rtol 1e-6. Not on weights after
+    fnf/objectives/, so the two paths agree to a few float32 ulps (u32 = 6e-8): rtol 1e-6. Not on weights after
     AdamW steps, whose first updates are ~lr * sign(g) and amplify rounding in near-zero entries."""
     import fnf.objectives.focus_n_fix as fnf_objective  # runs the trajectories (was fnf.train before issue 14)
 
     kw = dict(objective={"beta": 0.0}, train={"steps": 2, "lr": 1e-2, "sample_every": 1})
     calls = []
-    real = fnf_objective.denoise
-    monkeypatch.setattr(fnf_objective, "denoise", lambda *a, **k: calls.append(k.get("grad_steps")) or real(*a, **k))
+    real = fnf_objective.draft_k
+    monkeypatch.setattr(fnf_objective, "draft_k", lambda *a, **k: calls.append(k.get("grad_steps")) or real(*a, **k))
     plain = train(tiny_config(sd, str(tmp_path / "plain"), localize={"spec": "none"}, **kw))
     assert len(calls) == 2 and all(c > 0 for c in calls)
     assert "penalty" not in plain.history[0] and "reward" in plain.history[0]
     assert os.path.isfile(tmp_path / "plain" / "samples" / "step-0000002.png")
-    monkeypatch.setattr(fnf_objective, "denoise", real)
+    monkeypatch.setattr(fnf_objective, "draft_k", real)
 
     masked = float64_session(tiny_config(sd, str(tmp_path / "m64"), localize={"spec": "saliency"}, **kw))
     plain64 = float64_session(tiny_config(sd, str(tmp_path / "p64"), localize={"spec": "none"}, **kw))
-    assert plain64.plain_draft and not masked.plain_draft
+    assert plain64.objective.plain_draft and not masked.objective.plain_draft
     loss_m, stats_m, grads_m = _first_step(masked)
     loss_p, stats_p, grads_p = _first_step(plain64)
     assert loss_p == pytest.approx(loss_m, rel=1e-6)
@@ -206,18 +207,19 @@ def _count_resnet_calls(unet):
     return calls, handles
 
 
-def test_unet_checkpointing_gives_the_same_first_step_gradient_in_float64(sd, tmp_path):
-    """memory.unet_checkpointing (the production default) recomputes the UNet blocks in backward and changes
+def test_denoiser_checkpointing_gives_the_same_first_step_gradient_in_float64(sd, tmp_path):
+    """memory.denoiser_checkpointing (the production default) recomputes the UNet blocks in backward and changes
     nothing else: first-step loss and LoRA gradients equal those without it (float64 sessions; float32 loss
     inputs in fnf/train.py, so rtol 1e-6 as above), and the recompute really runs (more block calls)."""
     results = {}
     for on in (False, True):
-        cfg = tiny_config(sd, str(tmp_path / f"ckpt{on}"), memory={"unet_checkpointing": on},
+        cfg = tiny_config(sd, str(tmp_path / f"ckpt{on}"), memory={"denoiser_checkpointing": on},
                           localize={"spec": "saliency"}, train={"batch_size": 2})
         session = float64_session(cfg)
         calls, handles = _count_resnet_calls(session.model.denoiser)
         randomize_lora_B(session.model.denoiser, seed=0, std=0.05)
-        loss, stats, finite, _ = session.micro_batch(0, 0)
+        loss, stats, _ = session.micro_batch(0, 0)
+        finite = bool(torch.isfinite(loss))
         forward_calls = len(calls)
         loss.backward()
         for h in handles:
@@ -232,10 +234,10 @@ def test_unet_checkpointing_gives_the_same_first_step_gradient_in_float64(sd, tm
     _assert_same_gradients(grads_on, grads_off, rtol=1e-6)
 
 
-def test_training_with_unet_checkpointing_on_end_to_end(sd, tmp_path):
+def test_training_with_denoiser_checkpointing_on_end_to_end(sd, tmp_path):
     """A few steps with the production memory defaults (UNet and VAE checkpointing on): every step taken,
     finite losses, the LoRA moved off its init and stayed finite."""
-    cfg = tiny_config(sd, str(tmp_path / "ckpt"), memory={"unet_checkpointing": True, "vae_checkpointing": True},
+    cfg = tiny_config(sd, str(tmp_path / "ckpt"), memory={"denoiser_checkpointing": True, "vae_checkpointing": True},
                       localize={"spec": "saliency"}, train={"steps": 3, "lr": 1e-2})
     res = train(cfg)
     assert [h["skipped"] for h in res.history] == [False] * 3
@@ -257,9 +259,9 @@ def test_reference_pool_precomputes_i0_once_and_resumes_exactly(sd, tmp_path, mo
     extra = dict(localize={"spec": "saliency"}, train={"steps": 3, "seeds_per_prompt": 2, "batch_size": 2,
                                                        "checkpoint_every": 1})
     calls, pool_calls = [], []
-    real = fnf_objective.denoise
-    monkeypatch.setattr(fnf_objective, "denoise", lambda *a, **k: calls.append(k.get("grad_steps")) or real(*a, **k))
-    monkeypatch.setattr(pool_mod, "denoise", lambda *a, **k: pool_calls.append(a[1].shape[0]) or real(*a, **k))
+    real = fnf_objective.draft_k
+    monkeypatch.setattr(fnf_objective, "draft_k", lambda *a, **k: calls.append(k.get("grad_steps")) or real(*a, **k))
+    monkeypatch.setattr(pool_mod, "draft_k", lambda *a, **k: pool_calls.append(a[1].shape[0]) or real(*a, **k))
     full = train(tiny_config(sd, str(tmp_path / "full"), **extra))
     assert len(calls) == 3 and all(c == 2 for c in calls)          # training steps: the fine-tuned chain only
     assert pool_calls == [2, 2]                                     # 2 prompts x 2 seeds, once, in batches of 2
@@ -268,14 +270,14 @@ def test_reference_pool_precomputes_i0_once_and_resumes_exactly(sd, tmp_path, mo
     # The pool's I0 of entry j is the adapters-off sample from entry_seed(seed, j) -- what the plain path computes.
     cfg = tiny_config(sd, str(tmp_path / "probe"), **extra)
     session = train_mod.Session(cfg)
-    p = session.pool
+    p = session.objective.pool
     assert p.size == 2 * len(cfg.train.prompts) and p.prompt_index.tolist() == [0, 0, 1, 1]
     m = session.model
     for j in (0, 3):
         x_T = initial_latents(m, 1, IMAGE_SIZE, IMAGE_SIZE, torch.Generator().manual_seed(entry_seed(0, j)), "cpu")
-        cond = session.embeds.index(torch.tensor([int(p.prompt_index[j])]))
+        cond = session.objective.embeds.index(torch.tensor([int(p.prompt_index[j])]))
         with adapters_disabled(m.denoiser):
-            expect = sample_images(m, x_T, cond, session.negative, steps=4, guidance_scale=3.0)
+            expect = sample_images(m, x_T, cond, session.objective.negative, steps=4, guidance_scale=3.0)
         torch.testing.assert_close(p.ref[j:j + 1], expect, rtol=0, atol=1e-5)
 
     part_cfg = tiny_config(sd, str(tmp_path / "part"), **extra)
@@ -296,3 +298,41 @@ def test_reference_pool_config_errors(sd):
         tiny_config(sd, "x", sampling={"eta": 0.5}, train={"seeds_per_prompt": 2})
     with pytest.raises(config.ConfigError, match="train.seeds_per_prompt"):
         tiny_config(sd, "x", train={"seeds_per_prompt": -1})
+
+
+def test_logged_records_reach_the_accelerator_trackers(sd, tmp_path):
+    """The accelerator's trackers (``log_with``; tensorboard in a configured run) get every logged record's numeric
+    fields at its step and are finished at the end; log.jsonl stays the run's full record."""
+    from accelerate import Accelerator
+    from accelerate.tracking import GeneralTracker
+
+    class Recorder(GeneralTracker):
+        name, requires_logging_directory = "recorder", False
+
+        def __init__(self):
+            super().__init__()
+            self.logged, self.finished = [], False
+
+        @property
+        def tracker(self):
+            return self
+
+        def store_init_configuration(self, values):
+            pass
+
+        def log(self, values, step=None, **kwargs):
+            self.logged.append((step, dict(values)))
+
+        def finish(self):
+            self.finished = True
+
+    recorder = Recorder()
+    cfg = tiny_config(sd, str(tmp_path / "run"), train={"steps": 2})
+    train(cfg, accelerator=Accelerator(cpu=True, log_with=[recorder]))
+    records = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    assert records and [step for step, _ in recorder.logged] == [r["step"] for r in records]
+    for (_, values), r in zip(recorder.logged, records):
+        assert values == {k: v for k, v in r.items()
+                          if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+        assert "grad_norm" in values and "skipped" not in values
+    assert recorder.finished

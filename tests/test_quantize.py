@@ -96,9 +96,10 @@ def test_preflight_refuses_torchao_when_missing(flux, monkeypatch):
 def test_fnf_train_refuses_in_one_line_before_loading(flux, tmp_path, monkeypatch, capsys):
     """`fnf train --set model.quantize=bnb-8bit` on a CPU: exit status 2, one stderr line naming the key and what
     is missing, no model loaded."""
-    from fnf import cli, train
+    from fnf import cli
+    from fnf.train import trainer
 
-    monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(trainer, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     rc = cli.main(["train", "--model", flux, "--out", str(tmp_path / "run"), "--set", "model.quantize=bnb-8bit",
                    "--set", "train.device=cpu", "--set", "localize.spec=none"])
     err = capsys.readouterr().err.strip()
@@ -147,7 +148,7 @@ def test_loading_path_passes_the_quantization_config(family, flux, tmp_path, mon
     from diffusers import FluxTransformer2DModel, UNet2DConditionModel
     from diffusers.models.modeling_utils import ModelMixin
 
-    from fnf import fused_lora
+    from fnf.train import fused_lora
 
     denoiser, path, dtype, method, targets = {
         "flux": (FluxTransformer2DModel, flux, "bf16", "bnb-4bit", ["to_q", "to_v"]),

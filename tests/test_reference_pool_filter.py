@@ -16,19 +16,19 @@ def sd(tmp_path_factory):
 
 def test_pool_reward_below_keeps_the_low_reward_entries_with_their_own_seeds(sd, tmp_path):
     import fnf.train as train_mod
-    from fnf.rewards import build_reward, evaluate
+    from fnf.rewards import build_reward, score
 
     extra = dict(localize={"spec": "saliency"}, train={"seeds_per_prompt": 4, "batch_size": 3})
-    full = train_mod.Session(tiny_config(sd, str(tmp_path / "all"), **extra)).pool
+    full = train_mod.Session(tiny_config(sd, str(tmp_path / "all"), **extra)).objective.pool
     assert full.size == 8 and full.reward0 is None
     reward = build_reward("brightness")
-    scores = evaluate(reward, full.ref, ["x"] * full.size)
+    scores = score(reward, full.ref, ["x"] * full.size)
     below = float(scores.median())                     # about half the entries lie below the median
     want = (scores < below).nonzero()[:, 0]
     print(f"pool rewards {scores.tolist()}, bound {below}")
     cfg = tiny_config(sd, str(tmp_path / "low"), **extra)
     cfg.train.pool_reward_below = below
-    low = train_mod.Session(cfg).pool
+    low = train_mod.Session(cfg).objective.pool
     assert 0 < low.size == len(want) < full.size
     assert low.entry.tolist() == want.tolist()         # the kept entries keep their noise seeds and prompts
     assert low.prompt_index.tolist() == full.prompt_index[want].tolist()

@@ -31,7 +31,7 @@ def sepen_config(model_path, out, **overrides):
         "objective": "sepen",
         "sepen": {"concepts": CONCEPTS, "downsample": 1},  # the tiny UNet cross-attends at latent/1 (16x16)
         "lora": {"rank": 2, "alpha": 2},
-        "memory": {"unet_checkpointing": False, "vae_checkpointing": False},
+        "memory": {"denoiser_checkpointing": False, "vae_checkpointing": False},
         "train": {"steps": 2, "lr": 1e-3, "batch_size": 2, "out": out, "checkpoint_every": 0, "sample_every": 0,
                   "progress": False, "tensorboard": False, "weight_decay": 0.0},
     }
@@ -62,7 +62,7 @@ def test_config_shorthand_and_validation(sd):
 
 
 def test_only_to_k_changes(sd, tmp_path):
-    before = {k: v.clone() for k, v in load_model(sd).unet.state_dict().items()}
+    before = {k: v.clone() for k, v in load_model(sd).denoiser.state_dict().items()}
     result = train(sepen_config(sd, str(tmp_path / "run")))
     after = result.model.denoiser.state_dict()
     assert set(after) == set(before)
@@ -143,12 +143,12 @@ def test_exclude_prompts_and_timestep_range_validation(sd):
 
 def test_excluded_prompts_are_never_drawn(sd):
     from fnf.config import sepen_concepts, sepen_pairs
-    from fnf.sepen.train_step import SepenObjective
+    from fnf.objectives.sepen import SeparateAndEnhance
 
     held = ["a photo of a cat and a dog", "A photo of a  tree and a car"]   # case and spacing do not matter
     cfg = sepen_config(sd, "x", **{"sepen.exclude_prompts": held})
     assert len(sepen_pairs(cfg.sepen)) == 12 - 2
-    obj = SepenObjective.__new__(SepenObjective)       # prompts() needs only the config and the pair list
+    obj = SeparateAndEnhance.__new__(SeparateAndEnhance)       # prompts() needs only the config and the pair list
     obj.sc, obj.concepts, obj.pairs = cfg.sepen, sepen_concepts(cfg.sepen), sepen_pairs(cfg.sepen)
     pairs, objects, _ = obj.prompts(torch.Generator().manual_seed(0), 400)
     drawn = {p.lower() for p in pairs}

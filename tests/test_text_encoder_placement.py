@@ -2,7 +2,7 @@
 
 * ``memory.offload_text_encoder``: the Session loads the model on the host, encodes the training prompts and the
   negative prompt with only the text encoders on the device, moves them off, and only then places the denoiser
-  (fnf.placement.encode_before_denoiser); the objective reads the cached embeddings, no encoder runs again. Without
+  (fnf.train.placement.encode_before_denoiser); the objective reads the cached embeddings, no encoder runs again. Without
   the key, or for an objective that encodes while training (Separate-and-Enhance), the old order holds.
 * ``model.text_encoder_3: false`` (SD3 without T5) and ``model.max_sequence_length`` (SD3, FLUX.1) equal the
   diffusers pipelines: ``StableDiffusion3Pipeline(text_encoder_3=None)`` images within 1e-4, ``encode_prompt``
@@ -26,9 +26,10 @@ from tiny_sd3 import IMAGE_SIZE as SD3_SIZE
 from tiny_sd3 import cached_sd3
 
 from fnf import config as config_mod
-from fnf import train as train_mod
 from fnf.encoding import encode_prompts
 from fnf.families.registry import load_model, model_options
+from fnf.objectives.base import NoProbe
+from fnf.train import trainer as train_mod
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SEED = 11
@@ -52,7 +53,7 @@ def _name(module) -> str:
     return "denoiser" if cls in DENOISERS else "text encoder" if cls in ENCODERS else cls
 
 
-class RecordingProbe(train_mod.Probe):
+class RecordingProbe(NoProbe):
     """The Session's phases and placements, in order, in one list shared with the encoder hooks."""
 
     def __init__(self, events: list):
@@ -72,7 +73,7 @@ class RecordingProbe(train_mod.Probe):
 
 
 def _recording_load(monkeypatch, events: list):
-    """fnf.train.load_model, recording the load device and every text-encoder forward."""
+    """fnf.train.trainer.load_model, recording the load device and every text-encoder forward."""
     real = train_mod.load_model
 
     def load(*args, **kwargs):
@@ -118,10 +119,10 @@ def test_encoders_finish_before_the_denoiser_reaches_the_device(flux, monkeypatc
     record, _ = session.optimizer_step(0)
     assert not record["skipped"] and sum(e[0] == "encode" for e in events) == n_encodes
     m = session.model
-    assert len(session.prompt_cache.entries) == 2                        # the prompts and the negative prompt
+    assert len(session.ctx.prompt_cache.entries) == 2                        # the prompts and the negative prompt
     direct = m.family.encode(m, PROMPTS, height=FLUX_SIZE, width=FLUX_SIZE)
-    assert session.embeds.hidden.shape == (2, 64, 32)               # model.max_sequence_length reached the family
-    assert torch.equal(session.embeds.hidden, direct.hidden) and torch.equal(session.embeds.pooled, direct.pooled)
+    assert session.objective.embeds.hidden.shape == (2, 64, 32)               # model.max_sequence_length reached the family
+    assert torch.equal(session.objective.embeds.hidden, direct.hidden) and torch.equal(session.objective.embeds.pooled, direct.pooled)
     assert all(next(enc.parameters()).device.type == "cpu" for enc in m.text_encoders)
 
 
@@ -130,7 +131,7 @@ def test_without_offload_the_model_loads_on_the_device_and_encodes_in_setup(flux
     _recording_load(monkeypatch, events)
     session = train_mod.Session(_flux_cfg(flux, offload_text_encoder=False), probe=RecordingProbe(events))
     assert events[0] == ("load", str(session.device))
-    assert ("placed", "denoiser", False) not in events and session.prompt_cache is None
+    assert ("placed", "denoiser", False) not in events and session.ctx.prompt_cache is None
     enc_start = _first(events, ("enter", "prompt encoding"))
     assert any(e[0] == "encode" for e in events[enc_start:])
 
@@ -144,7 +145,7 @@ def test_an_objective_that_encodes_while_training_keeps_its_encoders(tmp_path, m
     events: list = []
     _recording_load(monkeypatch, events)
     session = train_mod.Session(cfg, probe=RecordingProbe(events))
-    assert events[0] == ("load", str(session.device)) and session.prompt_cache is None
+    assert events[0] == ("load", str(session.device)) and session.ctx.prompt_cache is None
     assert not any(e[0] == "placed" and e[1] == "text encoder" for e in events)
 
 

@@ -64,12 +64,12 @@ def test_attribute_classifier_beats_chance(fresh):
 
 
 def test_reward_spec_and_gradients(fresh):
-    from fnf.rewards import build_reward, evaluate, prepare_reward
+    from fnf.rewards import build_reward, prepare_reward, score
 
     ds, x = fresh
     reward = prepare_reward(build_reward("fnf.toy.rewards:defect_reward"), "cpu")
     xi = x[:16].clone().requires_grad_(True)
-    r = evaluate(reward, xi, ds["captions"][:16])
+    r = score(reward, xi, ds["captions"][:16])
     assert r.shape == (16,) and (r <= 0).all()
     r.sum().backward()
     assert xi.grad is not None and xi.grad.abs().sum() > 0

@@ -6,7 +6,8 @@ import sys
 import pytest
 import torch
 
-from fnf import config, vae_memory
+from fnf import config
+from fnf.train import vae_memory
 from fnf.config import ConfigError
 from fnf.memory.counter import StorageCounter
 

@@ -19,8 +19,8 @@ import torch
 
 from ..core import DTYPES, DiffusionModel, ModelLoadError
 from ..families.registry import detect_kind, family_by_name, read_index
-from ..placement import text_encoders_first
 from ..train import Session
+from ..train.placement import text_encoders_first
 from . import cuda_rules
 from .archs import ARCHS, TOY_TOKENIZER
 from .counter import StorageCounter, rounded
@@ -77,9 +77,17 @@ class _TraceAccelerator:
     def wait_for_everyone(self):
         pass
 
+    gradient_accumulation_steps = 1   # the Session sets it
+
+    def backward(self, loss):
+        (loss / self.gradient_accumulation_steps).backward()
+
+    def clip_grad_norm_(self, parameters, max_norm):
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+
 
 class CounterProbe:
-    """The Session's estimation hook (fnf.train.Probe) backed by a StorageCounter."""
+    """The Session's estimation hook (fnf.objectives.base.NoProbe's interface) backed by a StorageCounter."""
 
     def __init__(self, counter: StorageCounter):
         self.counter = counter

@@ -1,46 +1,91 @@
-"""The objective seam of the trainer: trainable parameters, a micro-batch's loss, progress keys and the export."""
+"""The objective seam of the trainer: :class:`Objective`, its frozen :class:`Context`, :class:`StepOutput`."""
 from __future__ import annotations
 
+import contextlib
 import os
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
+from ..core import DiffusionModel
+from ..encoding import PromptCache
 from ..lora import save_lora
 
 
-class Objective:
-    """One training objective, built by the Session once the model is loaded.
+class NoProbe:
+    """The trainer's estimation hook when nothing estimates: phases and placements are not recorded."""
 
-    Lifecycle: ``__init__(session)`` creates the trainable parameters (``params``) on ``session.model``; the
-    Session then applies its memory settings (checkpointing, fused LoRA) and calls :meth:`setup`; each
-    micro-batch calls :meth:`loss`; at the end of a run :meth:`finish` (every process) and :meth:`export`
-    (main process)."""
+    def phase(self, name: str, host: bool = False):
+        """Context for one phase of a step (``host``: what is allocated inside stays on the host)."""
+        return contextlib.nullcontext()
+
+    def placed(self, modules, on_device: bool) -> None:
+        """``modules`` (a list of nn.Modules) now live on the device (True) or on the host (False)."""
+
+
+@dataclass(frozen=True)
+class Context:
+    """What an objective may read of the trainer, fixed once the model is placed and its memory levers are set."""
+
+    model: DiffusionModel
+    device: torch.device
+    autocast_dtype: torch.dtype | None   # None: no autocast
+    probe: object                        # NoProbe, or fnf estimate-memory's counter
+    height: int
+    width: int
+    is_main: bool                        # the main process (progress bars)
+    prompt_cache: PromptCache | None     # prompts encoded before the denoiser reached the device
+    fused_lora: bool                     # fnf_kernels' fused LoRA attention is installed (memory.fused_lora)
+
+    def autocast(self):
+        """The training autocast (a no-op context without mixed precision)."""
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+
+
+class StepOutput(NamedTuple):
+    """One micro-batch: the loss to back-propagate, detached float stats for the log, images for the sample grid."""
+
+    loss: torch.Tensor
+    stats: dict
+    images: dict
+
+
+class Objective:
+    """One training objective.
+
+    Lifecycle: :meth:`add_params` (a classmethod) creates the trainable parameters on the model; the trainer then
+    sets its memory levers (checkpointing, fused LoRA), builds the :class:`Context` and the objective once,
+    ``cls(cfg, ctx)`` (rewards, prompts, hooks); each micro-batch calls :meth:`loss`; at the end of a run
+    :meth:`finish` (every process) and :meth:`export` (main process)."""
 
     progress_keys: tuple[str, ...] = ("loss",)   # the stats shown next to the progress bar
-    denoiser_checkpointing: bool = True          # whether memory.unet_checkpointing may apply
-    # True: the objective encodes only cfg.all_prompts() and sampling.negative_prompt (through
-    # fnf.models.encode_prompts / encode_negative); with memory.offload_text_encoder the Session then encodes
-    # them before the denoiser reaches the device (fnf.models.encode_before_denoiser) and the text encoders
-    # stay off it. False: it encodes other prompts while training, so its text encoders stay on the device.
+    denoiser_checkpointing: bool = True          # whether memory.denoiser checkpointing may apply
+    # True: the objective encodes only cfg.all_prompts() and sampling.negative_prompt (fnf.encoding.encode_prompts /
+    # encode_negative); with memory.offload_text_encoder the trainer then encodes them before the denoiser reaches
+    # the device (fnf.train.placement.encode_before_denoiser) and the text encoders stay off it. False: it encodes
+    # other prompts while training, so its text encoders stay on the device.
     encodes_prompts_once: bool = False
 
-    params: list
-
-    def setup(self, session) -> None:
-        """What the objective needs besides its parameters (rewards, prompts, hooks), after the memory settings."""
-
-    def loss(self, session, generator: torch.Generator) -> tuple[torch.Tensor, dict, dict]:
-        """(loss, stats, images for the sample grid) of one micro-batch; ``generator`` is seeded per
-        (seed, step, micro-step, rank) and is this micro-batch's only source of randomness."""
+    @classmethod
+    def add_params(cls, cfg, model: DiffusionModel, probe) -> list[torch.Tensor]:
+        """Create the trainable parameters on ``model`` (before the memory levers); returns them."""
         raise NotImplementedError
 
-    def finish(self, session) -> None:
-        """Undo what :meth:`setup` installed on the model (every process, before the fused LoRA path is removed)."""
+    def __init__(self, cfg, ctx: Context):
+        self.cfg, self.ctx = cfg, ctx
 
-    def export(self, session, out: str) -> str:
+    def loss(self, generator: torch.Generator) -> StepOutput:
+        """One micro-batch; ``generator`` is seeded per (seed, step, micro-step, rank) and is its only randomness."""
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """Undo what the constructor installed on the model (every process, before the fused LoRA path is removed)."""
+
+    def export(self, out: str) -> str:
         """Write the trained result under ``out`` (main process); returns its path. Default: the LoRA folder in
         the format the family's ``pipe.load_lora_weights`` reads."""
 
         path = os.path.join(out, "lora")
-        save_lora(session.model, path)
+        save_lora(self.ctx.model, path)
         return path

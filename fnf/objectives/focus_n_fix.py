@@ -16,13 +16,14 @@ from dataclasses import dataclass
 import torch
 
 from ..core import PromptEmbeds
+from ..families.base import Schedule
 from ..encoding import encode_negative, encode_prompts, offload_text_encoders
 from ..localize import localizer_from_config
 from ..lora import adapters_disabled, add_lora
 from ..reference_pool import ReferencePool
-from ..rewards import build_reward, evaluate, prepare_reward
-from ..sampling import decode, denoise, denoise_batched, grad_start, initial_latents
-from .base import Objective
+from ..rewards import build_reward, prepare_reward, score
+from ..sampling import decode, denoise_batched, draft_k, draft_lv, grad_start, initial_latents, schedule
+from .base import Context, Objective, StepOutput
 from .penalty import focus_n_fix_loss
 
 
@@ -55,9 +56,9 @@ class Reference:
 class RandomDraws:
     """Prompts uniformly from the prompt list, x_T from the micro-batch generator."""
 
-    def draw(self, obj: "FocusNFix", session, gen: torch.Generator, b: int):
+    def draw(self, obj: "FocusNFix", ctx: Context, gen: torch.Generator, b: int):
         idx = torch.randint(len(obj.prompts), (b,), generator=gen)
-        return idx, initial_latents(session.model, b, session.height, session.width, gen, session.device), None
+        return idx, initial_latents(ctx.model, b, ctx.height, ctx.width, gen, ctx.device), None
 
 
 class PoolDraws:
@@ -66,43 +67,43 @@ class PoolDraws:
     def __init__(self, pool):
         self.pool = pool
 
-    def draw(self, obj: "FocusNFix", session, gen: torch.Generator, b: int):
+    def draw(self, obj: "FocusNFix", ctx: Context, gen: torch.Generator, b: int):
         entries = torch.randint(self.pool.size, (b,), generator=gen)
-        return self.pool.prompt_index[entries], self.pool.latents(entries, session.device), entries
+        return self.pool.prompt_index[entries], self.pool.latents(entries, ctx.device), entries
 
 
 # ------------------------------------------------------------------------------------------ where I0 comes from
 class ReferenceSource:
     """Gives I0 and its mask for a batch, and turns rewards and images into the loss (Focus-N-Fix)."""
 
-    def reference(self, obj: "FocusNFix", session, batch: Batch) -> Reference:
+    def reference(self, obj: "FocusNFix", ctx: Context, batch: Batch) -> Reference:
         raise NotImplementedError
 
-    def _localize(self, obj: "FocusNFix", session, batch: Batch, image: torch.Tensor, x_ft, start: int):
+    def _localize(self, obj: "FocusNFix", ctx: Context, batch: Batch, image: torch.Tensor, x_ft, start: int):
         # Before the grad-carrying steps: the localizer's backward peaks alone.
-        with session.probe.phase("localizer"):
+        with ctx.probe.phase("localizer"):
             heat, mask = obj.localizer(image, batch.prompts, batch.idx)
         return Reference(image, heat, mask, x_ft, start)
 
-    def terms(self, obj: "FocusNFix", rewards: torch.Tensor, images: torch.Tensor, ref: Reference, b: int):
-        """(loss, stats, grid images)."""
+    def terms(self, obj: "FocusNFix", rewards: torch.Tensor, images: torch.Tensor, ref: Reference,
+              b: int) -> StepOutput:
         cfg, copies = obj.cfg, max(1, obj.cfg.sampling.lv_copies)
         loss, stats = focus_n_fix_loss(rewards.float(), images.float(), ref.image.repeat(copies, 1, 1, 1),
                                        ref.mask.repeat(copies, 1, 1, 1), beta=cfg.objective.beta,
                                        reward_weight=cfg.reward.weight, squared=cfg.objective.squared)
-        return loss, stats, {"ref": ref.image, "mask": ref.mask, "heat": ref.heat, "images": images[:b]}
+        return StepOutput(loss, stats, {"ref": ref.image, "mask": ref.mask, "heat": ref.heat, "images": images[:b]})
 
 
 class NoReference(ReferenceSource):
     """Plain DRaFT-K (beta = 0, no localizer): no pretrained trajectory I0, no mask, no penalty."""
 
-    def reference(self, obj, session, batch):
+    def reference(self, obj, ctx, batch):
         return Reference(None, None, None, batch.x_T, 0)
 
     def terms(self, obj, rewards, images, ref, b):
         loss = -obj.cfg.reward.weight * rewards.float().mean()
         stats = {"reward": rewards.detach().float().mean().item(), "loss": loss.detach().item()}
-        return loss, stats, {"images": images[:b]}
+        return StepOutput(loss, stats, {"images": images[:b]})
 
 
 class PoolReference(ReferenceSource):
@@ -111,38 +112,42 @@ class PoolReference(ReferenceSource):
     def __init__(self, pool):
         self.pool = pool
 
-    def reference(self, obj, session, batch):
-        image, heat, mask = self.pool.lookup(batch.entries, session.device)
+    def reference(self, obj, ctx, batch):
+        image, heat, mask = self.pool.lookup(batch.entries, ctx.device)
         return Reference(image, heat, mask, batch.x_T, 0)
 
 
 class SampledReference(ReferenceSource):
     """I0 sampled separately: the same denoiser with its adapters off, no grad."""
 
-    def reference(self, obj, session, batch):
-        m, phase = session.model, session.probe.phase
-        with torch.no_grad(), adapters_disabled(m.denoiser), session.autocast():
+    def reference(self, obj, ctx, batch):
+        m, phase = ctx.model, ctx.probe.phase
+        with torch.no_grad(), adapters_disabled(m.denoiser), ctx.autocast():
             with phase("no-grad sampling"):
-                z_ref = denoise(m, batch.x_T, batch.cond, batch.uncond, grad_steps=0, generator=batch.gen_ref,
-                                **obj.sampling_kwargs(session))
+                plan = obj.schedule()
+                z_ref = draft_k(m, batch.x_T, plan, batch.cond, batch.uncond, grad_steps=0,
+                                guidance_scale=obj.cfg.sampling.guidance_scale, eta=obj.cfg.sampling.eta,
+                                generator=batch.gen_ref)
             with phase("I0 decode"):
-                image = decode(m, z_ref).float()
-        return self._localize(obj, session, batch, image, batch.x_T, 0)
+                image = decode(m, z_ref, plan).float()
+        return self._localize(obj, ctx, batch, image, batch.x_T, 0)
 
 
 class BatchedReference(ReferenceSource):
     """I0 and I's no-grad steps in one denoiser batch (fused LoRA path); I continues from its first grad step."""
 
-    def reference(self, obj, session, batch):
-        m, phase, s = session.model, session.probe.phase, obj.cfg.sampling
-        with torch.no_grad(), session.autocast():
+    def reference(self, obj, ctx, batch):
+        m, phase, s = ctx.model, ctx.probe.phase, obj.cfg.sampling
+        with torch.no_grad(), ctx.autocast():
             with phase("no-grad sampling"):
-                z_ref, x_ft = denoise_batched(m, batch.x_T, batch.cond, batch.uncond, grad_steps=s.truncation_k,
-                                              lv_copies=s.lv_copies, generators=(batch.gen_ref, batch.gen_ft),
-                                              **obj.sampling_kwargs(session))
+                plan = obj.schedule()
+                z_ref, x_ft = denoise_batched(m, batch.x_T, plan, batch.cond, batch.uncond,
+                                              shared=grad_start(len(plan), s.truncation_k, s.lv_copies),
+                                              guidance_scale=s.guidance_scale, eta=s.eta,
+                                              generators=(batch.gen_ref, batch.gen_ft))
             with phase("I0 decode"):
-                image = decode(m, z_ref).float()
-        return self._localize(obj, session, batch, image, x_ft, grad_start(s.steps, s.truncation_k, s.lv_copies))
+                image = decode(m, z_ref, plan).float()
+        return self._localize(obj, ctx, batch, image, x_ft, grad_start(s.steps, s.truncation_k, s.lv_copies))
 
 
 # ------------------------------------------------------------------------------------------ the objective
@@ -150,23 +155,25 @@ class FocusNFix(Objective):
     """DRaFT-K / DRaFT-LV + LoRA with the Focus-N-Fix penalty (``objective.name: fnf``; beta = 0 is DRaFT)."""
 
     progress_keys = ("reward", "penalty")
-    encodes_prompts_once = True   # cfg.all_prompts() and the negative prompt, in setup
+    encodes_prompts_once = True   # cfg.all_prompts() and the negative prompt, in __init__
 
-    def __init__(self, session):
-        cfg = self.cfg = session.cfg
-        with session.probe.phase("LoRA params"):
-            self.params = add_lora(session.model, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
-                                   target_modules=cfg.lora.target_modules, dropout=cfg.lora.dropout)
+    @classmethod
+    def add_params(cls, cfg, model, probe) -> list:
+        with probe.phase("LoRA params"):
+            return add_lora(model, rank=cfg.lora.rank, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules,
+                            dropout=cfg.lora.dropout)
+
+    def __init__(self, cfg, ctx: Context):
+        """Reward, localizer, prompt embeddings, and the sample and reference sources."""
+        super().__init__(cfg, ctx)
+        m, probe = ctx.model, ctx.probe
         # beta = 0 with no localizer is plain DRaFT-K: the pretrained trajectory I0 is not needed at all.
         self.plain_draft = cfg.objective.beta == 0 and cfg.localize.spec == "none"
         self.pool = None
-
-    def setup(self, session) -> None:
-        """Reward, localizer, prompt embeddings, and the sample and reference sources."""
-        cfg, m, probe = self.cfg, session.model, session.probe
+        self._plan = None
         with probe.phase("reward build", host=True):  # built on the host, then moved
             reward = build_reward(cfg.reward.spec, **cfg.reward.kwargs)
-        self.reward = prepare_reward(reward, session.device)
+        self.reward = prepare_reward(reward, ctx.device)
         if isinstance(self.reward, torch.nn.Module):
             probe.placed([self.reward], on_device=True)
         with probe.phase("localizer build"):
@@ -174,44 +181,54 @@ class FocusNFix(Objective):
         self.prompts = cfg.all_prompts()
         if not self.prompts:
             raise ValueError("no prompts: set train.prompts or train.prompts_file")
-        h, w = session.height, session.width
+        h, w = ctx.height, ctx.width
         with probe.phase("prompt encoding"):
-            cache = session.prompt_cache
+            cache = ctx.prompt_cache
             self.embeds = encode_prompts(m, self.prompts, height=h, width=w, cache=cache)
             self.negative = encode_negative(m, cfg.sampling.negative_prompt, 1, height=h, width=w, cache=cache)
         self.draws = RandomDraws()                    # _reference_source replaces it with the pool's
-        self.references = self._reference_source(session)
+        self.references = self._reference_source()
         if cfg.memory.offload_text_encoder:
             offload_text_encoders(m)
             probe.placed(m.text_encoders, on_device=False)
 
-    def _reference_source(self, session) -> ReferenceSource:
-        cfg = self.cfg
+    def _reference_source(self) -> ReferenceSource:
+        cfg, ctx = self.cfg, self.ctx
         if cfg.train.seeds_per_prompt > 0:
-            with session.probe.phase("reference pool"):
+            with ctx.probe.phase("reference pool"):
                 self.pool = ReferencePool(
-                    session.model, self.embeds, self.negative, self.localizer, self.prompts,
-                    seeds_per_prompt=cfg.train.seeds_per_prompt, seed=cfg.train.seed, height=session.height,
-                    width=session.width, steps=cfg.sampling.steps, guidance_scale=cfg.sampling.guidance_scale,
-                    batch_size=cfg.train.batch_size, device=session.device, autocast=session.autocast,
-                    references=not self.plain_draft,
-                    progress=cfg.train.progress and session.acc.is_main_process,
+                    ctx.model, self.embeds, self.negative, self.localizer, self.prompts,
+                    seeds_per_prompt=cfg.train.seeds_per_prompt, seed=cfg.train.seed, height=ctx.height,
+                    width=ctx.width, plan=self.schedule(), guidance_scale=cfg.sampling.guidance_scale,
+                    batch_size=cfg.train.batch_size, device=ctx.device, autocast=ctx.autocast,
+                    references=not self.plain_draft, progress=cfg.train.progress and ctx.is_main,
                     reward=self.reward, reward_below=cfg.train.pool_reward_below)
             self.draws = PoolDraws(self.pool)
         if self.plain_draft:
             return NoReference()
         if self.pool is not None:
             return PoolReference(self.pool)
-        return BatchedReference() if session.fused_lora else SampledReference()
+        return BatchedReference() if ctx.fused_lora else SampledReference()
 
-    def sampling_kwargs(self, session) -> dict:
-        s = self.cfg.sampling
-        return dict(steps=s.steps, guidance_scale=s.guidance_scale, eta=s.eta, height=session.height,
-                    width=session.width)
+    def schedule(self) -> Schedule:
+        """The sampler's schedule (``sampling.steps`` at the training image size), built on first use and kept:
+        steps, size and device never change in a run."""
+        if self._plan is None:
+            self._plan = schedule(self.ctx.model, self.cfg.sampling.steps, self.ctx.height, self.ctx.width,
+                                  self.ctx.device)
+        return self._plan
 
-    def batch(self, session, gen: torch.Generator) -> Batch:
+    def trajectory(self, x: torch.Tensor, plan, batch: Batch, start: int) -> torch.Tensor:
+        """The fine-tuned trajectory from step ``start``: DRaFT-K (its last K steps carry grad) or DRaFT-LV."""
+        s, m = self.cfg.sampling, self.ctx.model
+        kw = dict(guidance_scale=s.guidance_scale, start=start, eta=s.eta, generator=batch.gen_ft)
+        if s.lv_copies:
+            return draft_lv(m, x, plan, batch.cond, batch.uncond, copies=s.lv_copies, **kw)
+        return draft_k(m, x, plan, batch.cond, batch.uncond, grad_steps=s.truncation_k, **kw)
+
+    def batch(self, gen: torch.Generator) -> Batch:
         b = self.cfg.train.batch_size
-        idx, x_T, entries = self.draws.draw(self, session, gen, b)
+        idx, x_T, entries = self.draws.draw(self, self.ctx, gen, b)
         noise_seed = int(torch.randint(2**62, (1,), generator=gen))
         # I0 and I draw the same DDIM noise (eta > 0): one generator each, seeded alike.
         gen_ref, gen_ft = torch.Generator().manual_seed(noise_seed), torch.Generator().manual_seed(noise_seed)
@@ -219,17 +236,18 @@ class FocusNFix(Objective):
                      self.embeds.index(idx.to(self.embeds.hidden.device)), self.negative.repeat(b), gen_ref, gen_ft,
                      entries)
 
-    def loss(self, session, gen: torch.Generator):
-        m, phase, s = session.model, session.probe.phase, self.cfg.sampling
-        batch = self.batch(session, gen)
-        ref = self.references.reference(self, session, batch)
-        with session.autocast():
+    def loss(self, gen: torch.Generator) -> StepOutput:
+        ctx, s = self.ctx, self.cfg.sampling
+        m, phase = ctx.model, ctx.probe.phase
+        batch = self.batch(gen)
+        ref = self.references.reference(self, ctx, batch)
+        with ctx.autocast():
             with phase("denoiser (grad steps)"):  # the fine-tuned trajectory; its last K steps carry grad
-                z = denoise(m, ref.x_ft, batch.cond, batch.uncond, grad_steps=s.truncation_k, lv_copies=s.lv_copies,
-                            generator=batch.gen_ft, start=ref.start, **self.sampling_kwargs(session))
+                plan = self.schedule()
+                z = self.trajectory(ref.x_ft, plan, batch, ref.start)
             with phase("VAE decode"):
-                images = decode(m, z)
-        with session.autocast(), phase("reward"):
-            rewards = evaluate(self.reward, images, batch.prompts * max(1, s.lv_copies),
+                images = decode(m, z, plan)
+        with ctx.autocast(), phase("reward"):
+            rewards = score(self.reward, images, batch.prompts * max(1, s.lv_copies),
                                checkpoint=self.cfg.memory.reward_checkpointing)
         return self.references.terms(self, rewards, images, ref, len(batch.prompts))

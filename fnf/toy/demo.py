@@ -34,14 +34,14 @@ import time
 
 import torch
 
-from .. import checkpoint as ckpt
-from .. import run_dir
+from ..train import checkpoint as ckpt
+from ..train import run_dir
 from ..config import from_dict
 from ..families.registry import load_model
 from ..images import save_png
 from ..lora import adapters_disabled, load_lora_state_dict
 from ..metrics import finite_or_none, masked_mse, summary
-from ..run_dir import move_aside
+from ..train.run_dir import move_aside
 from ..train import train
 from . import ASSETS, sepen_demo
 from . import data as toydata

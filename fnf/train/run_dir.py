@@ -15,7 +15,7 @@ import time
 import uuid
 
 from . import checkpoint as ckpt
-from .config import dump
+from ..config import dump
 
 RUN_FILE = "run.json"
 # What a training run writes into <out>: DATA refuses a fresh run there; --overwrite moves all of these aside.

@@ -16,7 +16,7 @@ import torch
 
 import fnf_kernels
 
-from . import quantize
+from .. import quantize
 
 MODES = ("auto", "on", "off")
 

@@ -5,14 +5,13 @@
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-from . import quantize
-from .core import DiffusionModel
-from .encoding import PromptCache, negative_is_zero, offload_text_encoders
-from .objectives import objective_class
+from .. import quantize
+from ..core import DiffusionModel
+from ..encoding import PromptCache, negative_is_zero, offload_text_encoders
+from ..objectives import objective_class
+from ..objectives.base import NoProbe
 
 
 def text_encoders_first(cfg) -> bool:
@@ -20,17 +19,6 @@ def text_encoders_first(cfg) -> bool:
     ``memory.offload_text_encoder`` with an objective that encodes only its fixed prompts
     (``Objective.encodes_prompts_once``)."""
     return bool(cfg.memory.offload_text_encoder and objective_class(cfg.objective.name).encodes_prompts_once)
-
-
-class NoProbe:
-    """The trainer's estimation hook when nothing estimates: phases and placements are not recorded."""
-
-    def phase(self, name: str, host: bool = False):
-        """Context for one phase of a step (``host``: what is allocated inside stays on the host)."""
-        return contextlib.nullcontext()
-
-    def placed(self, modules, on_device: bool) -> None:
-        """``modules`` (a list of nn.Modules) now live on the device (True) or on the host (False)."""
 
 
 @torch.no_grad()
