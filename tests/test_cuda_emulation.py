@@ -459,3 +459,67 @@ def test_planted_bug_makes_the_harness_fail(driver, tmp_path, bug):
     verdict = harness_verdict(build(csrc), str(tmp_path))
     print(f"planted {bug}: the harness fails with:\n{verdict[:3000]}")
     assert verdict, f"planted bug {bug} went unnoticed"
+
+
+# ---- the bindings' argument checks and edge behaviour (the CUDA ones where a GPU is present) -------------------
+def _ops_on(device: str):
+    from fnf_kernels import _extension
+
+    if _extension.load() is None:
+        pytest.skip(f"the compiled extension is not built: {_extension.error()}")
+    if device == "cuda" and not (torch.cuda.is_available() and _extension.has_cuda_kernels()):
+        pytest.skip("needs a GPU and the extension built with its CUDA kernels")
+    return torch.ops.fnf_kernels
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_penalty_backward_checks_grad_and_norms(device):
+    """One clear error for a wrong dtype or device of grad/norms on every backend (CUDA read garbage or hit an
+    illegal address before)."""
+    ops = _ops_on(device)
+    image = torch.rand(2, 3, 4, 5, device=device)
+    norms = ops.penalty_norms(image, image * 0.5, torch.zeros(2, 1, 4, 5, device=device), False)
+    grad = torch.ones(2, device=device)
+    with pytest.raises(TypeError, match="norms must be"):
+        ops.penalty_backward(grad, image, image * 0.5, torch.zeros(2, 1, 4, 5, device=device), norms.double(), False)
+    with pytest.raises(TypeError, match="grad must be floating point"):
+        ops.penalty_backward(grad.int(), image, image * 0.5, torch.zeros(2, 1, 4, 5, device=device), norms, False)
+    if device == "cuda":
+        for g, n in ((grad.cpu(), norms), (grad, norms.cpu())):
+            with pytest.raises(ValueError, match="must be on image's device"):
+                ops.penalty_backward(g, image, image * 0.5, torch.zeros(2, 1, 4, 5, device=device), n, False)
+    out = ops.penalty_backward(grad, image, image * 0.5, torch.zeros(2, 1, 4, 5, device=device), norms, False)
+    assert out.shape == image.shape and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_empty_tensors_give_zeros_on_every_backend(device):
+    ops = _ops_on(device)
+    for shape in ((0, 3, 4, 4), (2, 0, 4, 4), (2, 3, 0, 4)):
+        image = torch.zeros(shape, device=device)
+        mask = torch.zeros(shape, device=device)
+        norms = ops.penalty_norms(image, image, mask, False)
+        assert norms.shape == (shape[0],) and norms.eq(0).all()
+        grad = ops.penalty_backward(torch.ones(shape[0], device=device), image, image, mask, norms, True)
+        assert grad.shape == shape
+    for shape in ((0, 5, 5), (2, 0, 5), (2, 5, 0)):
+        out = ops.threshold_dilate(torch.zeros(shape, device=device), torch.zeros(shape[0], device=device), 1, False,
+                                   torch.float32)
+        assert out.shape == shape
+
+
+@pytest.mark.slow  # a few seconds on a GPU
+def test_cuda_batches_above_grid_limit():
+    """70000 images (above gridDim.y's 65535) in one call: the CUDA kernels stride over them."""
+    ops = _ops_on("cuda")
+    gen = torch.Generator().manual_seed(SEED)
+    print(f"seed {SEED}")
+    hm = torch.rand(70000, 3, 5, generator=gen).cuda()
+    thr = torch.full((70000,), 0.8, device="cuda")
+    out = ops.threshold_dilate(hm, thr, 1, True, torch.float32)
+    torch.testing.assert_close(out.cpu(), ref.threshold_dilate(hm.cpu(), thr.cpu(), 1, "disk", torch.float32),
+                               rtol=0, atol=0)
+    image = torch.rand(70000, 1, 3, 3, generator=gen).cuda()
+    norms = ops.penalty_norms(image, image * 0, torch.zeros_like(image), True)
+    torch.testing.assert_close(norms.double().cpu(), image.double().pow(2).sum((1, 2, 3)).cpu(),
+                               rtol=64 * torch.finfo(torch.float32).eps, atol=0)

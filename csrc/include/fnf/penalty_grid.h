@@ -1,5 +1,5 @@
 // Launch geometry of the penalty kernels, pure C++ (no CUDA headers) so that it is unit-tested on CPU
-// (tests/test_build.py compiles csrc/tests/penalty_grid_test.cpp with g++).
+// (tests/test_build.py compiles a test of it with g++).
 //
 // grid.x = chunks of one (D1, D2) plane (CUDA allows up to 2^31 - 1 blocks on x), grid.y = planes
 // (B * D0), capped at 65535; a block walks planes blockIdx.y, blockIdx.y + gridDim.y, ... So a plane may
