@@ -51,8 +51,9 @@ gpu-wheels: $(PY)
 # CUDA build, triton 3.6, numpy 2.5, transformers 5.17, ...), the carried wheels of `make gpu-wheels` installed the
 # way the device call installs them, and every stage of benchmarks/gpu_proof.sh run in CPU mode in a copy of the
 # tree (build/gpu-rehearsal, as the device gets one), results in build/gpu-rehearsal-out. Times printed per stage.
-GPU_PYTHON ?= $(shell command -v python3.12 2>/dev/null || echo python3.12)
-GPU_VENV ?= .venv-gpu
+GPU_PYTHON ?= $(or $(shell for c in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python3.12; do \
+  $$c --version >/dev/null 2>&1 && { echo $$c; break; }; done),python3.12)
+GPU_VENV ?= build/venv-gpu
 GPU_PY = $(abspath $(GPU_VENV))/bin/python
 GPU_STAGES ?= kernels-test kernels-bench "train sd15" "train sdxl"
 .PHONY: gpu-venv gpu-rehearsal

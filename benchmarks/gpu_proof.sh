@@ -13,7 +13,7 @@
 # backends (TRITON_INTERPRET=1), bench_ops --device cpu, and train_memory on the tiny / tiny_xl architectures.
 #
 # Results go to ${OUT:-benchmarks/results/gpu}: <stage>.json (the stage summary: steps, seconds, rc, test counts,
-# failures), kernels-test.xml (JUnit), logs, and the benchmarks' JSON records. The exit status is non-zero when a
+# failures), kernels-test*.xml (JUnit), the benchmarks' JSON records, and <stage>-logs.tar.gz (every step's log). The exit status is non-zero when a
 # step failed or a test failed; a step cut short by the budget is reported as "incomplete", not as a failure.
 #
 # Environment: PROOF_BUDGET (seconds per stage, default 540), PROOF_DEVICE (auto|cuda|cpu), PYTHON (default
@@ -198,4 +198,10 @@ EOF
     echo "unknown stage $stage (kernels-test | kernels-bench | train sd15|sdxl | batching)" >&2; exit 2 ;;
 esac
 summary
+# Few files in $OUT (a device call brings back at most 8): the logs, env and step files go into one archive, the
+# summary, JUnit files and benchmark records stay as they are. PROOF_PACK=0 keeps them loose.
+if [ "${PROOF_PACK:-1}" = 1 ]; then
+  (cd "$OUT" && loose=$(ls -- *.log *.txt "$label.steps.tsv" 2>/dev/null) \
+    && tar czf "$label-logs.tar.gz" $loose && rm -f $loose && echo "logs: $OUT/$label-logs.tar.gz")
+fi
 exit $status

@@ -1,4 +1,5 @@
-"""Build checks: every .cu compiles with the local nvcc (no CUDA torch needed), for sm_80 and sm_90."""
+"""Build checks: every .cu compiles with the local nvcc (no CUDA torch needed), for sm_80 and sm_90; the CUDA
+launch geometry; setup.py's dependency floors are the versions `make floor-check` installs (ci/floors.txt)."""
 import glob
 import os
 import re
