@@ -114,10 +114,8 @@ for _dt, _shape, _disk, _rows, _block, _tiled in _ROW:
 # lora_linear. Forward: rank <= 64 takes the fused-down path (one _fused_kernel launch, FUSE_DOWN), a larger
 # rank the separate _down_kernel + _fused_kernel. Backward: _down (g B), _fused (dx), _wgrad (dA, dB, dW).
 # float32 runs tl.dot with input_precision "ieee" (torch's default allow_tf32=False) or "tf32".
-# _fused_kernel is autotuned: "cfg" is the index of the config (of _fused_tuned.configs) compiled; 0 is the
-# first, 3 (64x64x64, 4 stages) the smallest tiles, 4 (128x256x64) the largest.
-# Compiling float32 GEMMs is slow (the "ieee" FMA path at 128-wide tiles takes 10-40 s), so the float32 cases
-# use the smaller configs and each (kernel, precision) pair appears once per arch.
+# _fused_kernel is autotuned: "cfg" is the index of the config (of _fused_tuned.configs) compiled; the autotuner
+# tries only the configs of the operands' width (16-bit or float32), so each is compiled in its own width.
 _SD = dict(m=8192, k=320, n=320)  # the SD 64x64 self-attention projection of the module docstring
 _BWD = dict(op="lora_backward", r=16, scale=False, m=4096, k=320, n=320)  # M = 4096: BLOCK_M 64 in _down
 _WGRAD = {"dA": (0, 16, 128), "dB": (1, 64, 16), "dW": (2, 64, 128)}  # launch order, BLOCK_P, BLOCK_Q
@@ -154,11 +152,17 @@ def _lora_cases(dt, prec, fused, down, wgrad):
               dict(BLOCK_P=bp, BLOCK_Q=bq, BLOCK_M=64, PRECISION=prec), pick=pick, tf32=tf32)
 
 
-_lora_cases("bfloat16", "tf32", [("fusedown-bias1-scale1", 0), ("fusedown-bias0-scale0", 4), ("separate-bias1", 0)],
+# Every autotune config is compiled where it needs the most registers (FUSE_DOWN forward; for float32 also the
+# ieee dx), and a lora config that spills or needs more shared memory than sm_80 has fails (tests below).
+# Config indices: 0-3 the 16-bit configs, 4-6 the float32 ones (fnf_kernels.triton_kernels.lora_linear).
+LORA_CONFIGS_16, LORA_CONFIGS_32 = (0, 1, 2, 3), (4, 5, 6)
+_lora_cases("bfloat16", "tf32", [("fusedown-bias1-scale1", c) for c in LORA_CONFIGS_16]
+            + [("separate-bias1", c) for c in LORA_CONFIGS_16] + [("dx-bias0", 0), ("fusedown-bias0-scale0", 0)],
             ["fwd", "bwd"], ["dA", "dB", "dW"])
 _lora_cases("float16", "tf32", [("fusedown-bias1-scale1", 0)], ["fwd"], ["dB"])
-_lora_cases("float32", "tf32", [("fusedown-bias1-scale1", 3)], ["fwd"], ["dA"])
-_lora_cases("float32", "ieee", [("dx-bias0", 3)], ["bwd"], ["dB"])
+_lora_cases("float32", "tf32", [("fusedown-bias1-scale1", c) for c in LORA_CONFIGS_32], ["fwd"], ["dA"])
+_lora_cases("float32", "ieee", [("dx-bias0", c) for c in LORA_CONFIGS_32] + [("fusedown-bias1-scale1", 6)],
+            ["bwd"], ["dB"])  # ieee + FUSE_DOWN tunes over config 6 only (the others spill there)
 
 # attention_losses: Separate-and-Enhance maxima and their backward, (B, heads, k, H, W) maps; k = 2 and 3.
 for _dt in ("float32", "float64", "bfloat16"):
@@ -577,6 +581,10 @@ def test_compiles_to_cubin(worker, case_id, arch, record_property):
     got = {k: answer["constexprs"].get(k) for k in case["expect"]}
     assert got == case["expect"], f"launcher chose {got}, case expects {case['expect']}"
     shared, limit = answer["shared"], SMEM_LIMIT[arch]
+    if case["kernel"] == "_fused_kernel" and case["config"] is not None:  # the pruned LoRA autotune set
+        assert not answer.get("spill_stores"), (f"autotune config {case['config']} spills {answer['spill_stores']} "
+                                                f"bytes on sm_{arch} ({answer['regs']} registers)")
+        assert shared <= SMEM_LIMIT[80], f"autotune config {case['config']} needs {shared} bytes of shared memory"
     if case["config"] is None:
         assert shared <= limit, f"needs {shared} bytes of shared memory, sm_{arch} has at most {limit}"
     elif shared > limit:  # the autotuner drops this config (OutOfResources) on this GPU
@@ -585,6 +593,43 @@ def test_compiles_to_cubin(worker, case_id, arch, record_property):
     if answer.get("spill_stores"):
         warnings.warn(f"{case_id} sm_{arch}: ptxas spills {answer['spill_stores']} bytes "
                       f"({answer['regs']} registers)", stacklevel=1)
+
+
+def test_every_lora_autotune_config_is_compiled():
+    """Each config of the LoRA autotune set has compile cases above (which fail on a register spill)."""
+    from fnf_kernels.triton_kernels import lora_linear
+
+    configs = lora_linear._fused_tuned.configs
+    assert list(range(len(configs))) == list(LORA_CONFIGS_16 + LORA_CONFIGS_32)
+    assert [configs[i] for i in LORA_CONFIGS_16] == lora_linear._CONFIGS_16
+    assert [configs[i] for i in LORA_CONFIGS_32] == lora_linear._CONFIGS_32
+    compiled = {c["config"] for c in CASES if c["kernel"] == "_fused_kernel"}
+    assert compiled == set(LORA_CONFIGS_16 + LORA_CONFIGS_32)
+    ieee_fused = {c["config"] for c in CASES if c["kernel"] == "_fused_kernel" and c["expect"].get("FUSE_DOWN")
+                  and c["expect"].get("PRECISION") == "ieee"}
+    assert ieee_fused == {configs.index(c) for c in lora_linear._CONFIGS_32_IEEE_FUSED_DOWN}
+
+
+def test_lora_autotune_prune_picks_the_width_and_variant():
+    import torch
+
+    from fnf_kernels.triton_kernels import lora_linear as tk
+
+    bf16, f32 = torch.empty(1, dtype=torch.bfloat16), torch.empty(1)
+    prune = tk._prune
+    assert prune(tk._FUSED_CONFIGS, {"a_ptr": bf16}, PRECISION="tf32", FUSE_DOWN=True) == tk._CONFIGS_16
+    assert prune(tk._FUSED_CONFIGS, {"a_ptr": f32}, PRECISION="tf32", FUSE_DOWN=True) == tk._CONFIGS_32
+    assert prune(tk._FUSED_CONFIGS, {"a_ptr": f32}, PRECISION="ieee", FUSE_DOWN=False) == tk._CONFIGS_32
+    assert (prune(tk._FUSED_CONFIGS, {"a_ptr": f32}, PRECISION="ieee", FUSE_DOWN=True)
+            == tk._CONFIGS_32_IEEE_FUSED_DOWN)
+
+
+def test_lora_autotune_key_buckets_m():
+    """The tuning key holds M's power-of-two bucket, not M: a new batch x tokens count reuses its bucket's choice."""
+    from fnf_kernels.triton_kernels import lora_linear
+
+    assert "M_BUCKET" in lora_linear._AUTOTUNE_KEY and "M" not in lora_linear._AUTOTUNE_KEY
+    assert lora_linear._fused_tuned.keys == lora_linear._AUTOTUNE_KEY
 
 
 def test_every_launched_kernel_has_cases(worker):

@@ -53,6 +53,7 @@ Backward (needs dx, dA, dB; W frozen)
 """
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
@@ -228,16 +229,50 @@ def _wgrad_kernel(left_ptr, right_ptr, out_ptr, M, PG, Q, QOFF, rows_per_split,
     tl.store(out_ptrs, acc, mask=mask_p[:, None] & mask_q[None, :])
 
 
-_FUSED_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
+def _config(block_m, block_n, block_k, warps, stages):
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8},
+                         num_warps=warps, num_stages=stages)
+
+
+# Autotune configs of _fused_kernel, per operand width: only configs whose ptxas compile for sm_80 and sm_90 spills
+# no register in any variant (FUSE_DOWN on and off, forward and dx); tests/test_triton_compile.py compiles each one
+# and fails on a spill.
+_CONFIGS_16 = [  # float16 / bfloat16 operands
+    _config(128, 128, 64, 8, 3),
+    _config(128, 64, 64, 8, 4),
+    _config(64, 128, 64, 8, 4),
+    _config(64, 64, 64, 4, 4),
 ]
-_fused_tuned = triton.autotune(configs=_FUSED_CONFIGS,
-                               key=["M_BUCKET", "N", "K", "R", "OG", "FUSE_DOWN", "BLOCK_R"])(_fused_kernel)
+_CONFIGS_32 = [  # float32 operands (tf32 or ieee dots): smaller K steps, fewer stages
+    _config(128, 64, 32, 8, 3),
+    _config(64, 128, 32, 8, 3),
+    _config(64, 64, 32, 8, 3),
+]
+# float32 with ieee dots (torch's default allow_tf32=False) and x Aᵀ in the kernel: the FMA path holds both
+# accumulators in registers, and only the smallest tile stays unspilled.
+_CONFIGS_32_IEEE_FUSED_DOWN = _CONFIGS_32[2:]
+_FUSED_CONFIGS = _CONFIGS_16 + _CONFIGS_32
+
+
+def _prune(configs, named_args, **kwargs):
+    """The configs of the operands' width and variant (the key holds the dtypes: each width tunes separately)."""
+    if named_args["a_ptr"].element_size() < 4:
+        allowed = _CONFIGS_16
+    elif kwargs.get("PRECISION") == "ieee" and kwargs.get("FUSE_DOWN"):
+        allowed = _CONFIGS_32_IEEE_FUSED_DOWN
+    else:
+        allowed = _CONFIGS_32
+    return [c for c in configs if any(c is k for k in allowed)]
+
+
+# Tuning key: M bucketed to the next power of two (batch x tokens varies from call to call), the layer's N, K, rank
+# and group width, the variant, plus the argument dtypes (added by Triton): a UNet's few projection shapes tune
+# once per M bucket. The autotuner keeps each key's choice for the process; with ``cache_results`` (Triton >= 3.3)
+# also on disk, keyed by the GPU target, so later runs skip the benchmark.
+_AUTOTUNE_KEY = ["M_BUCKET", "N", "K", "R", "OG", "FUSE_DOWN", "BLOCK_R"]
+_AUTOTUNE_OPTIONS = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+_fused_tuned = triton.autotune(configs=_FUSED_CONFIGS, key=_AUTOTUNE_KEY,
+                               prune_configs_by={"early_config_prune": _prune}, **_AUTOTUNE_OPTIONS)(_fused_kernel)
 
 
 # --------------------------------------------------------------------------------------------------------
