@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 from . import quantize
 from .config import Config, ConfigError
-from .core import ModelLoadError
+from .core import ModelLoadError, resolve_device
 from .families.registry import family_of, family_options, model_options, read_index
 from .localize import check_localizer_spec
 from .rewards import check_reward_spec
@@ -33,8 +31,8 @@ def check_model_folder(path: str, kind: str = "auto") -> str:
 
 
 def training_on_cuda(cfg: Config) -> bool:
-    """Whether train.device resolves to a CUDA device."""
-    return cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    """Whether train.device resolves to a CUDA device ('cuda' with none visible is check_device's error)."""
+    return cfg.train.device == "cuda" or resolve_device(cfg.train.device) == "cuda"
 
 
 def check_model_options(cfg: Config) -> None:
@@ -84,9 +82,11 @@ def check_prompts(cfg: Config) -> list[str]:
 
 
 def check_device(cfg: Config) -> None:
-    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+    try:
+        resolve_device(cfg.train.device)
+    except RuntimeError:
         raise ConfigError("config key 'train.device': expected a visible CUDA device for 'cuda', found none "
-                          "(use auto or cpu)")
+                          "(use auto or cpu)") from None
 
 
 def check_specs(cfg: Config) -> None:
