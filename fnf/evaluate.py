@@ -8,6 +8,8 @@ each ``--metric`` the same way; the change against the base image inside and out
 ``lpips`` package and its AlexNet weights are on this machine. Writes metrics.json and report.md first, then
 image grids (base | each LoRA, the base mask outlined). Nothing is deleted: an --out holding an earlier
 evaluation is refused unless --overwrite, which moves it to <out>/previous-<UTC time>/.
+
+This module runs a checked :class:`Plan`; the command's options and checks are in fnf/commands/eval.py.
 """
 from __future__ import annotations
 
