@@ -10,8 +10,8 @@ from ..memory.estimate import MARGIN_BYTES, MARGIN_FRACTION, NOT_INCLUDED, estim
 
 EPILOG = """\
 The estimate is of torch.cuda.max_memory_allocated over a run (weights, LoRA, AdamW state and the step's peak).
-It traces the trainer's own optimizer step 2 (AdamW state live) under fake tensors, T = K + 2 DDIM steps (the peak does
-not depend on T), imitating CUDA's autocast fp32 ops, attention backend and foreach AdamW.
+It traces the trainer's own optimizer step 2 (AdamW state live) under fake tensors, T = K + 2 sampling steps (the peak
+does not depend on T), imitating CUDA's autocast fp32 ops, attention backend and foreach AdamW.
 
 examples:
   fnf estimate-memory --config configs/sd15_artifacts.yaml --model /models/stable-diffusion-v1-5
