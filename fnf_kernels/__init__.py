@@ -9,6 +9,8 @@ Ops (each with CUDA C++, Triton, CPU C++ and pure-torch reference backends behin
   :func:`lora_scale`, :func:`trajectory_scale`
 * the Separate-and-Enhance attention losses :func:`separate_loss`, :func:`enhance_loss` and both at once,
   :func:`separate_enhance_losses` (fused Triton kernel and torch reference)
+* :func:`group_norm_silu` and :func:`rms_norm_silu`: a normalisation and its SiLU as one op whose backward keeps
+  only the input and the statistics (CUDA C++, Triton and a chunked plain-torch op)
 
 ``python -m fnf_kernels info`` shows which backends are active here and ``python -m fnf_kernels selftest``
 checks each of them against the float64 references on this machine; :func:`select_backend` (op, backend,
@@ -24,6 +26,7 @@ from .backends import BACKENDS, info, select as select_backend
 from .dilation import threshold_dilate
 from .lora import lora_linear
 from .lora_attention import FusedLoRAAttnProcessor, lora_scale, patch_lora, trajectory_scale, unpatch_lora
+from .norm_silu import group_norm_silu, rms_norm_silu
 from .penalty import MaskedFrobeniusPenalty, masked_frobenius_penalty
 
 __version__ = "0.1.0"
@@ -33,6 +36,7 @@ __all__ = [
     "FusedLoRAAttnProcessor",
     "MaskedFrobeniusPenalty",
     "enhance_loss",
+    "group_norm_silu",
     "info",
     "lora_linear",
     "lora_scale",
@@ -40,6 +44,7 @@ __all__ = [
     "patch_lora",
     "reference",
     "references",
+    "rms_norm_silu",
     "separate_enhance_losses",
     "select_backend",
     "separate_loss",

@@ -14,6 +14,12 @@ Op contracts (the same for every backend of an op):
   the only extra tensor backward needs (for dB); backward ``(grad (M, N), x?, weight?, lora_A?, lora_B?, xs?,
   scale?, scale_value, rows_per_sample, groups, need_x, need_weight, need_bias, need_A, need_B) ->
   (dx, dweight, dbias, dA, dB)``, a gradient that is not needed coming back as an empty (0,) tensor.
+* group_norm_silu: forward ``(x (N, C, *), weight (C,)?, bias (C,)?, num_groups, eps, silu) -> (out, mean (N, G),
+  rstd (N, G))`` with the statistics in the accumulate dtype; backward ``(grad, x, weight?, bias?, mean, rstd,
+  num_groups, silu, need_x, need_weight, need_bias) -> (dx, dweight, dbias)``. Autograd saves only x, mean and
+  rstd (and the parameters, alive anyway): the backward recomputes the normalisation and the SiLU.
+* rms_norm_silu: forward ``(x, weight?, dim, eps, silu) -> (out, rstd)`` with rstd shaped as x without ``dim``;
+  backward ``(grad, x, weight?, rstd, dim, silu, need_x, need_weight) -> (dx, dweight)``.
 """
 from __future__ import annotations
 
@@ -104,5 +110,76 @@ def register_lora(forward_qualname: str, backward_qualname: str, backward_op: Ca
         grads = backward_op(grad.contiguous(), x, weight, lora_A, lora_B, xs, scale, scale_value,
                             rows_per_sample, groups, *need)
         return tuple(g if n else None for g, n in zip(grads, need)) + (None,) * 4
+
+    torch.library.register_autograd(forward_qualname, backward, setup_context=setup_context)
+
+
+# ----------------------------------------------------------------------------------- group/rms norm + SiLU
+def _fake_group_norm_silu(x, weight, bias, num_groups, eps, silu):
+    stats = x.new_empty((x.shape[0], num_groups), dtype=accumulate_dtype(x.dtype))
+    return torch.empty_like(x), stats, torch.empty_like(stats)
+
+
+def _fake_group_norm_silu_backward(grad, x, weight, bias, mean, rstd, num_groups, silu, need_x, need_weight,
+                                   need_bias):
+    dx = torch.empty_like(x) if need_x else x.new_empty((0,))
+    dw = torch.empty_like(weight) if need_weight else x.new_empty((0,))
+    db = torch.empty_like(bias) if need_bias else x.new_empty((0,))
+    return dx, dw, db
+
+
+def register_group_norm_silu(forward_qualname: str, backward_qualname: str, backward_op: Callable) -> None:
+    """Register fake kernels and autograd for a (forward, backward) group_norm_silu op pair."""
+    torch.library.register_fake(forward_qualname)(_fake_group_norm_silu)
+    torch.library.register_fake(backward_qualname)(_fake_group_norm_silu_backward)
+
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, num_groups, eps, silu = inputs
+        _, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)  # never the output: the backward recomputes it
+        ctx.meta = (num_groups, silu)
+
+    def backward(ctx, grad, _grad_mean, _grad_rstd):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        need = tuple(bool(v) for v in ctx.needs_input_grad[:3])
+        if not any(need):
+            return (None,) * 6
+        grads = backward_op(grad, x, weight, bias, mean, rstd, *ctx.meta, *need)
+        return tuple(g if n else None for g, n in zip(grads, need)) + (None,) * 3
+
+    torch.library.register_autograd(forward_qualname, backward, setup_context=setup_context)
+
+
+def _fake_rms_norm_silu(x, weight, dim, eps, silu):
+    shape = list(x.shape)
+    del shape[dim]
+    return torch.empty_like(x), x.new_empty(shape, dtype=accumulate_dtype(x.dtype))
+
+
+def _fake_rms_norm_silu_backward(grad, x, weight, rstd, dim, silu, need_x, need_weight):
+    dx = torch.empty_like(x) if need_x else x.new_empty((0,))
+    dw = torch.empty_like(weight) if need_weight else x.new_empty((0,))
+    return dx, dw
+
+
+def register_rms_norm_silu(forward_qualname: str, backward_qualname: str, backward_op: Callable) -> None:
+    """Register fake kernels and autograd for a (forward, backward) rms_norm_silu op pair."""
+    torch.library.register_fake(forward_qualname)(_fake_rms_norm_silu)
+    torch.library.register_fake(backward_qualname)(_fake_rms_norm_silu_backward)
+
+    def setup_context(ctx, inputs, output):
+        x, weight, dim, eps, silu = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(x, weight, output[1])
+        ctx.meta = (dim, silu)
+
+    def backward(ctx, grad, _grad_rstd):
+        x, weight, rstd = ctx.saved_tensors
+        need = tuple(bool(v) for v in ctx.needs_input_grad[:2])
+        if not any(need):
+            return (None,) * 5
+        grads = backward_op(grad, x, weight, rstd, *ctx.meta, *need)
+        return tuple(g if n else None for g, n in zip(grads, need)) + (None,) * 3
 
     torch.library.register_autograd(forward_qualname, backward, setup_context=setup_context)

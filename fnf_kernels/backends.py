@@ -8,6 +8,9 @@ Backends: "cuda" (CUDA C++ in the extension), "triton", "cpu" (C++/OpenMP in the
 * lora_linear: triton > torch on CUDA tensors (torch = the plain-torch custom op, any device; float64 never
   takes Triton), torch on CPU tensors; its explicit "cpu" means the plain-torch op on CPU tensors.
 * separate_enhance_losses: triton > reference on CUDA tensors, reference on CPU tensors.
+* group_norm_silu: cuda > triton > torch on CUDA tensors, torch on CPU tensors (its plain-torch op, chunked,
+  saving only the input: there is no C++ CPU kernel); explicit "cpu" means that op on CPU tensors.
+* rms_norm_silu: torch on every device (plain-torch op; no compiled or Triton kernel yet).
 
 Triton runs on CPU tensors only under TRITON_INTERPRET=1 and only when asked for explicitly.
 Input limits: a backend that cannot take an input (``input_problem``: today the CUDA dilation kernel of an
@@ -30,7 +33,10 @@ import torch
 from . import _extension
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
-OPS = ("masked_frobenius_penalty", "threshold_dilate", "lora_linear", "separate_enhance_losses")
+OPS = ("masked_frobenius_penalty", "threshold_dilate", "lora_linear", "separate_enhance_losses", "group_norm_silu",
+       "rms_norm_silu")
+# Ops whose explicit "cpu" backend is their plain-torch custom op ("torch").
+_TORCH_CPU_OPS = ("lora_linear", "group_norm_silu", "rms_norm_silu")
 # "torch": lora_linear's plain-torch custom op (hand-written backward), which runs on any device.
 AUTO_ORDER = {
     ("masked_frobenius_penalty", "cuda"): ("cuda", "triton", "reference"),
@@ -41,6 +47,10 @@ AUTO_ORDER = {
     ("lora_linear", "cpu"): ("torch",),
     ("separate_enhance_losses", "cuda"): ("triton", "reference"),
     ("separate_enhance_losses", "cpu"): ("reference",),
+    ("group_norm_silu", "cuda"): ("cuda", "triton", "torch"),
+    ("group_norm_silu", "cpu"): ("torch",),
+    ("rms_norm_silu", "cuda"): ("torch",),
+    ("rms_norm_silu", "cpu"): ("torch",),
 }
 _TORCH_OP = (True, "plain-torch custom op with a hand-written backward")
 # Largest batch per call of a backend, when it has one (CUDA grid y/z axes stop at 65535). An extension that
@@ -108,7 +118,23 @@ def op_availability(op: str, device_type: str) -> dict[str, tuple[bool, str]]:
     if op == "separate_enhance_losses":
         table["cuda"] = (False, "no CUDA C++ kernel for this op: Triton is its GPU path")
         table["cpu"] = (False, "no C++ kernel for this op: the reference is its CPU path")
+    if op in ("group_norm_silu", "rms_norm_silu"):
+        table["cpu"] = ((True, "plain-torch op over chunks of whole groups (no C++ CPU kernel)")
+                        if device_type == "cpu" else (False, "the plain-torch path behind 'cpu' takes CPU tensors only"))
+        table["torch"] = (True, "plain-torch custom op, chunked, saving only the input and the statistics")
+    if op == "group_norm_silu" and table["cuda"][0] and not _has_kernel("group_norm_silu", "CUDA"):
+        table["cuda"] = (False, "the loaded extension predates group_norm_silu; rebuild it")
+    if op == "rms_norm_silu":
+        table["cuda"] = (False, "rms_norm_silu has no CUDA C++ kernel yet")
+        table["triton"] = (False, "rms_norm_silu has no Triton kernel yet")
     return table
+
+
+def _has_kernel(op: str, key: str) -> bool:
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"fnf_kernels::{op}", key)
+    except RuntimeError:
+        return False
 
 
 def _dtype_problem(op: str, backend: str, dtype: Optional[torch.dtype]) -> Optional[str]:
@@ -186,7 +212,7 @@ def select(op: str, backend: str, device, dtype: Optional[torch.dtype] = None, b
     problem = input_problem(op, backend, batch)
     if problem is not None:
         raise ValueError(f"backend={backend!r} cannot take this input: {problem}; use backend='auto'")
-    return "torch" if (op == "lora_linear" and backend == "cpu") else backend
+    return "torch" if (op in _TORCH_CPU_OPS and backend == "cpu") else backend
 
 
 def info() -> str:

@@ -20,6 +20,7 @@ __all__ = [
     "SIGMA", "gaussian_1d", "gaussian_kernel", "separate_per_head_reference", "smooth_reference",
     "separate_reference", "enhance_reference",
     "lora_linear_reference",
+    "group_norm_silu_reference", "rms_norm_silu_reference",
 ]
 
 
@@ -201,3 +202,48 @@ def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
             s = s.reshape((-1,) + (1,) * (x.dim() - 1))
         return base + s * low
     return base + float(scale) * low
+
+
+# ------------------------------------------------------------------------------------ group/rms norm + SiLU
+def group_norm_silu_reference(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None,
+                              bias: Optional[torch.Tensor] = None, eps: float = 1e-5,
+                              silu: bool = True) -> torch.Tensor:
+    """silu(GroupNorm(x)) of (N, C, *) x: per (sample, group) mean and biased variance over the group's C/G
+    channels and every spatial position, y = (x - mean) / sqrt(var + eps) * weight_c + bias_c.
+
+    Computed in the accumulate dtype (float32 for half inputs, as CUDA autocast runs group_norm; float64 for
+    float64), returned in x's dtype.
+    """
+    acc = accumulate_dtype(x.dtype)
+    n, c = x.shape[:2]
+    xa = x.to(acc)
+    grouped = xa.reshape(n, num_groups, -1)
+    mean = grouped.mean(dim=2, keepdim=True)
+    var = ((grouped - mean) ** 2).mean(dim=2, keepdim=True)
+    y = ((grouped - mean) / torch.sqrt(var + eps)).reshape(x.shape)
+    shape = (1, c) + (1,) * (x.dim() - 2)
+    if weight is not None:
+        y = y * weight.to(acc).reshape(shape)
+    if bias is not None:
+        y = y + bias.to(acc).reshape(shape)
+    if silu:
+        y = y * torch.sigmoid(y)
+    return y.to(x.dtype)
+
+
+def rms_norm_silu_reference(x: torch.Tensor, weight: Optional[torch.Tensor] = None, eps: float = 1e-6, *,
+                            dim: int = 1, silu: bool = True) -> torch.Tensor:
+    """silu(x / sqrt(mean(x**2 over dim) + eps) * weight) with weight (x.shape[dim],) along ``dim``.
+
+    Computed in the accumulate dtype, returned in x's dtype.
+    """
+    acc = accumulate_dtype(x.dtype)
+    xa = x.to(acc)
+    y = xa * torch.rsqrt((xa * xa).mean(dim=dim, keepdim=True) + eps)
+    if weight is not None:
+        shape = [1] * x.dim()
+        shape[dim] = x.shape[dim]
+        y = y * weight.to(acc).reshape(shape)
+    if silu:
+        y = y * torch.sigmoid(y)
+    return y.to(x.dtype)
