@@ -3,16 +3,19 @@
 * :class:`~fnf.objectives.focus_n_fix.FocusNFix`: DRaFT-K with the Focus-N-Fix region penalty (beta = 0: DRaFT);
 * :class:`~fnf.objectives.sepen.SeparateAndEnhance`: Separate-and-Enhance on the cross-attention keys (fnf/sepen/).
 
-``objective.name`` in the config picks one (:func:`objective_class`).
+``objective.name`` in the config picks one (:func:`objective_class`). The trainer (fnf/train/) creates the
+trainable parameters with ``cls.add_params(cfg, model, probe)``, builds the objective once as ``cls(cfg, ctx)``
+with a frozen :class:`~fnf.objectives.base.Context`, and calls ``loss(generator)`` (a
+:class:`~fnf.objectives.base.StepOutput`) per micro-batch.
 """
 from __future__ import annotations
 
-from .base import Objective
+from .base import Context, Objective, StepOutput
 from .focus_n_fix import FocusNFix
 from .penalty import focus_n_fix_loss, region_penalty
 from .sepen import SeparateAndEnhance
 
-__all__ = ["Objective", "focus_n_fix_loss", "objective_class", "region_penalty"]
+__all__ = ["Context", "Objective", "StepOutput", "focus_n_fix_loss", "objective_class", "region_penalty"]
 
 
 def objective_class(name: str) -> type:

@@ -52,7 +52,7 @@ def _barrier():
 
 def _stage(name: str, what: str = "") -> None:
     """Fault-test hook: with $FNF_CHECKPOINT_TEST_PAUSE=<seconds> set, announce each stage of a write on
-    stderr and wait there, so that tests/test_checkpoint_faults.py can kill the process inside it."""
+    stderr and wait there, so that tests/train/test_checkpoint_faults.py can kill the process inside it."""
     pause = os.environ.get(PAUSE_ENV)
     if pause:
         print(f"fnf-checkpoint-stage {name} {what}", file=sys.stderr, flush=True)

@@ -27,8 +27,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(TESTS)
+sys.path.insert(0, TESTS)
 STAGES = ("lora-written", "files-written", "tmp-complete", "old-moved", "renamed", "deleting", "saved")
 MARK = "fnf-checkpoint-stage "
 PAUSE = "0.1"

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fnf_tiny_models import IMAGE_SIZE, cached_model, one_torch_thread  # noqa: E402,F401
 
 import fnf_kernels  # noqa: E402
@@ -57,7 +57,7 @@ def test_config_shorthand_and_validation(sd):
         config.from_dict({"objective": "nope"})
     with pytest.raises(config.ConfigError, match="sepen.bogus"):
         config.from_dict({"sepen": {"bogus": 1}})
-    example = config.load(os.path.join(os.path.dirname(__file__), "..", "configs", "sepen_sd15.yaml"))
+    example = config.load(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "sepen_sd15.yaml"))
     assert example.objective.name == "sepen" and 5e-7 <= example.train.lr <= 8e-6
 
 

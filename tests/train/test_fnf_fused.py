@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fnf_tiny_models import (IMAGE_SIZE, cached_model, float64_session, one_torch_thread,  # noqa: E402,F401
                              ours_and_pipeline_images,
                              randomize_lora_B, tiny_config, to_float64)

@@ -1,5 +1,5 @@
 """Checkpoints and run folders never destroy data: run ids, pruning, refusal, --overwrite, crash-safe replace,
-no pickle. (Kills of a real training process: tests/test_checkpoint_faults.py.)"""
+no pickle. (Kills of a real training process: tests/train/test_checkpoint_faults.py.)"""
 import json
 import os
 import random
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fnf_tiny_models import cached_model, one_torch_thread, tiny_config  # noqa: E402,F401
 from fnf import cli  # noqa: E402
 from fnf.train import checkpoint as ckpt  # noqa: E402

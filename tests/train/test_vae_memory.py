@@ -11,7 +11,7 @@ from fnf.train import vae_memory
 from fnf.config import ConfigError
 from fnf.memory.counter import StorageCounter
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fnf_tiny_models import _vae, one_torch_thread  # noqa: F401
 
 SEED = 1234

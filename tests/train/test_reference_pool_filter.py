@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fnf_tiny_models import cached_model, one_torch_thread, tiny_config  # noqa: E402,F401
 
 

@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fnf_tiny_models import IMAGE_SIZE, cached_model, one_torch_thread, randomize_lora_B, to_float64  # noqa: E402,F401
 from fnf.lora import adapters_disabled, add_lora  # noqa: E402
 from fnf.encoding import encode_prompts  # noqa: E402

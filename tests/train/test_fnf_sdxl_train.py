@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fnf_tiny_models import cached_model, one_torch_thread, ours_and_pipeline_images, tiny_config  # noqa: E402,F401
 from fnf.lora import lora_state_dict  # noqa: E402
 from fnf.train import train  # noqa: E402

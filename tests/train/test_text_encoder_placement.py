@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fnf_tiny_models import cached_model, one_torch_thread  # noqa: F401
 from tiny_flux import IMAGE_SIZE as FLUX_SIZE
 from tiny_flux import cached_flux

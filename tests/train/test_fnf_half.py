@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fnf_tiny_models import IMAGE_SIZE, cached_model, tiny_config, one_torch_thread  # noqa: E402,F401
 from fnf.lora import add_lora, lora_dropout_layers, lora_state_dict  # noqa: E402
 from fnf.encoding import encode_prompts  # noqa: E402

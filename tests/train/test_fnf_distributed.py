@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from accelerate import PartialState
 from accelerate.utils import DistributedType
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fnf_tiny_models import cached_model, tiny_config, one_torch_thread  # noqa: E402,F401
 
 
@@ -48,7 +48,7 @@ def test_two_process_cpu_run_keeps_lora_identical(tmp_path_factory, tmp_path):
     model = cached_model("sd", str(tmp_path_factory.getbasetemp()))
     out = str(tmp_path / "ddp")
     os.makedirs(out)
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    tests_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     mp.start_processes(_worker, args=(2, _free_port(), model, out, tests_dir), nprocs=2, join=True,
                        start_method="spawn")
     r0, r1 = (torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in (0, 1))
@@ -94,7 +94,7 @@ def test_two_process_gradient_is_the_mean_over_ranks(tmp_path_factory, tmp_path)
     model = cached_model("sd", str(tmp_path_factory.getbasetemp()))
     out = str(tmp_path / "grads")
     os.makedirs(out)
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    tests_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     mp.start_processes(_grad_worker, args=(2, _free_port(), model, out, tests_dir), nprocs=2, join=True,
                        start_method="spawn")
     r0, r1 = (torch.load(os.path.join(out, f"grads{r}.pt"), weights_only=False) for r in (0, 1))

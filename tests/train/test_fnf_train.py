@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fnf_tiny_models import (IMAGE_SIZE, cached_model, float64_session, one_torch_thread,  # noqa: E402,F401
                              ours_and_pipeline_images,
                              randomize_lora_B, tiny_config)
@@ -18,7 +18,7 @@ from fnf.encoding import encode_prompts  # noqa: E402
 from fnf.sampling import initial_latents, sample_images  # noqa: E402
 from fnf.train import train  # noqa: E402
 
-HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fnf_tiny_models.py")
+HELPER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fnf_tiny_models.py")
 
 
 @pytest.fixture(scope="module")
