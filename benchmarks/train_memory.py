@@ -103,9 +103,9 @@ ARCHS = {
 }
 
 VARIANTS = {
-    "naive": {"memory": {"unet_checkpointing": False, "vae_checkpointing": False, "reward_checkpointing": False,
+    "naive": {"memory": {"denoiser_checkpointing": False, "vae_checkpointing": False, "reward_checkpointing": False,
                          "offload_text_encoder": False, "fused_lora": "off"}},
-    "+unet_checkpointing": {"memory": {"unet_checkpointing": True}},
+    "+unet_checkpointing": {"memory": {"denoiser_checkpointing": True}},
     "+vae_checkpointing": {"memory": {"vae_checkpointing": True}},
     "+reward_checkpointing": {"memory": {"reward_checkpointing": True}},
     "+offload_text_encoder": {"memory": {"offload_text_encoder": True}},

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, get_origin, get_type_hints
 
@@ -83,7 +84,7 @@ class ObjectiveConfig:
 
 @dataclass
 class SepenConfig:
-    """objective.name=sepen: tune only attn2.to_k on two-object prompts (fnf/sepen/train_step.py).
+    """objective.name=sepen: tune only attn2.to_k on two-object prompts (fnf/objectives/sepen.py).
 
     Use train.lr in the paper's range 5e-7 .. 8e-6 (full to_k tuning); LoRA on to_k usually wants more."""
     concepts: list = field(default_factory=lambda: ["cat", "dog", "car", "tree", "house", "person"])
@@ -141,7 +142,7 @@ class TrainConfig:
 @dataclass
 class MemoryConfig:
     mixed_precision: str = "no"    # no | fp16 | bf16 (autocast; LoRA params and optimizer stay fp32)
-    unet_checkpointing: bool = True
+    denoiser_checkpointing: bool = True   # gradient checkpointing of the UNet / transformer blocks
     # Activation checkpointing of the VAE decode that carries the reward's gradient (fnf/vae_memory.py):
     #   resnet: a checkpoint per ResNet, upsampler and mid-block attention of the decoder and one for its tail;
     #           same images and gradients as off, same recompute cost as blocks, less memory (default).
@@ -214,6 +215,10 @@ ALIASES = {
     "memory.vae_checkpointing": {"yes": "resnet", "true": "resnet", "1": "resnet", "on": "resnet",
                                  "no": "off", "false": "off", "0": "off"},
 }
+
+
+# Keys that were renamed: still read, with a one-line deprecation message.
+RENAMED = {"memory.unet_checkpointing": "memory.denoiser_checkpointing"}
 
 
 def _sections(cfg: Config):
@@ -290,6 +295,9 @@ def _coerce(key: str, value: Any, typ) -> Any:
 
 
 def _set(cfg: Config, key: str, value: Any) -> None:
+    if key in RENAMED:
+        warnings.warn(f"config key '{key}' is deprecated; use '{RENAMED[key]}'", FutureWarning, stacklevel=2)
+        key = RENAMED[key]
     parts = key.split(".")
     sections = dict(_sections(cfg))
     if len(parts) != 2 or parts[0] not in sections:

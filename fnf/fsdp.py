@@ -7,12 +7,12 @@ processes, where accelerate itself ignores FSDP). The Session then loads the mod
 :func:`shard_model` shards the denoiser: every instance of the wrap classes (the transformer blocks) is one
 FSDP unit, the root takes what is left, and the frozen weights live 1/world on each device, all-gathered per
 unit for each forward (and again for backward). The trainable parameters (the LoRA) are FSDP's
-``ignored_params``: replicated, full tensors on every process, so gradient sync (the Session's all-reduce
-mean), clipping, checkpoints, resume and the LoRA export are those of plain multi-process training.
+``ignored_params``: replicated, full tensors on every process, so gradient sync (the trainer's mean over
+processes), clipping, checkpoints, resume and the LoRA export are those of plain multi-process training.
 
 Why not ``accelerator.prepare``: the trainer runs K+ denoiser calls per backward, with the adapters off for
-I0, and averages the LoRA gradient itself (see fnf/train.py). FSDP2 shards in place (``model.denoiser`` stays the
-diffusers model the families call, peft's adapter switches included) and leaves single parameters out (the
+I0, and averages the LoRA gradient itself (fnf/train/distributed.py). FSDP2 shards in place (``model.denoiser``
+stays the diffusers model the families call, peft's adapter switches included) and leaves single parameters out (the
 LoRA). So fnf applies FSDP2 itself whatever ``fsdp_version`` the config names (accelerate 1.0 knows only FSDP1)
 and reads from the plugin only: the wrap classes, resharding after forward, CPU offload and activation
 checkpointing.
@@ -26,21 +26,12 @@ from dataclasses import dataclass
 
 import torch
 
-# The FSDP unit per family: the transformer blocks (and, for the UNets, the ResNet blocks that hold most of
-# the convolution weights). Any other family falls back to its denoiser's ``_no_split_modules``.
-WRAP_CLASSES = {
-    "sd": ("BasicTransformerBlock", "ResnetBlock2D"),
-    "sdxl": ("BasicTransformerBlock", "ResnetBlock2D"),
-    "sd3": ("JointTransformerBlock",),
-    "flux": ("FluxTransformerBlock", "FluxSingleTransformerBlock"),
-}
-
 
 @dataclass
 class FsdpSettings:
     """What fnf takes from accelerate's FSDP plugin (normalised across accelerate versions)."""
 
-    wrap_classes: tuple[str, ...] | None = None   # None: the family's default (WRAP_CLASSES)
+    wrap_classes: tuple[str, ...] | None = None   # None: the family's (ModelFamily.fsdp_units)
     reshard_after_forward: bool = True            # FULL_SHARD (True) or SHARD_GRAD_OP (False)
     cpu_offload: bool = False
     activation_checkpointing: bool = False
@@ -124,9 +115,7 @@ def wrap_class_names(model, wrap_classes=None) -> tuple[str, ...]:
     """The class names of the FSDP units: ``wrap_classes`` (fsdp_transformer_layer_cls_to_wrap) or the family's."""
     if wrap_classes:
         return tuple(wrap_classes)
-    names = WRAP_CLASSES.get(getattr(model.family, "name", model.kind))
-    if names is None:
-        names = tuple(getattr(model.denoiser, "_no_split_modules", None) or ())
+    names = tuple(model.family.fsdp_units or getattr(model.denoiser, "_no_split_modules", None) or ())
     if not names:
         raise ValueError(f"FSDP: no wrap classes known for the {model.kind!r} denoiser "
                          f"({type(model.denoiser).__name__}); set fsdp_transformer_layer_cls_to_wrap in the accelerate "

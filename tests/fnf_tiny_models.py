@@ -171,7 +171,7 @@ def tiny_config(model_path: str, out: str, **sections) -> "object":
         "reward": {"spec": "brightness"},
         "localize": {"spec": "none", "radius": 0},
         "objective": {"beta": 1.0},
-        "memory": {"unet_checkpointing": False, "vae_checkpointing": False},
+        "memory": {"denoiser_checkpointing": False, "vae_checkpointing": False},
         "train": {"steps": 2, "lr": 1e-2, "out": out, "checkpoint_every": 0, "sample_every": 0, "progress": False,
                   "tensorboard": False, "prompts": ["a photo of a cat", "a red car"]},
     }

@@ -135,3 +135,21 @@ def test_safety_config_mask_covers_the_planted_unsafe_patch():
     cfg.localize.kwargs = {"explain": "reward"}            # the explicit opposite maps the safe-looking part
     _, opposite = localizer_from_config(cfg, reward)(images, ["a", "b"])
     assert ((opposite[:, 0] > 0.5) & truth).sum() < 0.1 * truth.sum()
+
+
+def test_renamed_memory_key_is_still_read_with_a_deprecation_message(tmp_path):
+    """memory.unet_checkpointing (old name) sets memory.denoiser_checkpointing, with a one-line FutureWarning."""
+    with pytest.warns(FutureWarning, match=r"'memory.unet_checkpointing' is deprecated; use "
+                                           r"'memory.denoiser_checkpointing'") as record:
+        cfg = config.from_dict({"memory": {"unet_checkpointing": False}})
+    assert cfg.memory.denoiser_checkpointing is False and len(record) == 1
+    assert "\n" not in str(record[0].message)
+    path = tmp_path / "old.yaml"
+    path.write_text("memory:\n  unet_checkpointing: false\n")
+    with pytest.warns(FutureWarning, match="deprecated"):
+        assert config.load(str(path)).memory.denoiser_checkpointing is False
+    with pytest.warns(FutureWarning, match="deprecated"):
+        assert config.apply_overrides(config.Config(), ["memory.unet_checkpointing=false"]).memory \
+            .denoiser_checkpointing is False
+    assert not hasattr(cfg.memory, "unet_checkpointing")
+    assert "unet_checkpointing" not in "".join(open(p).read() for p in CONFIGS)

@@ -29,7 +29,7 @@ def sdxl(tmp_path_factory):
 
 def memory_config(folder, out, **memory):
     """bf16 autocast with UNet and VAE checkpointing (recomputation in backward) and a saliency mask."""
-    return tiny_config(folder, out, memory={"mixed_precision": "bf16", "unet_checkpointing": True,
+    return tiny_config(folder, out, memory={"mixed_precision": "bf16", "denoiser_checkpointing": True,
                                             "vae_checkpointing": True, **memory},
                        localize={"spec": "saliency"})
 

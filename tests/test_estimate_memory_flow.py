@@ -45,7 +45,7 @@ def memory_config(folder, out, size=0, **memory):
     """bf16 weights and autocast, transformer and VAE checkpointing, text encoders offloaded, a saliency mask;
     ``size``: the image side (FLUX folders have no native size in their configs: the family's is 1024)."""
     return tiny_config(folder, out, model={"path": folder, "weight_dtype": "bf16"},
-                       sampling={"height": size, "width": size}, memory={"mixed_precision": "bf16", "unet_checkpointing": True,
+                       sampling={"height": size, "width": size}, memory={"mixed_precision": "bf16", "denoiser_checkpointing": True,
                                             "vae_checkpointing": True, "offload_text_encoder": True, **memory},
                        localize={"spec": "saliency"})
 
@@ -170,10 +170,14 @@ def test_command_on_the_tiny_sd3_folder_writes_the_json_keys(sd3, tmp_path, caps
 
 
 def test_unknown_flow_pipeline_and_missing_config_are_clear_errors(sd3, tmp_path, capsys):
-    from fnf.memory.flow_models import folder_spec
+    from fnf.core import ModelLoadError
+    from fnf.memory.estimate import model_spec
 
-    with pytest.raises(ValueError, match="does not know pipeline 'FooPipeline'"):
-        folder_spec(sd3, {"_class_name": "FooPipeline"})
+    foo = tmp_path / "foo"
+    foo.mkdir()
+    (foo / "model_index.json").write_text(json.dumps({"_class_name": "FooPipeline"}))
+    with pytest.raises(ModelLoadError, match="'FooPipeline' .* which fnf does not support"):
+        model_spec(str(foo))
     broken = tmp_path / "sd3_broken"
     (broken / "transformer").mkdir(parents=True)
     index = json.loads(open(os.path.join(sd3, "model_index.json")).read())

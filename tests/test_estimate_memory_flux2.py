@@ -75,7 +75,7 @@ def test_folder_configs_build_what_the_family_loads(folder):
 def test_fake_trace_equals_the_real_tensor_counter(folder, tmp_path):
     cfg = tiny_config(folder, str(tmp_path), model={"path": folder, "weight_dtype": "bf16"},
                       sampling={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-                      memory={"mixed_precision": "bf16", "unet_checkpointing": True, "vae_checkpointing": True,
+                      memory={"mixed_precision": "bf16", "denoiser_checkpointing": True, "vae_checkpointing": True,
                               "offload_text_encoder": True}, localize={"spec": "saliency"})
     fake, real = estimate(cfg, model_dir=folder, fake=True), estimate(cfg, model_dir=folder, fake=False)
     assert fake.peak_bytes == real.peak_bytes > 0 and fake.phases == real.phases

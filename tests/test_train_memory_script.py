@@ -14,7 +14,7 @@ def test_variants_are_cumulative_and_validated():
     naive = tm.variant_settings("naive")["memory"]
     assert not any(v for k, v in naive.items() if k != "fused_lora") and naive["fused_lora"] == "off"
     full = tm.variant_settings("full")["memory"]
-    assert full == {"unet_checkpointing": True, "vae_checkpointing": True, "reward_checkpointing": True,
+    assert full == {"denoiser_checkpointing": True, "vae_checkpointing": True, "reward_checkpointing": True,
                     "offload_text_encoder": True, "fused_lora": "on"}
     draft = tm.variant_settings("draft_k")
     assert draft["memory"] == full and draft["objective"]["beta"] == 0 and draft["localize"]["spec"] == "none"

@@ -1,16 +1,17 @@
 """The model-family seam: what differs between SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1 and FLUX.2.
 
-A family turns a local diffusers folder into a :class:`fnf.models.DiffusionModel` and knows, for that model,
-how to encode prompts, draw x_T, build the sampling schedule, run one guided denoiser call, take one sampler
-step, re-noise for DRaFT-LV, decode latents and save/load LoRA in the format its diffusers pipeline's
-``load_lora_weights`` reads. The samplers (``fnf.sampling``) and the trainer are written once over this
-interface; nothing outside ``fnf/families/`` branches on the family.
+A family builds a :class:`fnf.core.DiffusionModel` from its components (``build``: from a local diffusers folder
+for ``load``, from config.json values alone for the memory estimator) and knows, for that model, how to encode
+prompts, draw x_T, build the sampling schedule, run one guided denoiser call, take one sampler step, re-noise for
+DRaFT-LV, decode latents, which blocks are its FSDP units, and how to save/load LoRA in the format its diffusers
+pipeline's ``load_lora_weights`` reads. The samplers (``fnf.sampling``), the trainer, FSDP and the estimator are
+written once over this interface; nothing outside ``fnf/families/`` branches on the family.
 
 Conventions every family follows (the contract the tests check):
 
-* ``model.denoiser`` holds the denoiser (a UNet or a transformer; ``model.denoiser`` is the same object) and
-  ``model.family`` the family instance; LoRA lives on the denoiser (peft, adapter ``fnf.models.ADAPTER``),
-  the frozen model is the same denoiser with adapters disabled.
+* ``model.denoiser`` holds the denoiser (a UNet or a transformer), ``model.family`` the family instance and
+  ``model.settings`` its load-time settings (read-only); LoRA lives on the denoiser (peft, adapter
+  ``fnf.core.ADAPTER``), the frozen model is the same denoiser with adapters disabled.
 * The schedule is a value: ``schedule = family.schedule(model, steps, h, w, device)`` (a :class:`Schedule`;
   ``model.scheduler`` is never configured per call, it holds only the folder's fixed config). Step ``i`` goes
   from noise level i to i + 1 with ``out = family.predict(model, denoiser, x, schedule.timesteps[i], cond,
@@ -33,13 +34,14 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import quantize as quant
 from ..core import LORA_WEIGHTS, ModelLoadError, PromptEmbeds, resolve_dtype
 from ..lora import check_lora_folder, dropout_off, export_state
 from . import flow
 
-__all__ = ["FlowMatchingEuler", "ModelFamily", "PackedLatents", "Schedule", "TransformerLoRA", "cfg_combine",
-           "cfg_inputs", "check_lora_folder", "decode_vae", "load_component", "resolve_dtype", "set_vae_precision",
-           "unscale_latents"]
+__all__ = ["Components", "FlowMatchingEuler", "FolderComponents", "ModelFamily", "PackedLatents", "Schedule",
+           "TransformerLoRA", "cfg_combine", "cfg_inputs", "check_lora_folder", "decode_vae", "freeze", "load_component",
+           "resolve_dtype", "set_vae_precision", "unscale_latents"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -71,10 +73,23 @@ class ModelFamily:
     supports_sepen: bool = False             # Separate-and-Enhance needs separate cross-attention keys
     native_size: int = 512                   # default image side when the config gives none
     title: str = ""                          # the name errors and messages use (default: ``name``)
+    # the FSDP units of the denoiser (class names; fnf.fsdp shards each instance); () falls back to the
+    # denoiser's ``_no_split_modules``
+    fsdp_units: tuple[str, ...] = ()
+    denoiser_component: str = "transformer"  # the denoiser's subfolder / model_index.json entry
+    fused_lora: bool = False                 # fnf_kernels' fused-LoRA path can patch the denoiser's attention
 
     # -------------------------------------------------------------------------------- loading
-    def load(self, path: str, index: dict, *, weight_dtype: torch.dtype, device="cpu"):
-        """All components from the local folder (``local_files_only``), frozen, eval, on ``device``."""
+    def load(self, path: str, index: dict, *, weight_dtype: torch.dtype, device="cpu", **options):
+        """All components from the local folder (``local_files_only``), frozen, eval, on ``device``:
+        :meth:`build` from :class:`FolderComponents`."""
+        raise NotImplementedError
+
+    def build(self, src: "Components", *, weight_dtype: torch.dtype, device="cpu", fp16_autocast: bool = False,
+              **options):
+        """The DiffusionModel of ``src``'s components, wrapped as this family uses them (frozen, eval, on ``device``
+        (None: where they are), load-time ``settings``, the VAE's precision); ``load`` and the memory estimator
+        both call it. ``options``: the family's load options (:data:`fnf.families.registry.LOAD_OPTIONS`)."""
         raise NotImplementedError
 
     def pipeline_class(self):
@@ -134,6 +149,67 @@ class ModelFamily:
     def load_lora(self, model, directory: str, adapter_name: str) -> None:
         """A LoRA folder written by :meth:`save_lora` (or by diffusers) into ``model.denoiser``."""
         raise NotImplementedError
+
+
+class Components:
+    """Where :meth:`ModelFamily.build` gets a pipeline's components: :class:`FolderComponents` reads a folder's
+    weights (the family's ``load``); the memory estimator's ``ConfigComponents`` makes them from config.json values
+    alone. ``index``: model_index.json's ``{component: [library, class]}`` (and its flags)."""
+
+    path: str = ""
+    index: dict = {}
+
+    def has(self, name: str) -> bool:
+        """Whether the pipeline lists component ``name`` (optional components: SD3's T5)."""
+        entry = self.index.get(name)
+        return isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[0] is not None and entry[1] is not None
+
+    def denoiser(self, name: str, cls, *, dtype: torch.dtype, quantize: str = "none"):
+        raise NotImplementedError
+
+    def module(self, name: str, cls, *, dtype: torch.dtype):
+        """A diffusers or transformers model in ``dtype`` (transformers' fp32-kept modules stay float32)."""
+        raise NotImplementedError
+
+    def scheduler(self, name: str, cls):
+        raise NotImplementedError
+
+    def tokenizer(self, name: str, cls, *, encoder=None, chat: bool = False):
+        """The tokenizer (``chat``: one that encodes through a chat template) of text encoder ``encoder``."""
+        raise NotImplementedError
+
+
+class FolderComponents(Components):
+    """The components of a local diffusers folder (``local_files_only``); a missing subfolder or a failing loader
+    is a ModelLoadError naming the component and what a ``pipeline`` folder needs (``notes``: per component)."""
+
+    def __init__(self, path: str, index: dict, pipeline: str, needs: str, notes: dict | None = None):
+        self.path, self.index, self.pipeline, self.needs, self.notes = path, index, pipeline, needs, notes or {}
+
+    def _load(self, name: str, loader):
+        return load_component(name, self.path, loader, self.pipeline, self.needs, self.notes.get(name, ""))
+
+    def denoiser(self, name: str, cls, *, dtype: torch.dtype, quantize: str = "none"):
+        return self._load(name, lambda f: quant.load_denoiser(cls, f, dtype=dtype, method=quantize,
+                                                              local_files_only=True))
+
+    def module(self, name: str, cls, *, dtype: torch.dtype):
+        return self._load(name, lambda f: cls.from_pretrained(f, torch_dtype=dtype, local_files_only=True))
+
+    def scheduler(self, name: str, cls):
+        return self._load(name, lambda f: cls.from_config(cls.load_config(f, local_files_only=True)))
+
+    def tokenizer(self, name: str, cls, *, encoder=None, chat: bool = False):
+        return self._load(name, lambda f: cls.from_pretrained(f, local_files_only=True))
+
+
+def freeze(modules, device) -> None:
+    """Frozen (no grad), eval, on ``device`` (None: where they are)."""
+    for module in modules:
+        module.requires_grad_(False)
+        module.eval()
+        if device is not None:
+            quant.move(module, device)
 
 
 def load_component(component: str, path: str, loader, pipeline: str, needs: str, note: str = ""):

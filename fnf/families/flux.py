@@ -20,11 +20,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .. import quantize as quant
 from ..core import DiffusionModel, ModelLoadError, PromptEmbeds
 from . import flow
 from .base import (
                    FlowMatchingEuler,
+                   FolderComponents,
                    ModelFamily,
                    PackedLatents,
                    Schedule,
@@ -32,19 +32,13 @@ from .base import (
                    cfg_combine,
                    cfg_inputs,
                    decode_vae,
-                   load_component,
+                   freeze,
                    resolve_dtype,
                    set_vae_precision,
                    unscale_latents,
 )
 
 MAX_SEQUENCE_LENGTH = 512   # FluxPipeline's default max_sequence_length for the T5 tokens
-
-
-def _load(component: str, path: str, loader, needs: tuple[str, ...]):
-    t5 = component in ("text_encoder_2", "tokenizer_2")
-    return load_component(component, path, loader, "FLUX.1 pipeline", ", ".join(needs),
-                          " (FluxPipeline cannot run without its T5 encoder)" if t5 else "")
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -90,12 +84,21 @@ class FluxFamily(PackedLatents, FlowMatchingEuler, TransformerLoRA, ModelFamily)
     lora_targets_single = ("proj_mlp", "proj_out")
     supports_sepen = False
     native_size = 1024
+    fsdp_units = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
 
     # -------------------------------------------------------------------------------- loading
     def load(self, path: str, index: dict, *, weight_dtype: torch.dtype, device="cpu",
              max_sequence_length: int = MAX_SEQUENCE_LENGTH, quantize: str = "none"):
         """All components frozen, eval, on ``device``. ``max_sequence_length``: T5 tokens (FluxPipeline's
         argument); ``quantize``: the transformer's quantization (:mod:`fnf.quantize`, ``model.quantize``)."""
+        t5_note = " (FluxPipeline cannot run without its T5 encoder)"
+        src = FolderComponents(path, index, "FLUX.1 pipeline", ", ".join(self.components),
+                               {"text_encoder_2": t5_note, "tokenizer_2": t5_note})
+        return self.build(src, weight_dtype=weight_dtype, device=device, max_sequence_length=max_sequence_length,
+                          quantize=quantize)
+
+    def build(self, src, *, weight_dtype, device="cpu", fp16_autocast: bool = False,
+              max_sequence_length: int = MAX_SEQUENCE_LENGTH, quantize: str = "none"):
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
         from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
@@ -103,32 +106,25 @@ class FluxFamily(PackedLatents, FlowMatchingEuler, TransformerLoRA, ModelFamily)
                 or not 1 <= max_sequence_length <= 512:
             raise ValueError(f"max_sequence_length: expected an int in [1, 512] (FluxPipeline's limit), got "
                              f"{max_sequence_length!r}")
-
-        dtype, kw, need = resolve_dtype(weight_dtype), {"local_files_only": True}, self.components
-        sched_entry = index.get("scheduler") or [None, None]
+        dtype = resolve_dtype(weight_dtype)
+        sched_entry = src.index.get("scheduler") or [None, None]
         if sched_entry[-1] not in (None, "FlowMatchEulerDiscreteScheduler"):
-            raise ModelLoadError(f"{path!r}: the FLUX.1 family samples with FlowMatchEulerDiscreteScheduler, but "
+            raise ModelLoadError(f"{src.path!r}: the FLUX.1 family samples with FlowMatchEulerDiscreteScheduler, but "
                                  f"model_index.json names {sched_entry[-1]!r}")
-        transformer = _load("transformer", path, lambda f: quant.load_denoiser(
-            FluxTransformer2DModel, f, dtype=dtype, method=quantize, **kw), need)
-        vae_read = torch.float32 if dtype == torch.float16 else dtype
-        vae = _load("vae", path, lambda f: AutoencoderKL.from_pretrained(f, torch_dtype=vae_read, **kw), need)
-        scheduler = _load("scheduler", path, lambda f: FlowMatchEulerDiscreteScheduler.from_config(
-            FlowMatchEulerDiscreteScheduler.load_config(f, **kw)), need)
-        clip = _load("text_encoder", path, lambda f: CLIPTextModel.from_pretrained(f, torch_dtype=dtype, **kw), need)
-        clip_tok = _load("tokenizer", path, lambda f: CLIPTokenizer.from_pretrained(f, **kw), need)
-        t5 = _load("text_encoder_2", path, lambda f: T5EncoderModel.from_pretrained(f, torch_dtype=dtype, **kw), need)
-        t5_tok = _load("tokenizer_2", path, lambda f: T5TokenizerFast.from_pretrained(f, **kw), need)
-        for module in [transformer, vae, clip, t5]:
-            module.requires_grad_(False)
-            module.eval()
-            quant.move(module, device)
-        settings = {"guidance_embeds": bool(transformer.config.guidance_embeds),
-                  "max_sequence_length": max_sequence_length}
-        model = DiffusionModel(path=path, family=self, denoiser=transformer, vae=vae, scheduler=scheduler,
+        transformer = src.denoiser("transformer", FluxTransformer2DModel, dtype=dtype, quantize=quantize)
+        vae = src.module("vae", AutoencoderKL, dtype=torch.float32 if dtype == torch.float16 else dtype)
+        scheduler = src.scheduler("scheduler", FlowMatchEulerDiscreteScheduler)
+        clip = src.module("text_encoder", CLIPTextModel, dtype=dtype)
+        clip_tok = src.tokenizer("tokenizer", CLIPTokenizer, encoder=clip)
+        t5 = src.module("text_encoder_2", T5EncoderModel, dtype=dtype)
+        t5_tok = src.tokenizer("tokenizer_2", T5TokenizerFast, encoder=t5)
+        freeze([transformer, vae, clip, t5], device)
+        settings = {"guidance_embeds": bool(transformer.config.get("guidance_embeds", False)),
+                    "max_sequence_length": max_sequence_length}
+        model = DiffusionModel(path=src.path, family=self, denoiser=transformer, vae=vae, scheduler=scheduler,
                                text_encoders=[clip, t5], tokenizers=[clip_tok, t5_tok],
                                force_zeros_for_empty_prompt=False, settings=settings)
-        set_vae_precision(model, dtype)
+        set_vae_precision(model, dtype, fp16_autocast)
         return model
 
     def pipeline_class(self):

@@ -21,18 +21,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .. import quantize as quant
 from ..core import DiffusionModel, ModelLoadError, PromptEmbeds
 from . import flow
 from .base import (
                    FlowMatchingEuler,
+                   FolderComponents,
                    ModelFamily,
                    PackedLatents,
                    Schedule,
                    TransformerLoRA,
                    cfg_combine,
                    decode_vae,
-                   load_component,
+                   freeze,
                    resolve_dtype,
                    set_vae_precision,
 )
@@ -93,10 +93,6 @@ def text_ids(length: int, device) -> torch.Tensor:
     return torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(length)).to(device)
 
 
-def _load(component: str, path: str, loader, needs: tuple[str, ...]):
-    return load_component(component, path, loader, "FLUX.2 pipeline", ", ".join(needs))
-
-
 def _tokenizer_class(index: dict, path: str):
     """The transformers class model_index.json names for the tokenizer (FLUX.2-dev: PixtralProcessor), as
     ``Flux2Pipeline.from_pretrained`` loads it."""
@@ -146,6 +142,7 @@ class Flux2Family(PackedLatents, FlowMatchingEuler, TransformerLoRA, ModelFamily
     lora_targets_ff = ("linear_in", "linear_out")
     supports_sepen = False
     native_size = 1024
+    fsdp_units = ("Flux2TransformerBlock", "Flux2SingleTransformerBlock")
 
     # -------------------------------------------------------------------------------- loading
     def load(self, path: str, index: dict, *, weight_dtype: torch.dtype, device="cpu",
@@ -153,45 +150,54 @@ class Flux2Family(PackedLatents, FlowMatchingEuler, TransformerLoRA, ModelFamily
         """All components frozen, eval, on ``device``. ``max_sequence_length``: the prompt tokens (Flux2Pipeline's
         argument); ``quantize``: the transformer's quantization (:mod:`fnf.quantize`, ``model.quantize``)."""
         _require_flux2()
-        from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
-        from transformers import Mistral3ForConditionalGeneration
+        src = FolderComponents(path, index, "FLUX.2 pipeline", ", ".join(self.components))
+        self._check_max_sequence_length(max_sequence_length)
+        self._check_scheduler(src)
+        return self.build(src, weight_dtype=weight_dtype, device=device, max_sequence_length=max_sequence_length,
+                          quantize=quantize, tokenizer_class=_tokenizer_class(index, path))
 
+    def _check_max_sequence_length(self, max_sequence_length) -> None:
         if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) \
                 or max_sequence_length < 1:
             raise ValueError(f"max_sequence_length: expected a positive int (Flux2Pipeline's default is "
                              f"{MAX_SEQUENCE_LENGTH}), got {max_sequence_length!r}")
 
-        dtype, kw, need = resolve_dtype(weight_dtype), {"local_files_only": True}, self.components
-        sched_entry = index.get("scheduler") or [None, None]
+    def _check_scheduler(self, src) -> None:
+        sched_entry = src.index.get("scheduler") or [None, None]
         if sched_entry[-1] not in (None, "FlowMatchEulerDiscreteScheduler"):
-            raise ModelLoadError(f"{path!r}: the FLUX.2 family samples with FlowMatchEulerDiscreteScheduler, but "
+            raise ModelLoadError(f"{src.path!r}: the FLUX.2 family samples with FlowMatchEulerDiscreteScheduler, but "
                                  f"model_index.json names {sched_entry[-1]!r}")
-        tok_cls = _tokenizer_class(index, path)
-        transformer = _load("transformer", path, lambda f: quant.load_denoiser(
-            Flux2Transformer2DModel, f, dtype=dtype, method=quantize, **kw), need)
-        vae = _load("vae", path, lambda f: AutoencoderKLFlux2.from_pretrained(f, torch_dtype=dtype, **kw), need)
-        scheduler = _load("scheduler", path, lambda f: FlowMatchEulerDiscreteScheduler.from_config(
-            FlowMatchEulerDiscreteScheduler.load_config(f, **kw)), need)
-        encoder = _load("text_encoder", path, lambda f: Mistral3ForConditionalGeneration.from_pretrained(
-            f, torch_dtype=dtype, **kw), need)
-        tokenizer = _load("tokenizer", path, lambda f: tok_cls.from_pretrained(f, **kw), need)
+
+    def build(self, src, *, weight_dtype, device="cpu", fp16_autocast: bool = False,
+              max_sequence_length: int = MAX_SEQUENCE_LENGTH, quantize: str = "none", tokenizer_class=None):
+        """``tokenizer_class``: the class model_index.json names for the tokenizer (a config-only build may pass
+        None: its components source picks one)."""
+        _require_flux2()
+        from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+        from transformers import Mistral3ForConditionalGeneration
+
+        self._check_max_sequence_length(max_sequence_length)
+        self._check_scheduler(src)
+        dtype = resolve_dtype(weight_dtype)
+        transformer = src.denoiser("transformer", Flux2Transformer2DModel, dtype=dtype, quantize=quantize)
+        vae = src.module("vae", AutoencoderKLFlux2, dtype=dtype)
+        scheduler = src.scheduler("scheduler", FlowMatchEulerDiscreteScheduler)
+        encoder = src.module("text_encoder", Mistral3ForConditionalGeneration, dtype=dtype)
+        tokenizer = src.tokenizer("tokenizer", tokenizer_class, encoder=encoder, chat=True)
         if not hasattr(tokenizer, "apply_chat_template"):
-            raise ModelLoadError(f"{path!r}: the tokenizer ({type(tokenizer).__name__}) has no apply_chat_template, "
-                                 "which Flux2Pipeline encodes prompts with")
+            raise ModelLoadError(f"{src.path!r}: the tokenizer ({type(tokenizer).__name__}) has no "
+                                 "apply_chat_template, which Flux2Pipeline encodes prompts with")
         num_layers = encoder.config.get_text_config().num_hidden_layers
         if max(TEXT_ENCODER_OUT_LAYERS) > num_layers:
-            raise ModelLoadError(f"{path!r}: Flux2Pipeline stacks the text encoder's hidden states "
+            raise ModelLoadError(f"{src.path!r}: Flux2Pipeline stacks the text encoder's hidden states "
                                  f"{list(TEXT_ENCODER_OUT_LAYERS)}, but it has {num_layers} layers")
-        for module in [transformer, vae, encoder]:
-            module.requires_grad_(False)
-            module.eval()
-            quant.move(module, device)
-        settings = {"guidance_embeds": bool(transformer.config.guidance_embeds),
-                  "max_sequence_length": max_sequence_length, "text_encoder_out_layers": TEXT_ENCODER_OUT_LAYERS}
-        model = DiffusionModel(path=path, family=self, denoiser=transformer, vae=vae, scheduler=scheduler,
+        freeze([transformer, vae, encoder], device)
+        settings = {"guidance_embeds": bool(transformer.config.get("guidance_embeds", False)),
+                    "max_sequence_length": max_sequence_length, "text_encoder_out_layers": TEXT_ENCODER_OUT_LAYERS}
+        model = DiffusionModel(path=src.path, family=self, denoiser=transformer, vae=vae, scheduler=scheduler,
                                text_encoders=[encoder], tokenizers=[tokenizer], force_zeros_for_empty_prompt=False,
                                settings=settings)
-        set_vae_precision(model, dtype)
+        set_vae_precision(model, dtype, fp16_autocast)
         return model
 
     def pipeline_class(self):

@@ -12,21 +12,21 @@ from __future__ import annotations
 
 import torch
 
-from fnf import quantize as quant
-from fnf.core import DiffusionModel, ModelLoadError, PromptEmbeds
-from fnf.families.base import set_vae_precision
+from ..core import DiffusionModel, ModelLoadError, PromptEmbeds
 
 from . import flow
 from .base import (
                    FlowMatchingEuler,
+                   FolderComponents,
                    ModelFamily,
                    Schedule,
                    TransformerLoRA,
                    cfg_combine,
                    cfg_inputs,
                    decode_vae,
-                   load_component,
+                   freeze,
                    resolve_dtype,
+                   set_vae_precision,
                    unscale_latents,
 )
 
@@ -36,10 +36,8 @@ SD3_DEFAULT_MAX_SHIFT = 1.16          # the pipeline's fallback for a dynamic-sh
 JOINT_LORA_TARGETS = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
 
-def _load(component: str, path: str, loader):
-    return load_component(component, path, loader, "StableDiffusion3Pipeline",
-                          "transformer, vae, scheduler, text_encoder(_2), tokenizer(_2) (text_encoder_3 / tokenizer_3 "
-                          "are optional)")
+NEEDS = ("transformer, vae, scheduler, text_encoder(_2), tokenizer(_2) (text_encoder_3 / tokenizer_3 are "
+         "optional)")
 
 
 def _zero_t5_uses_clip_length() -> bool:
@@ -53,11 +51,6 @@ def _zero_t5_uses_clip_length() -> bool:
     return (major, minor) < (0, 36)
 
 
-def _index_has(index: dict, component: str) -> bool:
-    entry = index.get(component)
-    return isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[0] is not None and entry[1] is not None
-
-
 class SD3Family(FlowMatchingEuler, TransformerLoRA, ModelFamily):
     name = "sd3"
     title = "Stable Diffusion 3 / 3.5"
@@ -67,6 +60,7 @@ class SD3Family(FlowMatchingEuler, TransformerLoRA, ModelFamily):
     joint_lora_targets = lora_targets + JOINT_LORA_TARGETS
     supports_sepen = False
     native_size = 1024
+    fsdp_units = ("JointTransformerBlock",)
 
     # -------------------------------------------------------------------------------- loading
     def pipeline_class(self):
@@ -80,6 +74,12 @@ class SD3Family(FlowMatchingEuler, TransformerLoRA, ModelFamily):
         folder has none): its tokens are then zeros, as the pipeline loaded with ``text_encoder_3=None`` does.
         ``max_sequence_length``: T5 tokens (the pipeline's argument); ``quantize``: the transformer's
         quantization (:mod:`fnf.quantize`, ``model.quantize``)."""
+        src = FolderComponents(path, index, "StableDiffusion3Pipeline", NEEDS)
+        return self.build(src, weight_dtype=weight_dtype, device=device, text_encoder_3=text_encoder_3,
+                          max_sequence_length=max_sequence_length, quantize=quantize)
+
+    def build(self, src, *, weight_dtype, device="cpu", fp16_autocast: bool = False, text_encoder_3: bool = True,
+              max_sequence_length: int = T5_MAX_SEQUENCE_LENGTH, quantize: str = "none"):
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
@@ -87,34 +87,26 @@ class SD3Family(FlowMatchingEuler, TransformerLoRA, ModelFamily):
         if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) \
                 or max_sequence_length < 1:
             raise ValueError(f"max_sequence_length: expected a positive int, got {max_sequence_length!r}")
-        sched_entry = index.get("scheduler") or [None, None]
+        sched_entry = src.index.get("scheduler") or [None, None]
         if sched_entry[1] not in (None, "FlowMatchEulerDiscreteScheduler"):
-            raise ModelLoadError(f"{path!r}: the SD3 family samples with FlowMatchEulerDiscreteScheduler, but "
+            raise ModelLoadError(f"{src.path!r}: the SD3 family samples with FlowMatchEulerDiscreteScheduler, but "
                                  f"model_index.json names scheduler {sched_entry[1]!r}")
-        kw = {"local_files_only": True}
-        transformer = _load("transformer", path, lambda f: quant.load_denoiser(SD3Transformer2DModel, f, dtype=dtype,
-                                                                              method=quantize, **kw))
+        transformer = src.denoiser("transformer", SD3Transformer2DModel, dtype=dtype, quantize=quantize)
         # fp16: read the VAE in float32 (set_vae_precision casts it down unless its config sets force_upcast).
-        vae_read = torch.float32 if dtype == torch.float16 else dtype
-        vae = _load("vae", path, lambda f: AutoencoderKL.from_pretrained(f, torch_dtype=vae_read, **kw))
-        scheduler = _load("scheduler", path, lambda f: FlowMatchEulerDiscreteScheduler.from_config(
-            FlowMatchEulerDiscreteScheduler.load_config(f, **kw)))
-        clip = lambda f: CLIPTextModelWithProjection.from_pretrained(f, torch_dtype=dtype, **kw)
-        encoders = [_load("text_encoder", path, clip), _load("text_encoder_2", path, clip)]
-        tokenizers = [_load(name, path, lambda f: CLIPTokenizer.from_pretrained(f, **kw))
-                      for name in ("tokenizer", "tokenizer_2")]
-        if text_encoder_3 and _index_has(index, "text_encoder_3"):
-            encoders.append(_load("text_encoder_3", path,
-                                  lambda f: T5EncoderModel.from_pretrained(f, torch_dtype=dtype, **kw)))
-            tokenizers.append(_load("tokenizer_3", path, lambda f: T5TokenizerFast.from_pretrained(f, **kw)))
-        for module in [transformer, vae, *encoders]:
-            module.requires_grad_(False)
-            module.eval()
-            quant.move(module, device)
-        model = DiffusionModel(path=path, family=self, denoiser=transformer, vae=vae, scheduler=scheduler,
+        vae = src.module("vae", AutoencoderKL, dtype=torch.float32 if dtype == torch.float16 else dtype)
+        scheduler = src.scheduler("scheduler", FlowMatchEulerDiscreteScheduler)
+        encoders = [src.module(name, CLIPTextModelWithProjection, dtype=dtype)
+                    for name in ("text_encoder", "text_encoder_2")]
+        tokenizers = [src.tokenizer(name, CLIPTokenizer, encoder=enc)
+                      for name, enc in zip(("tokenizer", "tokenizer_2"), encoders)]
+        if text_encoder_3 and src.has("text_encoder_3"):
+            encoders.append(src.module("text_encoder_3", T5EncoderModel, dtype=dtype))
+            tokenizers.append(src.tokenizer("tokenizer_3", T5TokenizerFast, encoder=encoders[-1]))
+        freeze([transformer, vae, *encoders], device)
+        model = DiffusionModel(path=src.path, family=self, denoiser=transformer, vae=vae, scheduler=scheduler,
                                text_encoders=encoders, tokenizers=tokenizers, force_zeros_for_empty_prompt=False,
                                settings={"max_sequence_length": max_sequence_length, "t5": len(encoders) == 3})
-        set_vae_precision(model, dtype)
+        set_vae_precision(model, dtype, fp16_autocast)
         return model
 
     # -------------------------------------------------------------------------------- conditioning

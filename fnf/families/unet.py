@@ -10,24 +10,20 @@ import copy
 
 import torch
 
-from .. import quantize as quant
-from ..core import LORA_WEIGHTS, DiffusionModel, PromptEmbeds
+from ..core import LORA_WEIGHTS, DiffusionModel, PromptEmbeds, resolve_dtype
 from ..lora import export_state
 from .base import (
+                   FolderComponents,
                    ModelFamily,
                    Schedule,
                    cfg_combine,
                    cfg_inputs,
                    check_lora_folder,
                    decode_vae,
-                   load_component,
+                   freeze,
                    set_vae_precision,
                    unscale_latents,
 )
-
-
-def _load(component: str, path: str, loader, needs: tuple[str, ...]):
-    return load_component(component, path, loader, "Stable Diffusion pipeline", ", ".join(needs))
 
 
 def _tokenize(tokenizer, prompts: list[str], device) -> torch.Tensor:
@@ -83,39 +79,37 @@ class StableDiffusionFamily(ModelFamily):
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
     supports_sepen = True
     native_size = 512
+    fsdp_units = ("BasicTransformerBlock", "ResnetBlock2D")   # the ResNets hold most of the convolution weights
+    denoiser_component = "unet"
+    fused_lora = True
 
     # -------------------------------------------------------------------------------- loading
-    def _text_encoders(self, path: str, dtype, kw) -> tuple[list, list]:
+    def _text_encoders(self, src, dtype) -> tuple[list, list]:
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        need = self.components
-        encoders = [_load("text_encoder", path,
-                          lambda f: CLIPTextModel.from_pretrained(f, torch_dtype=dtype, **kw), need)]
-        tokenizers = [_load("tokenizer", path, lambda f: CLIPTokenizer.from_pretrained(f, **kw), need)]
-        return encoders, tokenizers
+        encoder = src.module("text_encoder", CLIPTextModel, dtype=dtype)
+        return [encoder], [src.tokenizer("tokenizer", CLIPTokenizer, encoder=encoder)]
 
     def load(self, path: str, index: dict, *, weight_dtype: torch.dtype, device="cpu", quantize: str = "none"):
         """All components frozen, eval, on ``device``; ``quantize``: the UNet's quantization (:mod:`fnf.quantize`,
         ``model.quantize``: its Linear layers; convolutions stay in the weight dtype)."""
+        src = FolderComponents(path, index, "Stable Diffusion pipeline", ", ".join(self.components))
+        return self.build(src, weight_dtype=weight_dtype, device=device, quantize=quantize)
+
+    def build(self, src, *, weight_dtype, device="cpu", fp16_autocast: bool = False, quantize: str = "none"):
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
-        dtype, kw, need = weight_dtype, {"local_files_only": True}, self.components
-        unet = _load("unet", path, lambda f: quant.load_denoiser(UNet2DConditionModel, f, dtype=dtype,
-                                                                 method=quantize, **kw), need)
+        dtype = resolve_dtype(weight_dtype)
+        unet = src.denoiser("unet", UNet2DConditionModel, dtype=dtype, quantize=quantize)
         # fp16: read the VAE in float32 (set_vae_precision casts it down unless its config sets force_upcast).
-        vae_read = torch.float32 if dtype == torch.float16 else dtype
-        vae = _load("vae", path, lambda f: AutoencoderKL.from_pretrained(f, torch_dtype=vae_read, **kw), need)
-        scheduler = _load("scheduler", path,
-                          lambda f: DDIMScheduler.from_config(DDIMScheduler.load_config(f, **kw)), need)
-        encoders, tokenizers = self._text_encoders(path, dtype, kw)
-        for module in [unet, vae, *encoders]:
-            module.requires_grad_(False)
-            module.eval()
-            quant.move(module, device)
-        zeros = bool(index.get("force_zeros_for_empty_prompt", self.name == "sdxl"))
-        model = DiffusionModel(path=path, family=self, denoiser=unet, vae=vae, scheduler=scheduler,
+        vae = src.module("vae", AutoencoderKL, dtype=torch.float32 if dtype == torch.float16 else dtype)
+        scheduler = src.scheduler("scheduler", DDIMScheduler)
+        encoders, tokenizers = self._text_encoders(src, dtype)
+        freeze([unet, vae, *encoders], device)
+        zeros = bool(src.index.get("force_zeros_for_empty_prompt", self.name == "sdxl"))
+        model = DiffusionModel(path=src.path, family=self, denoiser=unet, vae=vae, scheduler=scheduler,
                                text_encoders=encoders, tokenizers=tokenizers, force_zeros_for_empty_prompt=zeros)
-        set_vae_precision(model, dtype)
+        set_vae_precision(model, dtype, fp16_autocast)
         return model
 
     def pipeline_class(self):
@@ -206,14 +200,12 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
     components = StableDiffusionFamily.components + ("text_encoder_2", "tokenizer_2")
     native_size = 1024
 
-    def _text_encoders(self, path: str, dtype, kw) -> tuple[list, list]:
+    def _text_encoders(self, src, dtype) -> tuple[list, list]:
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-        encoders, tokenizers = super()._text_encoders(path, dtype, kw)
-        need = self.components
-        encoders.append(_load("text_encoder_2", path,
-                              lambda f: CLIPTextModelWithProjection.from_pretrained(f, torch_dtype=dtype, **kw), need))
-        tokenizers.append(_load("tokenizer_2", path, lambda f: CLIPTokenizer.from_pretrained(f, **kw), need))
+        encoders, tokenizers = super()._text_encoders(src, dtype)
+        encoders.append(src.module("text_encoder_2", CLIPTextModelWithProjection, dtype=dtype))
+        tokenizers.append(src.tokenizer("tokenizer_2", CLIPTokenizer, encoder=encoders[-1]))
         return encoders, tokenizers
 
     def pipeline_class(self):

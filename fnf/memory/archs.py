@@ -16,48 +16,58 @@ _CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hi
 _SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                   set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000)
 
+
+
+def _unet(kind: str, vae: dict, unet: dict, text: list, scheduler: dict, **flags) -> dict:
+    """A UNet family's spec in model_index.json's shape ({component: [class, config]})."""
+    names = ("text_encoder", "text_encoder_2")
+    return {"kind": kind, "components": {
+        "unet": ["UNet2DConditionModel", unet], "vae": ["AutoencoderKL", vae], "scheduler": ["DDIMScheduler", scheduler],
+        **{name: [cls, cfg] for name, (cls, cfg) in zip(names, text)}}, **flags}
+
+
+# Specs as model_index.json lists the components ({component: [class, config.json values]}); the family's build()
+# makes them (fnf/memory/components.py). Values from the released folders' config.json files.
 ARCHS = {
     # runwayml/stable-diffusion-v1-5 (UNet 859.5M, CLIP ViT-L/14 text encoder)
-    "sd15": {"kind": "sd", "vae": {**_VAE, "sample_size": 512, "scaling_factor": 0.18215},
-             "unet": dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-                          block_out_channels=[320, 640, 1280, 1280],
-                          down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-                          up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-                          cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32),
-             "text": [("CLIPTextModel", _CLIP_L)], "scheduler": _SCHEDULER},
+    "sd15": _unet("sd", {**_VAE, "sample_size": 512, "scaling_factor": 0.18215},
+                  dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                       block_out_channels=[320, 640, 1280, 1280],
+                       down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                       up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+                       cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32),
+                  [("CLIPTextModel", _CLIP_L)], _SCHEDULER),
     # stabilityai/stable-diffusion-2-1 (768^2, v-prediction, OpenCLIP ViT-H/14 text encoder)
-    "sd21": {"kind": "sd", "vae": {**_VAE, "sample_size": 768, "scaling_factor": 0.18215},
-             "unet": dict(sample_size=96, in_channels=4, out_channels=4, layers_per_block=2,
-                          block_out_channels=[320, 640, 1280, 1280],
-                          down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-                          up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, cross_attention_dim=1024,
-                          attention_head_dim=[5, 10, 20, 20], use_linear_projection=True, upcast_attention=True,
-                          norm_num_groups=32),
-             "text": [("CLIPTextModel", dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096,
-                                             num_hidden_layers=23, num_attention_heads=16,
-                                             max_position_embeddings=77, hidden_act="gelu", projection_dim=512))],
-             "scheduler": {**_SCHEDULER, "prediction_type": "v_prediction"}},
+    "sd21": _unet("sd", {**_VAE, "sample_size": 768, "scaling_factor": 0.18215},
+                  dict(sample_size=96, in_channels=4, out_channels=4, layers_per_block=2,
+                       block_out_channels=[320, 640, 1280, 1280],
+                       down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                       up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, cross_attention_dim=1024,
+                       attention_head_dim=[5, 10, 20, 20], use_linear_projection=True, upcast_attention=True,
+                       norm_num_groups=32),
+                  [("CLIPTextModel", dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096,
+                                          num_hidden_layers=23, num_attention_heads=16,
+                                          max_position_embeddings=77, hidden_act="gelu", projection_dim=512))],
+                  {**_SCHEDULER, "prediction_type": "v_prediction"}),
     # stabilityai/stable-diffusion-xl-base-1.0 (UNet 2567.5M, CLIP ViT-L + OpenCLIP ViT-bigG)
-    "sdxl": {"kind": "sdxl", "vae": {**_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True},
-             "unet": dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
-                          block_out_channels=[320, 640, 1280],
-                          down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-                          up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-                          transformer_layers_per_block=[1, 2, 10], attention_head_dim=[5, 10, 20],
-                          cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
-                          addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-                          norm_num_groups=32),
-             "text": [("CLIPTextModel", _CLIP_L),
-                      ("CLIPTextModelWithProjection",
-                       dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                            num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu",
-                            projection_dim=1280))],
-             "scheduler": _SCHEDULER, "force_zeros_for_empty_prompt": True},
+    "sdxl": _unet("sdxl", {**_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True},
+                  dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+                       block_out_channels=[320, 640, 1280],
+                       down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                       up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                       transformer_layers_per_block=[1, 2, 10], attention_head_dim=[5, 10, 20],
+                       cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
+                       addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+                       norm_num_groups=32),
+                  [("CLIPTextModel", _CLIP_L),
+                   ("CLIPTextModelWithProjection",
+                    dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                         num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu",
+                         projection_dim=1280))],
+                  _SCHEDULER, force_zeros_for_empty_prompt=True),
 }
 
 # ------------------------------------------------------------------ the transformer (flow-matching) families
-# Specs as model_index.json lists the components ({component: [class, config.json values]}); fnf/memory/flow_models.py
-# builds them. Values from the released folders' config.json files.
 _FLOW_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, layers_per_block=2,
                  block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
                  up_block_types=["UpDecoderBlock2D"] * 4, norm_num_groups=32, act_fn="silu", sample_size=1024,
@@ -80,7 +90,7 @@ def _sd3(layers: int, heads: int, caption_dim: int, pos_embed_max_size: int, dua
                        attention_head_dim=64, num_attention_heads=heads, joint_attention_dim=4096,
                        caption_projection_dim=caption_dim, pooled_projection_dim=2048,
                        pos_embed_max_size=pos_embed_max_size, dual_attention_layers=dual, qk_norm="rms_norm")
-    return {"kind": "sd3", "pipeline": "StableDiffusion3Pipeline", "components": {
+    return {"kind": "sd3", "components": {
         "transformer": ["SD3Transformer2DModel", transformer],
         "vae": ["AutoencoderKL", {**_FLOW_VAE, "scaling_factor": 1.5305, "shift_factor": 0.0609}],
         "scheduler": _SD3_SCHEDULER, **_SD3_TEXT}}
@@ -90,7 +100,7 @@ def _flux(guidance: bool, scheduler: dict) -> dict:
     transformer = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
                        guidance_embeds=guidance, axes_dims_rope=[16, 56, 56])
-    return {"kind": "flux", "pipeline": "FluxPipeline", "components": {
+    return {"kind": "flux", "components": {
         "transformer": ["FluxTransformer2DModel", transformer],
         "vae": ["AutoencoderKL", {**_FLOW_VAE, "scaling_factor": 0.3611, "shift_factor": 0.1159}],
         "scheduler": ["FlowMatchEulerDiscreteScheduler", scheduler],
@@ -130,7 +140,7 @@ ARCHS.update({
     # black-forest-labs/FLUX.1-schnell (no guidance embedding, shift 1, no dynamic shifting)
     "flux1-schnell": _flux(False, dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)),
     # black-forest-labs/FLUX.2-dev (guidance-distilled; one Mistral3 text encoder, hidden states 10/20/30 stacked)
-    "flux2-dev": {"kind": "flux2", "pipeline": "Flux2Pipeline", "components": {
+    "flux2-dev": {"kind": "flux2", "components": {
         "transformer": ["Flux2Transformer2DModel", _FLUX2_TRANSFORMER],
         "vae": ["AutoencoderKLFlux2", _FLUX2_VAE],
         "scheduler": ["FlowMatchEulerDiscreteScheduler", dict(

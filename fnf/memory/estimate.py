@@ -9,22 +9,20 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
-import os
 import time
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 
-from ..core import DTYPES, DiffusionModel, ModelLoadError
+from ..core import DTYPES, ModelLoadError
 from ..families.registry import detect_kind, family_by_name, read_index
 from ..train import Session
 from ..train.placement import text_encoders_first
 from . import cuda_rules
-from .archs import ARCHS, TOY_TOKENIZER
+from .archs import ARCHS
+from .components import ConfigComponents, folder_components, native_size
 from .counter import StorageCounter, rounded
-from .flow_models import build, folder_spec, native_size
 from .quantized import adjustment, quantized_peak
 
 GIB = 2 ** 30
@@ -47,10 +45,10 @@ REWARD_STAND_INS = {"clip-l14": "fnf.memory.archs:clip_l14_reward"}
 # two rows each replace one lever of the fnf-defaults row (HALF_SIDE: tiles of half the image's longer side).
 HALF_SIDE = "half the image side"
 LADDER = [
-    ("naive", {"memory": {"unet_checkpointing": False, "vae_checkpointing": "off", "reward_checkpointing": False,
+    ("naive", {"memory": {"denoiser_checkpointing": False, "vae_checkpointing": "off", "reward_checkpointing": False,
                           "offload_text_encoder": False, "fused_lora": "off", "vae_tile": 0},
                "train": {"seeds_per_prompt": 0}}),
-    ("+ UNet checkpointing", {"memory": {"unet_checkpointing": True}}),
+    ("+ UNet checkpointing", {"memory": {"denoiser_checkpointing": True}}),
     ("+ VAE checkpointing per up-block (diffusers)", {"memory": {"vae_checkpointing": "blocks"}}),
     ("+ VAE checkpointing per ResNet", {"memory": {"vae_checkpointing": "resnet"}}),
     ("+ text encoders offloaded (fnf defaults)", {"memory": {"offload_text_encoder": True}}),
@@ -132,16 +130,6 @@ def _fake_module_moves():
         torch.utils.swap_tensors = original
 
 
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype):
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(before)
-
-
 # ------------------------------------------------------------------------------------------ model specs
 def model_spec(model_dir: str | None = None, arch: str | None = None) -> dict:
     """The architecture to build: a named one, or the config.json files of a diffusers folder (no weights)."""
@@ -149,72 +137,20 @@ def model_spec(model_dir: str | None = None, arch: str | None = None) -> dict:
         if arch not in ARCHS:
             raise ValueError(f"--arch: unknown architecture {arch!r}; expected one of {', '.join(sorted(ARCHS))}")
         return {"name": arch, "tokenizers": None, **copy.deepcopy(ARCHS[arch])}
-
     try:
         index = read_index(model_dir or "")
     except ModelLoadError as e:
         raise ValueError(str(e)) from None
     kind = detect_kind(model_dir, index)
-    if kind not in ("sd", "sdxl"):  # the transformer (flow-matching) families
-
-        return {"kind": kind, **folder_spec(model_dir, index)}
-
-    def read(component: str) -> dict:
-        for name in ("config.json", "scheduler_config.json"):
-            path = os.path.join(model_dir, component, name)
-            if os.path.isfile(path):
-                with open(path, encoding="utf-8") as f:
-                    return {k: v for k, v in json.load(f).items() if not k.startswith("_")}
-        raise ValueError(f"model folder {model_dir!r}: {component}/config.json is missing (estimate-memory builds "
-                         "each component from its config.json)")
-
-    encoders = [("CLIPTextModel", read("text_encoder"))]
-    if kind == "sdxl":
-        encoders.append(("CLIPTextModelWithProjection", read("text_encoder_2")))
-    tokenizers = [os.path.join(model_dir, t) for t in ("tokenizer", "tokenizer_2")[:len(encoders)]]
-    return {"name": os.path.basename(os.path.normpath(model_dir)), "kind": kind, "unet": read("unet"),
-            "vae": read("vae"), "text": encoders, "scheduler": read("scheduler"), "tokenizers": tokenizers,
-            "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", kind == "sdxl"))}
+    return {"kind": kind, **folder_components(model_dir, index, family_by_name(kind).components)}
 
 
 def build_model(spec: dict, weight_dtype: str, fp16_autocast: bool = False):
-    """A frozen DiffusionModel with random (under FakeTensorMode: fake) weights in the training dtypes."""
-    if "pipeline" in spec:  # SD3 / FLUX specs (fnf/memory/flow_models.py)
-
-        return build(spec, weight_dtype, fp16_autocast)
-    import transformers
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTokenizer
-
-    dtype = DTYPES[weight_dtype]
-    fp16 = dtype == torch.float16 or fp16_autocast
-    vae_dtype = torch.float32 if fp16 and spec["vae"].get("force_upcast", True) else dtype
-    with _default_dtype(dtype):
-        unet = UNet2DConditionModel.from_config(spec["unet"])
-        encoders = []
-        for cls_name, cfg in spec["text"]:
-            config_cls = transformers.CLIPTextConfig
-            fields = {k: v for k, v in cfg.items() if k not in ("architectures", "torch_dtype", "dtype",
-                                                                  "transformers_version")}
-            encoders.append(getattr(transformers, cls_name)(config_cls(**fields)))
-    with _default_dtype(vae_dtype):
-        vae = AutoencoderKL.from_config(spec["vae"])
-    toks = []
-    for i in range(len(encoders)):
-        folder = (spec.get("tokenizers") or [None, None])[i]
-        if folder and os.path.isdir(folder):
-            toks.append(CLIPTokenizer.from_pretrained(folder, local_files_only=True))
-        else:  # a named architecture: any CLIP BPE tokenizer padded to the encoder's length does
-            length = spec["text"][i][1].get("max_position_embeddings", 77)
-            toks.append(CLIPTokenizer.from_pretrained(TOY_TOKENIZER, model_max_length=length, local_files_only=True))
-    for module in [unet, vae, *encoders]:
-        module.requires_grad_(False).eval()
-    scheduler = DDIMScheduler.from_config(spec["scheduler"])
-    model = DiffusionModel(path=f"<{spec['name']}>", family=family_by_name(spec["kind"]), denoiser=unet, vae=vae, scheduler=scheduler,
-                           text_encoders=encoders, tokenizers=toks,
-                           force_zeros_for_empty_prompt=spec.get("force_zeros_for_empty_prompt", False))
-    model.vae_upcast = vae_dtype != dtype
-    return model
+    """A frozen DiffusionModel with random (under FakeTensorMode: fake) weights in the training dtypes: the
+    family's own ``build`` from the spec's config values."""
+    family = family_by_name(spec["kind"])
+    return family.build(ConfigComponents(spec), weight_dtype=DTYPES[weight_dtype], device=None,
+                        fp16_autocast=fp16_autocast)
 
 
 # ------------------------------------------------------------------------------------------ the trace
@@ -410,7 +346,7 @@ def settings_of(cfg, spec: dict) -> dict:
             "guidance_scale": s.guidance_scale, "batch_size": cfg.train.batch_size,
             "grad_accum": cfg.train.grad_accum, "reward": cfg.reward.spec, "localizer": cfg.localize.spec,
             "beta": cfg.objective.beta, "sampling_steps_traced": s.steps,
-            "memory": {k: getattr(m, k) for k in ("unet_checkpointing", "vae_checkpointing", "vae_tile",
+            "memory": {k: getattr(m, k) for k in ("denoiser_checkpointing", "vae_checkpointing", "vae_tile",
                                                    "reward_checkpointing", "offload_text_encoder", "fused_lora")},
             "seeds_per_prompt": cfg.train.seeds_per_prompt}
 
@@ -423,14 +359,11 @@ def estimate(cfg, *, model_dir: str | None = None, arch: str | None = None, heig
     spec = model_spec(model_dir or (None if arch else cfg.model.path), arch)
     auto_fused = cfg.memory.fused_lora == "auto"
     cfg = trace_config(cfg, height, width, sampling_steps)
-    if auto_fused and "pipeline" in spec:  # patch_lora refuses joint-attention processors: auto falls back to off
+    family = family_by_name(spec["kind"])
+    if auto_fused and not family.fused_lora:  # patch_lora refuses joint-attention processors: auto falls back to off
         cfg.memory.fused_lora = "off"
     if not cfg.sampling.height:  # the model's native size
-        if "pipeline" in spec:
-
-            native = native_size(spec)
-        else:
-            native = int(spec["unet"]["sample_size"]) * 2 ** (len(spec["vae"]["block_out_channels"]) - 1)
+        native = native_size(spec, family)
         cfg.sampling.height = cfg.sampling.height or native
         cfg.sampling.width = cfg.sampling.width or native
     if reward_model:
@@ -452,7 +385,7 @@ def ladder(cfg, **kwargs) -> list[tuple[str, Estimate]]:
     spec = model_spec(kwargs.get("model_dir") or (None if kwargs.get("arch") else cfg.model.path), kwargs.get("arch"))
     for name, overrides in LADDER:
         current = _apply(current, overrides)
-        if "pipeline" in spec and current.memory.fused_lora == "on":  # not available for SD3 / FLUX
+        if not family_by_name(spec["kind"]).fused_lora and current.memory.fused_lora == "on":  # SD3 / FLUX
             continue
         rows.append((name, estimate(current, **kwargs)))
     return rows

@@ -119,7 +119,7 @@ def base_config(model: str, out: str, method: str, steps: int, batch: int, seed:
         "localize": {"spec": LOCALIZERS[method.split("@")[0]], "threshold": 0.5, "radius": MASK_RADIUS,
                      "kwargs": root},
         "objective": {"beta": 0.0 if method == "draft" else beta, "squared": squared},
-        "memory": {"unet_checkpointing": False, "vae_checkpointing": False, "offload_text_encoder": False},
+        "memory": {"denoiser_checkpointing": False, "vae_checkpointing": False, "offload_text_encoder": False},
         "train": {"steps": steps, "batch_size": batch, "lr": 1e-3, "grad_clip": grad_clip, "seed": seed, "out": out,
                   "checkpoint_every": checkpoint_every, "keep_checkpoints": 0,
                   "sample_every": 0, "progress": False, "tensorboard": False, "device": "cpu",

@@ -71,7 +71,7 @@ def sepen_config(model: str, out: str, steps: int = STEPS, batch: int = BATCH, s
         "objective": "sepen",
         "sepen": {"concepts": concepts(), "template": "a {A} and a {B}", "single_template": "a {A}",
                   "exclude_prompts": toydata.heldout_prompts(), "downsample": DOWNSAMPLE, **sepen},
-        "memory": {"unet_checkpointing": False, "vae_checkpointing": False, "offload_text_encoder": False},
+        "memory": {"denoiser_checkpointing": False, "vae_checkpointing": False, "offload_text_encoder": False},
         "train": {"steps": steps, "batch_size": batch, "lr": lr, "weight_decay": 0.0, "grad_clip": 1.0,
                   "seed": seed, "out": out, "checkpoint_every": 0, "sample_every": 0, "progress": False,
                   "tensorboard": False, "device": "cpu"},
