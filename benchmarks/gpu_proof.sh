@@ -107,7 +107,9 @@ if torch.cuda.is_available() else (9, 0); print(f'{c[0]}.{c[1]}')")}
 }
 
 pytest_args() {
-  local args=(-q -p no:cacheprovider -o "junit_family=xunit1")
+  # --continue-on-collection-errors: a module that fails to import (an fnf test, say) is reported as an error but
+  # does not stop the kernel tests from running.
+  local args=(-q -p no:cacheprovider -o "junit_family=xunit1" --continue-on-collection-errors)
   if "$PY" -c "import pytest_timeout" 2>/dev/null; then
     args+=(--timeout "${PROOF_TEST_TIMEOUT:-120}")
   else
