@@ -124,9 +124,15 @@ def _lora_backend(backend, leaves, scale, groups):
 
 
 def _attention_maps(device, dtype, gen):
+    """Attention-like maps whose maxima are unique by a wide margin, so a gradient (which goes to the argmax)
+    cannot move to another pixel or object through rounding in low precision."""
     logits = torch.randn(2, 3, 9 * 11, 5, generator=gen, dtype=torch.float64) * 2
-    probs = logits.softmax(-1)[..., 1:3]
-    return probs.permute(0, 1, 3, 2).reshape(2, 3, 2, 9, 11).to(device=device, dtype=dtype).contiguous()
+    probs = logits.softmax(-1)[..., 1:3] * 0.5
+    maps = probs.permute(0, 1, 3, 2).reshape(2, 3, 2, 9, 11).contiguous()
+    for b in range(2):
+        y, x = int(torch.randint(1, 8, (1,), generator=gen)), int(torch.randint(1, 10, (1,), generator=gen))
+        maps[b, b, 0, y, x], maps[b, b, 1, y, x] = 0.75, 0.6
+    return maps.to(device=device, dtype=dtype)
 
 
 def _check_attention(device, backend, dtype, gen):
@@ -162,6 +168,9 @@ def plan(device: str, dtypes: list[torch.dtype]) -> tuple[list[tuple[str, str, t
     interpreter = device_type == "cpu" and backends.triton_interpreter()
     runs, skipped = [], []
     for op in backends.OPS:
+        if op not in CHECKS:
+            skipped.append(f"{op}: no selftest check yet")
+            continue
         table = backends.op_availability(op, device_type)
         for name, (usable, reason) in table.items():
             if op == "lora_linear" and name == "cpu" and device_type == "cpu":

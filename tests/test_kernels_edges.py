@@ -206,7 +206,10 @@ def test_triton_penalty_batch_and_chunks_on_one_axis(monkeypatch, seed):
         torch.testing.assert_close(x1.grad, x2.grad, **TOL[dtype])
 
 
-@pytest.mark.parametrize("pair", [p for p in PAIRS if p[1] != "triton"], ids=ids([p for p in PAIRS if p[1] != "triton"]))
+NON_TRITON = [p for p in PAIRS if p[1] != "triton"]
+
+
+@pytest.mark.parametrize("pair", NON_TRITON, ids=ids(NON_TRITON))
 def test_more_than_65535_samples_cpu_and_reference(pair, seed):
     """65537 tiny samples through the CPU C++ kernels and the reference (Triton: the grid tests above)."""
     device, backend = pair

@@ -23,14 +23,15 @@ def test_selftest_passes_on_cpu_and_prints_one_row_per_check(capsys):
     rows = [line.split() for line in out.splitlines() if line.split()[:1] and line.split()[0] in backends.OPS]
     runs, _ = selftest.plan("cpu", [torch.float32, torch.float64])
     assert len(rows) == len(runs) and all(r[-1] == "ok" for r in rows)
-    assert {r[0] for r in rows} == set(backends.OPS)
+    assert {r[0] for r in rows} == set(backends.OPS) & set(selftest.CHECKS)
+    assert {"masked_frobenius_penalty", "threshold_dilate", "lora_linear", "separate_enhance_losses"} <= {r[0] for r in rows}
     assert {"reference"} <= {r[1] for r in rows}  # the torch fallback is always checked
     assert {r[2] for r in rows} == {"float32", "float64"}
 
 
 def test_selftest_plan_covers_every_available_backend():
     runs, skipped = selftest.plan("cpu", list(selftest.DTYPES.values()))
-    for op in backends.OPS:
+    for op in selftest.CHECKS:
         for name, (usable, _) in backends.op_availability(op, "cpu").items():
             if not usable or (op, name) in selftest._ABSENT or (op, name) == ("lora_linear", "cpu"):
                 continue
