@@ -9,6 +9,11 @@ TORCH_LIBRARY(fnf_kernels, m) {
   m.def("penalty_backward(Tensor grad, Tensor image, Tensor reference, Tensor mask, Tensor norms, "
         "bool squared) -> Tensor");
   m.def("threshold_dilate(Tensor heatmap, Tensor threshold, int radius, bool disk, ScalarType dtype) -> Tensor");
+  // CUDA kernels only (cuda/bindings_cuda.cpp): the CPU path of group_norm_silu is a plain-torch op in Python.
+  m.def("group_norm_silu(Tensor x, Tensor? weight, Tensor? bias, int num_groups, float eps, bool silu) -> "
+        "(Tensor, Tensor, Tensor)");
+  m.def("group_norm_silu_backward(Tensor grad, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd, "
+        "int num_groups, bool silu, bool need_x, bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fnf_kernels, CPU, m) {
@@ -30,4 +35,11 @@ bool built_with_cuda() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "focus-n-fix compiled kernels; the ops are registered under torch.ops.fnf_kernels";
   m.def("built_with_cuda", &built_with_cuda, "Whether the CUDA kernels were compiled in");
+  // The per-call batch limits of this build's CUDA kernels ({"<op>_batch": max, -1: none}): the dilation
+  // kernels stride over batches and rows, so no grid-dimension limit applies (fnf_kernels.backends reads it).
+  m.def("cuda_limits", []() {
+    pybind11::dict limits;
+    limits["threshold_dilate_batch"] = -1;
+    return limits;
+  }, "Per-call batch limits of the CUDA kernels (-1: none)");
 }
