@@ -10,7 +10,8 @@
 #   (old names: test = kernels-test, kernels = kernels-bench)
 #
 # Without a GPU every stage runs in CPU mode (the rehearsal): the same steps with the CPU and Triton-interpreter
-# backends (TRITON_INTERPRET=1), bench_ops --device cpu, and train_memory on the tiny / tiny_xl architectures.
+# backends (TRITON_INTERPRET=1), bench_ops --device cpu, and train_memory on the tiny / tiny_xl architectures
+# (variants naive and full unless VARIANTS says otherwise).
 #
 # Results go to ${OUT:-benchmarks/results/gpu}: <stage>.json (the stage summary: steps, seconds, rc, test counts,
 # failures), kernels-test*.xml (JUnit), the benchmarks' JSON records, and <stage>-logs.tar.gz (every step's log). The exit status is non-zero when a
@@ -151,7 +152,8 @@ case "$stage" in
       verdict $?
       step bench_lora "$OUT/bench_lora.log" "$PY" benchmarks/bench_lora.py --json "$OUT/lora_cuda.json"; verdict $?
     else
-      step bench_ops "$OUT/bench_ops.log" "$PY" benchmarks/bench_ops.py --device cpu --min-run-time 0.05 \
+      # CPU mode: the Triton interpreter is not benchmarked (TRITON_INTERPRET unset: Triton is then unavailable).
+      step bench_ops "$OUT/bench_ops.log" env -u TRITON_INTERPRET "$PY" benchmarks/bench_ops.py --device cpu --min-run-time 0.05 \
         --no-compile --json "$OUT/ops_cpu.json"; verdict $?
       step bench_lora "$OUT/bench_lora.log" "$PY" benchmarks/bench_lora.py ; verdict $?   # says GPU-only, exits 0
     fi
@@ -166,6 +168,8 @@ case "$stage" in
     else
       arch=$model; extra=(--device cuda)
     fi
+    # CPU mode: two variants by default (the rehearsal exercises the stage; the ladder is for the GPU).
+    [ "$DEVICE" = cpu ] && VARIANTS=${VARIANTS:-naive,full}
     variants=${VARIANTS:-$("$PY" -c "import sys; sys.path.insert(0, 'benchmarks'); import train_memory as t; \
 print(','.join(t.ALL_VARIANTS))")}
     # One process per variant: a variant that runs out of the stage's time loses only itself; the records are
