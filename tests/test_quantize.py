@@ -279,14 +279,14 @@ def test_torchao_int8_session_step_and_export(family, flux, tmp_path):
     x = m.family.initial_latents(m, 1, size, size, g, "cpu")
     t = m.family.schedule(m, 2, size, size, "cpu").timesteps[0]
     with torch.no_grad(), adapters_disabled(m.denoiser):
-        before = _predict(m, m.denoiser, x, session.embeds, t)
+        before = _predict(m, m.denoiser, x, session.objective.embeds, t)
     lora_before = lora_state_dict(m.denoiser)
     record, _ = session.optimizer_step(0)
     assert not record["skipped"] and record["grad_norm"] > 0
     trained = lora_state_dict(m.denoiser)
     assert any(not torch.equal(trained[k], lora_before[k]) for k in trained)
     with torch.no_grad(), adapters_disabled(m.denoiser):
-        assert torch.equal(_predict(m, m.denoiser, x, session.embeds, t), before)
+        assert torch.equal(_predict(m, m.denoiser, x, session.objective.embeds, t), before)
     m.family.save_lora(m, str(tmp_path / "lora"))
     full = load_model(path)
     load_lora(full, str(tmp_path / "lora"))

@@ -115,7 +115,7 @@ def share_params(cfg: Config, model: DiffusionModel, params, fsdp_settings, acc)
 def set_memory_levers(cfg: Config, model: DiffusionModel, fsdp_settings, acc) -> bool:
     """Denoiser and VAE checkpointing, VAE tiles, the fused LoRA path; returns whether the fused path is on.
 
-    The denoiser stays in eval mode: LoRA dropout acts only in its grad-carrying calls (sampling.denoise)."""
+    The denoiser stays in eval mode: LoRA dropout acts only in its grad-carrying calls (sampling.draft_k, draft_lv)."""
     checkpointing = cfg.memory.denoiser_checkpointing or (fsdp_settings and fsdp_settings.activation_checkpointing)
     if checkpointing and objective_class(cfg.objective.name).denoiser_checkpointing:
         model.denoiser.enable_gradient_checkpointing()
@@ -295,6 +295,7 @@ class RunLog:
             self.file.close()
         for tracker in self.acc.trackers:  # not accelerator.end_training(): that also ends the process group
             tracker.finish()
+        self.acc.trackers = []             # a later run on the same accelerator starts its own
 
 
 def train(cfg: Config, accelerator=None, model: DiffusionModel | None = None) -> TrainResult:
