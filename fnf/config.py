@@ -128,7 +128,7 @@ class TrainConfig:
     resume: str = ""               # "", "latest" or a checkpoint directory
     # A fresh run into an `out` that holds an earlier run's checkpoints, log, LoRA or samples is refused unless
     # `resume` is set or this is true: then the earlier run's files move to <out>/previous-<UTC time>/ (nothing
-    # is deleted) and a new run starts there (fnf/run_dir.py).
+    # is deleted) and a new run starts there (fnf/train/run_dir.py).
     overwrite: bool = False
     checkpoint_every: int = 100
     keep_checkpoints: int = 2      # 0 keeps all
@@ -143,7 +143,7 @@ class TrainConfig:
 class MemoryConfig:
     mixed_precision: str = "no"    # no | fp16 | bf16 (autocast; LoRA params and optimizer stay fp32)
     denoiser_checkpointing: bool = True   # gradient checkpointing of the UNet / transformer blocks
-    # Activation checkpointing of the VAE decode that carries the reward's gradient (fnf/vae_memory.py):
+    # Activation checkpointing of the VAE decode that carries the reward's gradient (fnf/train/vae_memory.py):
     #   resnet: a checkpoint per ResNet, upsampler and mid-block attention of the decoder and one for its tail;
     #           same images and gradients as off, same recompute cost as blocks, less memory (default).
     #   blocks: diffusers' enable_gradient_checkpointing (backward recomputes a whole up-block at once).
@@ -156,7 +156,7 @@ class MemoryConfig:
     vae_tile: int = 0
     reward_checkpointing: bool = False
     offload_text_encoder: bool = True  # embeddings are computed once; then the text encoders leave the device
-    # Fused LoRA path (fnf/fused_lora.py): fnf_kernels' LoRA-fused attention, and the no-grad denoising steps of
+    # Fused LoRA path (fnf/train/fused_lora.py): fnf_kernels' LoRA-fused attention, and the no-grad denoising steps of
     # I0 and I run as one UNet batch (LoRA scale 0 | 1 rows). off | on | auto (also true/false).
     #   on:   any device (CPU: plain-torch kernels); an error when the LoRA cannot be fused (lora.dropout > 0,
     #         LoRA on non-Linear layers). Same samples and gradients as off up to float rounding; the exported

@@ -85,8 +85,8 @@ def test_fsdp2_and_dtensor_import_paths():
 
 
 def test_training_utilities_on_cpu():
-    """Device-generic GradScaler (fnf/train.py, with 'cpu' in the tests), non-reentrant checkpointing with autocast,
-    scaled_dot_product_attention in bf16 on CPU."""
+    """Device-generic GradScaler (fnf/train/distributed.py, with 'cpu' in the tests), non-reentrant checkpointing
+    with autocast, scaled_dot_product_attention in bf16 on CPU."""
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
     w = torch.nn.Parameter(torch.ones(3))
     opt = torch.optim.SGD([w], lr=0.1)

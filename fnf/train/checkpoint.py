@@ -7,7 +7,7 @@ A checkpoint is a folder ``<out>/checkpoints/step-0000100`` holding
   tensors in the first, everything else (param groups, scalars) in the second;
 - ``rng-<rank>.safetensors`` + ``rng-<rank>.json``: torch/CUDA RNG states (uint8 tensors) and python's and
   numpy's MT19937 states of every process;
-- ``state.json``, written last: format, step, run id (fnf/run_dir.py), world size.
+- ``state.json``, written last: format, step, run id (fnf/train/run_dir.py), world size.
 
 Nothing is pickled. Checkpoints of older fnf versions (``optimizer.pt``, ``rng-<rank>.pt``) still load, with
 ``torch.load(..., weights_only=True)``.

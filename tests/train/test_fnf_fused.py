@@ -203,7 +203,7 @@ def test_training_first_step_fused_on_gives_the_gradient_of_off_in_float64(sd, t
 
     Float64 sessions (fnf_tiny_models.float64_session) with the same non-zero LoRA B: at peft's B = 0, I = I0
     in exact arithmetic and the penalty's gradient would point along the two paths' rounding noise. The trainer
-    rounds I0, I and the rewards to float32 before the loss (fnf/train.py), so the paths agree to a few float32
+    rounds I0, I and the rewards to float32 before the loss (fnf/objectives/), so the paths agree to a few float32
     ulps of those (u32 = 6e-8), not to float64 rounding (measured: ~1e-14, the roundings agreed): rtol 1e-6 on the loss, grad_norm and
     every LoRA gradient (atol 1e-6 * its max), while a wrong row scale moves them by > 1e-2. First step only:
     AdamW's first updates are about lr * sign(g), which turns rounding in near-zero gradient entries into O(lr)

@@ -210,7 +210,7 @@ def _count_resnet_calls(unet):
 def test_denoiser_checkpointing_gives_the_same_first_step_gradient_in_float64(sd, tmp_path):
     """memory.denoiser_checkpointing (the production default) recomputes the UNet blocks in backward and changes
     nothing else: first-step loss and LoRA gradients equal those without it (float64 sessions; float32 loss
-    inputs in fnf/train.py, so rtol 1e-6 as above), and the recompute really runs (more block calls)."""
+    inputs in fnf/objectives/, so rtol 1e-6 as above), and the recompute really runs (more block calls)."""
     results = {}
     for on in (False, True):
         cfg = tiny_config(sd, str(tmp_path / f"ckpt{on}"), memory={"denoiser_checkpointing": on},

@@ -1,5 +1,5 @@
-"""fnf/vae_memory.py: checkpointed decodes give the plain decode's images and gradients (float64); the tiled decode
-is differentiable and differs from the full one by a stated amount; the config keys are validated."""
+"""fnf/train/vae_memory.py: checkpointed decodes give the plain decode's images and gradients (float64); the tiled
+decode is differentiable and differs from the full one by a stated amount; the config keys are validated."""
 import os
 import sys
 
