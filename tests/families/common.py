@@ -34,19 +34,25 @@ def pipeline_images(pipe, size: int, guidance: float, prompts=PROMPTS, seed=SEED
                     output_type="pt", generator=torch.Generator().manual_seed(seed), **kw).images
 
 
+def rows_of(args, kwargs) -> int:
+    """The batch rows of a denoiser call (UNets take x first, transformers ``hidden_states=``)."""
+    return (args[0] if args else kwargs["hidden_states"]).shape[0]
+
+
 def sample_loop(family, m, size: int, guidance: float, *, negative: bool = False, grad_steps: int = 0,
                 calls: list | None = None, prompts=PROMPTS, seed=SEED, steps=STEPS):
     """Our own loop over the family methods: the first T - grad_steps steps without grad, the rest with grad;
     ``calls`` records (denoiser batch rows, output requires grad) per denoiser call."""
     cond = family.encode(m, prompts, height=size, width=size)
-    uncond = family.encode(m, [""] * len(prompts), height=size, width=size) if negative else None
+    uncond = family.encode(m, [""] * len(prompts), height=size, width=size,
+                           zero=m.force_zeros_for_empty_prompt) if negative else None
     x = family.initial_latents(m, len(prompts), size, size, torch.Generator().manual_seed(seed), "cpu")
     plan = family.schedule(m, steps, size, size, "cpu")
     handle = None
     if calls is not None:
         handle = m.denoiser.register_forward_hook(lambda mod, args, kwargs, out: calls.append(
-            (((args[0] if args else kwargs.get("hidden_states", kwargs.get("sample")))).shape[0],
-             (out[0] if isinstance(out, tuple) else out.sample).requires_grad)), with_kwargs=True)
+            (rows_of(args, kwargs), (out[0] if isinstance(out, tuple) else out.sample).requires_grad)),
+            with_kwargs=True)
     try:
         for i, t in enumerate(plan.timesteps):
             with torch.set_grad_enabled(i >= steps - grad_steps):

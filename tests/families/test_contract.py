@@ -12,8 +12,18 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from tests.families.common import PROMPTS, SEED, STEPS, index_of, pipeline, pipeline_images, randomize_lora, sample_loop
-from tests.fnf_tiny_models import one_torch_thread, tiny_config  # noqa: F401
+from tests.families.common import (
+                                   PROMPTS,
+                                   SEED,
+                                   STEPS,
+                                   index_of,
+                                   pipeline,
+                                   pipeline_images,
+                                   randomize_lora,
+                                   rows_of,
+                                   sample_loop,
+)
+from tests.fnf_tiny_models import cached_model, one_torch_thread, tiny_config  # noqa: F401
 from tests.tiny_flux import cached_flux
 from tests.tiny_flux2 import cached_flux2, have_flux2
 from tests.tiny_sd3 import cached_sd3
@@ -21,7 +31,7 @@ from tests.tiny_sd3 import cached_sd3
 from fnf import cli, preflight, sampling
 from fnf.config import ConfigError
 from fnf.core import LORA_WEIGHTS, ModelLoadError
-from fnf.encoding import encode_prompts
+from fnf.encoding import encode_negative, encode_prompts
 from fnf.families.registry import family_by_name, load_model
 from fnf.lora import add_lora, load_lora, lora_state_dict, save_lora
 from fnf.train import Session, train
@@ -41,8 +51,10 @@ class Row:
     targeted: object                # default LoRA targets: names -> bool
     export_targets: tuple           # LoRA targets of the export round trip
     export_names: tuple             # parameter names those targets must create
-    bad_size: tuple                 # (height, width) initial_latents refuses
+    bad_size: tuple | None          # (height, width) initial_latents refuses (None: the UNets round any size)
     broken: tuple                   # (component left out of a copied folder, the error's match)
+    flow: bool = True               # flow-matching Euler: eta, steps=0, a non-flow scheduler and str prompts refused
+    sepen: bool = False             # Separate-and-Enhance supported (else refused: joint attention)
     randomize: str = "lora_B"       # which LoRA tensors get random values
     resume_train: dict = field(default_factory=dict)
     model: dict = field(default_factory=dict)
@@ -51,10 +63,18 @@ class Row:
         return self.family
 
 
+SD, SDXL = family_by_name("sd"), family_by_name("sdxl")
 SD3 = family_by_name("sd3")
 FLUX = family_by_name("flux")
 FLUX2 = family_by_name("flux2")
+UNET_TARGETS = SD.lora_targets
 ROWS = [
+    Row("sd", lambda root: cached_model("sd", root), "StableDiffusionPipeline", 3.0, 2, True,
+        lambda t: any(n.endswith("attn2.to_k") for n in t) and all(n.endswith(UNET_TARGETS) for n in t),
+        UNET_TARGETS, ("attn1.to_q.lora_A",), None, ("unet", "'unet'"), flow=False, sepen=True),
+    Row("sdxl", lambda root: cached_model("sdxl", root), "StableDiffusionXLPipeline", 3.0, 2, True,
+        lambda t: any(n.endswith("attn2.to_k") for n in t) and all(n.endswith(UNET_TARGETS) for n in t),
+        UNET_TARGETS, ("attn1.to_q.lora_A",), None, ("text_encoder_2", "text_encoder_2"), flow=False, sepen=True),
     Row("sd3", cached_sd3, "StableDiffusion3Pipeline", 3.0, 2, True,
         lambda t: any(n.endswith("attn2.to_q") for n in t) and not any(n.endswith(("add_q_proj", "to_add_out"))
                                                                          for n in t),
@@ -105,11 +125,10 @@ def test_generic_sampler_and_load_model_equal_pipeline(row, folder):
     m = load_model(folder)
     assert m.family.name == row.family and m.kind == row.family
     cond = encode_prompts(m, PROMPTS, height=SIZE, width=SIZE)
-    uncond = encode_prompts(m, [""] * len(PROMPTS), height=SIZE, width=SIZE)
+    uncond = encode_negative(m, "", len(PROMPTS), height=SIZE, width=SIZE)
     x_T = sampling.initial_latents(m, len(PROMPTS), SIZE, SIZE, torch.Generator().manual_seed(SEED), "cpu")
     calls = []
-    hook = m.denoiser.register_forward_hook(lambda mod, a, kw, out: calls.append(kw["hidden_states"].shape[0]),
-                                           with_kwargs=True)
+    hook = m.denoiser.register_forward_hook(lambda mod, a, kw, out: calls.append(rows_of(a, kw)), with_kwargs=True)
     try:
         ours = sampling.sample_images(m, x_T, cond, uncond, steps=STEPS, guidance_scale=row.guidance, height=SIZE,
                                       width=SIZE)
@@ -216,19 +235,24 @@ def test_exported_lora_loads_in_pipeline_and_reproduces(row, folder, tmp_path):
 def test_clear_errors(row, folder, tmp_path):
     m = load_model(folder)
     family = m.family
-    bad_h, bad_w = row.bad_size
-    with pytest.raises(ValueError, match="height"):
-        family.initial_latents(m, 1, bad_h, SIZE, torch.Generator(), "cpu")
-    with pytest.raises(ValueError, match="width"):
-        family.initial_latents(m, 1, SIZE, bad_w, torch.Generator(), "cpu")
-    with pytest.raises(ValueError, match="steps"):
-        family.schedule(m, 0, SIZE, SIZE, "cpu")
-    x = family.initial_latents(m, 1, SIZE, SIZE, torch.Generator(), "cpu")
-    plan = family.schedule(m, STEPS, SIZE, SIZE, "cpu")
-    with pytest.raises(ValueError, match="eta"):
-        family.step(m, plan, 0, x, x, eta=0.5)
-    with pytest.raises(TypeError, match="prompts"):
-        family.encode(m, "a cat", height=SIZE, width=SIZE)
+    if row.bad_size is not None:
+        bad_h, bad_w = row.bad_size
+        with pytest.raises(ValueError, match="height"):
+            family.initial_latents(m, 1, bad_h, SIZE, torch.Generator(), "cpu")
+        with pytest.raises(ValueError, match="width"):
+            family.initial_latents(m, 1, SIZE, bad_w, torch.Generator(), "cpu")
+    if row.flow:
+        with pytest.raises(ValueError, match="steps"):
+            family.schedule(m, 0, SIZE, SIZE, "cpu")
+        x = family.initial_latents(m, 1, SIZE, SIZE, torch.Generator(), "cpu")
+        plan = family.schedule(m, STEPS, SIZE, SIZE, "cpu")
+        with pytest.raises(ValueError, match="eta"):
+            family.step(m, plan, 0, x, x, eta=0.5)
+        with pytest.raises(TypeError, match="prompts"):
+            family.encode(m, "a cat", height=SIZE, width=SIZE)
+        with pytest.raises(ModelLoadError, match="FlowMatchEulerDiscreteScheduler"):
+            family.load(folder, dict(index_of(folder), scheduler=["diffusers", "DDIMScheduler"]),
+                        weight_dtype=torch.float32)
     with pytest.raises(ValueError, match="weight_dtype"):
         family.load(folder, index_of(folder), weight_dtype="fp64")
     with pytest.raises(FileNotFoundError, match="LoRA folder"):
@@ -238,14 +262,11 @@ def test_clear_errors(row, folder, tmp_path):
     shutil.copytree(folder, broken, ignore=shutil.ignore_patterns(left_out))
     with pytest.raises(ModelLoadError, match=match):
         load_model(str(broken))
-    with pytest.raises(ModelLoadError, match="FlowMatchEulerDiscreteScheduler"):
-        family.load(folder, dict(index_of(folder), scheduler=["diffusers", "DDIMScheduler"]),
-                    weight_dtype=torch.float32)
 
 
 def test_session_optimizer_step_and_sepen_refused(row, folder, tmp_path):
     """One trainer step (Focus-N-Fix objective, brightness reward, T=4, K=2): finite, applied, only LoRA moves;
-    Separate-and-Enhance is refused with a reason (joint attention)."""
+    Separate-and-Enhance passes preflight where the family supports it, else is refused (joint attention)."""
     print("seed", SEED)
     cfg = _config(row, folder, str(tmp_path / "run"))
     s = Session(cfg)
@@ -258,8 +279,11 @@ def test_session_optimizer_step_and_sepen_refused(row, folder, tmp_path):
     moved = {n for n, p in s.model.denoiser.named_parameters() if not torch.equal(p.detach(), before[n])}
     assert moved and all("lora_" in n for n in moved), sorted(moved)[:3]
     cfg.objective.name = "sepen"
-    with pytest.raises(ConfigError, match="joint attention"):
+    if row.sepen:
         preflight.check_objective(cfg)
+    else:
+        with pytest.raises(ConfigError, match="joint attention"):
+            preflight.check_objective(cfg)
 
 
 def test_resume_is_exact(row, folder, tmp_path):
