@@ -149,3 +149,36 @@ def test_setup_floors_are_what_the_floor_check_installs():
     assert {"torch", "triton", "numpy", "diffusers", "transformers", "peft", "accelerate"} <= floors.keys(), floors
     assert floors == pins, {"setup.py only": floors.keys() - pins.keys(), "floors.txt only": pins.keys() - floors.keys(),
                             "differ": {k: (floors[k], pins[k]) for k in floors.keys() & pins.keys() if floors[k] != pins[k]}}
+
+
+def test_gpu_proof_script_parses_and_its_summary_gives_verdicts(tmp_path):
+    """benchmarks/gpu_proof.sh is valid bash; gpu_proof_summary.py turns its step records and a JUnit file into the
+    stage verdict (a failed test fails the stage; a step cut off by the budget makes it incomplete, not failed)."""
+    import json
+    import sys
+
+    script = os.path.join(ROOT, "benchmarks", "gpu_proof.sh")
+    assert subprocess.run(["bash", "-n", script], capture_output=True, text=True).returncode == 0
+    steps = tmp_path / "s.tsv"
+    steps.write_text("build\t12\t0\tb.log\ntests: kernels and not slow\t30\t0\ta.log\ntests: slow\t5\t124\tc.log\n")
+    junit = tmp_path / "kernels-test.xml"
+    cases = ('<testcase classname="tests.test_x" name="test_a" time="1.0"/>'
+             '<testcase classname="tests.test_x" name="test_b" time="0.1"><skipped message="no cuda"/></testcase>')
+    junit.write_text(f'<testsuites><testsuite name="pytest" time="1.1">{cases}</testsuite></testsuites>')
+
+    def summary(xml_text):
+        junit.write_text(xml_text)
+        out = tmp_path / "sum.json"
+        result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_proof_summary.py"),
+                                 "--stage", "kernels-test", "--device", "cpu", "--steps", str(steps), "--budget", "540",
+                                 "--seconds", "47", "--junit", str(junit), str(tmp_path / "missing.xml"),
+                                 "--out", str(out)], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        return json.loads(out.read_text())
+
+    s = summary(f'<testsuites><testsuite name="pytest" time="1.1">{cases}</testsuite></testsuites>')
+    assert s["verdict"] == "incomplete" and [x["verdict"] for x in s["steps"]] == ["ok", "ok", "incomplete"]
+    assert (s["tests"][0]["passed"], s["tests"][0]["skipped"], s["tests"][0]["failed"]) == (1, 1, 0)
+    failing = cases + '<testcase classname="tests.test_x" name="test_c" time="0.2"><failure message="no"/></testcase>'
+    s = summary(f'<testsuites><testsuite name="pytest" time="1.3">{failing}</testsuite></testsuites>')
+    assert s["verdict"] == "failed" and s["tests"][0]["failures"][0]["test"] == "tests.test_x::test_c"
