@@ -28,7 +28,7 @@ from tests.tiny_flux import cached_flux
 from tests.tiny_flux2 import cached_flux2, have_flux2
 from tests.tiny_sd3 import cached_sd3
 
-from fnf import cli, preflight, sampling
+from fnf import cli, config, preflight, sampling
 from fnf.config import ConfigError
 from fnf.core import LORA_WEIGHTS, ModelLoadError
 from fnf.encoding import encode_negative, encode_prompts
@@ -38,6 +38,7 @@ from fnf.train import Session, train
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SIZE = 32   # every tiny folder's native size
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class Row:
     flow: bool = True               # flow-matching Euler: eta, steps=0, a non-flow scheduler and str prompts refused
     sepen: bool = False             # Separate-and-Enhance supported (else refused: joint attention)
     randomize: str = "lora_B"       # which LoRA tensors get random values
+    shipped: tuple | None = None    # (configs/ file, {section.key: value}) of the family's shipped config
     resume_train: dict = field(default_factory=dict)
     model: dict = field(default_factory=dict)
 
@@ -79,18 +81,24 @@ ROWS = [
         lambda t: any(n.endswith("attn2.to_q") for n in t) and not any(n.endswith(("add_q_proj", "to_add_out"))
                                                                          for n in t),
         SD3.joint_lora_targets, ("add_q_proj.lora_A",), (30, 33), ("transformer", "'transformer'"),
-        randomize="lora_", resume_train={"grad_accum": 2}),
+        randomize="lora_", resume_train={"grad_accum": 2},
+        shipped=("sd35_medium_focus_n_fix.yaml", {"sampling.height": 1024, "sampling.width": 1024,
+                                                  "sampling.truncation_k": 2})),
     Row("flux", cached_flux, "FluxPipeline", 3.5, 1, False,
         lambda t: any(n.startswith("single_transformer_blocks.0.attn.to_q") for n in t)
         and not any(n.endswith(("add_q_proj", "to_add_out", "proj_mlp")) for n in t),
         FLUX.lora_targets + FLUX.lora_targets_text + FLUX.lora_targets_single, ("add_q_proj.lora_A",), (2, 32.0),
-        ("text_encoder_2", "T5")),
+        ("text_encoder_2", "T5"),
+        shipped=("flux1_dev_focus_n_fix.yaml", {"sampling.height": 1024, "sampling.width": 1024,
+                                                "sampling.guidance_scale": 3.5})),
     Row("flux2", cached_flux2, "Flux2Pipeline", 4.0, 1, False,
         lambda t: "transformer_blocks.0.attn.to_out.0" in t
         and not any(n.startswith("single_transformer_blocks") or "add_" in n for n in t),
         FLUX2.lora_targets + FLUX2.lora_targets_text + FLUX2.lora_targets_single + FLUX2.lora_targets_ff,
         ("add_q_proj.lora_A", "to_qkv_mlp_proj.lora_A", "ff_context.linear_in.lora_A"), (2, 32.0),
-        ("text_encoder", "text_encoder"), resume_train={"prompts": [PROMPTS[0]]}, model={"kind": "flux2"}),
+        ("text_encoder", "text_encoder"), resume_train={"prompts": [PROMPTS[0]]}, model={"kind": "flux2"},
+        shipped=("flux2_dev_focus_n_fix.yaml", {"sampling.height": 1024, "sampling.width": 1024,
+                                                "sampling.guidance_scale": 4.0, "sampling.truncation_k": 1})),
 ]
 PARAMS = [pytest.param(r, id=r.family, marks=pytest.mark.skipif(
     r.family == "flux2" and not have_flux2(), reason="the installed diffusers has no Flux2Pipeline (0.34 floor)"))
@@ -302,3 +310,22 @@ def test_resume_is_exact(row, folder, tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert resumed.history[0]["loss"] == full.history[2]["loss"]
+
+
+def test_shipped_config_validates_on_the_tiny_folder(row, folder):
+    """The family's shipped config has its documented values and default LoRA targets, validates on the tiny
+    folder, preflight names the family; Separate-and-Enhance is refused with a reason (joint attention)."""
+    if row.shipped is None:
+        pytest.skip(f"no shipped config for {row.family} (tests/test_configs.py checks every shipped config)")
+    name, expected = row.shipped
+    cfg = config.load(os.path.join(ROOT, "configs", name))
+    for key, value in expected.items():
+        section, field_name = key.split(".")
+        assert getattr(getattr(cfg, section), field_name) == value, key
+    assert list(cfg.lora.target_modules) == list(family_by_name(row.family).lora_targets)
+    cfg.model.path = folder
+    config.validate(cfg)
+    assert preflight.check_model_folder(folder) == row.family
+    cfg.objective.name = "sepen"
+    with pytest.raises(ConfigError, match="joint attention"):
+        preflight.check_objective(cfg)

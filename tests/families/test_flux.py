@@ -1,9 +1,7 @@
 """What only the FLUX.1 family has (tiny FluxPipeline folders, dev-shaped and schnell-shaped): 2x2 packing, the
-guidance embedding that never doubles the batch, true CFG without one, its own errors, the shipped config. The
+guidance embedding that never doubles the batch, true CFG without one, its own errors. The
 shared family contract is tests/families/test_contract.py."""
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
@@ -16,7 +14,6 @@ from fnf.families import family_for_index
 from fnf.families.flux import FluxFamily, pack_latents, unpack_latents
 
 GUIDANCE = 3.5
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FAMILY = FluxFamily()
 
 
@@ -93,25 +90,6 @@ def test_true_cfg_sample_equals_pipeline(schnell):
     ref_plain = _pipeline_images(pipe, guidance=0.0)
     assert (plain - ref_plain).abs().max() < 1e-4
     assert (ours - plain).abs().max() > 1e-3
-
-
-def test_shipped_config_and_preflight(folder):
-    """configs/flux1_dev_focus_n_fix.yaml validates on the tiny FLUX folder; preflight names the family; the
-    Separate-and-Enhance objective is refused with a reason (joint attention)."""
-    from fnf import config, preflight
-    from fnf.config import ConfigError
-
-    cfg = config.load(os.path.join(ROOT, "configs",
-                                   "flux1_dev_focus_n_fix.yaml"))
-    assert (cfg.sampling.height, cfg.sampling.width, cfg.sampling.guidance_scale) == (1024, 1024, 3.5)
-    assert list(cfg.lora.target_modules) == list(FAMILY.lora_targets)
-    cfg.model.path = folder
-    config.validate(cfg)
-    assert preflight.check_model_folder(folder) == "flux"
-    cfg.objective.name = "sepen"
-    with pytest.raises(ConfigError, match="joint attention"):
-        preflight.check_objective(cfg)
-
 
 
 def test_clear_errors_of_packed_latents(folder):

@@ -1,9 +1,7 @@
 """What only the SD3 / SD3.5 family has (tiny StableDiffusion3Pipeline folders): dynamic shifting, the prompt
-encoding against ``encode_prompt``, the folder without T5, the shipped config. The shared family contract (pipeline
-parity, DRaFT-K grads, export, resume, errors) is tests/families/test_contract.py."""
+encoding against ``encode_prompt``, the folder without T5. The shared family contract (pipeline parity, DRaFT-K
+grads, export, resume, errors, the shipped config) is tests/families/test_contract.py."""
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
@@ -16,7 +14,6 @@ from fnf.families import family_for_index
 from fnf.families.sd3 import SD3Family
 
 GUIDANCE = 3.0
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FAMILY = SD3Family()
 
 
@@ -102,22 +99,3 @@ def test_without_t5_equals_pipeline_without_t5(folder, folder_no_t5):
         assert torch.all(cond.hidden[:, 16:] == 0)
         ours, ref = _sample(m), _pipeline_images(_pipeline(path, **no_t5))
         assert (ours - ref).abs().max() < 1e-4, (ours - ref).abs().max()
-
-
-def test_shipped_config_and_preflight(folder):
-    """configs/sd35_medium_focus_n_fix.yaml validates; on the tiny SD3 folder preflight names the family; the
-    Separate-and-Enhance objective is refused with a reason (joint attention)."""
-    from fnf import config, preflight
-    from fnf.config import ConfigError
-
-    cfg = config.load(os.path.join(ROOT, "configs",
-                                   "sd35_medium_focus_n_fix.yaml"))
-    assert (cfg.sampling.height, cfg.sampling.width, cfg.sampling.truncation_k) == (1024, 1024, 2)
-    assert list(cfg.lora.target_modules) == list(FAMILY.lora_targets)
-    cfg.model.path = folder
-    config.validate(cfg)
-    assert preflight.check_model_folder(folder) == "sd3"
-    cfg.objective.name = "sepen"
-    with pytest.raises(ConfigError, match="joint attention"):
-        preflight.check_objective(cfg)
-
