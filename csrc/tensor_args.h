@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <array>
 
+#include "fnf/norm_silu_args.h"
 #include "fnf/penalty_args.h"
 #include "fnf/types.h"
 
@@ -73,6 +74,30 @@ inline void check_penalty_backward_inputs(const at::Tensor& grad, const at::Tens
                    "returns), got ", norms.scalar_type());
   TORCH_CHECK_VALUE(grad.device() == image.device() && norms.device() == image.device(), "grad (on ", grad.device(),
                     ") and norms (on ", norms.device(), ") must be on image's device ", image.device());
+}
+
+// x (N, C, *) as (N, C, S) strides when its spatial dims merge into one stride (contiguous, channels_last and
+// their 3-D kin); ok = false otherwise.
+struct NcsView {
+  Strides3 strides;
+  int64_t spatial;
+  bool ok;
+};
+
+inline NcsView ncs_view(const at::Tensor& x) {
+  NcsView v{{{x.stride(0), x.stride(1), 1}}, 1, true};
+  int64_t expect = -1;
+  for (int64_t d = x.dim() - 1; d >= 2; --d) {
+    v.spatial *= x.size(d);
+    if (x.size(d) == 1) continue;
+    if (expect == -1) {
+      v.strides.s[2] = x.stride(d);
+    } else if (x.stride(d) != expect) {
+      v.ok = false;
+    }
+    expect = x.stride(d) * x.size(d);
+  }
+  return v;
 }
 
 }  // namespace fnf

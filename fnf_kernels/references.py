@@ -217,7 +217,7 @@ def group_norm_silu_reference(x: torch.Tensor, num_groups: int, weight: Optional
     acc = accumulate_dtype(x.dtype)
     n, c = x.shape[:2]
     xa = x.to(acc)
-    grouped = xa.reshape(n, num_groups, -1)
+    grouped = xa.reshape(n, num_groups, (c // num_groups) * math.prod(x.shape[2:]))
     mean = grouped.mean(dim=2, keepdim=True)
     var = ((grouped - mean) ** 2).mean(dim=2, keepdim=True)
     y = ((grouped - mean) / torch.sqrt(var + eps)).reshape(x.shape)

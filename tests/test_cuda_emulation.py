@@ -78,6 +78,7 @@ def build(csrc: str = os.path.join(ROOT, "csrc"), defines: tuple = ()) -> str:
     includes = ["-I", os.path.join(EMU, "include"), "-I", os.path.join(csrc, "include")]
     headers = _headers(csrc)
     sources = [os.path.join(csrc, "cuda", "penalty.cu"), os.path.join(csrc, "cuda", "dilate.cu"),
+               os.path.join(csrc, "cuda", "norm_silu.cu"),
                os.path.join(EMU, "driver.cpp"), os.path.join(EMU, "selftest_kernels.cpp")]
     os.makedirs(CACHE, exist_ok=True)
     objects = []
@@ -161,7 +162,7 @@ def read_tensor(path: str, dtype: torch.dtype) -> torch.Tensor:
 def check_run(done, expect_lines: int):
     out = done.stdout + done.stderr
     assert done.returncode == 0, f"the emulated kernels failed (exit {done.returncode}):\n{out[-8000:]}"
-    results = [line for line in done.stdout.splitlines() if line[:2] in ("P ", "D ")]
+    results = [line for line in done.stdout.splitlines() if line[:2] in ("P ", "D ", "G ")]
     assert len(results) == expect_lines, out[-4000:]
     bad = [line for line in results if not line.endswith(("err=0", "err=0,0"))]
     assert not bad, f"launch errors: {bad}"
@@ -311,6 +312,83 @@ def run_dilation(exe, cases, dtype, folder, env=None):
     return done
 
 
+def norm_cases(dtype, gen):
+    """(name, x, groups, weight, bias, silu): odd sizes, chunk tails, one group, C groups, layouts, a large mean."""
+    acc = ref.accumulate_dtype(dtype)
+
+    def affine(c):
+        return (torch.randn(c, generator=gen, dtype=torch.float64).to(acc),
+                torch.randn(c, generator=gen, dtype=torch.float64).to(acc))
+
+    cases = [("tiny", _fill((1, 4, 3, 5), dtype, gen), 2, *affine(4), True)]
+    x = _fill((2, 6, 37, 61), dtype, gen).contiguous(memory_format=torch.channels_last)  # 2257: 3 chunks per plane
+    cases.append(("channels_last", x, 3, *affine(6), True))
+    cases.append(("c_groups_plain", _fill((2, 5, 9, 11), dtype, gen), 5, None, None, False))
+    cases.append(("one_group", _fill((1, 7, 33, 40), dtype, gen), 1, affine(7)[0], None, True))
+    offset = (_fill((2, 4, 20, 3), torch.float64, gen) * 0.5 + 8).to(dtype)  # mean >> std: Chan's merge
+    cases.append(("offset", offset, 2, None, affine(4)[1], True))
+    cases.append(("three_d", _fill((3, 12, 70), dtype, gen), 4, *affine(12), True))
+    return cases
+
+
+def _ncs(t: torch.Tensor) -> torch.Tensor:
+    """t (N, C, *) as an (N, C, S) view of its storage (spatial dims that merge, as the bindings require)."""
+    s = t[0, 0].numel() if t.shape[0] and t.shape[1] else 0
+    ss = t.stride(-1) if t.dim() > 2 else 1
+    return t.as_strided((t.shape[0], t.shape[1], s), (t.stride(0), t.stride(1), ss), t.storage_offset())
+
+
+def run_norm(exe, cases, dtype, folder, gen):
+    """Runs every case through group_norm_silu_forward/backward; compares with autograd of the float64 reference."""
+    lines, expected = [], []
+    acc = ref.accumulate_dtype(dtype)
+    for name, x, groups, w, b, silu in cases:
+        grad = _fill(x.shape, dtype, gen).contiguous(memory_format=torch.channels_last) if x.dim() == 4 and \
+            x.stride(1) == 1 else _fill(x.shape, dtype, gen)
+        out = torch.empty_like(x)
+        wpath = write_tensor(w, folder, name + "_w") if w is not None else "-"
+        bpath = write_tensor(b, folder, name + "_b") if b is not None else "-"
+        lines.append(" ".join(["G", str(DTYPE_CODE[dtype]), os.path.join(folder, name),
+                               storage_spec(_ncs(x), folder, name + "_x"), str(groups), "1e-5", str(int(silu)), wpath,
+                               bpath, storage_spec(_ncs(grad), folder, name + "_g"),
+                               str(out.numel()), *map(str, _ncs(out).stride()), str(out.numel()),
+                               *map(str, _ncs(out).stride())]))
+        xd = x.double().requires_grad_()
+        wd = w.double().requires_grad_() if w is not None else None
+        bd = b.double().requires_grad_() if b is not None else None
+        want = ref.group_norm_silu_reference(xd, groups, wd, bd, 1e-5, silu)
+        leaves = [t for t in (xd, wd, bd) if t is not None]
+        grads = torch.autograd.grad(want, leaves, grad.double())
+        g = xd.detach().reshape(x.shape[0], groups, -1)
+        expected.append((name, x, out, want.detach(), grads, w is not None, b is not None, g.mean(2),
+                         g.var(2, correction=0)))
+    done = run(exe, "\n".join(lines) + "\n", folder)
+    check_run(done, len(cases))
+    tol = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float64: 1e-13}[dtype]
+
+    def close(name, what, got, want, scale):
+        err = float((got.double() - want).abs().max()) / max(float(want.abs().max()), 1e-30)
+        assert err <= scale * tol, f"{name} {what} ({dtype}): relative error {err:.3g} > {scale * tol:.3g}"
+
+    for name, x, out, want, grads, has_w, has_b, mean, var in expected:
+        got = read_tensor(os.path.join(folder, name + ".out"), dtype).as_strided(out.shape, out.stride())
+        close(name, "out", got, want, 4)
+        close(name, "mean", read_tensor(os.path.join(folder, name + ".mean"), acc).view(mean.shape), mean, 1)
+        rstd = read_tensor(os.path.join(folder, name + ".rstd"), acc).view(var.shape)
+        close(name, "rstd", rstd, torch.rsqrt(var + 1e-5), 4)
+        dx = read_tensor(os.path.join(folder, name + ".dx"), dtype).as_strided(out.shape, out.stride())
+        close(name, "dx", dx, grads[0], 8)
+        k = 1
+        if has_w:
+            close(name, "dweight", read_tensor(os.path.join(folder, name + ".sdyx"), acc).view(x.shape[:2]).sum(0),
+                  grads[k], 8)
+            k += 1
+        if has_b:
+            close(name, "dbias", read_tensor(os.path.join(folder, name + ".sdy"), acc).view(x.shape[:2]).sum(0),
+                  grads[k], 8)
+    return done
+
+
 def generator(label: str) -> torch.Generator:
     seed = SEED + int(hashlib.sha256(label.encode()).hexdigest()[:6], 16)
     print(f"{label}: seed {seed}")
@@ -399,6 +477,12 @@ def test_grid_striding_paths(driver_small_grid, tmp_path, dtype):
     done = run_dilation(driver_small_grid, striding_dilation_cases(dtype, gen), dtype, str(tmp_path), env)
     launches = re.findall(r"launch (\w+)<.*?grid \((\d+),(\d+),1\)", done.stderr)
     assert ("column_kernel", "2", "3") in launches and ("row_kernel", "48", "1") in launches, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+def test_group_norm_silu_kernels_match_float64_reference(driver, tmp_path, dtype):
+    gen = generator(f"group_norm_silu-{dtype}")
+    run_norm(driver, norm_cases(dtype, gen), dtype, str(tmp_path), gen)
 
 
 def test_empty_inputs_launch_nothing(driver, tmp_path):

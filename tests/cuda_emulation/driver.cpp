@@ -5,9 +5,12 @@
 //   P dtype name  image ref mask (4-D specs)  coef_path  grad_numel grad_offset gs0 gs1 gs2 gs3
 //   D in_dtype out_dtype name  heatmap (3-D spec)  threshold_path radius disk
 //   C n in_path name        float32 -> half / bfloat16 bits, and all 65536 bit patterns -> float32
+//   G dtype name  x (3-D spec: N C S)  groups eps silu  weight_path|-  bias_path|-  grad (3-D spec)
+//     out_numel os0 os1 os2  dx_numel ds0 ds1 ds2      group_norm_silu forward and backward
 //   T test_name             an emulator self-test (selftest_kernels.cpp)
 // A 4-D spec is: path numel offset n0 n1 n2 n3 s0 s1 s2 s3; a 3-D spec: path numel offset n0 n1 n2 s0 s1 s2.
-// Outputs: name.partials, name.grad (penalty), name.out (dilation), name.half/.bf16/.half2f/.bf162f.
+// Outputs: name.partials, name.grad (penalty), name.out (dilation), name.half/.bf16/.half2f/.bf162f,
+// name.out / .mean / .rstd / .sdyx / .sdy / .dx (group_norm_silu; statistics in the accumulate dtype).
 #include <cuda_runtime.h>
 
 #include <cstdio>
@@ -162,6 +165,59 @@ void dilate(std::istringstream& in) {
   std::printf("D %s err=%d\n", name.c_str(), int(e));
 }
 
+void group_norm(std::istringstream& in) {
+  const DType dt = read_dtype(in);
+  std::string name, wpath, bpath;
+  in >> name;
+  const Spec sx = read_spec(in, 3);
+  int64_t groups = 0;
+  double eps = 0;
+  int silu = 0;
+  in >> groups >> eps >> silu >> wpath >> bpath;
+  const Spec sg = read_spec(in, 3);
+  int64_t out_numel = 0, dx_numel = 0;
+  fnf::Strides3 os{}, ds{}, gs{};
+  in >> out_numel >> os.s[0] >> os.s[1] >> os.s[2] >> dx_numel >> ds.s[0] >> ds.s[1] >> ds.s[2];
+  if (!in) die("bad G line");
+  const size_t es = element_size(dt), as = acc_size(dt);
+  const int64_t N = sx.dims.size[0], C = sx.dims.size[1], S = sx.dims.size[2];
+  Buffer x(size_t(sx.numel) * es, 0), grad(size_t(sg.numel) * es, 0);
+  read_file(sx.path, x);
+  read_file(sg.path, grad);
+  Buffer w(wpath == "-" ? 0 : size_t(C) * as, 0), b(bpath == "-" ? 0 : size_t(C) * as, 0);
+  if (wpath != "-") read_file(wpath, w);
+  if (bpath != "-") read_file(bpath, b);
+  fnf::NormSiluArgs a;
+  a.x = x.data + sx.offset * int64_t(es);
+  a.dtype = dt;
+  a.batch = N;
+  a.channels = C;
+  a.spatial = S;
+  a.groups = groups;
+  for (int i = 0; i < 3; ++i) a.stride[i] = sx.dims.stride[i], gs.s[i] = sg.dims.stride[i];
+  a.weight = wpath == "-" ? nullptr : w.data;
+  a.bias = bpath == "-" ? nullptr : b.data;
+  a.eps = eps;
+  a.silu = silu != 0;
+  const int64_t k = fnf::norm_chunks(a);
+  const size_t parts = size_t(N * C * k) * as, stats = size_t(N * groups) * as;
+  Buffer pm(parts, 0xff), pv(parts, 0xff), mean(stats, 0xff), rstd(stats, 0xff), out(size_t(out_numel) * es, 0xff);
+  const cudaError_t e1 = fnf::cuda::group_norm_silu_forward(a, pm.data, pv.data, mean.data, rstd.data, out.data, os,
+                                                            nullptr);
+  Buffer p1(parts, 0xff), p2(parts, 0xff), sdyx(size_t(N * C) * as, 0xff), sdy(size_t(N * C) * as, 0xff);
+  Buffer coef(size_t(2 * N * groups) * as, 0xff), dx(size_t(dx_numel) * es, 0xff);
+  const cudaError_t e2 = fnf::cuda::group_norm_silu_backward(a, grad.data + sg.offset * int64_t(es), gs, mean.data,
+                                                             rstd.data, p1.data, p2.data, sdyx.data, sdy.data,
+                                                             coef.data, dx.data, ds, nullptr);
+  write_file(name + ".out", out.data, out.bytes);
+  write_file(name + ".mean", mean.data, mean.bytes);
+  write_file(name + ".rstd", rstd.data, rstd.bytes);
+  write_file(name + ".sdyx", sdyx.data, sdyx.bytes);
+  write_file(name + ".sdy", sdy.data, sdy.bytes);
+  write_file(name + ".dx", dx.data, dx.bytes);
+  std::printf("G %s chunks=%lld err=%d,%d\n", name.c_str(), (long long)k, int(e1), int(e2));
+}
+
 void conversions(std::istringstream& in) {
   int64_t n = 0;
   std::string path, name;
@@ -205,6 +261,7 @@ int main(int argc, char** argv) {
     if (cmd == "P") penalty(in);
     else if (cmd == "D") dilate(in);
     else if (cmd == "C") conversions(in);
+    else if (cmd == "G") group_norm(in);
     else if (cmd == "T") {
       std::string name;
       in >> name;

@@ -3,6 +3,7 @@
 #pragma once
 #include <cuda_runtime_api.h>
 
+#include "fnf/norm_silu_args.h"
 #include "fnf/types.h"
 
 namespace fnf {
@@ -27,6 +28,18 @@ cudaError_t penalty_backward(const PenaltyArgs& a, const View4& grad_view, bool 
 // Two-pass threshold + dilation (see dilate_core.h); a.scratch holds B * H * W uint32. Any batch size (the
 // kernels stride over gridDim); an empty heatmap launches nothing and returns cudaSuccess.
 cudaError_t threshold_dilate(const DilateArgs& a, cudaStream_t stream);
+
+// group_norm_silu forward: part_mean / part_m2 hold N * C * norm_chunks(a) accumulate-dtype values (float; double
+// for F64), mean / rstd N * G; out is written through out_strides. An empty x launches nothing.
+cudaError_t group_norm_silu_forward(const NormSiluArgs& a, void* part_mean, void* part_m2, void* mean, void* rstd,
+                                    void* out, const Strides3& out_strides, cudaStream_t stream);
+
+// group_norm_silu backward: part_dyx / part_dy N * C * norm_chunks(a); sum_dyx / sum_dy (N, C) sums of dy * xhat
+// and dy (dweight and dbias are their sums over N); coef 2 * N * G; dx (null: not needed) through dx_strides.
+cudaError_t group_norm_silu_backward(const NormSiluArgs& a, const void* grad, const Strides3& grad_strides,
+                                     const void* mean, const void* rstd, void* part_dyx, void* part_dy, void* sum_dyx,
+                                     void* sum_dy, void* coef, void* dx, const Strides3& dx_strides,
+                                     cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fnf
