@@ -5,6 +5,7 @@ The names below are the public Python API, what other trainers and scripts impor
 lists them). They stay here when internal modules move; everything else is internal. fnf uses
 :mod:`fnf_kernels` only through its public API.
 """
+from . import train  # the trainer package: fnf.train.train(cfg) -> fnf.train.TrainResult
 from .config import Config, ConfigError
 from .config import load as load_config
 from .core import DiffusionModel, ModelLoadError, PromptEmbeds, SpecError
@@ -15,7 +16,6 @@ from .lora import adapters_disabled, add_lora, load_lora, save_lora
 from .objectives.penalty import focus_n_fix_loss, region_penalty
 from .rewards import build_reward, score
 from .sampling import decode, draft_k, draft_lv, initial_latents, run_steps, sample_images, schedule
-from .train import TrainResult, train
 
 __version__ = "0.1.0"
 
@@ -30,6 +30,6 @@ __all__ = [
     "GradCAM", "SpecError", "build_localizer", "build_reward", "heatmap_to_mask", "score",
     # the objectives' losses
     "focus_n_fix_loss", "region_penalty",
-    # training
-    "Config", "ConfigError", "TrainResult", "load_config", "train",
+    # training (the package: fnf.train.train(cfg), fnf.train.TrainResult)
+    "Config", "ConfigError", "load_config", "train",
 ]
