@@ -225,11 +225,9 @@ def float64_session(cfg) -> "object":
     float32 (``.float()`` on I0, I and the rewards in fnf/objectives/, fnf/rewards.py:score), so two paths through
     a float64 session agree to a few float32 ulps of the loss inputs, not to float64 rounding."""
     from fnf import core as models
-    from fnf.train import Session
+    from fnf.train import trainer
 
-    import fnf.train.trainer
-
-    load = fnf.train.trainer.load_model
+    load = trainer.load_model
 
     def load_float64(*args, **kwargs):  # text encoders back to float32 (see to_float64)
         model = load(*args, **kwargs)
@@ -239,17 +237,18 @@ def float64_session(cfg) -> "object":
 
     before = models.DTYPES["fp32"]
     models.DTYPES["fp32"] = torch.float64
-    fnf.train.trainer.load_model = load_float64
+    trainer.load_model = load_float64
     try:
-        session = Session(cfg)
+        session = trainer.Session(cfg)
     finally:
         models.DTYPES["fp32"] = before
-        fnf.train.trainer.load_model = load
+        trainer.load_model = load
     for p in session.params:
         p.data = p.data.double()
     sched = session.model.scheduler
-    sched.alphas_cumprod = sched.alphas_cumprod.double()
-    sched.final_alpha_cumprod = torch.as_tensor(sched.final_alpha_cumprod).double()
+    if hasattr(sched, "alphas_cumprod"):   # DDIM; the flow families' Euler step upcasts to float32 and back
+        sched.alphas_cumprod = sched.alphas_cumprod.double()
+        sched.final_alpha_cumprod = torch.as_tensor(sched.final_alpha_cumprod).double()
     return session
 
 

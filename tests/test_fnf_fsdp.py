@@ -230,33 +230,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _float64_flow_session(cfg):
-    """A Session whose denoiser and VAE are float64 (flow families: no DDIM schedule to cast; the Euler step
-    upcasts to float32 and back, as the scheduler does). Text encoders stay float32, as in float64_session."""
-    import fnf.train.trainer
-    from fnf import core as models
-
-    load = fnf.train.trainer.load_model
-
-    def load_float64(*args, **kwargs):
-        model = load(*args, **kwargs)
-        for encoder in model.text_encoders:
-            encoder.float()
-        return model
-
-    before = models.DTYPES["fp32"]
-    models.DTYPES["fp32"] = torch.float64
-    fnf.train.trainer.load_model = load_float64
-    try:
-        session = fnf.train.Session(cfg)
-    finally:
-        models.DTYPES["fp32"] = before
-        fnf.train.trainer.load_model = load
-    for p in session.params:
-        p.data = p.data.double()
-    return session
-
-
 def _parity_session(kind: str, folder: str, out: str):
     """float64, batch 1 per process; FLUX with the denoiser's gradient checkpointing (FSDP + recompute)."""
     from fnf_tiny_models import float64_session, randomize_lora_B
@@ -264,9 +237,9 @@ def _parity_session(kind: str, folder: str, out: str):
     if kind == "sd":
         session = float64_session(tiny_config(folder, out, train={"batch_size": 1, "device": "cpu"}))
     else:
-        session = _float64_flow_session(tiny_config(folder, out, train={"batch_size": 1, "device": "cpu"},
-                                                    sampling={"height": FLUX_SIZE, "width": FLUX_SIZE},
-                                                    memory={"denoiser_checkpointing": True}))
+        session = float64_session(tiny_config(folder, out, train={"batch_size": 1, "device": "cpu"},
+                                              sampling={"height": FLUX_SIZE, "width": FLUX_SIZE},
+                                              memory={"denoiser_checkpointing": True}))
     randomize_lora_B(session.model.denoiser, seed=0, std=0.05)  # the same on every process
     return session
 

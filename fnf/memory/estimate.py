@@ -83,6 +83,16 @@ class _TraceAccelerator:
     def clip_grad_norm_(self, parameters, max_norm):
         return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
 
+    _flag = False
+
+    def set_trigger(self):
+        self._flag = True
+
+    def check_trigger(self):
+        flag = torch.tensor([1.0 if self._flag else 0.0], device=self.device)  # the one device tensor of the check
+        self._flag = False
+        return bool(flag.item() > 0)
+
 
 class CounterProbe:
     """The Session's estimation hook (fnf.objectives.base.NoProbe's interface) backed by a StorageCounter."""

@@ -1,13 +1,15 @@
 """What accelerate does not do for this loop, and why. Everything else in the trainer is accelerate's own API:
-``backward`` (the division by the accumulation steps), ``clip_grad_norm_``, ``reduce`` (the logged stats, the
-any-process flag, the gradient mean below), ``wait_for_everyone``, ``print`` and the trackers.
+``backward`` (the division by the accumulation steps; ``accumulate()`` would only skip DDP's gradient sync, and
+there is no DDP model here), ``clip_grad_norm_``, ``reduce`` (the logged stats, the gradient mean below),
+``set_trigger`` / ``check_trigger`` (a non-finite loss or gradient on any process), ``broadcast``,
+``wait_for_everyone``, ``print`` and the trackers (``log_with``).
 
-* Gradient averaging of the trained parameters. accelerate averages gradients through DDP's wrapper
+* The model wrapper. accelerate broadcasts the parameters and averages the gradients through DDP's wrapper
   (``prepare(model)``), which hooks one forward and one backward of the wrapped module. A step here runs K
   grad-carrying denoiser calls and an adapters-off pass through the same module, and under FSDP2 the LoRA is
-  replicated beside the sharded base (``ignored_params``), outside any wrapper. So the trained gradients go into
-  one flat buffer that ``accelerator.reduce(..., "mean")`` averages (all-reduce SUM, then / processes).
-* The parameter broadcast at the start, which ``prepare(model)`` would do through that same wrapper.
+  replicated beside the sharded base (``ignored_params``), outside any wrapper. So rank 0's trained parameters
+  are broadcast once (accelerate's ``broadcast``), and the trained gradients go into one flat buffer that
+  ``accelerator.reduce(..., "mean")`` averages (all-reduce SUM, then / processes) before clipping.
 * Mixed precision and the fp16 grad scaler. accelerate makes neither an fp16 autocast nor a GradScaler on a CPU
   device (where the tests and the toy demo run), swaps in FSDP's ShardedGradScaler under FSDP, and takes its
   precision from ``accelerate launch`` rather than ``memory.mixed_precision`` (half weights need autocast,

@@ -163,10 +163,10 @@ class Session:
 
     # ------------------------------------------------------------------ across processes
     def any_process(self, flag: bool) -> bool:
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        if self.world > 1:
-            t = self.acc.reduce(t, reduction="max")
-        return bool(t.item() > 0)
+        """Whether ``flag`` holds on any process (accelerate's trigger; every process must call this alike)."""
+        if flag:
+            self.acc.set_trigger()
+        return self.acc.check_trigger()
 
     def mean_over_processes(self, stats: dict) -> dict:
         keys = sorted(stats)

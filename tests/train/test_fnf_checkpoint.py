@@ -246,7 +246,7 @@ def test_resume_of_a_legacy_folder_adopts_a_new_run_id_and_never_prunes_the_lega
 def test_reused_output_folder(sd, tmp_path, monkeypatch, capsys):
     """A second run into a used --out is refused before the model loads (train() and the CLI); --overwrite
     keeps the first run's files byte for byte in previous-*/ and the new run's checkpoints survive pruning."""
-    import fnf.train.trainer as train_mod
+    from fnf.train import trainer as train_mod
 
     out = str(tmp_path / "run")
     extra = dict(train={"steps": 3, "checkpoint_every": 1, "keep_checkpoints": 2})

@@ -253,7 +253,7 @@ def test_reference_pool_precomputes_i0_once_and_resumes_exactly(sd, tmp_path, mo
     step runs only the fine-tuned trajectory, and a resumed run rebuilds the same pool."""
     import fnf.objectives.focus_n_fix as fnf_objective  # runs the trajectories (was fnf.train before issue 14)
     import fnf.reference_pool as pool_mod
-    import fnf.train as train_mod
+    from fnf.train import trainer as train_mod
     from fnf.reference_pool import entry_seed
 
     extra = dict(localize={"spec": "saliency"}, train={"steps": 3, "seeds_per_prompt": 2, "batch_size": 2,

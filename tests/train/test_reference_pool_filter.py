@@ -15,7 +15,7 @@ def sd(tmp_path_factory):
 
 
 def test_pool_reward_below_keeps_the_low_reward_entries_with_their_own_seeds(sd, tmp_path):
-    import fnf.train as train_mod
+    from fnf.train import trainer as train_mod
     from fnf.rewards import build_reward, score
 
     extra = dict(localize={"spec": "saliency"}, train={"seeds_per_prompt": 4, "batch_size": 3})
@@ -40,7 +40,7 @@ def test_pool_reward_below_keeps_the_low_reward_entries_with_their_own_seeds(sd,
 
 
 def test_pool_reward_below_with_no_entry_below_is_refused(sd, tmp_path):
-    import fnf.train as train_mod
+    from fnf.train import trainer as train_mod
 
     cfg = tiny_config(sd, str(tmp_path / "none"), localize={"spec": "saliency"},
                       train={"seeds_per_prompt": 1, "batch_size": 2})
