@@ -35,7 +35,7 @@ PY=${PYTHON:-python3}
 BUDGET=${PROOF_BUDGET:-540}
 START=$(date +%s)
 DEADLINE=$((START + BUDGET))
-RESERVE=15                      # seconds kept for writing the summary
+RESERVE=30                      # seconds kept for a stopped step to end (10 s after SIGINT) and the summary
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export FNF_COMMIT=${FNF_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || cat .commit 2>/dev/null || echo unknown)}
 STEPS=$OUT/$label.steps.tsv     # one line per step: name, seconds, rc, log
@@ -45,7 +45,7 @@ status=0
 left() { echo $((DEADLINE - $(date +%s) - RESERVE)); }
 
 # step NAME LOG CMD...: run CMD with the time left in the stage (SIGINT first, so that pytest still writes its
-# reports; SIGKILL 20 s later), output to the console and LOG; records seconds and rc. rc 124/130: out of time.
+# reports; SIGKILL 10 s later), output to the console and LOG; records seconds and rc. rc 124/130/137: out of time.
 step() {
   local name=$1 log=$2; shift 2
   local budget; budget=$(left)
@@ -54,7 +54,7 @@ step() {
   fi
   echo "== $name (up to ${budget}s)"
   local t0 rc; t0=$(date +%s)
-  timeout -s INT -k 20 "$budget" "$@" 2>&1 | tee "$log"
+  timeout -s INT -k 10 "$budget" "$@" 2>&1 | tee "$log"
   rc=${PIPESTATUS[0]}
   printf '%s\t%s\t%s\t%s\n' "$name" $(( $(date +%s) - t0 )) "$rc" "$log" >> "$STEPS"
   echo "== $name: rc $rc, $(( $(date +%s) - t0 )) s"
