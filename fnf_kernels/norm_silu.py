@@ -73,37 +73,65 @@ def _group_blocks(x: torch.Tensor, num_groups: int):
             yield n0, n0 + 1, g0, min(num_groups, g0 + step)
 
 
-def _affine(weight, bias, c0, c1, acc, cpg):
-    w = None if weight is None else weight[c0:c1].to(acc).reshape(1, -1, cpg, 1)
-    b = None if bias is None else bias[c0:c1].to(acc).reshape(1, -1, cpg, 1)
-    return w, b
+def _layout(x: torch.Tensor):
+    """The memory format a chunk of x is computed in: channels_last stays so (no transposing copy)."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _chunk(t: torch.Tensor, n0, n1, c0, c1, acc, fmt) -> torch.Tensor:
+    """t[n0:n1, c0:c1] in the accumulate dtype and ``fmt`` (a view when it already is)."""
+    return t[n0:n1, c0:c1].to(acc).contiguous(memory_format=fmt)
+
+
+def _params(weight, bias, c0, c1, acc):
+    return (None if weight is None else weight[c0:c1].to(acc).contiguous(),
+            None if bias is None else bias[c0:c1].to(acc).contiguous())
+
+
+def _norm(xs, w, b, groups, eps):
+    """ATen's fused group norm of one chunk: (y, mean (n, g), rstd (n, g))."""
+    n, c = xs.shape[:2]
+    return torch.native_group_norm(xs, w, b, n, c, xs[0, 0].numel(), groups, eps)
+
+
+def _affine_of(xs, mean, rstd, w, b):
+    """The affine output y = x * scale + shift of a chunk (the form ATen's CPU group norm computes it in), from the
+    saved statistics: one pass over the chunk."""
+    n, c = xs.shape[:2]
+    cpg = c // mean.shape[1]
+    scale = rstd.repeat_interleave(cpg, dim=1)
+    if w is not None:
+        scale = scale * w
+    shift = -mean.repeat_interleave(cpg, dim=1) * scale
+    if b is not None:
+        shift = shift + b
+    shape = (n, c) + (1,) * (xs.dim() - 2)
+    return torch.addcmul(shift.reshape(shape), xs, scale.reshape(shape))
 
 
 @torch.library.custom_op("fnf_kernels::group_norm_silu_torch", mutates_args=())
 def group_norm_silu_torch(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                           num_groups: int, eps: float, silu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    acc = ref.accumulate_dtype(x.dtype)
+    acc, fmt = ref.accumulate_dtype(x.dtype), _layout(x)
     n, c = x.shape[:2]
     cpg = c // num_groups
-    out = torch.empty_like(x)
+    blocks = list(_group_blocks(x, num_groups))
+    out = None if len(blocks) == 1 and x.dtype == acc else torch.empty_like(x)
     mean = x.new_empty((n, num_groups), dtype=acc)
     rstd = torch.empty_like(mean)
-    for n0, n1, g0, g1 in _group_blocks(x, num_groups):
+    for n0, n1, g0, g1 in blocks:
         c0, c1 = g0 * cpg, g1 * cpg
-        xs = x[n0:n1, c0:c1].to(acc).reshape(n1 - n0, g1 - g0, cpg, -1)
-        var, m = torch.var_mean(xs, dim=(2, 3), correction=0, keepdim=True)
-        r = torch.rsqrt(var + eps)
-        y = (xs - m) * r
-        w, b = _affine(weight, bias, c0, c1, acc, cpg)
-        if w is not None:
-            y = y * w
-        if b is not None:
-            y = y + b
+        y, m, r = _norm(_chunk(x, n0, n1, c0, c1, acc, fmt), *_params(weight, bias, c0, c1, acc), g1 - g0, eps)
         if silu:
             y = F.silu(y, inplace=True)
-        out[n0:n1, c0:c1].copy_(y.reshape(out[n0:n1, c0:c1].shape))
-        mean[n0:n1, g0:g1] = m.reshape(n1 - n0, g1 - g0)
-        rstd[n0:n1, g0:g1] = r.reshape(n1 - n0, g1 - g0)
+        if out is None:
+            out = y
+        else:
+            out[n0:n1, c0:c1].copy_(y)
+        mean[n0:n1, g0:g1] = m
+        rstd[n0:n1, g0:g1] = r
     return out, mean, rstd
 
 
@@ -112,45 +140,37 @@ def group_norm_silu_torch_backward(grad: torch.Tensor, x: torch.Tensor, weight: 
                                    bias: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
                                    num_groups: int, silu: bool, need_x: bool, need_weight: bool, need_bias: bool
                                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    acc = ref.accumulate_dtype(x.dtype)
+    acc, fmt = ref.accumulate_dtype(x.dtype), _layout(x)
     n, c = x.shape[:2]
     cpg = c // num_groups
-    count = cpg * (x[0, 0].numel() if n and c else 0)
-    dx = torch.empty_like(x) if need_x else x.new_empty((0,))
-    sum_dyx = x.new_zeros((c,), dtype=acc)
-    sum_dy = x.new_zeros((c,), dtype=acc)
-    for n0, n1, g0, g1 in _group_blocks(x, num_groups):
+    blocks = list(_group_blocks(x, num_groups))
+    single = len(blocks) == 1 and x.dtype == acc
+    dx = (None if single else torch.empty_like(x)) if need_x else x.new_empty((0,))
+    sum_dw = x.new_zeros((c,), dtype=acc)
+    sum_db = x.new_zeros((c,), dtype=acc)
+    for n0, n1, g0, g1 in blocks:
         c0, c1 = g0 * cpg, g1 * cpg
-        shape = (n1 - n0, g1 - g0, cpg, -1)
-        xs = x[n0:n1, c0:c1].to(acc).reshape(shape)
-        gs = grad[n0:n1, c0:c1].to(acc).reshape(shape)
-        m = mean[n0:n1, g0:g1].reshape(n1 - n0, g1 - g0, 1, 1)
-        r = rstd[n0:n1, g0:g1].reshape(n1 - n0, g1 - g0, 1, 1)
-        xhat = (xs - m) * r
-        w, b = _affine(weight, bias, c0, c1, acc, cpg)
+        xs = _chunk(x, n0, n1, c0, c1, acc, fmt)
+        dy = _chunk(grad, n0, n1, c0, c1, acc, fmt)
+        w, b = _params(weight, bias, c0, c1, acc)
+        m, r = mean[n0:n1, g0:g1].contiguous(), rstd[n0:n1, g0:g1].contiguous()
         if silu:
-            y = xhat if w is None else xhat * w
-            if b is not None:
-                y = y + b
-            dy = _silu_grad(gs, y)
-        else:
-            dy = gs
-        s_dyx = (dy * xhat).sum(dim=3, keepdim=True)  # (n, g, cpg, 1)
-        s_dy = dy.sum(dim=3, keepdim=True)
-        if need_weight:
-            sum_dyx[c0:c1] += s_dyx.sum(dim=0).reshape(-1)
-        if need_bias:
-            sum_dy[c0:c1] += s_dy.sum(dim=0).reshape(-1)
+            dy = torch.ops.aten.silu_backward(dy, _affine_of(xs, m, r, w, b))
+        ones = w if w is not None else xs.new_ones((c1 - c0,))  # ATen wants a weight for dbias
+        d, dw, db = torch.ops.aten.native_group_norm_backward(
+            dy, xs, m, r, ones, n1 - n0, c1 - c0, xs[0, 0].numel(), g1 - g0, [need_x, need_weight, need_bias])
         if need_x:
-            if w is not None:
-                dy, s_dyx, s_dy = dy * w, s_dyx * w, s_dy * w
-            a = s_dy.sum(dim=2, keepdim=True) / count
-            bb = s_dyx.sum(dim=2, keepdim=True) / count
-            d = (dy - a - xhat * bb) * r
-            dx[n0:n1, c0:c1].copy_(d.reshape(dx[n0:n1, c0:c1].shape))
-    dw = sum_dyx.to(weight.dtype) if need_weight else x.new_empty((0,))
-    db = sum_dy.to(bias.dtype) if need_bias else x.new_empty((0,))
-    return dx, dw, db
+            if dx is None:
+                dx = d
+            else:
+                dx[n0:n1, c0:c1].copy_(d)
+        if need_weight:
+            sum_dw[c0:c1] += dw
+        if need_bias:
+            sum_db[c0:c1] += db
+    out_dw = sum_dw.to(weight.dtype) if need_weight else x.new_empty((0,))
+    out_db = sum_db.to(bias.dtype) if need_bias else x.new_empty((0,))
+    return dx, out_dw, out_db
 
 
 _library.register_group_norm_silu("fnf_kernels::group_norm_silu_torch", "fnf_kernels::group_norm_silu_torch_backward",
