@@ -5,6 +5,7 @@ pipeline (and in ``fnf sample``) and reproduces our images, one trainer step mov
 input is a clear error. A new family is one more row; what only one family has is in its own test file here."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -329,3 +330,26 @@ def test_shipped_config_validates_on_the_tiny_folder(row, folder):
     cfg.objective.name = "sepen"
     with pytest.raises(ConfigError, match="joint attention"):
         preflight.check_objective(cfg)
+
+
+def test_schedule_is_a_value_and_the_scheduler_keeps_its_state(row, folder):
+    """family.schedule returns a frozen Schedule and leaves model.scheduler as loaded (no attribute set or
+    replaced, by scheduling or by sampling); the load-time settings are read-only."""
+    m = load_model(folder)
+    state = dict(vars(m.scheduler))
+    plan = sampling.schedule(m, STEPS, SIZE, SIZE, "cpu")
+    other = sampling.schedule(m, 2, SIZE, SIZE, "cpu")
+    assert len(plan) == plan.steps == STEPS and len(other) == 2 and (plan.height, plan.width) == (SIZE, SIZE)
+    assert (plan.sigmas is not None) == row.flow and (plan.sigmas is None or len(plan.sigmas) == STEPS + 1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.height = 64
+    cond = encode_prompts(m, PROMPTS, height=SIZE, width=SIZE)
+    x_T = sampling.initial_latents(m, len(PROMPTS), SIZE, SIZE, torch.Generator().manual_seed(SEED), "cpu")
+    with torch.no_grad():
+        sampling.run_steps(m, x_T, plan, cond, None, guidance_scale=row.guidance)
+    assert vars(m.scheduler).keys() == state.keys()
+    assert all(vars(m.scheduler)[k] is v for k, v in state.items()), [k for k, v in state.items()
+                                                                     if vars(m.scheduler)[k] is not v]
+    assert "image_size" not in m.settings
+    with pytest.raises(TypeError):
+        m.settings["max_sequence_length"] = 1
