@@ -43,8 +43,8 @@ def eval_prompts(n_pairs: int | None = None) -> list[str]:
 
 @torch.no_grad()
 def sample(model, prompts: list[str], seeds: list[int], *, steps: int = STEPS, guidance: float = GUIDANCE,
-           batch: int = 32, unet=None) -> torch.Tensor:
-    """Images (len(prompts), 3, H, W) in [0, 1]; prompt i uses noise seed seeds[i]; ``unet`` as in
+           batch: int = 32, denoiser=None) -> torch.Tensor:
+    """Images (len(prompts), 3, H, W) in [0, 1]; prompt i uses noise seed seeds[i]; ``denoiser`` as in
     fnf.sampling.sample_images."""
 
     size = model.native_size
@@ -55,7 +55,7 @@ def sample(model, prompts: list[str], seeds: list[int], *, steps: int = STEPS, g
         uncond = encode_prompts(model, [""] * len(ps), height=size, width=size)
         x_T = torch.cat([initial_latents(model, 1, size, size, torch.Generator().manual_seed(s), "cpu") for s in ss])
         out.append(sample_images(model, x_T, cond, uncond, steps=steps, guidance_scale=guidance, eta=0.0, seed=0,
-                                 denoiser=unet))
+                                 denoiser=denoiser))
     return torch.cat(out)
 
 
