@@ -10,7 +10,7 @@ Backends: "cuda" (CUDA C++ in the extension), "triton", "cpu" (C++/OpenMP in the
 * separate_enhance_losses: triton > reference on CUDA tensors, reference on CPU tensors.
 * group_norm_silu: cuda > triton > torch on CUDA tensors, torch on CPU tensors (its plain-torch op, chunked,
   saving only the input: there is no C++ CPU kernel); explicit "cpu" means that op on CPU tensors.
-* rms_norm_silu: torch on every device (plain-torch op; no compiled or Triton kernel yet).
+* rms_norm_silu: triton > torch on CUDA tensors, torch on CPU tensors (no C++ kernel).
 
 Triton runs on CPU tensors only under TRITON_INTERPRET=1 and only when asked for explicitly.
 Input limits: a backend that cannot take an input (``input_problem``: today the CUDA dilation kernel of an
@@ -49,7 +49,7 @@ AUTO_ORDER = {
     ("separate_enhance_losses", "cpu"): ("reference",),
     ("group_norm_silu", "cuda"): ("cuda", "triton", "torch"),
     ("group_norm_silu", "cpu"): ("torch",),
-    ("rms_norm_silu", "cuda"): ("torch",),
+    ("rms_norm_silu", "cuda"): ("triton", "torch"),
     ("rms_norm_silu", "cpu"): ("torch",),
 }
 _TORCH_OP = (True, "plain-torch custom op with a hand-written backward")
@@ -125,8 +125,7 @@ def op_availability(op: str, device_type: str) -> dict[str, tuple[bool, str]]:
     if op == "group_norm_silu" and table["cuda"][0] and not _has_kernel("group_norm_silu", "CUDA"):
         table["cuda"] = (False, "the loaded extension predates group_norm_silu; rebuild it")
     if op == "rms_norm_silu":
-        table["cuda"] = (False, "rms_norm_silu has no CUDA C++ kernel yet")
-        table["triton"] = (False, "rms_norm_silu has no Triton kernel yet")
+        table["cuda"] = (False, "rms_norm_silu has no CUDA C++ kernel: Triton is its GPU path")
     return table
 
 

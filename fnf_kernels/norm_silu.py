@@ -4,7 +4,8 @@ Autograd saves x (in its own dtype) and the float32 statistics (float64 for floa
 normalised tensor, the affine output or the SiLU output — and the backward recomputes them. Backends
 (``backend=``):
 
-* ``"cuda"``: CUDA C++ kernels of the extension (ops ``fnf_kernels::group_norm_silu`` / ``_backward``).
+* ``"cuda"``: CUDA C++ kernels of the extension (ops ``fnf_kernels::group_norm_silu`` / ``_backward``; group norm
+  only).
 * ``"triton"``: :mod:`fnf_kernels.triton_kernels.norm_silu`; CUDA tensors, or CPU under TRITON_INTERPRET=1.
 * ``"cpu"`` / the ``"torch"`` op: plain torch over chunks of whole groups (rows for rms_norm_silu), any device;
   the CPU path (there is no C++ CPU kernel: ATen's own vectorised kernels do the arithmetic per chunk).
@@ -334,6 +335,8 @@ def rms_norm_silu(x: torch.Tensor, weight: Optional[torch.Tensor] = None, eps: f
         backend: "auto", "triton", "cpu" (the plain-torch op) or "reference".
     """
     x = _validate.tensor("x", x)
+    if x.dim() == 1 and isinstance(dim, int) and dim in (0, -1):
+        return rms_norm_silu(x[None], weight, eps, dim=1, silu=silu, backend=backend)[0]
     if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
         raise TypeError(f"dim must be an int, got {type(dim).__name__}")
     if not -x.dim() <= dim < x.dim():
@@ -347,5 +350,7 @@ def rms_norm_silu(x: torch.Tensor, weight: Optional[torch.Tensor] = None, eps: f
     if chosen == "reference" or x.numel() == 0:
         return ref.rms_norm_silu_reference(x, weight, eps, dim=dim, silu=silu)
     if chosen == "triton":
+        if _triton.rms_view(x, dim) is None:
+            x = x.contiguous()
         return torch.ops.fnf_kernels.triton_rms_norm_silu(x, weight, dim, eps, silu)[0]
     return torch.ops.fnf_kernels.rms_norm_silu_torch(x, weight, dim, eps, silu)[0]

@@ -241,3 +241,173 @@ def triton_group_norm_silu_backward(grad: torch.Tensor, x: torch.Tensor, weight:
 _library.register_group_norm_silu("fnf_kernels::triton_group_norm_silu",
                                   "fnf_kernels::triton_group_norm_silu_backward",
                                   lambda *a: torch.ops.fnf_kernels.triton_group_norm_silu_backward(*a))
+
+
+# ------------------------------------------------------------------------------------------------- rms_norm_silu
+# x viewed as (O, D, I): O = the dims before ``dim`` merged, D = x.shape[dim], I = the dims after it merged. One
+# program per (o, block of BLOCK_I columns) walks D in BLOCK_D chunks twice (sum of squares, then the output /
+# the gradient), so any D fits; rstd (O, I) is the op's only statistic. dweight: per-program partials (P, D).
+@triton.jit
+def _rms_cols(pid, I, n_ib, BLOCK_I: tl.constexpr):
+    o = (pid // n_ib).to(tl.int64)
+    i = (pid % n_ib).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I)
+    return o, i, i < I
+
+
+@triton.jit
+def _rms_fwd_kernel(x_ptr, o_ptr, r_ptr, w_ptr, D, I, n_ib, eps, sxo, sxd, sxi, soo, sod, soi,
+                    HAS_W: tl.constexpr, SILU: tl.constexpr, ACC: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_I: tl.constexpr):
+    o, i, iok = _rms_cols(tl.program_id(0), I, n_ib, BLOCK_I)
+    acc = tl.zeros([BLOCK_I], dtype=ACC)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        ok = (d < D)[:, None] & iok[None, :]
+        x = tl.load(x_ptr + o * sxo + d.to(tl.int64)[:, None] * sxd + i[None, :] * sxi, mask=ok, other=0.0).to(ACC)
+        acc += tl.sum(x * x, axis=0)
+    rstd = 1.0 / tl.sqrt(acc / D + eps)
+    tl.store(r_ptr + o * I + i, rstd, mask=iok)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        ok = (d < D)[:, None] & iok[None, :]
+        x = tl.load(x_ptr + o * sxo + d.to(tl.int64)[:, None] * sxd + i[None, :] * sxi, mask=ok, other=0.0).to(ACC)
+        y = x * rstd[None, :]
+        if HAS_W:
+            y = y * tl.load(w_ptr + d, mask=d < D, other=0.0).to(ACC)[:, None]
+        if SILU:
+            y = y / (1.0 + tl.exp(-y))
+        tl.store(o_ptr + o * soo + d.to(tl.int64)[:, None] * sod + i[None, :] * soi, y.to(o_ptr.dtype.element_ty),
+                 mask=ok)
+
+
+@triton.jit
+def _rms_dy(x_ptr, g_ptr, w_ptr, rstd, o, d, i, ok, D, sxo, sxd, sxi, sgo, sgd, sgi, HAS_W: tl.constexpr,
+            SILU: tl.constexpr, ACC: tl.constexpr):
+    """(xhat, dy * w, dy) of a [BLOCK_D, BLOCK_I] tile."""
+    x = tl.load(x_ptr + o * sxo + d.to(tl.int64)[:, None] * sxd + i[None, :] * sxi, mask=ok, other=0.0).to(ACC)
+    g = tl.load(g_ptr + o * sgo + d.to(tl.int64)[:, None] * sgd + i[None, :] * sgi, mask=ok, other=0.0).to(ACC)
+    xhat = x * rstd[None, :]
+    if HAS_W:
+        w = tl.load(w_ptr + d, mask=d < D, other=0.0).to(ACC)[:, None]
+    else:
+        w = tl.full([1, 1], 1.0, ACC)
+    if SILU:
+        y = xhat * w
+        s = 1.0 / (1.0 + tl.exp(-y))
+        g = g * (s * (1.0 + y * (1.0 - s)))
+    g = tl.where(ok, g, 0.0)
+    return xhat, g * w, g
+
+
+@triton.jit
+def _rms_bwd_kernel(x_ptr, g_ptr, r_ptr, w_ptr, dx_ptr, dw_ptr, D, I, n_ib, sxo, sxd, sxi, sgo, sgd, sgi,
+                    sdo, sdd, sdi, HAS_W: tl.constexpr, SILU: tl.constexpr, NEED_X: tl.constexpr,
+                    NEED_W: tl.constexpr, ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr):
+    pid = tl.program_id(0)
+    o, i, iok = _rms_cols(pid, I, n_ib, BLOCK_I)
+    rstd = tl.load(r_ptr + o * I + i, mask=iok, other=0.0)
+    dot = tl.zeros([BLOCK_I], dtype=ACC)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        ok = (d < D)[:, None] & iok[None, :]
+        xhat, gw, g = _rms_dy(x_ptr, g_ptr, w_ptr, rstd, o, d, i, ok, D, sxo, sxd, sxi, sgo, sgd, sgi, HAS_W, SILU,
+                              ACC)
+        dot += tl.sum(gw * xhat, axis=0)
+        if NEED_W:
+            tl.store(dw_ptr + pid.to(tl.int64) * D + d, tl.sum(g * xhat, axis=1), mask=d < D)
+    if NEED_X:
+        c = dot / D
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            ok = (d < D)[:, None] & iok[None, :]
+            xhat, gw, g = _rms_dy(x_ptr, g_ptr, w_ptr, rstd, o, d, i, ok, D, sxo, sxd, sxi, sgo, sgd, sgi, HAS_W,
+                                  SILU, ACC)
+            dx = (gw - xhat * c[None, :]) * rstd[None, :]
+            tl.store(dx_ptr + o * sdo + d.to(tl.int64)[:, None] * sdd + i[None, :] * sdi,
+                     dx.to(dx_ptr.dtype.element_ty), mask=ok)
+
+
+def _merged_stride(shape, strides):
+    """The stride of dims that merge into one (their flat index times it), 1 for no dims, None when they do not."""
+    stride, expect = 1, None
+    for size, st in reversed(list(zip(shape, strides))):
+        if size == 1:
+            continue
+        if expect is None:
+            stride = st
+        elif st != expect:
+            return None
+        expect = st * size
+    return stride
+
+
+def rms_view(t: torch.Tensor, dim: int):
+    """(O, D, I, (so, sd, si)) of t viewed around ``dim``, or None when the dims before / after it do not merge."""
+    so = _merged_stride(t.shape[:dim], t.stride()[:dim])
+    si = _merged_stride(t.shape[dim + 1:], t.stride()[dim + 1:])
+    if so is None or si is None:
+        return None
+    o = 1
+    for s in t.shape[:dim]:
+        o *= s
+    i = 1
+    for s in t.shape[dim + 1:]:
+        i *= s
+    return o, t.shape[dim], i, (so, t.stride(dim), si)
+
+
+def _rms_tile(d: int, i: int, d_inner: bool) -> tuple[int, int, int]:
+    total = 8192 if interpreter() else 2048
+    if d_inner:
+        bd = min(triton.next_power_of_2(d), 128)
+        bi = min(triton.next_power_of_2(i), max(1, total // bd))
+    else:
+        bi = min(triton.next_power_of_2(i), 256)
+        bd = min(triton.next_power_of_2(d), max(1, total // bi))
+    return bd, bi, 4 if bd * bi <= 1024 else 8
+
+
+@torch.library.custom_op("fnf_kernels::triton_rms_norm_silu", mutates_args=())
+def triton_rms_norm_silu(x: torch.Tensor, weight: Optional[torch.Tensor], dim: int, eps: float,
+                         silu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(silu(x * rstd * weight), rstd shaped as x without ``dim``); x's dims around ``dim`` must merge."""
+    o, d, i, sx = rms_view(x, dim)
+    out = torch.empty_like(x)
+    shape = list(x.shape)
+    del shape[dim]
+    rstd = torch.empty(shape, dtype=_ref.accumulate_dtype(x.dtype), device=x.device)
+    bd, bi, warps = _rms_tile(d, i, sx[1] == 1 and d > 1)
+    n_ib = triton.cdiv(i, bi)
+    w = weight.contiguous() if weight is not None else None
+    with device_guard(x):
+        _rms_fwd_kernel[check_grid((o * n_ib,))](x, out, rstd, w, d, i, n_ib, eps, *sx, *rms_view(out, dim)[3],
+                                                 HAS_W=w is not None, SILU=silu, ACC=accumulate_tl(x.dtype),
+                                                 BLOCK_D=bd, BLOCK_I=bi, num_warps=warps)
+    return out, rstd
+
+
+@torch.library.custom_op("fnf_kernels::triton_rms_norm_silu_backward", mutates_args=())
+def triton_rms_norm_silu_backward(grad: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
+                                  rstd: torch.Tensor, dim: int, silu: bool, need_x: bool,
+                                  need_weight: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dweight), each an empty (0,) tensor when not needed."""
+    o, d, i, sx = rms_view(x, dim)
+    grad = _like_x(grad, x)
+    bd, bi, warps = _rms_tile(d, i, sx[1] == 1 and d > 1)
+    n_ib = triton.cdiv(i, bi)
+    programs = o * n_ib
+    acc = _ref.accumulate_dtype(x.dtype)
+    dx = torch.empty_like(x) if need_x else x.new_empty((0,))
+    part = torch.empty((programs, d), dtype=acc, device=x.device) if need_weight else x.new_empty((0,), dtype=acc)
+    w = weight.contiguous() if weight is not None else None
+    with device_guard(x):
+        _rms_bwd_kernel[check_grid((programs,))](
+            x, grad, rstd.contiguous(), w, dx, part, d, i, n_ib, *sx, *rms_view(grad, dim)[3],
+            *(rms_view(dx, dim)[3] if need_x else (0, 0, 0)), HAS_W=w is not None, SILU=silu, NEED_X=need_x,
+            NEED_W=need_weight, ACC=accumulate_tl(x.dtype), BLOCK_D=bd, BLOCK_I=bi, num_warps=warps)
+    dw = part.sum(dim=0).to(weight.dtype) if need_weight else x.new_empty((0,))
+    return dx, dw
+
+
+_library.register_rms_norm_silu("fnf_kernels::triton_rms_norm_silu", "fnf_kernels::triton_rms_norm_silu_backward",
+                                lambda *a: torch.ops.fnf_kernels.triton_rms_norm_silu_backward(*a))
