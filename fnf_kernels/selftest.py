@@ -21,6 +21,7 @@ import torch
 from . import backends, lora, references
 from .attention_losses import separate_enhance_losses
 from .dilation import threshold_dilate
+from .norm_silu import group_norm_silu, rms_norm_silu
 from .penalty import masked_frobenius_penalty
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -150,14 +151,50 @@ def _check_attention(device, backend, dtype, gen):
     return results
 
 
+def _check_norm(op, device, backend, dtype, gen):
+    """group_norm_silu (channels_last, C = 6 in 3 groups, H*W = 35) or rms_norm_silu (dim 1)."""
+    x = torch.randn(2, 6, 5, 7, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(6, generator=gen, dtype=torch.float64) + 1).to(device=device, dtype=dtype)
+    b = torch.randn(6, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    grad = torch.randn(2, 6, 5, 7, generator=gen, dtype=torch.float64).to(device)
+    results = []
+    for run_dtype, is_ref in ((dtype, False), (torch.float64, True)):
+        xl, wl, bl = (_leaf(t, run_dtype) for t in (x, w, b))
+        if op == "group_norm_silu":
+            if is_ref:
+                out = references.group_norm_silu_reference(xl, 3, wl, bl, 1e-5)
+            elif backend == "torch":  # the plain-torch op, reachable through "auto" (and "cpu" on CPU tensors)
+                out = torch.ops.fnf_kernels.group_norm_silu_torch(xl, wl, bl, 3, 1e-5, True)[0]
+            else:
+                out = group_norm_silu(xl, 3, wl, bl, 1e-5, backend=backend)
+            leaves = [xl, wl, bl]
+        else:
+            if is_ref:
+                out = references.rms_norm_silu_reference(xl, wl, 1e-6, dim=1)
+            elif backend == "torch":
+                out = torch.ops.fnf_kernels.rms_norm_silu_torch(xl, wl, 1, 1e-6, True)[0]
+            else:
+                out = rms_norm_silu(xl, wl, 1e-6, dim=1, backend=backend)
+            leaves = [xl, wl]
+        (out.double() * grad).sum().backward()
+        results.append([out] + [t.grad for t in leaves])
+    return results
+
+
 # Backends an op does not have at all (not reported as "not run").
-_ABSENT = {("lora_linear", "cuda"), ("separate_enhance_losses", "cuda"), ("separate_enhance_losses", "cpu")}
+_ABSENT = {("lora_linear", "cuda"), ("separate_enhance_losses", "cuda"), ("separate_enhance_losses", "cpu"),
+           ("rms_norm_silu", "cuda")}
+# Ops whose "cpu" backend on CPU tensors is their "torch" op (checked once, as "torch").
+_CPU_IS_TORCH = ("lora_linear", "group_norm_silu", "rms_norm_silu")
 
 CHECKS: dict[str, Callable] = {
     "masked_frobenius_penalty": _check_penalty,
     "threshold_dilate": _check_dilate,
     "lora_linear": _check_lora,
     "separate_enhance_losses": _check_attention,
+    "group_norm_silu": lambda *a: _check_norm("group_norm_silu", *a),
+    "rms_norm_silu": lambda *a: _check_norm("rms_norm_silu", *a),
 }
 
 
@@ -173,7 +210,7 @@ def plan(device: str, dtypes: list[torch.dtype]) -> tuple[list[tuple[str, str, t
             continue
         table = backends.op_availability(op, device_type)
         for name, (usable, reason) in table.items():
-            if op == "lora_linear" and name == "cpu" and device_type == "cpu":
+            if op in _CPU_IS_TORCH and name == "cpu" and device_type == "cpu":
                 continue  # the same plain-torch op as "torch"
             if (op, name) in _ABSENT:
                 continue
