@@ -25,7 +25,8 @@ import torch
 
 from . import metrics as M
 from .images import grid, save_png
-from .inference import load_for_inference, sample_seeded
+from .inference import check_lora_fits, load_for_inference, sample_seeded
+from .inference import check_out as check_out_folder
 from .localize import localizer_from_config
 from .lora import adapters_disabled, load_lora
 from .rewards import build_reward, prepare_reward
@@ -67,12 +68,8 @@ def lpips_status() -> str:
 
 
 def check_out(out: str, overwrite: bool) -> None:
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise FileExistsError(f"--out {out!r}: expected a folder, found a file")
-    found = [n for n in OUTPUTS if os.path.lexists(os.path.join(out, n))]
-    if found and not overwrite:
-        raise FileExistsError(f"--out {out} holds an earlier evaluation ({', '.join(found)}); pass --overwrite to "
-                              f"move it to {out}/previous-<time>/, or choose another --out")
+    """Refuse an --out that is a file or holds an earlier evaluation (unless ``overwrite``)."""
+    check_out_folder(out, OUTPUTS, overwrite, "evaluation")
 
 
 # ------------------------------------------------------------------------------------------ sampling
@@ -249,6 +246,8 @@ def evaluate(p: Plan) -> dict:
     t0 = time.time()
     cfg = p.cfg
     model, device, h, w = load_for_inference(cfg)
+    for folder in p.loras.values():   # before any sampling: a LoRA of another size or rank layout
+        check_lora_fits(folder, model.family, cfg.model.path, model.denoiser)
     reward = prepare_reward(build_reward(cfg.reward.spec, **cfg.reward.kwargs), device)
     metric_fns = {name: prepare_reward(build_reward(spec, **kw), device) for name, spec, kw in p.metric_specs}
     localizer = localizer_from_config(cfg, reward)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from .. import config
 
@@ -55,8 +56,9 @@ FLAGS = {  # flag -> config key (train, localize, sample)
 }
 
 
-def add_common(p: argparse.ArgumentParser, *, training: bool) -> None:
-    """The config options of train, localize and sample (``training``: also train's own)."""
+def add_common(p: argparse.ArgumentParser, *, training: bool, out_help: str = "") -> None:
+    """The config options of train, localize and sample (``training``: also train's own; ``out_help``: what
+    --out holds)."""
     p.add_argument("--config", metavar="X.yaml", help="YAML config (sections model, lora, sampling, reward, "
                                                       "localize, objective, train, memory)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -64,7 +66,8 @@ def add_common(p: argparse.ArgumentParser, *, training: bool) -> None:
     p.add_argument("--model", metavar="DIR", help="local diffusers folder (model.path)")
     p.add_argument("--reward", metavar="SPEC", help="reward spec (reward.spec)")
     p.add_argument("--localizer", metavar="SPEC", help="localizer spec (localize.spec)")
-    p.add_argument("--out", metavar="DIR", help="output folder (train.out)")
+    p.add_argument("--out", metavar="DIR",
+                   help=out_help or "output folder of the run: checkpoints, log, LoRA, samples (train.out)")
     if training:
         p.add_argument("--seed", type=int, metavar="S", help="training seed: LoRA init, prompts and noise of every "
                                                              "step (train.seed)")
@@ -84,10 +87,47 @@ def add_common(p: argparse.ArgumentParser, *, training: bool) -> None:
                             "auto (on with CUDA + triton) or off (memory.fused_lora; default off)")
 
 
-def add_prompts_and_seeds(p: argparse.ArgumentParser) -> None:
-    """localize's and sample's --prompts and --seeds."""
-    p.add_argument("--prompts", nargs="+", metavar="PROMPT", help="prompts (default: the config's train.prompts)")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="S", help="noise seeds (default 0)")
+PROMPTS_HELP = "the prompts themselves, e.g. --prompts \"a red car\" \"a cat\""
+PROMPTS_FILE_HELP = "a text file of prompts, one per line"
+
+
+def add_prompts(p: argparse.ArgumentParser, default: str) -> None:
+    """--prompts (the prompts themselves) and --prompts-file (a file of them): the same two options in every
+    command that samples."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--prompts", nargs="+", metavar="PROMPT", help=f"{PROMPTS_HELP} (default: {default})")
+    group.add_argument("--prompts-file", metavar="FILE", help=f"{PROMPTS_FILE_HELP} (default: {default})")
+
+
+def add_prompts_and_seeds(p: argparse.ArgumentParser, what: str) -> None:
+    """localize's and sample's --prompts, --prompts-file, --seeds and --overwrite (``what``: the folder in
+    <out> the command writes)."""
+    add_prompts(p, "the config's train.prompts and train.prompts_file")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="S",
+                   help="noise seeds, each image's x_T (default 0), e.g. --seeds 0 1 2")
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"an <out>/{what}/ of an earlier run is moved to <out>/previous-<UTC time>/ (without it: "
+                        "refused); nothing is deleted")
+
+
+def read_prompts(args, cfg) -> list[str]:
+    """The prompts of --prompts, --prompts-file, or else the config's (ValueError / FileNotFoundError, one line)."""
+    if args.prompts:
+        return list(args.prompts)
+    if args.prompts_file:
+        return read_prompts_file(args.prompts_file)
+    return cfg.all_prompts()
+
+
+def read_prompts_file(path: str, flag: str = "--prompts-file") -> list[str]:
+    """The non-empty lines of ``path``."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{flag} {path!r}: expected a file of prompts (one per line), which does not exist")
+    with open(path, encoding="utf-8") as f:
+        prompts = [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise ValueError(f"{flag} {path!r}: expected at least one non-empty line")
+    return prompts
 
 
 def config_from_flags(path, overrides, values: dict, check=None):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 
+from ..inference import check_out_path
 from ..toy.demo import run_demo
 
 
@@ -31,6 +32,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    check_out_path(args.out)   # before anything loads
     run_demo(args.out, quick=args.quick, seed=args.eval_seed, model=args.model, threads=args.threads,
              sepen=not args.no_sepen, overwrite=args.overwrite, sweep=args.sweep, small=args.small)
     print(f"fnf: demo report in {os.path.join(args.out, 'report.md')}")

@@ -8,18 +8,19 @@ from .. import config
 from .. import evaluate as E
 from .. import metrics as M
 from .. import preflight
-from ..inference import check_lora_arg
+from ..inference import check_lora_arg, check_lora_for_folder, lora_name
 from ..localize import check_localizer_spec
 from ..rewards import check_reward_spec
-from .common import config_from_flags
+from .common import add_prompts, config_from_flags, read_prompts_file
 
 CLIP_METRIC = "clipscore"
 EPILOG = """\
 examples:
-  fnf eval --model /models/sd-v1-5 --lora runs/fix/lora runs/draft/lora --prompts prompts.txt --seeds 4 \\
+  fnf eval --model /models/sd-v1-5 --lora runs/fix/lora runs/draft/lora --prompts-file prompts.txt \\
+           --seeds 4 \\
            --reward sd-safety --reward-kwargs '{"model": "/models/sd-v1-5/safety_checker"}' \\
            --set reward.weight=-1 --localizer gradcam --clip /models/clip-vit-large-patch14 --out runs/eval
-  fnf eval --config configs/sd15_artifacts.yaml --lora runs/fix/lora --prompts heldout.txt --seeds 2
+  fnf eval --config configs/sd15_artifacts.yaml --lora runs/fix/lora --prompts-file heldout.txt --seeds 2
 
 A --metric is any reward spec, optionally with kwargs as JSON after '=':
   --metric 'pickscore={"model": "/models/PickScore_v1", "processor": "/models/CLIP-ViT-H-14"}'
@@ -35,8 +36,9 @@ def add_arguments(parser) -> None:
     p.add_argument("--model", metavar="DIR", help="local diffusers folder (model.path)")
     p.add_argument("--lora", nargs="+", default=[], metavar="DIR",
                    help="LoRA folders written by `fnf train` (<out>/lora), each compared with the base model")
-    p.add_argument("--prompts", metavar="FILE", help="prompts, one per line (default: the config's train prompts)")
-    p.add_argument("--seeds", type=int, default=1, metavar="N", help="noise seeds per prompt (default 1)")
+    add_prompts(p, "the config's train.prompts and train.prompts_file")
+    p.add_argument("--seeds", type=int, default=1, metavar="N",
+                   help="how many noise seeds per prompt (default 1): seeds --first-seed .. --first-seed + N - 1")
     p.add_argument("--first-seed", type=int, default=0, metavar="S", help="seeds are S .. S+N-1 (default 0)")
     p.add_argument("--reward", metavar="SPEC", help="reward spec (reward.spec): the main score")
     p.add_argument("--reward-kwargs", metavar="JSON", help="reward keyword arguments as a JSON object (reward.kwargs)")
@@ -88,8 +90,7 @@ def lora_names(folders: list[str]) -> dict:
     """Short unique names: runs/fix/lora -> 'fix', runs/x/my_lora -> 'my_lora'."""
     names = {}
     for folder in folders:
-        parts = os.path.normpath(os.path.abspath(folder)).split(os.sep)
-        name = parts[-2] if parts[-1] == "lora" and len(parts) > 1 else parts[-1]
+        name = lora_name(folder)
         unique, k = name, 2
         while unique in names or unique == "base":
             unique, k = f"{name}-{k}", k + 1
@@ -122,14 +123,15 @@ def config_from_eval_args(args):
     return config_from_flags(args.config, args.overrides, flags, check)
 
 
-def _read_prompts(path: str) -> list[str]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--prompts {path!r}: expected a file of prompts (one per line), which does not exist")
-    with open(path, encoding="utf-8") as f:
-        prompts = [line.strip() for line in f if line.strip()]
-    if not prompts:
-        raise ValueError(f"--prompts {path!r}: expected at least one non-empty line")
-    return prompts
+def _prompts(args, cfg) -> list[str]:
+    if args.prompts:
+        if len(args.prompts) == 1 and os.path.isfile(args.prompts[0]):
+            raise ValueError(f"--prompts {args.prompts[0]!r}: --prompts takes the prompts themselves; for a file "
+                             f"of prompts use --prompts-file {args.prompts[0]}")
+        return list(args.prompts)
+    if args.prompts_file:
+        return read_prompts_file(args.prompts_file)
+    return preflight.check_prompts(cfg)
 
 
 def plan(args) -> E.Plan:
@@ -140,7 +142,7 @@ def plan(args) -> E.Plan:
         if value < low:
             raise ValueError(f"{name}: expected an integer >= {low}, got {value}")
     cfg = config_from_eval_args(args)
-    prompts = _read_prompts(args.prompts) if args.prompts else preflight.check_prompts(cfg)
+    prompts = _prompts(args, cfg)
     for folder in args.lora:
         check_lora_arg(folder)
     metric_specs = []
@@ -161,6 +163,8 @@ def plan(args) -> E.Plan:
     E.check_out(args.out, args.overwrite)
     preflight.check_device(cfg)
     preflight.check_model_folder(cfg.model.path, cfg.model.kind)
+    for folder in args.lora:   # a LoRA of another family: before the model loads
+        check_lora_for_folder(folder, cfg.model.path, cfg.model.kind)
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     return E.Plan(cfg, lora_names(args.lora), prompts, seeds, metric_specs, args.out, args.overwrite,
                   args.batch_size if cfg.sampling.eta == 0 else 1, args.bootstrap, args.bootstrap_seed,

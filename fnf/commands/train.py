@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 
+from ..inference import check_out_path
 from ..train import train
 from .common import DESCRIPTION, SPEC_HELP, add_common, config_from_args
 
@@ -23,6 +24,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     cfg = config_from_args(args)
+    check_out_path(cfg.train.out)   # before anything loads
     result = train(cfg)
     log = os.path.join(result.out, "log.jsonl")
     print(f"fnf: done: {result.steps_done} steps; LoRA in {result.lora_dir}; log in {log}")

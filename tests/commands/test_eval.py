@@ -38,7 +38,7 @@ def setup(tmp_path_factory):
 
 
 def eval_args(s, out, *extra):
-    return ["eval", "--model", s["model"], "--lora", s["loras"]["rand"], s["loras"]["zero"], "--prompts",
+    return ["eval", "--model", s["model"], "--lora", s["loras"]["rand"], s["loras"]["zero"], "--prompts-file",
             s["prompts"], "--seeds", str(SEEDS), "--steps", "2", "--guidance", "3", "--reward", "brightness",
             "--localizer", "heatmap:box", "--set", "localize.radius=0", "--metric", "redness", "--out", str(out),
             "--bootstrap", "300", "--batch-size", "4", "--no-progress", *extra]
@@ -196,7 +196,7 @@ def test_refuses_an_earlier_evaluation_and_overwrite_moves_it_aside(setup, resul
     assert "--overwrite" in capsys.readouterr().err
     before = (out / "metrics.json").read_text()
     args = eval_args(setup, out, "--overwrite")
-    args[args.index("--lora") + 1:args.index("--prompts")] = [setup["loras"]["zero"]]
+    args[args.index("--lora") + 1:args.index("--prompts-file")] = [setup["loras"]["zero"]]
     i = args.index("--localizer")
     del args[i:i + 2]          # without --localizer (and no --config) the mask is empty: nothing is "inside"
     assert main(args) == 0
@@ -214,7 +214,7 @@ def test_refuses_an_earlier_evaluation_and_overwrite_moves_it_aside(setup, resul
 
 @pytest.mark.parametrize("change, message", [
     (("--model", "/nonexistent/model"), "/nonexistent/model"),
-    (("--prompts", "/nonexistent/prompts.txt"), "--prompts"),
+    (("--prompts-file", "/nonexistent/prompts.txt"), "--prompts-file"),
     (("--reward", "no_such_reward"), "unknown reward 'no_such_reward'"),
     (("--reward", "no_such_module_xyz:f"), "cannot import module"),
     (("--seeds", "0"), "--seeds: expected an integer >= 1"),
@@ -240,7 +240,7 @@ def test_bad_input_is_one_line_and_exit_2_before_any_model_loads(setup, tmp_path
     if i is None:
         args += [flag, value]
     elif flag == "--lora":
-        args[i + 1:args.index("--prompts")] = [value]
+        args[i + 1:args.index("--prompts-file")] = [value]
     else:
         args[i + 1] = value
     assert main(args) == 2
@@ -281,7 +281,7 @@ def test_lpips_runs_when_the_package_and_its_weights_are_local(setup, tmp_path, 
     (tmp_path / "checkpoints" / "alexnet-owt-7be5be79.pth").write_bytes(b"")
     assert lpips_status() == ""
     args = eval_args(setup, tmp_path / "out")
-    args[args.index("--lora") + 1:args.index("--prompts")] = [setup["loras"]["rand"]]
+    args[args.index("--lora") + 1:args.index("--prompts-file")] = [setup["loras"]["rand"]]
     args[args.index("--seeds") + 1] = "1"
     assert main(args) == 0
     with open(tmp_path / "out" / "metrics.json") as f:
@@ -298,7 +298,7 @@ def test_base_model_alone_over_several_batches(setup, tmp_path):
     from fnf.cli import main
 
     args = eval_args(setup, tmp_path / "out", "--grid-images", "3")
-    del args[args.index("--lora"):args.index("--prompts")]
+    del args[args.index("--lora"):args.index("--prompts-file")]
     args[args.index("--batch-size") + 1] = "2"
     assert main(args) == 0
     with open(tmp_path / "out" / "metrics.json") as f:
@@ -359,7 +359,7 @@ def test_lora_folders_named_like_module_attributes(setup, tmp_path):
     folder = tmp_path / "train" / "lora"
     shutil.copytree(setup["loras"]["rand"], folder)
     out = tmp_path / "out"
-    args = ["eval", "--model", setup["model"], "--lora", str(folder), "--prompts", setup["prompts"], "--seeds", "1",
+    args = ["eval", "--model", setup["model"], "--lora", str(folder), "--prompts-file", setup["prompts"], "--seeds", "1",
             "--steps", "2", "--reward", "brightness", "--out", str(out), "--bootstrap", "50", "--no-progress"]
     assert main(args) == 0
     with open(out / "metrics.json") as f:
