@@ -33,22 +33,35 @@ def pytest_configure(config):
 
 
 # The fnf_kernels tests (ops vs their references on every backend, the CUDA build and its emulation), marked `kernels`
-# so that the GPU proof (benchmarks/gpu_proof) and `-m kernels` select them by marker: a module whose name matches
-# below, or any test module under a folder named kernels/ or fnf_kernels/. A module may also set
+# so that the GPU proof (benchmarks/gpu_proof.sh) and `-m kernels` select them by marker: a module whose name matches
+# below, any test module under a folder named kernels/ or fnf_kernels/, or one that imports fnf_kernels and not fnf
+# (a new kernel test file is picked up without a list to update). A module may also set
 # `pytestmark = pytest.mark.kernels` itself.
 KERNEL_TEST_MODULE = re.compile(r"test_(api|penalty|dilation|attention_losses|lora_linear|lora_attention|triton_\w+|"
                                 r"cuda_\w+|selftest\w*|kernels?_\w+)\.py$")
 KERNEL_TEST_DIRS = {"kernels", "fnf_kernels"}
+_IMPORTS_KERNELS = re.compile(r"^\s*(import fnf_kernels|from fnf_kernels[\s.])", re.M)
+_IMPORTS_FNF = re.compile(r"^\s*(import fnf\b(?!_)|from fnf[\s.])", re.M)
+_kernel_modules: dict = {}
 
 
 def _is_kernel_module(path) -> bool:
-    return bool(KERNEL_TEST_MODULE.fullmatch(path.name)) or bool(KERNEL_TEST_DIRS & set(path.parent.parts))
+    if path not in _kernel_modules:
+        kernel = bool(KERNEL_TEST_MODULE.fullmatch(path.name)) or bool(KERNEL_TEST_DIRS & set(path.parent.parts))
+        if not kernel:
+            try:
+                text = path.read_text(encoding="utf-8")
+            except OSError:
+                text = ""
+            kernel = bool(_IMPORTS_KERNELS.search(text)) and not _IMPORTS_FNF.search(text)
+        _kernel_modules[path] = kernel
+    return _kernel_modules[path]
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
         path = getattr(item, "path", None)
-        if path is not None and _is_kernel_module(path):
+        if path is not None and path.suffix == ".py" and _is_kernel_module(path):
             item.add_marker(pytest.mark.kernels)
 
 
