@@ -3,6 +3,9 @@
     python benchmarks/bench_norm.py                      # CPU (and GPU when present), default sizes
     python benchmarks/bench_norm.py --device cuda --json benchmarks/results/norm.json
 
+``--resnet-memory`` instead counts, with fnf.memory.counter.StorageCounter, what one SD-style decoder ResNet block holds
+for backward, eager (autocast-style float32 group norm) vs fused, on real and fake tensors.
+
 Per size and dtype: median time of one forward + backward (x, weight and bias require grad), the ratio eager / ours,
 the bytes autograd saves between forward and backward (what the fused op exists for), and on GPU the achieved
 GB/s of the bytes that must move at least once (forward reads x and writes out, backward reads x and the gradient
@@ -22,7 +25,10 @@ from torch.utils import benchmark as tbench
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fnf_kernels  # noqa: E402
+from diffusers.models.resnet import ResnetBlock2D  # noqa: E402
+from fnf.memory.counter import StorageCounter  # noqa: E402
 from fnf_kernels import backends  # noqa: E402
+from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # (N, C, H, W, groups): SD-style VAE decoder activations (512 ch at 1/8, 256 ch at full resolution) scaled to size.
@@ -133,6 +139,53 @@ def show(rows, bw):
         print(f"copy bandwidth: {bw:.0f} GB/s")
 
 
+# ------------------------------------------------------------------ one decoder ResNet block under the storage counter
+def _resnet_block(block, x, fused: bool):
+    """diffusers' ResnetBlock2D (no temb, no shortcut) in bf16 as CUDA autocast runs it: group_norm in float32 (its
+    input cast up), SiLU on that, conv in bf16 (its input cast down); ``fused`` replaces each GroupNorm -> SiLU."""
+    h = x
+    for norm, conv in ((block.norm1, block.conv1), (block.norm2, block.conv2)):
+        if fused:
+            h = fnf_kernels.group_norm_silu(h, norm.num_groups, norm.weight, norm.bias, norm.eps)
+        else:
+            h = F.silu(F.group_norm(h.float(), norm.num_groups, norm.weight.float(), norm.bias.float(), norm.eps))
+        h = conv(h.to(x.dtype))
+    return x + h
+
+
+def resnet_memory(shape, fake: bool) -> dict:
+    """Bytes the block holds for backward (live after forward, less what was live before) and the backward's peak
+    above that baseline, eager vs fused, counted by fnf.memory.counter.StorageCounter (fake or real tensors)."""
+    out = {}
+    # The (small) parameters are real tensors built outside the counter: the same baseline for both paths.
+    block = ResnetBlock2D(in_channels=shape[1], out_channels=shape[1], temb_channels=None, groups=32,
+                          eps=1e-6).to(torch.bfloat16).requires_grad_(False)
+    for fused in (False, True):
+        fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else torch.device("cpu")
+        with fake_mode:
+            counter = StorageCounter(scalar_answers=fake, round_to=1)
+            with counter:
+                x = torch.randn(shape, dtype=torch.bfloat16).requires_grad_()
+                grad = torch.randn(shape, dtype=torch.bfloat16)
+                base = counter.live
+                y = _resnet_block(block, x, fused)
+                held = counter.live - base - y.untyped_storage().nbytes()
+                counter.peak = counter.live
+                y.backward(grad)
+                out["fused" if fused else "eager"] = dict(held=held, backward_peak=counter.peak - base)
+                del y
+    return out
+
+
+def show_resnet(rows):
+    print(f"\n{'ResNet block (bf16, autocast-style)':40} {'counted on':10} {'held eager':>12} {'held fused':>12} "
+          f"{'bwd peak eager':>15} {'bwd peak fused':>15}  (MiB)")
+    for shape, fake, r in rows:
+        e, f = r["eager"], r["fused"]
+        print(f"{str(tuple(shape)):40} {'fake' if fake else 'real':10} {e['held'] / 2**20:12.2f} "
+              f"{f['held'] / 2**20:12.2f} {e['backward_peak'] / 2**20:15.2f} {f['backward_peak'] / 2**20:15.2f}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
@@ -141,7 +194,14 @@ def main(argv=None):
     parser.add_argument("--min-run-time", type=float, default=1.0)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--resnet-memory", action="store_true", help="only the saved-bytes count of one SD-style "
+                        "decoder ResNet block (256 ch at 1024^2 on fake tensors; 64 ch at 64^2 fake and real)")
     args = parser.parse_args(argv)
+    if args.resnet_memory:
+        rows = [(s, fake, resnet_memory(s, fake)) for s, fake in (((1, 64, 64, 64), False), ((1, 64, 64, 64), True),
+                                                                   ((1, 256, 1024, 1024), True))]
+        show_resnet(rows)
+        return
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
     print(f"torch {torch.__version__}, python {platform.python_version()}, threads {torch.get_num_threads()}"
