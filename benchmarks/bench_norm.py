@@ -1,4 +1,4 @@
-"""group_norm_silu forward + backward against eager GroupNorm + SiLU (and torch.compile and each of our backends on GPU).
+"""group_norm_silu forward + backward against eager GroupNorm + SiLU (torch.compile and each of our backends on GPU).
 
     python benchmarks/bench_norm.py                      # CPU (and GPU when present), default sizes
     python benchmarks/bench_norm.py --device cuda --json benchmarks/results/norm.json

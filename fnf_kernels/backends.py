@@ -120,7 +120,8 @@ def op_availability(op: str, device_type: str) -> dict[str, tuple[bool, str]]:
         table["cpu"] = (False, "no C++ kernel for this op: the reference is its CPU path")
     if op in ("group_norm_silu", "rms_norm_silu"):
         table["cpu"] = ((True, "plain-torch op over chunks of whole groups (no C++ CPU kernel)")
-                        if device_type == "cpu" else (False, "the plain-torch path behind 'cpu' takes CPU tensors only"))
+                        if device_type == "cpu"
+                        else (False, "the plain-torch path behind 'cpu' takes CPU tensors only"))
         table["torch"] = (True, "plain-torch custom op, chunked, saving only the input and the statistics")
     if op == "group_norm_silu" and table["cuda"][0] and not _has_kernel("group_norm_silu", "CUDA"):
         table["cuda"] = (False, "the loaded extension predates group_norm_silu; rebuild it")

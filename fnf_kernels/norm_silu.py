@@ -127,8 +127,10 @@ def group_norm_silu_torch(x: torch.Tensor, weight: Optional[torch.Tensor], bias:
         y, m, r = _norm(_chunk(x, n0, n1, c0, c1, acc, fmt), *_params(weight, bias, c0, c1, acc), g1 - g0, eps)
         if silu:
             y = F.silu(y, inplace=True)
-        if out is None:
-            out = y
+        if out is None and y.stride() == x.stride():
+            out = y  # one chunk already in x's dtype and layout: no copy
+        elif out is None:
+            out = torch.empty_like(x).copy_(y)
         else:
             out[n0:n1, c0:c1].copy_(y)
         mean[n0:n1, g0:g1] = m
@@ -162,7 +164,7 @@ def group_norm_silu_torch_backward(grad: torch.Tensor, x: torch.Tensor, weight: 
             dy, xs, m, r, ones, n1 - n0, c1 - c0, xs[0, 0].numel(), g1 - g0, [need_x, need_weight, need_bias])
         if need_x:
             if dx is None:
-                dx = d
+                dx = d if d.stride() == x.stride() else torch.empty_like(x).copy_(d)
             else:
                 dx[n0:n1, c0:c1].copy_(d)
         if need_weight:
