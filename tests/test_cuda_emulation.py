@@ -485,6 +485,12 @@ def test_group_norm_silu_kernels_match_float64_reference(driver, tmp_path, dtype
     run_norm(driver, norm_cases(dtype, gen), dtype, str(tmp_path), gen)
 
 
+def test_group_norm_silu_grid_striding(driver_small_grid, tmp_path):
+    """gridDim.y = 3: every (n, c) plane beyond it is taken by a block striding over planes."""
+    gen = generator("group_norm_silu-striding")
+    run_norm(driver_small_grid, norm_cases(torch.float32, gen)[:3], torch.float32, str(tmp_path), gen)
+
+
 def test_empty_inputs_launch_nothing(driver, tmp_path):
     """Empty images and heatmaps: no launch (an empty grid would be an invalid configuration), no error."""
     folder = str(tmp_path)
