@@ -25,7 +25,9 @@ class ConfigError(ValueError):
 class ModelConfig:
     path: str = ""                 # local diffusers folder (SD 1.x/2.x or SDXL); never a hub id
     kind: str = "auto"             # auto | sd | sdxl | sd3 | flux  (auto: from model_index.json's pipeline class)
-    weight_dtype: str = "fp32"     # dtype of the frozen weights: fp32 | fp16 | bf16 (LoRA params stay fp32)
+    # dtype of the frozen weights: auto | fp32 | fp16 | bf16 (LoRA params stay fp32). auto (fnf/precision.py): bf16
+    # on CUDA with bf16 (sm >= 8.0), fp16 on older CUDA, fp32 on CPU; the resolved value is saved with the run.
+    weight_dtype: str = "auto"
     scheduler: str = "ddim"        # ddim: a DDIMScheduler built from the folder's scheduler config
     # The frozen denoiser quantized at load (fnf/quantize.py, diffusers' quantization configs; LoRA stays fp32 on
     # top): none | bnb-8bit (bitsandbytes LLM.int8) | bnb-4bit (bitsandbytes NF4) | torchao-int8 (torchao int8
@@ -64,7 +66,9 @@ class RewardConfig:
 
 @dataclass
 class LocalizeConfig:
-    spec: str = "gradcam"          # gradcam[:layer] | saliency | heatmap:SPEC | boxes:PATH.onnx | file:GLOB | none
+    # auto | gradcam[:layer] | saliency | heatmap:SPEC | boxes:PATH.onnx | file:GLOB | none. auto (default):
+    # gradcam where the reward has a layer for it (gradcam_layer or a Conv2d), else saliency (e.g. brightness).
+    spec: str = "auto"
     kwargs: dict = field(default_factory=dict)   # heatmap:SPEC factory kwargs; gradcam: {explain: reward|problem}
     normalize: str = "minmax"      # per-image heatmap normalisation: minmax | max | none
     threshold: float = 0.5         # ours: half of the normalised heatmap's range
@@ -141,7 +145,9 @@ class TrainConfig:
 
 @dataclass
 class MemoryConfig:
-    mixed_precision: str = "no"    # no | fp16 | bf16 (autocast; LoRA params and optimizer stay fp32)
+    # auto | no | fp16 | bf16 (autocast; LoRA params and optimizer stay fp32). auto: the weights' half dtype, else
+    # bf16 on CUDA with bf16, fp16 (+ grad scaler) on older CUDA, no on CPU (fnf/precision.py).
+    mixed_precision: str = "auto"
     denoiser_checkpointing: bool = True   # gradient checkpointing of the UNet / transformer blocks
     # Activation checkpointing of the VAE decode that carries the reward's gradient (fnf/train/vae_memory.py):
     #   resnet: a checkpoint per ResNet, upsampler and mid-block attention of the decoder and one for its tail;
@@ -194,13 +200,13 @@ CHOICES = {
     "model.kind": ("auto", "sd", "sdxl", "sd3", "flux", "flux2"),
     "objective.name": ("fnf", "sepen"),
     "sepen.loss_backend": ("auto", "triton", "reference"),
-    "model.weight_dtype": ("fp32", "fp16", "bf16"),
+    "model.weight_dtype": ("auto", "fp32", "fp16", "bf16"),
     "model.scheduler": ("ddim",),
     "model.quantize": ("none", "bnb-8bit", "bnb-4bit", "torchao-int8"),
     "localize.normalize": ("minmax", "max", "none"),
     "localize.threshold_mode": ("relative", "absolute"),
     "localize.shape": ("square", "disk"),
-    "memory.mixed_precision": ("no", "fp16", "bf16"),
+    "memory.mixed_precision": ("auto", "no", "fp16", "bf16"),
     "memory.fused_lora": ("auto", "on", "off"),
     "memory.vae_checkpointing": ("resnet", "blocks", "off"),
     "train.device": ("auto", "cpu", "cuda"),
@@ -451,11 +457,11 @@ def validate(cfg: Config) -> Config:
                  "a fraction in [0, 1] with threshold_mode=relative", cfg.localize.threshold)
     _require(bool(cfg.reward.spec), "reward.spec", "a reward name, module:callable or file.py:callable",
              cfg.reward.spec)
-    _require(bool(cfg.localize.spec), "localize.spec", "gradcam[:layer], saliency, heatmap:SPEC, file:GLOB or none",
-             cfg.localize.spec)
+    _require(bool(cfg.localize.spec), "localize.spec",
+             "auto, gradcam[:layer], saliency, heatmap:SPEC, file:GLOB or none", cfg.localize.spec)
     head = cfg.localize.spec.split(":", 1)[0]
-    _require(head in ("gradcam", "saliency", "heatmap", "boxes", "file", "none"), "localize.spec",
-             "gradcam[:layer], saliency, heatmap:SPEC, boxes:PATH.onnx, file:GLOB or none", cfg.localize.spec)
+    _require(head in ("auto", "gradcam", "saliency", "heatmap", "boxes", "file", "none"), "localize.spec",
+             "auto, gradcam[:layer], saliency, heatmap:SPEC, boxes:PATH.onnx, file:GLOB or none", cfg.localize.spec)
     argument = {"heatmap": "SPEC", "boxes": "PATH.onnx", "file": "GLOB"}.get(head)
     if argument:
         _require(":" in cfg.localize.spec and cfg.localize.spec.split(":", 1)[1] != "", "localize.spec",

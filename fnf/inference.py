@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from . import precision
 from .core import LORA_WEIGHTS, resolve_device
 from .encoding import encode_negative, encode_prompts
 from .families import registry
@@ -20,11 +21,17 @@ from .train.run_dir import move_aside
 MANIFEST = "manifest.json"
 
 
+def weight_dtype(cfg, device) -> str:
+    """model.weight_dtype with 'auto' resolved for ``device`` (fnf/precision.py)."""
+    return precision.resolve_values(cfg.model.weight_dtype, cfg.memory.mixed_precision,
+                                    precision.device_capability(device))[0]
+
+
 def load_for_inference(cfg):
     """(model, device, height, width) of ``cfg``: the model on train.device, the size sampling.height/width or
     the model's native one."""
     device = resolve_device(cfg.train.device)
-    model = registry.load_model(cfg.model.path, kind=cfg.model.kind, weight_dtype=cfg.model.weight_dtype,
+    model = registry.load_model(cfg.model.path, kind=cfg.model.kind, weight_dtype=weight_dtype(cfg, device),
                                 device=device, **registry.model_options(cfg))
     h = cfg.sampling.height or model.native_size
     w = cfg.sampling.width or model.native_size
@@ -47,7 +54,7 @@ def sampling_settings(cfg, model, device, h: int, w: int) -> dict:
     s = cfg.sampling
     return {"model": cfg.model.path, "family": model.family.name, "steps": s.steps,
             "guidance_scale": s.guidance_scale, "eta": s.eta, "negative_prompt": s.negative_prompt,
-            "height": h, "width": w, "weight_dtype": cfg.model.weight_dtype, "device": str(device)}
+            "height": h, "width": w, "weight_dtype": weight_dtype(cfg, device), "device": str(device)}
 
 
 # ------------------------------------------------------------------------------------------ output folders

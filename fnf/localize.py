@@ -313,7 +313,19 @@ class Localizer:
 
 
 GRADCAM_KWARGS = ("explain", "prefix_tokens", "grid")
-KINDS = "gradcam[:layer], saliency, heatmap:SPEC, boxes:PATH.onnx, file:GLOB or none"
+KINDS = "auto, gradcam[:layer], saliency, heatmap:SPEC, boxes:PATH.onnx, file:GLOB or none"
+
+
+def gradcam_fits(reward) -> bool:
+    """Whether bare ``gradcam`` finds a layer in ``reward`` (its ``gradcam_layer`` or a Conv2d)."""
+    return isinstance(reward, torch.nn.Module) and bool(
+        getattr(reward, "gradcam_layer", None) or any(isinstance(m, torch.nn.Conv2d) for m in reward.modules()))
+
+
+def auto_kind(reward) -> str:
+    """What ``auto`` (the default localizer) is for ``reward``: gradcam where it finds a layer, else saliency
+    (any differentiable reward, e.g. the default brightness)."""
+    return "gradcam" if gradcam_fits(reward) else "saliency"
 
 
 def build_localizer(spec: str, reward=None, *, kwargs: dict | None = None, normalize="minmax", threshold=0.5,
@@ -326,6 +338,8 @@ def build_localizer(spec: str, reward=None, *, kwargs: dict | None = None, norma
     (see :class:`GradCAM`)."""
     kind, _, arg = spec.partition(":")
     kwargs = dict(kwargs or {})
+    if kind == "auto":
+        kind = auto_kind(reward)
     if kind == "gradcam":
         _check_gradcam_kwargs(kwargs)
         source = GradCAM(reward, arg or None, explain=kwargs.get("explain", "problem"), reward_weight=reward_weight,
@@ -391,7 +405,7 @@ def check_localizer_spec(spec: str, kwargs: dict | None = None) -> None:
     elif kind == "file":
         if not globlib.glob(arg):
             raise LocalizerError(f"localize.spec file:{arg}: no files match")
-    elif kind not in ("saliency", "none"):
+    elif kind not in ("auto", "saliency", "none"):
         raise LocalizerError(f"unknown localizer {spec!r}: expected {KINDS}")
 
 

@@ -28,7 +28,7 @@ def test_defaults_are_valid_and_documented_choices():
     ({"sampling": {"lv_copies": 4, "truncation_k": 2}}, "sampling.truncation_k", "DRaFT-LV"),
     ({"objective": {"beta": -1}}, "objective.beta", ">= 0"),
     ({"objective": {"squared": "maybe"}}, "objective.squared", "true or false"),
-    ({"memory": {"mixed_precision": "fp8"}}, "memory.mixed_precision", "one of no, fp16, bf16"),
+    ({"memory": {"mixed_precision": "fp8"}}, "memory.mixed_precision", "one of auto, no, fp16, bf16"),
     ({"train": {"lr": 0}}, "train.lr", "> 0"),
     ({"train": {"adam_betas": [0.9]}}, "train.adam_betas", "two numbers"),
     ({"localize": {"spec": "blur"}}, "localize.spec", "gradcam[:layer]"),

@@ -7,7 +7,8 @@ A checkpoint is a folder ``<out>/checkpoints/step-0000100`` holding
   tensors in the first, everything else (param groups, scalars) in the second;
 - ``rng-<rank>.safetensors`` + ``rng-<rank>.json``: torch/CUDA RNG states (uint8 tensors) and python's and
   numpy's MT19937 states of every process;
-- ``state.json``, written last: format, step, run id (fnf/train/run_dir.py), world size.
+- ``state.json``, written last: format, step, run id (fnf/train/run_dir.py), world size, and the run's
+  resolved precision (weight_dtype, mixed_precision; fnf/precision.py), which a resume keeps.
 
 Nothing is pickled. Checkpoints of older fnf versions (``optimizer.pt``, ``rng-<rank>.pt``) still load, with
 ``torch.load(..., weights_only=True)``.
@@ -279,9 +280,11 @@ def prune(root: str, run_id: str | None, keep: int) -> list[str]:
 
 
 def save(root: str, step: int, lora: dict[str, torch.Tensor], training_state: dict, *, rank: int,
-         is_main: bool, keep: int = 0, run_id: str | None = None, world_size: int = 1) -> str:
+         is_main: bool, keep: int = 0, run_id: str | None = None, world_size: int = 1,
+         precision: dict | None = None) -> str:
     """Write checkpoint ``step`` of run ``run_id`` (all processes call this; each writes its RNG state),
-    then prune to the newest ``keep`` of this run (0 keeps all)."""
+    then prune to the newest ``keep`` of this run (0 keeps all). ``precision``: the run's resolved
+    weight_dtype / mixed_precision, kept in state.json (a resume keeps them)."""
     name = f"step-{step:07d}"
     final, tmp, old = (os.path.join(root, n) for n in (name, f".tmp-{name}", f".old-{name}"))
     if is_main:
@@ -301,7 +304,8 @@ def save(root: str, step: int, lora: dict[str, torch.Tensor], training_state: di
         save_state(os.path.join(tmp, "training_state"), training_state)
         _stage("files-written", name)
         write_json(os.path.join(tmp, "state.json"), {"format": FORMAT, "step": step, "run_id": run_id,
-                                                     "world_size": world_size})
+                                                     "world_size": world_size,
+                                                     **({"precision": precision} if precision else {})})
         fsync_dir(tmp)
         _stage("tmp-complete", name)
         if os.path.isdir(final):

@@ -24,7 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, is_tensorboard_available
 from tqdm.auto import tqdm
 
-from .. import fsdp, preflight
+from .. import fsdp, precision, preflight
 from ..config import Config
 from ..core import DTYPES, DiffusionModel, resolve_device
 from ..encoding import PromptCache
@@ -142,9 +142,13 @@ class Session:
     :meth:`optimizer_step` per training step."""
 
     def __init__(self, cfg: Config, accelerator=None, model: DiffusionModel | None = None, probe=None):
-        self.cfg = cfg
         self.probe = probe or NoProbe()
         self.acc = acc = accelerator or make_accelerator(cfg)
+        # model.weight_dtype / memory.mixed_precision 'auto' resolved on this device (fnf/precision.py), said once
+        capability = precision.device_capability(acc.device)
+        self.cfg = resolved = precision.resolve(cfg, capability)
+        acc.print(f"fnf: {precision.describe(cfg, resolved, capability)}")
+        cfg = resolved
         acc.gradient_accumulation_steps = cfg.train.grad_accum  # accelerator.backward divides the loss by it
         self.device, self.rank, self.world = acc.device, acc.process_index, acc.num_processes
         self.fsdp = fsdp.settings(acc, cfg)  # FSDP (fnf/fsdp.py): the model stays on the host until sharded
@@ -298,6 +302,18 @@ class RunLog:
         self.acc.trackers = []             # a later run on the same accelerator starts its own
 
 
+def resumed_precision(cfg: Config) -> dict | None:
+    """The precision recorded in the checkpoint a resume starts from (None: no resume, or none recorded)."""
+    if not cfg.train.resume:
+        return None
+    try:
+        folder = run_dir.resolve(cfg.train.resume, cfg.train.out)
+    except (OSError, ValueError):
+        return None
+    meta = ckpt.read_meta(folder) if folder else None
+    return (meta or {}).get("precision")
+
+
 def train(cfg: Config, accelerator=None, model: DiffusionModel | None = None) -> TrainResult:
     """Run training as configured; returns where things were written and the in-memory model.
 
@@ -305,8 +321,12 @@ def train(cfg: Config, accelerator=None, model: DiffusionModel | None = None) ->
     (it is frozen, cast to ``model.weight_dtype`` and moved to the device; the LoRA is added to it)."""
     preflight.check(cfg, model=model is None)  # the whole config, before any model is loaded
     run_dir.check(cfg.train.out, cfg.train.resume, cfg.train.overwrite)  # refuse to clobber, before loading
-    session = Session(cfg, accelerator, model)
+    started = resumed_precision(cfg)
+    session = Session(precision.keep_recorded(cfg, started), accelerator, model)
+    cfg = session.cfg  # precision resolved: saved in config.yaml and every checkpoint
     acc, t = session.acc, cfg.train
+    if started and started != precision.recorded(cfg):
+        acc.print(f"fnf: the resumed run started with {started}; now {precision.recorded(cfg)} (set explicitly)")
     out = t.out
     is_main = acc.is_main_process
     if is_main:
@@ -347,7 +367,7 @@ def train(cfg: Config, accelerator=None, model: DiffusionModel | None = None) ->
             if t.checkpoint_every and (done % t.checkpoint_every == 0 or done == t.steps):
                 ckpt.save(ckpt_root, done, lora_state_dict(session.model.denoiser), session.training_state(),
                           rank=session.rank, is_main=is_main, keep=t.keep_checkpoints, run_id=run.get("run_id"),
-                          world_size=session.world)
+                          world_size=session.world, precision=precision.recorded(cfg))
     finally:
         if progress is not None:
             progress.close()
