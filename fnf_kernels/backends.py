@@ -22,9 +22,11 @@ the same ``select("auto")`` result.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 import platform
+import re
 import warnings
 from typing import Optional
 
@@ -63,9 +65,34 @@ def triton_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _find_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+try:  # dynamo before torch 2.13 refuses to trace importlib.util.find_spec: it runs it once and keeps the answer
+    _find_triton_traced = torch._dynamo.assume_constant_result(_find_triton)
+except AttributeError:
+    _find_triton_traced = _find_triton
+
+
 def triton_installed() -> bool:
     """Whether the triton package can be imported (not cached: torch.compile traces this call)."""
-    return importlib.util.find_spec("triton") is not None
+    return _find_triton_traced()
+
+
+def _version(package: str) -> tuple[int, ...]:
+    try:
+        text = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return ()
+    return tuple(int(p) for p in re.findall(r"\d+", text)[:2])
+
+
+# triton 3.6's CPU interpreter fails on numpy >= 2.4 ("only 0-dimensional arrays can be converted to Python
+# scalars"); compiled Triton on a GPU is not affected.
+INTERPRETER_PROBLEM = ("the Triton interpreter of triton < 3.7 does not run with numpy >= 2.4 (install numpy < 2.4 "
+                       "or a newer triton for CPU tests)"
+                       if () < _version("triton") < (3, 7) and _version("numpy") >= (2, 4) else None)
 
 
 def _device_type(device) -> str:
@@ -92,6 +119,8 @@ def availability(device_type: str) -> dict[str, tuple[bool, str]]:
                        else "no CUDA device")
         if not triton_installed():
             out["triton"] = (False, "triton is not installed")
+        elif triton_interpreter() and INTERPRETER_PROBLEM:
+            out["triton"] = (False, INTERPRETER_PROBLEM)
         elif triton_interpreter():
             out["triton"] = (True, "TRITON_INTERPRET=1: Triton interpreter on CPU (slow; for tests)")
         else:

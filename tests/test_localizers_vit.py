@@ -9,9 +9,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fnf_tiny_models import RedDetector, one_torch_thread  # noqa: E402,F401
-from fnf.localize import (GradCAM, LocalizerError, build_localizer, center_crop_window,  # noqa: E402
+from fnf.localize import (GradCAM, LocalizerError, build_localizer,  # noqa: E402
                           check_localizer_spec, layer_name)
-from fnf.reward_models.preprocess import center_crop, clip_preprocess, resize_short_side  # noqa: E402
+from fnf.reward_models.preprocess import center_crop, center_crop_window, clip_preprocess, resize_short_side  # noqa: E402,E501
 from fnf.rewards import SpecError  # noqa: E402
 
 
