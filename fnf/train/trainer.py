@@ -1,9 +1,10 @@
 """The trainer: an objective's loss on a model family, LoRA, on accelerate. Build once, then the loop.
 
 One process, CPU, or several processes (``accelerate launch`` / ``torchrun``; NCCL or gloo). :class:`Session` is
-built in named steps, in this order: the accelerator, the model placed (:func:`place_model`), the trainable
-parameters (:func:`trainable_params`), sharded and shared (:func:`share_params`), the memory levers
-(:func:`set_memory_levers`), the objective's :class:`~fnf.objectives.base.Context`, the objective, the optimizer.
+built in named steps, in this order: the accelerator, the precision (:func:`resolve_precision`), the model placed
+(:func:`place_model`), the trainable parameters (:func:`trainable_params`), sharded and shared
+(:func:`share_params`), the memory levers (:func:`set_memory_levers`), the objective's
+:class:`~fnf.objectives.base.Context`, the objective, the optimizer.
 Per optimizer step and per micro-batch, on every process: a generator seeded by (seed, step, micro-step, rank),
 the objective's loss (fnf/objectives/: Focus-N-Fix / DRaFT-K, Separate-and-Enhance), ``accelerator.backward``.
 Then the trained gradients are averaged across processes, clipped, and AdamW steps (what accelerate does and
@@ -63,6 +64,15 @@ def make_accelerator(cfg: Config) -> Accelerator:
     return Accelerator(cpu=cpu, gradient_accumulation_steps=cfg.train.grad_accum,
                        log_with="tensorboard" if tensorboard else None,
                        project_config=ProjectConfiguration(project_dir=cfg.train.out, logging_dir=cfg.train.out))
+
+
+def resolve_precision(cfg: Config, acc) -> Config:
+    """model.weight_dtype / memory.mixed_precision 'auto' resolved on the accelerator's device (fnf/precision.py),
+    said once; the returned config is the run's."""
+    capability = precision.device_capability(acc.device)
+    resolved = precision.resolve(cfg, capability)
+    acc.print(f"fnf: {precision.describe(cfg, resolved, capability)}")
+    return resolved
 
 
 def image_size(cfg: Config, model: DiffusionModel) -> tuple[int, int]:
@@ -144,11 +154,7 @@ class Session:
     def __init__(self, cfg: Config, accelerator=None, model: DiffusionModel | None = None, probe=None):
         self.probe = probe or NoProbe()
         self.acc = acc = accelerator or make_accelerator(cfg)
-        # model.weight_dtype / memory.mixed_precision 'auto' resolved on this device (fnf/precision.py), said once
-        capability = precision.device_capability(acc.device)
-        self.cfg = resolved = precision.resolve(cfg, capability)
-        acc.print(f"fnf: {precision.describe(cfg, resolved, capability)}")
-        cfg = resolved
+        self.cfg = cfg = resolve_precision(cfg, acc)
         acc.gradient_accumulation_steps = cfg.train.grad_accum  # accelerator.backward divides the loss by it
         self.device, self.rank, self.world = acc.device, acc.process_index, acc.num_processes
         self.fsdp = fsdp.settings(acc, cfg)  # FSDP (fnf/fsdp.py): the model stays on the host until sharded
