@@ -28,9 +28,10 @@ def sdxl(tmp_path_factory):
 
 
 def memory_config(folder, out, **memory):
-    """bf16 autocast with UNet and VAE checkpointing (recomputation in backward) and a saliency mask."""
-    return tiny_config(folder, out, memory={"mixed_precision": "bf16", "denoiser_checkpointing": True,
-                                            "vae_checkpointing": True, **memory},
+    """fp32 weights, bf16 autocast with UNet and VAE checkpointing (recomputation in backward) and a saliency mask."""
+    return tiny_config(folder, out, model={"weight_dtype": "fp32"},
+                       memory={"mixed_precision": "bf16", "denoiser_checkpointing": True,
+                               "vae_checkpointing": True, **memory},
                        localize={"spec": "saliency"})
 
 
@@ -192,7 +193,7 @@ def test_real_counter_within_5_percent_of_profiler_allocator_events(sd, tmp_path
 @pytest.mark.slow
 def test_command_prints_and_writes_json_with_consistent_phases(sd, tmp_path, capsys):
     cfg_file = tmp_path / "c.yaml"
-    cfg_file.write_text("memory: {mixed_precision: bf16}\nlocalize: {spec: saliency}\nlora: {rank: 4}\n"
+    cfg_file.write_text("model: {weight_dtype: fp32}\nmemory: {mixed_precision: bf16}\nlocalize: {spec: saliency}\nlora: {rank: 4}\n"
                         "train: {prompts: [a red car]}\n")
     out = tmp_path / "est.json"
     assert cli.main(["estimate-memory", "--config", str(cfg_file), "--model", sd, "--json", str(out)]) == 0

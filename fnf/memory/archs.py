@@ -149,6 +149,14 @@ ARCHS.update({
         "text_encoder": ["Mistral3ForConditionalGeneration", _MISTRAL_SMALL]}},
 })
 
+# Seconds one fake-tensor trace took at the native size on the 2-core CPU box (benchmarks/RESULTS.md; the ones
+# not measured there are scaled by parameter count); `fnf estimate-memory` announces its time from these.
+TRACE_SECONDS = {"sd15": 60, "sd21": 90, "sdxl": 180, "sd35-medium": 100, "sd35-large": 300, "flux1-dev": 360,
+                 "flux1-schnell": 360, "flux2-dev": 900}
+KIND_TRACE_SECONDS = {"sd": 60, "sdxl": 180, "sd3": 100, "flux": 360, "flux2": 900}
+NATIVE = {"sd15": 512, "sd21": 768}   # every other named architecture: 1024
+
+
 TOY_TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "toy", "sd",
                              "tokenizer")
 

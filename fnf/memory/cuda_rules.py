@@ -6,16 +6,44 @@
   upsampling, exp, pow, norms, ...). Inside an autocast region with a half-precision input these ops get
   float32 inputs (or ``dtype=float32``) and run with autocast off, as on CUDA: autograd then saves float32
   tensors, and backward and checkpoint recomputation (which restores the autocast state) see the same.
-* Attention: ``scaled_dot_product_attention`` runs the backend a CUDA GPU (sm80+) would choose for the shapes
-  and dtypes: flash (half precision, head dim <= 256, no mask) or memory-efficient (float32, a mask, larger
-  head dims) save the output and a float32 logsumexp; the math backend (float64, head dims that are not
+* Attention: ``scaled_dot_product_attention`` runs the backend the GPU would choose for the shapes and dtypes:
+  flash (sm80+, half precision, head dim <= 256, no mask) or memory-efficient (float32, a mask, larger head dims,
+  GPUs before sm80) save the output and a float32 logsumexp; the math backend (float64, head dims that are not
   multiples of 8) materialises B*H*L^2 scores. CPU's flash kernel saves the same as CUDA's; the math case
   is run as the math op.
+* The GPU imitated (``GPUS``, ``fnf estimate-memory --gpu``): its compute capability decides the attention backend
+  and what ``auto`` precision resolves to (fnf/precision.py: bf16 from sm80, else fp16).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class GPU:
+    title: str
+    capability: tuple[int, int]
+    memory_gib: int     # the common (largest) memory size
+
+    def describe(self, name: str) -> str:
+        return f"{self.title} (sm_{self.capability[0]}{self.capability[1]}, {self.memory_gib} GB; --gpu {name})"
+
+
+GPUS = {
+    "h100": GPU("H100", (9, 0), 80), "a100": GPU("A100", (8, 0), 80), "4090": GPU("RTX 4090", (8, 9), 24),
+    "3090": GPU("RTX 3090", (8, 6), 24), "t4": GPU("T4", (7, 5), 16), "v100": GPU("V100", (7, 0), 32),
+}
+DEFAULT_GPU = "h100"    # an 80 GB bf16 card: what `auto` precision resolves to there is fnf's default
+FLASH_CAPABILITY = (8, 0)   # torch's flash SDPA kernel (FlashAttention-2) needs sm80+
+
+
+def gpu(name: str) -> GPU:
+    if name not in GPUS:
+        raise ValueError(f"--gpu: unknown GPU {name!r}; expected one of {', '.join(GPUS)}")
+    return GPUS[name]
 
 # CUDA autocast fp32 policy (torch >= 2.1, autocast_mode.cpp, unchanged through 2.13 for these ops).
 CUDA_FP32_OPS = frozenset({
@@ -51,12 +79,13 @@ def _to_fp32(x):
     return x
 
 
-def gpu_attention_backend(q: torch.Tensor, k: torch.Tensor, attn_mask) -> str:
-    """flash | efficient | math: the SDPA backend torch picks on an sm80+ GPU (torch 2.x priority order:
-    flash for half precision, head dim <= 256 and no mask; else memory-efficient for head dims that are
-    multiples of 8 in float32/half; else math)."""
+def gpu_attention_backend(q: torch.Tensor, k: torch.Tensor, attn_mask, capability=(9, 0)) -> str:
+    """flash | efficient | math: the SDPA backend torch picks on a GPU of ``capability`` (torch 2.x priority
+    order: flash on sm80+ for half precision, head dim <= 256 and no mask; else memory-efficient for head dims
+    that are multiples of 8 in float32/half; else math)."""
     head = q.shape[-1]
-    if q.dtype in HALF and attn_mask is None and head <= 256 and head % 8 == 0 and k.shape[-1] == head:
+    if (tuple(capability) >= FLASH_CAPABILITY and q.dtype in HALF and attn_mask is None and head <= 256
+            and head % 8 == 0 and k.shape[-1] == head):
         return "flash"
     if q.dtype != torch.float64 and head % 8 == 0:
         return "efficient"
@@ -88,7 +117,8 @@ class CudaRules:
     for the duration: a TorchFunctionMode would not see the forward recomputed by activation checkpointing,
     which runs inside ``backward`` (a torch function that pops the mode). Restored on exit."""
 
-    def __init__(self):
+    def __init__(self, capability=(9, 0)):
+        self.capability = tuple(capability)
         self.backends: dict[str, int] = {}
         self._saved: list[tuple[object, str, object]] = []
 
@@ -128,7 +158,7 @@ class CudaRules:
         # positional or keyword (diffusers' attention dispatcher passes query=, key=, value=)
         extra = {**dict(zip(("query", "key", "value", "attn_mask", "dropout_p", "is_causal"), args)), **kwargs}
         q, k, v = extra["query"], extra["key"], extra["value"]
-        backend = gpu_attention_backend(q, k, extra.get("attn_mask"))
+        backend = gpu_attention_backend(q, k, extra.get("attn_mask"), self.capability)
         self.backends[backend] = self.backends.get(backend, 0) + 1
         if backend != "math":
             return func(*args, **kwargs)

@@ -2,8 +2,11 @@
 
 ``fake=True`` (the command): under torch's FakeTensorMode, models built from config.json files alone (no
 weights read, no compute). ``fake=False``: the same code on real CPU tensors (tests check the two agree).
-CUDA's autocast fp32 ops, its attention backend and foreach AdamW are imitated (cuda_rules.py); models the
-trainer keeps on the host (offloaded text encoders, a reward built on the host before it moves) are not counted.
+CUDA's autocast fp32 ops, its attention backend and foreach AdamW are imitated (cuda_rules.py) for a GPU
+(``gpu``: cuda_rules.GPUS), whose capability also resolves ``auto`` precision as the trainer would there
+(fnf/precision.py). A reward or localizer whose files are not here gets a stand-in of its size (stand_ins.py).
+Models the trainer keeps on the host (offloaded text encoders, a reward built on the host before it moves) are
+not counted.
 """
 from __future__ import annotations
 
@@ -15,8 +18,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import precision
 from ..core import DTYPES, ModelLoadError
 from ..families.registry import detect_kind, family_by_name, read_index
+from ..localize import GradCAM
 from ..train import Session
 from ..train.placement import text_encoders_first
 from . import cuda_rules
@@ -24,6 +29,7 @@ from .archs import ARCHS
 from .components import ConfigComponents, folder_components, native_size
 from .counter import StorageCounter, rounded
 from .quantized import adjustment, quantized_peak
+from .stand_ins import CLIP_L14, stand_ins
 
 GIB = 2 ** 30
 # What a dispatch-level counter cannot see, as a margin on top of the estimate (uncalibrated until the first
@@ -39,7 +45,7 @@ NOT_INCLUDED = ("CUDA context (~0.3-0.6 GiB, outside max_memory_allocated)",
                 "reserved-but-unallocated memory of the caching allocator (fragmentation; typically 5-20% more "
                 "in torch.cuda.max_memory_reserved)")
 FROZEN = "weights (frozen)"   # the counter's label of the model's weights
-REWARD_STAND_INS = {"clip-l14": "fnf.memory.archs:clip_l14_reward"}
+REWARD_STAND_INS = {"clip-l14": CLIP_L14}
 
 # The memory ladder: each row adds one lever to the row before (memory.* keys; train.* for the pool); the last
 # two rows each replace one lever of the fnf-defaults row (HALF_SIDE: tiles of half the image's longer side).
@@ -97,10 +103,13 @@ class _TraceAccelerator:
 class CounterProbe:
     """The Session's estimation hook (fnf.objectives.base.NoProbe's interface) backed by a StorageCounter."""
 
-    def __init__(self, counter: StorageCounter):
+    def __init__(self, counter: StorageCounter, on_phase=None):
         self.counter = counter
+        self.on_phase = on_phase
 
     def phase(self, name: str, host: bool = False):
+        if self.on_phase is not None:
+            self.on_phase(name)
         if not host:
             return self.counter.phase(name)
         stack = contextlib.ExitStack()
@@ -240,18 +249,33 @@ def _init_adamw_state(session) -> None:
     session.optimizer.zero_grad(set_to_none=True)
 
 
+def family_terms(model, negative, guidance_scale: float) -> dict:
+    """The family's own words for its sampler and guidance (the report's header)."""
+    flow = "FlowMatch" in type(model.scheduler).__name__
+    if model.settings.get("guidance_embeds", False):
+        guidance = f"guidance embedding {guidance_scale:g} (guidance-distilled: no CFG batch)"
+    elif model.family.uses_cfg(model, negative, guidance_scale):
+        guidance = f"CFG {guidance_scale:g}"
+    else:
+        guidance = "no guidance (one denoiser batch)"
+    return {"sampler": "flow-matching Euler steps" if flow else "DDIM steps", "guidance": guidance}
+
+
 def run_trace(cfg, spec: dict, *, fake: bool = True, cuda: bool = True, optimizer_steps: int = 2,
-              round_bytes: bool = True, init_state: bool = True, model_hook=None) -> Estimate:
+              round_bytes: bool = True, init_state: bool = True, model_hook=None, capability=(9, 0),
+              on_phase=None) -> Estimate:
     """Build the model, then a Session, then trace optimizer steps under the counter: with ``init_state``
     (default) AdamW's state is set up as step 1 leaves it and step 2 alone is traced (half the time, the same
     peak: step 1 holds no state; tests check both ways agree); else ``optimizer_steps`` steps are traced.
-    ``model_hook(model)`` may change the built model first (experiments with memory levers)."""
+    ``model_hook(model)`` may change the built model first (experiments with memory levers). ``capability``: the
+    imitated GPU's (attention backend); ``on_phase(name)`` is called as each phase of the trainer begins.
+    ``cfg``'s precision must be resolved (fnf.precision.resolve for that GPU): the Session runs on the CPU."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     acc = _TraceAccelerator()
     fp16_autocast = cfg.memory.mixed_precision == "fp16"
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
-    rules = cuda_rules.CudaRules() if cuda else contextlib.nullcontext()
+    rules = cuda_rules.CudaRules(capability) if cuda else contextlib.nullcontext()
     began = time.time()
     with contextlib.ExitStack() as stack:
         stack.enter_context(warnings.catch_warnings())
@@ -272,7 +296,11 @@ def run_trace(cfg, spec: dict, *, fake: bool = True, cuda: bool = True, optimize
         # the Session keeps the denoiser on the host until the prompts are encoded (text_encoders_first)
         counter.register([*model.denoiser.parameters(), *model.denoiser.buffers()], FROZEN,
                          on_device=not text_encoders_first(cfg))
-        session = Session(cfg, acc, model, probe=CounterProbe(counter))
+        session = Session(cfg, acc, model, probe=CounterProbe(counter, on_phase))
+        terms = family_terms(model, getattr(session.objective, "negative", None), cfg.sampling.guidance_scale)
+        localizer = getattr(session.objective, "localizer", None)
+        if cfg.localize.spec == "auto" and localizer is not None:  # what auto became for this reward
+            terms["localizer"] = f"auto ({'gradcam' if isinstance(localizer.source, GradCAM) else 'saliency'})"
         if cuda:  # torch.optim picks foreach on CUDA tensors
             for group in session.optimizer.param_groups:
                 group["foreach"] = True
@@ -317,7 +345,7 @@ def run_trace(cfg, spec: dict, *, fake: bool = True, cuda: bool = True, optimize
             held_at_peak=dict(sorted(held.items(), key=lambda kv: -kv[1])),
             phases={k: {"at_entry": v["entry"], "peak": v["peak"], "added": v["peak"] - v["entry"]}
                     for k, v in phases.items()},
-            persistent=persistent, settings={}, trace_seconds=0.0, notes=acc.notes,
+            persistent=persistent, settings=terms, trace_seconds=0.0, notes=acc.notes,
             attention_backends=dict(rules.backends) if cuda else {})
         del session, model
     result.trace_seconds = time.time() - began
@@ -362,13 +390,17 @@ def settings_of(cfg, spec: dict) -> dict:
 
 
 def estimate(cfg, *, model_dir: str | None = None, arch: str | None = None, height: int = 0, width: int = 0,
-             reward_model: str = "", fake: bool = True, sampling_steps: int = 0) -> Estimate:
-    """Peak device memory of one training step of ``cfg`` (see the module docstring)."""
+             reward_model: str = "", fake: bool = True, sampling_steps: int = 0, gpu: str = cuda_rules.DEFAULT_GPU,
+             on_phase=None) -> Estimate:
+    """Peak device memory of one training step of ``cfg`` on ``gpu`` (see the module docstring)."""
     if not cuda_rules.torch_supported():
         raise RuntimeError(f"estimate-memory needs torch >= {'.'.join(map(str, cuda_rules.MIN_TORCH))}")
+    target = cuda_rules.gpu(gpu)
     spec = model_spec(model_dir or (None if arch else cfg.model.path), arch)
     auto_fused = cfg.memory.fused_lora == "auto"
-    cfg = trace_config(cfg, height, width, sampling_steps)
+    autos = [k for k, v in (("model.weight_dtype", cfg.model.weight_dtype),
+                            ("memory.mixed_precision", cfg.memory.mixed_precision)) if v == precision.AUTO]
+    cfg = trace_config(precision.resolve(cfg, target.capability), height, width, sampling_steps)
     family = family_by_name(spec["kind"])
     if auto_fused and not family.fused_lora:  # patch_lora refuses joint-attention processors: auto falls back to off
         cfg.memory.fused_lora = "off"
@@ -382,20 +414,34 @@ def estimate(cfg, *, model_dir: str | None = None, arch: str | None = None, heig
                              f"{', '.join(REWARD_STAND_INS)}")
         cfg.reward.spec = REWARD_STAND_INS[reward_model]
         cfg.reward.kwargs = {"dtype": cfg.model.weight_dtype}
+    notes = stand_ins(cfg)
     if cfg.memory.vae_tile == HALF_SIDE:  # a ladder row
         cfg.memory.vae_tile = half_side_tile(cfg)
-    result = run_trace(cfg, spec, fake=fake)
-    result.settings = settings_of(cfg, spec)
+    result = run_trace(cfg, spec, fake=fake, capability=target.capability, on_phase=on_phase)
+    result.settings = {**settings_of(cfg, spec), **result.settings, "gpu": gpu, "gpu_title": target.title,
+                       "capability": ".".join(map(str, target.capability)), "gpu_memory_gb": target.memory_gib,
+                       "precision_auto": autos, "stand_ins": notes}
     return result
 
 
-def ladder(cfg, **kwargs) -> list[tuple[str, Estimate]]:
-    """The estimate for each memory lever added one at a time (LADDER)."""
+def ladder_plan(cfg, model_dir: str | None = None, arch: str | None = None) -> list[tuple[str, object]]:
+    """(row name, config) of each ladder row this model gets (LADDER; the fused-LoRA row only where it applies)."""
     rows, current = [], copy.deepcopy(cfg)
-    spec = model_spec(kwargs.get("model_dir") or (None if kwargs.get("arch") else cfg.model.path), kwargs.get("arch"))
+    spec = model_spec(model_dir or (None if arch else cfg.model.path), arch)
     for name, overrides in LADDER:
-        current = _apply(current, overrides)
+        current = _apply(copy.deepcopy(current), overrides)
         if not family_by_name(spec["kind"]).fused_lora and current.memory.fused_lora == "on":  # SD3 / FLUX
             continue
-        rows.append((name, estimate(current, **kwargs)))
+        rows.append((name, current))
+    return rows
+
+
+def ladder(cfg, on_row=None, **kwargs) -> list[tuple[str, Estimate]]:
+    """The estimate for each memory lever added one at a time (LADDER); ``on_row(i, n, name)`` before each."""
+    plan = ladder_plan(cfg, kwargs.get("model_dir"), kwargs.get("arch"))
+    rows = []
+    for i, (name, row_cfg) in enumerate(plan):
+        if on_row is not None:
+            on_row(i, len(plan), name)
+        rows.append((name, estimate(row_cfg, **kwargs)))
     return rows
