@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 
@@ -18,6 +19,33 @@ from .commands.common import DESCRIPTION, SPEC_HELP
 
 # What user input can raise (config keys, specs, files, folders, model loading): one line, exit 2.
 USER_ERRORS = (ValueError, TypeError, RuntimeError, OSError, ImportError)
+
+
+# Third-party output a user cannot act on, dropped while a command runs: transformers' note that it uses its PIL
+# image processors because torchvision is not installed (same results; fnf needs no torchvision), and its
+# per-file "Loading weights" progress bars (the commands say what they load and show their own progress).
+THIRD_PARTY_NOISE = {"transformers.utils.import_utils": ("requires torchvision (not installed); falling back",)}
+
+
+class _DropNoise(logging.Filter):
+    def __init__(self, phrases):
+        super().__init__()
+        self.phrases = phrases
+
+    def filter(self, record) -> bool:
+        message = record.getMessage()
+        return not any(p in message for p in self.phrases)
+
+
+def quiet_third_party() -> None:
+    """Drop :data:`THIRD_PARTY_NOISE` and transformers' progress bars (also when transformers is imported later)."""
+    for name, phrases in THIRD_PARTY_NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNoise) for f in logger.filters):
+            logger.addFilter(_DropNoise(phrases))
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
 def command_module(name: str):
@@ -48,6 +76,7 @@ def main(argv=None) -> int:
         if not args.command:
             parser.print_help()
             return 2
+        quiet_third_party()
         return command_module(args.command).run(args)
     except USER_ERRORS as e:
         if os.environ.get("FNF_DEBUG") == "1":

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import textwrap
 
 from .. import config
 
@@ -49,6 +50,22 @@ train.batch_size, train.grad_accum, train.checkpoint_every, memory.mixed_precisi
 see configs/*.yaml.
 """
 
+TRAIN_DESCRIPTION = """\
+Train a LoRA on a local diffusers model folder with DRaFT-K and the Focus-N-Fix penalty:
+
+    loss = -w * r(I, c) + beta * || (1 - M(I0)) * (I0 - I) ||_F
+
+I0 is the pretrained sample, I the fine-tuned one (same prompt, same noise), M(I0) the problem mask from the
+localizer; beta = 0 is plain DRaFT. Settings come from --config, then --set, then the flags below. Writes
+<out>/lora (for pipe.load_lora_weights), checkpoints, log.jsonl and sample grids into --out.
+"""
+
+
+def wrapped(text: str, width: int = 100) -> str:
+    """A paragraph of help text wrapped for the terminal (the parsers keep line breaks as written)."""
+    return textwrap.fill(" ".join(text.split()), width)
+
+
 FLAGS = {  # flag -> config key (train, localize, sample)
     "model": "model.path", "reward": "reward.spec", "localizer": "localize.spec", "beta": "objective.beta",
     "steps": "train.steps", "lr": "train.lr", "seed": "train.seed", "out": "train.out", "resume": "train.resume",
@@ -56,16 +73,17 @@ FLAGS = {  # flag -> config key (train, localize, sample)
 }
 
 
-def add_common(p: argparse.ArgumentParser, *, training: bool, out_help: str = "") -> None:
+def add_common(p: argparse.ArgumentParser, *, training: bool, out_help: str = "", specs: bool = True) -> None:
     """The config options of train, localize and sample (``training``: also train's own; ``out_help``: what
-    --out holds)."""
+    --out holds; ``specs``: --reward and --localizer, for commands that use them)."""
     p.add_argument("--config", metavar="X.yaml", help="YAML config (sections model, lora, sampling, reward, "
                                                       "localize, objective, train, memory)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set sampling.steps=20 (repeatable; values parsed as YAML)")
     p.add_argument("--model", metavar="DIR", help="local diffusers folder (model.path)")
-    p.add_argument("--reward", metavar="SPEC", help="reward spec (reward.spec)")
-    p.add_argument("--localizer", metavar="SPEC", help="localizer spec (localize.spec)")
+    if specs:
+        p.add_argument("--reward", metavar="SPEC", help="reward spec (reward.spec); see 'specs' below")
+        p.add_argument("--localizer", metavar="SPEC", help="localizer spec (localize.spec); see 'specs' below")
     p.add_argument("--out", metavar="DIR",
                    help=out_help or "output folder of the run: checkpoints, log, LoRA, samples (train.out)")
     if training:

@@ -1,20 +1,26 @@
 """`fnf demo`: DRaFT vs Focus-N-Fix (and Separate-and-Enhance) on the embedded toy model, with a held-out report."""
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import sys
 
 from ..inference import check_out_path
 from ..toy.demo import run_demo
+from .common import wrapped
 
 
 def add_arguments(parser) -> None:
-    parser.description = ("Fine-tune the embedded toy model (fnf/assets/toy/sd) with DRaFT (beta=0) and Focus-N-Fix "
+    parser.description = wrapped("Fine-tune the embedded toy model (fnf/assets/toy/sd) with DRaFT (beta=0) and Focus-N-Fix "
                           "(heatmap and Grad-CAM localization), then evaluate on held-out prompts x seeds; then "
                           "Separate-and-Enhance (attn2.to_k) on held-out two-object prompts, base vs tuned success "
                           "and the single-object forgetting check; writes report.md, metrics.json, grids and a plot.")
     p = parser
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="output folder (default runs/demo)")
-    p.add_argument("--quick", action="store_true", help="a CI-sized run (a few steps, a few images)")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke test (a few steps, a few images, a minute or two): it shows the demo runs; its "
+                        "numbers say nothing about the methods")
     p.add_argument("--eval-seed", "--seed", type=int, default=0, metavar="N", dest="eval_seed",
                    help="which set of held-out evaluation noise seeds to use (default 0); training seeds are fixed")
     p.add_argument("--sweep", action="store_true",
@@ -29,11 +35,19 @@ def add_arguments(parser) -> None:
     p.add_argument("--no-sepen", action="store_true", help="skip the Separate-and-Enhance part (saves ~1.5 min)")
     p.add_argument("--overwrite", action="store_true",
                    help="an --out holding an earlier demo is moved to <out>/previous-<time>/ (without it: refused)")
+    p.add_argument("--json", action="store_true",
+                   help="print metrics.json to stdout at the end (progress then goes to stderr)")
 
 
 def run(args) -> int:
     check_out_path(args.out)   # before anything loads
-    run_demo(args.out, quick=args.quick, seed=args.eval_seed, model=args.model, threads=args.threads,
-             sepen=not args.no_sepen, overwrite=args.overwrite, sweep=args.sweep, small=args.small)
-    print(f"fnf: demo report in {os.path.join(args.out, 'report.md')}")
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        run_demo(args.out, quick=args.quick, seed=args.eval_seed, model=args.model, threads=args.threads,
+                 sepen=not args.no_sepen, overwrite=args.overwrite, sweep=args.sweep, small=args.small)
+        note = " (--quick: a smoke test, its numbers say nothing about the methods)" if args.quick else ""
+        print(f"fnf demo: report in {os.path.join(args.out, 'report.md')}{note}")
+    if args.json:
+        with open(os.path.join(args.out, "metrics.json"), encoding="utf-8") as f:
+            json.dump(json.load(f), sys.stdout, indent=1)
+        print()
     return 0

@@ -9,10 +9,12 @@ import time
 from tqdm.auto import tqdm
 
 from .. import config
+from ..inference import check_out_path
 from ..memory.archs import ARCHS, KIND_TRACE_SECONDS, NATIVE, TRACE_SECONDS
 from ..memory.cuda_rules import DEFAULT_GPU, GPUS
 from ..memory.estimate import (MARGIN_BYTES, MARGIN_FRACTION, NOT_INCLUDED, estimate, ladder, ladder_plan,
                                model_spec, plan_bytes)
+from .common import wrapped
 
 EPILOG = """\
 The estimate is of torch.cuda.max_memory_allocated over a run (weights, LoRA, AdamW state and the step's peak).
@@ -29,7 +31,15 @@ examples:
 """
 
 
+DESCRIPTION = ("Predict the peak GPU memory of a training step (torch.cuda.max_memory_allocated) for a config and a "
+               "model, on any machine: the trainer's own step is traced under fake tensors from the model's "
+               "config.json files (--model) or a named architecture (--arch); no GPU and no weights are needed. "
+               "Prints the estimate, what holds memory at the peak, and with --ladder the effect of each memory "
+               "lever.")
+
+
 def add_arguments(parser) -> None:
+    parser.description = wrapped(DESCRIPTION)
     parser.epilog = EPILOG
     parser.add_argument("--config", metavar="X.yaml", help="training config (as for fnf train)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -48,7 +58,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--ladder", action="store_true",
                         help="also estimate each memory lever added one at a time (naive -> ... -> fnf defaults "
                              "-> reward checkpointing -> fused LoRA / reference pool)")
-    parser.add_argument("--json", metavar="FILE", help="write the estimate(s) as JSON here")
+    parser.add_argument("--json", metavar="FILE",
+                        help="write the estimate(s) as JSON to FILE ('-': to stdout, the report then goes to stderr)")
 
 
 def _gib(b: float) -> str:
@@ -171,9 +182,13 @@ def run(args) -> int:
         value = getattr(args, name)
         if value < 0 or value % 8:
             raise ValueError(f"--{name} must be a positive multiple of 8, got {value}")
+    if args.json and args.json != "-" and os.path.isdir(args.json):
+        raise IsADirectoryError(f"--json {args.json!r}: expected a file name, found a folder")
+    if args.json and args.json != "-":
+        check_out_path(os.path.dirname(os.path.abspath(args.json)), "--json")
     kw = dict(model_dir=args.model, arch=args.arch, height=args.height, width=args.width,
               reward_model=args.reward_model, gpu=args.gpu)
-    text = sys.stdout
+    text = sys.stderr if args.json == "-" else sys.stdout
     spec = model_spec(args.model or (None if args.arch else cfg.model.path), args.arch)
     name = args.arch or spec["kind"]
     expected = expected_seconds(cfg, args, spec)
@@ -200,7 +215,10 @@ def run(args) -> int:
         print("\nmemory ladder (each row adds one lever to the row before):", file=text)
         print(ladder_table(rows), file=text)
         out["ladder"] = [{"configuration": name, **e.to_json()} for name, e in rows]
-    if args.json:
+    if args.json == "-":
+        json.dump(out, sys.stdout, indent=1)
+        print()
+    elif args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(out, f, indent=1)

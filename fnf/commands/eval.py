@@ -1,8 +1,10 @@
 """`fnf eval`: its options, their checks (every input before any model loads) and the run (fnf/evaluate.py)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 
 from .. import config
 from .. import evaluate as E
@@ -11,7 +13,7 @@ from .. import preflight
 from ..inference import check_lora_arg, check_lora_for_folder, lora_name
 from ..localize import check_localizer_spec
 from ..rewards import check_reward_spec
-from .common import add_prompts, config_from_flags, read_prompts_file
+from .common import add_prompts, config_from_flags, read_prompts_file, wrapped
 
 CLIP_METRIC = "clipscore"
 EPILOG = """\
@@ -30,7 +32,7 @@ With --set reward.weight < 0 a lower reward is better (win rate and Grad-CAM's '
 
 def add_arguments(parser) -> None:
     doc = E.__doc__.split("\n\n")
-    parser.description = doc[0].strip() + " " + " ".join(doc[1].split())
+    parser.description = wrapped((doc[0].strip() + " " + doc[1]).replace("``", "'"))
     parser.epilog = EPILOG
     p = parser
     p.add_argument("--model", metavar="DIR", help="local diffusers folder (model.path)")
@@ -62,6 +64,8 @@ def add_arguments(parser) -> None:
     p.add_argument("--grid-images", type=int, default=16, metavar="N",
                    help="how many prompt/seed images the grids show (default 16; 0: no grids)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true",
+                   help="print metrics.json to stdout at the end (the summary then goes to stderr)")
     p.add_argument("--config", metavar="X.yaml", help="YAML config (sections model, sampling, reward, localize)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set localize.threshold=0.3 (repeatable)")
@@ -171,9 +175,31 @@ def plan(args) -> E.Plan:
                   args.grid_images, not args.no_progress, E.lpips_status())
 
 
+def summary_lines(result: dict) -> list[str]:
+    """The console's short summary: per model its reward, change vs base, win rate and change outside the mask."""
+    def num(s, fmt=".4g"):
+        return "n/a" if s.get("mean") is None else format(s["mean"], fmt)
+
+    lines = []
+    for name, r in result["models"].items():
+        line = f"  {name}: reward {num(r['reward'])}"
+        if name != "base":
+            line += (f", {num(r['reward_delta'], '+.4g')} vs base, win rate {num(r['win_rate'], '.2f')}, change "
+                     f"outside / inside the mask (MSE) {num(r['change']['outside_mse'], '.2g')} / "
+                     f"{num(r['change']['inside_mse'], '.2g')}")
+        lines.append(line)
+    return lines
+
+
 def run(args) -> int:
     p = plan(args)
-    result = E.evaluate(p)
-    print(f"fnf eval: {result['settings']['n_images']} images x {len(result['models'])} models; report in "
-          f"{os.path.join(p.out, 'report.md')}")
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        result = E.evaluate(p)
+        print(f"fnf eval: {result['settings']['n_images']} images x {len(result['models'])} models; report in "
+              f"{os.path.join(p.out, 'report.md')}")
+        print("\n".join(summary_lines(result)))
+    if args.json:
+        with open(os.path.join(p.out, "metrics.json"), encoding="utf-8") as f:
+            json.dump(json.load(f), sys.stdout, indent=1)
+        print()
     return 0

@@ -9,7 +9,7 @@ from ..inference import (MANIFEST, check_out, claim_out, file_stem, load_for_inf
                          sampling_settings, write_manifest)
 from ..localize import heatmap_rgb, localizer_from_config, overlay
 from ..rewards import build_reward, prepare_reward
-from .common import SPEC_HELP, add_common, add_prompts_and_seeds, config_from_args, read_prompts
+from .common import SPEC_HELP, add_common, add_prompts_and_seeds, config_from_args, read_prompts, wrapped
 
 FOLDER = "localize"
 PARTS = (("i0", "base (I0)"), ("heatmap", "heatmap"), ("mask", "mask"), ("overlay", "mask on base"))
@@ -27,8 +27,8 @@ examples:
 
 
 def add_arguments(parser) -> None:
-    parser.description = ("Sample I0 with the pretrained model and write the localizer's heatmap and mask for it: "
-                          "check the localizer before training.")
+    parser.description = wrapped("Sample I0 with the pretrained model and write the localizer's heatmap and mask "
+                                 "for it: check the localizer before training.")
     parser.epilog = EPILOG
     add_common(parser, training=False, out_help=f"writes into <out>/{FOLDER}/ (default: the config's train.out)")
     add_prompts_and_seeds(parser, FOLDER)

@@ -9,14 +9,14 @@ from ..images import labelled_row, save_png
 from ..inference import (MANIFEST, check_lora_arg, check_lora_fits, check_lora_for_folder, check_out, claim_out,
                          file_stem, load_for_inference, lora_name, sample_seeded, sampling_settings, write_manifest)
 from ..lora import adapters_disabled, load_lora
-from .common import add_common, add_prompts_and_seeds, config_from_args, read_prompts
+from .common import add_common, add_prompts_and_seeds, config_from_args, read_prompts, wrapped
 
 FOLDER = "samples_compare"
 EPILOG = f"""\
-Writes <out>/{FOLDER}/: {MANIFEST} first (the model, LoRA, settings, and which prompt and seed made each file),
-then per prompt index P and seed S: pPPP_sS_base.png, pPPP_sS_<lora>.png (the images as sampled) and
-pPPP_sS_base-vs-<lora>.png (the two side by side, labelled). <lora> is the LoRA's name: runs/fix/lora -> fix.
-An <out>/{FOLDER}/ of an earlier run is refused unless --overwrite (it moves to <out>/previous-<UTC time>/).
+Writes <out>/{FOLDER}/: {MANIFEST} first (the model, LoRA, settings, and which prompt and seed made
+each file), then per prompt index P and seed S: pPPP_sS_base.png, pPPP_sS_<lora>.png (the images as sampled)
+and pPPP_sS_base-vs-<lora>.png (the two side by side, labelled). <lora> is the LoRA's name: runs/fix/lora ->
+fix. An <out>/{FOLDER}/ of an earlier run is refused unless --overwrite (it moves to <out>/previous-<UTC time>/).
 
 examples:
   fnf sample --config configs/sd15_artifacts.yaml --lora runs/fix/lora --out runs/compare
@@ -25,10 +25,10 @@ examples:
 
 
 def add_arguments(parser) -> None:
-    parser.description = ("Sample the base model and the model with a LoRA from the same prompts and noise, and "
-                          "write both images and a labelled side-by-side picture.")
+    parser.description = wrapped("Sample the base model and the model with a LoRA from the same prompts and noise, "
+                                 "and write both images and a labelled side-by-side picture.")
     parser.epilog = EPILOG
-    add_common(parser, training=False,
+    add_common(parser, training=False, specs=False,
                out_help=f"writes into <out>/{FOLDER}/ (default: the config's train.out, where `fnf train` put the "
                         "LoRA)")
     parser.add_argument("--lora", required=True, metavar="DIR",
@@ -52,7 +52,7 @@ def run(args) -> int:
     name = lora_name(args.lora)
     name = "lora-base" if name == "base" else name
     jobs = [(pi, prompt, seed) for pi, prompt in enumerate(prompts) for seed in args.seeds]
-    print(f"fnf sample: {len(jobs)} image pairs (base, {name}) -> {out}", flush=True)
+    print(f"fnf sample: {len(jobs)} image pair{'s' * (len(jobs) != 1)} (base, {name}) -> {out}", flush=True)
     model, device, h, w = load_for_inference(cfg)
     check_lora_fits(args.lora, model.family, cfg.model.path, model.denoiser)
     load_lora(model, args.lora, adapter_name=ADAPTER)
@@ -75,5 +75,5 @@ def run(args) -> int:
         save_png(tuned[0], f"{stem}_{name}.png")
         save_png(labelled_row([base[0], tuned[0]], ["base", name]), f"{stem}_base-vs-{name}.png")
         print(f"fnf sample: [{k + 1}/{len(jobs)}] prompt {pi} seed {seed}", flush=True)
-    print(f"fnf sample: wrote {len(jobs)} base | {name} pairs and {MANIFEST} to {out}")
+    print(f"fnf sample: wrote {len(jobs)} base | {name} pair{'s' * (len(jobs) != 1)} and {MANIFEST} to {out}")
     return 0

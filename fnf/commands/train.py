@@ -5,7 +5,7 @@ import os
 
 from ..inference import check_out_path
 from ..train import train
-from .common import DESCRIPTION, SPEC_HELP, add_common, config_from_args
+from .common import SPEC_HELP, TRAIN_DESCRIPTION, add_common, config_from_args
 
 EXAMPLES = """
 examples:
@@ -17,7 +17,7 @@ examples:
 
 
 def add_arguments(parser) -> None:
-    parser.description = DESCRIPTION
+    parser.description = TRAIN_DESCRIPTION
     parser.epilog = SPEC_HELP + EXAMPLES
     add_common(parser, training=True)
 

@@ -254,38 +254,125 @@ def plot(path, histories: dict) -> None:
 
 def plot_pareto(path, points: list[dict]) -> None:
     """Defect reduction (judge, left; reward's classifier, right) vs change outside the mask; colour = alignment."""
+    import matplotlib.pyplot as plt
+
+    fig = pareto_figure(points)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def pareto_figure(points: list[dict]):
+    """The Pareto figure: labels placed where they overlap no other label, marker or axis text."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharex=True, layout="constrained")
     al = [p["alignment"]["mean"] for p in points]
     lo, hi = min(al), max(al)
+    if hi - lo < 1e-6:
+        lo, hi = lo - 0.05, hi + 0.05
+    top = max(max(p["outside_change_mse"]["ci_high"], p["outside_change_mse"]["mean"]) for p in points)
+    exp = math.floor(math.log10(top)) if top > 0 and math.isfinite(top) else 0
+    scale = 10.0 ** exp
     for ax, key, title in ((axes[0], "judge_reduction", "defect actually gone (pixel judge)"),
                            (axes[1], "reward_reduction", "reward improved (classifier p > 0.5)")):
+        labels = []
         for run in dict.fromkeys(p["run"] for p in points):
             pts = sorted([p for p in points if p["run"] == run], key=lambda p: p["step"])
-            xs = [p["outside_change_mse"]["mean"] for p in pts]
+            xs = [p["outside_change_mse"]["mean"] / scale for p in pts]
             ys = [p[key]["mean"] for p in pts]
             if len(pts) > 1:
                 ax.plot(xs, ys, "-", color="0.7", lw=1, zorder=1)
             for p, x, y in zip(pts, xs, ys):
                 ax.errorbar(x, y, yerr=[[y - p[key]["ci_low"]], [p[key]["ci_high"] - y]],
-                            xerr=[[x - p["outside_change_mse"]["ci_low"]], [p["outside_change_mse"]["ci_high"] - x]],
+                            xerr=[[x - p["outside_change_mse"]["ci_low"] / scale],
+                                  [p["outside_change_mse"]["ci_high"] / scale - x]],
                             fmt="none", ecolor="0.6", lw=0.8, zorder=2)
-            sc = ax.scatter(xs, ys, c=[p["alignment"]["mean"] for p in pts], cmap="viridis", vmin=lo, vmax=hi + 1e-9,
+            sc = ax.scatter(xs, ys, c=[p["alignment"]["mean"] for p in pts], cmap="viridis", vmin=lo, vmax=hi,
                             marker="s" if run == "draft" else "o", s=45, zorder=3, edgecolors="k", linewidths=0.5)
-            for p, x, y in zip(pts, xs, ys):
-                ax.annotate(p["label"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            labels += [(p["label"], x, y) for p, x, y in zip(pts, xs, ys)]
         ax.set_title(title)
-        ax.set_xlabel("change outside the defect mask (MSE vs base)")
-        ax.set_ylabel("defect-rate reduction on images with a base defect")
-    fig.colorbar(sc, ax=axes, label="alignment (attribute recall)")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        ax.set_xlabel("change outside the defect mask (MSE vs base" + (f", x 1e{exp})" if exp else ")"))
+        ax.set_ylabel("defect-rate reduction (base defects)")
+        ax.ticklabel_format(useOffset=False)
+        ax.margins(x=0.15, y=0.2)
+        ax._fnf_labels = labels
+    bar = fig.colorbar(sc, ax=axes, label="alignment (attribute recall)")
+    bar.formatter.set_useOffset(False)
+    for ax in axes:
+        place_labels(fig, ax, ax._fnf_labels)
+    return fig
+
+
+# Label offsets tried in turn (points from the marker): right, left, above, below, then further out.
+_OFFSETS = [(6, 5), (6, -12), (-6, 5), (-6, -12), (0, 14), (0, -20), (14, 20), (-14, 20), (14, -28), (-14, -28),
+            (24, 0), (-24, 0), (0, 30), (0, -38), (30, 34), (-30, 34), (30, -42), (-30, -42), (0, 46), (0, -54)]
+
+
+def place_labels(fig, ax, labels) -> list:
+    """Annotate (text, x, y) points so that no label overlaps another label, a marker or the axes' own texts:
+    each tries the offsets of ``_OFFSETS`` in turn (a leader line when it moves away); the last is kept if none
+    is free. Returns the annotations."""
+    Text = _text_class()
+    renderer = fig.canvas.get_renderer()
+    fig.draw_without_rendering()
+    taken = [t.get_window_extent(renderer) for t in (ax.title, ax.xaxis.label, ax.yaxis.label) if t.get_text()]
+    px = [ax.transData.transform((x, y)) for _, x, y in labels]
+    r = 4 * fig.dpi / 72   # a marker's half size in pixels (s=45 points^2)
+    markers = [matplotlib_bbox(x - r, y - r, x + r, y + r) for x, y in px]
+    inside = ax.get_window_extent(renderer)
+    done = []
+    for text, x, y in labels:
+        for k, (dx, dy) in enumerate(_OFFSETS):
+            far = abs(dx) > 8 or dy > 8 or dy < -14
+            ha = "left" if dx > 0 else ("right" if dx < 0 else "center")
+            a = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=7, ha=ha,
+                            va="bottom", zorder=4, arrowprops=dict(arrowstyle="-", color="0.5", lw=0.5,
+                                                                   shrinkA=0, shrinkB=3) if far else None)
+            a.update_positions(renderer)
+            box = Text.get_window_extent(a, renderer).expanded(1.15, 1.2)   # the text, not its leader line
+            free = (box.x0 >= inside.x0 and box.x1 <= inside.x1 and box.y0 >= inside.y0 and box.y1 <= inside.y1
+                    and not any(box.overlaps(b) for b in taken + markers))
+            if free or k == len(_OFFSETS) - 1:
+                taken.append(box)
+                done.append(a)
+                break
+            a.remove()
+    return done
+
+
+def matplotlib_bbox(x0, y0, x1, y1):
+    from matplotlib.transforms import Bbox
+
+    return Bbox([[x0, y0], [x1, y1]])
+
+
+def _text_class():
+    from matplotlib.text import Text
+
+    return Text
 
 
 # ------------------------------------------------------------------------------------------ report
+QUICK_NOTE = ("a smoke test: a few training steps on a few images, so its numbers (often all-zero changes) say "
+              "nothing about the methods; run `fnf demo` without --quick for results.")
+
+
+def summary_line(r: dict) -> str:
+    """One model's held-out numbers in a line (metrics.json has them all)."""
+    return (f"defect rate {r['defect_rate']:.2f} (pixel judge {r['judge_defect_rate']:.2f}, "
+            f"{r['delta']['judge_defect_rate']['mean']:+.2f} vs base), alignment {r['alignment']:.2f}, change "
+            f"outside / inside the mask (MSE) {r['outside_change_mse']:.2g} / {r['inside_change_mse']:.2g}")
+
+
+def sepen_summary_line(r: dict) -> str:
+    """Separate-and-Enhance's held-out numbers in a line."""
+    return (f"two-object success {r['base']:.2f} -> {r['sepen']:.2f} ({r['gain']:+.2f}), single-object "
+            f"{r['single_base']:.2f} -> {r['single_sepen']:.2f} ({r['n_two_object']} + {r['n_single_object']} "
+            "images)")
+
+
 def _ci(r: dict, k: str, fmt: str = ".3f") -> str:
     lo, hi = r["ci"][k]
     return f"{r[k]:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]"
@@ -299,7 +386,10 @@ def report(path, res: dict, settings: dict, seconds: float, sepen_lines: list[st
     b = res["base"]
     names = [k for k in res["models"]]
     nb = b["on_base_defects"]["n"]
-    lines = ["# fnf demo: DRaFT vs Focus-N-Fix on the embedded toy model", "",
+    lines = ["# fnf demo: DRaFT vs Focus-N-Fix on the embedded toy model", ""]
+    if settings.get("quick"):
+        lines += [f"**Smoke test: this run used `--quick`, {QUICK_NOTE}**", ""]
+    lines += [
              f"Held-out evaluation: {b['n_images']} images (prompts x noise seeds never used in training: eval seed "
              f"{settings['eval_seed']}), {b['n_images_with_mask']} with a base-image defect mask, {nb} whose base "
              f"image the pixel judge calls defective. Wall time {seconds / 60:.1f} min, CPU time "
@@ -443,6 +533,8 @@ def _run_demo(out, quick, seed, model, threads, beta, methods, squared, grad_cli
     prepare_out(out, overwrite)
     torch.set_num_threads(threads)
     st = {**SETTINGS["quick" if quick else "default"], **(settings or {})}
+    if quick:
+        print(f"fnf demo: --quick is {QUICK_NOTE}", flush=True)
     checks: dict = {}
     every_prompt = eval_prompts()
     prompts = eval_prompts(st["eval_pairs"])
@@ -510,7 +602,7 @@ def _run_demo(out, quick, seed, model, threads, beta, methods, squared, grad_cli
             same_images(check, base[:2], f"{name}: adapters-off model reproduces the base images", checks)
             v = per_image(images[name], base, masks, ps, small)
             res["models"][name] = summarize(v, bv, masks)
-            print(f"fnf demo: {name}: {json.dumps(finite_or_none(res['models'][name]))}", flush=True)
+            print(f"fnf demo: {name}: {summary_line(res['models'][name])}", flush=True)
             # Earlier checkpoints of the same run: DRaFT's (the matched-reduction curve); FnF's too with --sweep
             # (each costs a Pareto-subset evaluation, ~45 s of CPU: the default run must stay within 10 minutes).
             if len(sub) and (run == "draft" or (sweep and run == "fnf_heatmap")):
@@ -540,8 +632,8 @@ def _run_demo(out, quick, seed, model, threads, beta, methods, squared, grad_cli
         res["sepen"], tuned, sepen_lines = _sepen(model, out, ps, ss, base, kw, st, checks, quick)
         seconds["sepen"] = round(time.time() - t1, 1)
         cpu["sepen"] = round(time.process_time() - c1, 1)
-        print(f"fnf demo: sepen: {json.dumps(finite_or_none(res['sepen']))}", flush=True)
-    settings_out = {**st, "beta": beta, "squared_penalty": squared, "eval_seed": seed,
+        print(f"fnf demo: sepen: {sepen_summary_line(res['sepen'])}", flush=True)
+    settings_out = {**st, "quick": quick, "beta": beta, "squared_penalty": squared, "eval_seed": seed,
                     "eval_prompts": len(prompts), "eval_seeds_first": ss[0],
                     "eval_seed_scheme": "fnf.toy.evaluate_sd.eval_seed(seed, prompt, k)", "model": model,
                     "small": small or "shipped",

@@ -60,7 +60,7 @@ def test_cli_input_errors_are_one_line_before_any_model_loads(tmp_path, capsys, 
         (["--reward", "brightness", "--set", "reward.kwargs={scale: 2}"], "does not accept kwargs"),
         (["--localizer", "file:" + str(tmp_path / "*.png")], "no files match"),
         (["--localizer", "heatmap:box", "--set", "localize.kwargs={bogus: 1}"], "does not accept kwargs"),
-        (["--set", "localize.kwargs={explain: why}"], "explain must be"),
+        (["--localizer", "gradcam", "--set", "localize.kwargs={explain: why}"], "explain must be"),
         (["--set", "train.device=cuda"], "train.device"),
     ]
     for extra, expected in cases:
