@@ -132,6 +132,8 @@ class LoraMismatch(ValueError):
     """A LoRA folder that does not belong to the model (another family, size or rank layout)."""
 
 
+# The pipeline components a diffusers-format LoRA file names its keys after.
+_COMPONENTS = {"unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "prior"}
 _SUFFIX = re.compile(r"\.(lora\.down|lora\.up|lora_A|lora_B)(\.[A-Za-z0-9_]+)?\.weight$")
 
 
@@ -219,9 +221,12 @@ def check_lora_fits(folder: str, family, model_path: str, denoiser=None, flag: s
         raise LoraMismatch(f"{flag} {folder!r} does not belong to --model: the LoRA is for {describe_lora(shapes)}, "
                            f"the model is {describe_model(family, model_path, denoiser)}; {detail}")
 
-    if not ours or not any(_SUFFIX.search("." + k) for k in ours):
-        other = sorted({k.split(".", 1)[0] for k in shapes})[:3]
-        fail(f"it holds no {prefix} LoRA weights (its keys start with {', '.join(repr(o + '.') for o in other)})")
+    if not ours:
+        other = sorted({k.split(".", 1)[0] for k in shapes} & _COMPONENTS)
+        if other or not shapes:
+            fail(f"it holds no {prefix} LoRA weights (its keys start with "
+                 f"{', '.join(repr(o + '.') for o in other) or 'nothing'})")
+        return   # another key format (kohya, ...): the family's loader converts it or says why not
     if denoiser is None:
         return
     modules = dict(denoiser.named_modules())

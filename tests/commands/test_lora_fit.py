@@ -97,10 +97,16 @@ def test_a_lora_of_another_size_or_rank_layout_is_one_line_before_sampling(setup
     assert "Stable Diffusion 1.x/2.x UNet" in lines[0]
 
 
-def test_the_models_own_lora_passes_the_check(setup):
+def test_the_models_own_lora_and_other_key_formats_pass_the_check(setup, tmp_path):
+    """The model's own LoRA passes; a LoRA in a key format diffusers converts (kohya) is left to the loader."""
     from fnf.families.registry import load_model
     from fnf.inference import check_lora_fits, check_lora_for_folder
 
     check_lora_for_folder(setup["own"], setup["model"])
     m = load_model(setup["model"])
     check_lora_fits(setup["own"], m.family, setup["model"], m.denoiser)
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    save_file({f"{key}.lora_down.weight": torch.zeros(4, 16), f"{key}.lora_up.weight": torch.zeros(16, 4)},
+              str(tmp_path / LORA_WEIGHTS))
+    check_lora_for_folder(str(tmp_path), setup["model"])
+    check_lora_fits(str(tmp_path), m.family, setup["model"], m.denoiser)
