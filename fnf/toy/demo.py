@@ -30,9 +30,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 
 import torch
+from tqdm.auto import tqdm
 
 from ..train import checkpoint as ckpt
 from ..train import run_dir
@@ -550,6 +552,8 @@ def _run_demo(out, quick, seed, model, threads, beta, methods, squared, grad_cli
     if sweep:
         runs += [(f"fnf_heatmap@beta{b:g}", "fnf_heatmap", b) for b in SWEEP_BETAS if b != beta]
     every = max(1, st["train_steps"] // st["checkpoints"])
+    stages = tqdm(total=1 + len(runs) + int(bool(sepen)), desc="fnf demo", unit="stage", file=sys.stderr,
+                  dynamic_ncols=True)   # base images, each training run with its evaluation, sepen
     cfgs = {name: base_config(model, os.path.join(out, "runs", name.replace("@", "_")), name.split("@")[0],
                               st["train_steps"], st["batch"], 0, b, squared, grad_clip, pool_seeds=st["pool_seeds"],
                               pool_reward_below=below, prompts=pool_prompts, checkpoint_every=every, small=small)
@@ -578,6 +582,7 @@ def _run_demo(out, quick, seed, model, threads, beta, methods, squared, grad_cli
 
     seconds = {"base": round(time.time() - t0, 1)}
     cpu = {"base": round(time.process_time() - c0, 1)}
+    stages.update(1)
     for name, run, b in runs:
         cfg = cfgs[name]
         t1, c1 = time.time(), time.process_time()
@@ -595,6 +600,7 @@ def _run_demo(out, quick, seed, model, threads, beta, methods, squared, grad_cli
                 seconds[f"{name}: evaluation"] = round(time.time() - t1, 1)
                 cpu[f"{name}: evaluation"] = round(time.process_time() - c1, 1)
                 del r
+                stages.update(1)
                 continue
             images[name] = sample(r.model, ps, ss, **kw)
             with adapters_disabled(r.model.denoiser):                # the same model with the LoRA off is the base
@@ -622,6 +628,7 @@ def _run_demo(out, quick, seed, model, threads, beta, methods, squared, grad_cli
               f"{seconds[f'{name}: evaluation']:.0f} s evaluation (wall; CPU {cpu[f'{name}: training']:.0f} + "
               f"{cpu[f'{name}: evaluation']:.0f} s)", flush=True)
         del r
+        stages.update(1)
         with open(os.path.join(out, "metrics.partial.json"), "w") as f:   # what a crash later must not cost
             json.dump(finite_or_none({"base": res["base"], **res["models"], "pareto": points}), f, indent=1)
     res["pareto"] = points
@@ -632,7 +639,9 @@ def _run_demo(out, quick, seed, model, threads, beta, methods, squared, grad_cli
         res["sepen"], tuned, sepen_lines = _sepen(model, out, ps, ss, base, kw, st, checks, quick)
         seconds["sepen"] = round(time.time() - t1, 1)
         cpu["sepen"] = round(time.process_time() - c1, 1)
+        stages.update(1)
         print(f"fnf demo: sepen: {sepen_summary_line(res['sepen'])}", flush=True)
+    stages.close()
     settings_out = {**st, "quick": quick, "beta": beta, "squared_penalty": squared, "eval_seed": seed,
                     "eval_prompts": len(prompts), "eval_seeds_first": ss[0],
                     "eval_seed_scheme": "fnf.toy.evaluate_sd.eval_seed(seed, prompt, k)", "model": model,
