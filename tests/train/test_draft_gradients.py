@@ -1,7 +1,7 @@
 """dL/dLoRA of the DRaFT-K / DRaFT-LV + Focus-N-Fix loss: fnf's sampler = a hand-unrolled DDIM loop, in float64.
 
-fnf's path: ``fnf.sampling.run_steps`` (I0, adapters off) and ``draft_k`` (I, the last K steps carrying grad) + ``decode`` +
-``fnf.objectives.focus_n_fix_loss`` (the fused masked-Frobenius kernel). The reference below is written from the
+fnf's path: ``fnf.sampling.run_steps`` (I0, adapters off) and ``draft_k`` (I, the last K steps carrying grad)
++ ``decode`` + ``fnf.objectives.focus_n_fix_loss`` (the fused masked-Frobenius kernel). The reference below is written from the
 DDIM paper's update (eq. 12, 16) on an ``alphas_cumprod`` computed here from the scaled-linear beta schedule; it
 calls the UNet and the VAE decoder directly and never touches ``scheduler.step``, ``add_noise``,
 ``predict_noise`` or the penalty kernel. Both run on a tiny SD model cast to float64.
