@@ -13,6 +13,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fnf_tiny_models import cached_model, one_torch_thread  # noqa: E402,F401
 from tiny_flux import cached_flux  # noqa: E402
+from tiny_flux2 import cached_flux2  # noqa: E402
 from tiny_sd3 import cached_sd3  # noqa: E402
 from fnf import cli, config, precision  # noqa: E402
 from fnf.commands.estimate_memory import report  # noqa: E402
@@ -107,11 +108,12 @@ def test_bare_command_on_a_tiny_folder_for_an_old_gpu(sd, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("make", ["sdxl", "sd3", "flux", "flux-schnell"])
+@pytest.mark.parametrize("make", ["sdxl", "sd3", "flux", "flux-schnell", "flux2"])
 def test_bare_command_runs_for_every_family(make, tmp_path_factory, capsys):
     root = str(tmp_path_factory.getbasetemp())
     folder = {"sdxl": lambda: cached_model("sdxl", root), "sd3": lambda: cached_sd3(root),
-              "flux": lambda: cached_flux(root), "flux-schnell": lambda: cached_flux(root, "flux_schnell")}[make]()
+              "flux": lambda: cached_flux(root), "flux-schnell": lambda: cached_flux(root, "flux_schnell"),
+              "flux2": lambda: cached_flux2(root)}[make]()
     out = tmp_path_factory.mktemp("est") / "e.json"
     assert cli.main(["estimate-memory", "--model", folder, "--json", str(out)]) == 0
     first = capsys.readouterr().out.splitlines()[0]
@@ -119,7 +121,7 @@ def test_bare_command_runs_for_every_family(make, tmp_path_factory, capsys):
     assert settings["weight_dtype"] == settings["mixed_precision"] == "bf16" and settings["gpu"] == "h100"
     flow = make != "sdxl"
     assert ("flow-matching Euler steps" if flow else "DDIM steps") == settings["sampler"]
-    if make == "flux":
+    if make in ("flux", "flux2"):   # guidance-distilled: the scale is an embedding
         assert "guidance embedding" in first and "CFG 7.5" not in first
 
 
