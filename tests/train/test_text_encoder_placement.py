@@ -26,6 +26,7 @@ from tiny_sd3 import IMAGE_SIZE as SD3_SIZE
 from tiny_sd3 import cached_sd3
 
 from fnf import config as config_mod
+from fnf import precision
 from fnf.encoding import encode_prompts
 from fnf.families.registry import load_model, model_options
 from fnf.objectives.base import NoProbe
@@ -159,7 +160,7 @@ def _sd3_pipeline(path, **kw):
 
 
 def _load_from_config(path, **model):
-    cfg = config_mod.from_dict({"model": {"path": path, **model}})
+    cfg = precision.resolve(config_mod.from_dict({"model": {"path": path, **model}}), None)  # 'auto' on the CPU
     return load_model(path, kind=cfg.model.kind, weight_dtype=cfg.model.weight_dtype, **model_options(cfg))
 
 
