@@ -6,12 +6,18 @@ Environment:
                          warning saying why when it is not; 1 stops with that reason instead.
   TORCH_CUDA_ARCH_LIST   GPU architectures; default: the visible GPUs, or 8.0;8.6;8.9;9.0+PTX when none.
   MAX_JOBS               parallel compile jobs (ninja).
-  FNF_NO_EXTENSION=1     skip the extension entirely (the ops fall back to Triton / torch).
+  FNF_NO_EXTENSION=1     skip the extension entirely (the ops fall back to Triton / torch); recorded in
+                         fnf_kernels/_build.json so that importing does not warn about a choice the user made.
+
+`pip install .` (also -e, git+URL) builds against the torch already installed: the in-tree backend
+_build_backend/fnf_backend.py hands that torch to this file inside pip's isolated build (README, Install).
 """
 import glob
+import json
 import os
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = "8.0;8.6;8.9;9.0+PTX"
@@ -57,8 +63,13 @@ def _cuda_toolkit():
 
 def extensions():
     if os.environ.get("FNF_NO_EXTENSION") == "1":
-        return [], {}
-    import torch
+        return [], {"build_py": BuildPy}
+    try:
+        import torch
+    except ImportError:
+        raise SystemExit("focus-n-fix builds its C++ extension against your installed torch, and this Python has "
+                         "none: install torch first (README, Install), then run this install again; or set "
+                         "FNF_NO_EXTENSION=1 to install without the compiled kernels") from None
 
     toolkit = _cuda_toolkit()  # sets CUDA_HOME, which cpp_extension reads when it is imported
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
@@ -80,7 +91,21 @@ def extensions():
     else:
         ext = CppExtension("fnf_kernels._C", sources, include_dirs=include,
                            extra_compile_args={"cxx": cxx}, extra_link_args=openmp)
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True), "build_py": BuildPy}
+
+
+class BuildPy(build_py):
+    """Also writes fnf_kernels/_build.json: whether the extension was skipped on purpose (FNF_NO_EXTENSION=1), so
+    that fnf_kernels._extension warns only about an extension that should be there and is not."""
+
+    def run(self):
+        super().run()
+        info = {"extension": os.environ.get("FNF_NO_EXTENSION") != "1"}
+        folder = (os.path.join(ROOT, "fnf_kernels") if getattr(self, "editable_mode", False)
+                  else os.path.join(self.build_lib, "fnf_kernels"))
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "_build.json"), "w", encoding="utf-8") as f:
+            json.dump(info, f)
 
 
 ext_modules, cmdclass = extensions()
@@ -103,12 +128,15 @@ setup(
     # torch.distributed.fsdp.fully_shard are all older than that); diffusers 0.34 is the first with LoRA adapter
     # metadata (save_lora_weights / lora_state_dict); transformers 4.48 fails bf16 CLIP text encoding (causal mask
     # overflow), 4.53 passes.
+    # triton is not a plain requirement: PyPI's CUDA builds of torch for Linux already require the triton they were
+    # built with (torch 2.11: triton==3.6.0), and a CPU torch cannot run Triton kernels, so requiring it here would
+    # only download ~300 MB for CPU users. The `triton` extra is for a CUDA torch that came without it.
     install_requires=[
         "torch>=2.11.0",
         "numpy>=1.26.4",
-        "triton>=3.6.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
     extras_require={
+        "triton": ["triton>=3.6.0; platform_system == 'Linux'"],
         "train": ["diffusers>=0.34.0", "peft>=0.15.0", "accelerate>=1.0.0", "transformers>=4.53.0",
                   "safetensors>=0.4.3", "tqdm>=4.66.0", "PyYAML>=6.0", "matplotlib>=3.8.0", "Pillow>=10.0.0"],
         "test": ["pytest>=8.0.0", "hypothesis>=6.100.0", "pytest-benchmark", "expecttest>=0.2.1", "onnx>=1.16.0",
