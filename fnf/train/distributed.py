@@ -28,8 +28,11 @@ AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def autocast_dtype(cfg) -> torch.dtype | None:
-    """memory.mixed_precision; half-precision weights need autocast in their dtype when it is 'no'."""
+    """memory.mixed_precision of a resolved config (fnf/precision.py); half-precision weights need autocast in
+    their dtype when it is 'no'."""
     mp = cfg.memory.mixed_precision
+    if "auto" in (mp, cfg.model.weight_dtype):
+        raise ValueError("precision 'auto' must be resolved for the device first (fnf.precision.resolve)")
     if mp == "no" and cfg.model.weight_dtype != "fp32":
         mp = cfg.model.weight_dtype
     return AUTOCAST.get(mp)
