@@ -35,7 +35,6 @@ SMOKE = ("import warnings, torch\n"
          "fnf_kernels.masked_frobenius_penalty(x, torch.rand(1, 3, 8, 8), torch.rand(1, 8, 8)).backward()\n"
          "print('extension', _extension.load() is not None, fnf_kernels.__file__)\n")
 
-pytestmark = pytest.mark.slow
 
 
 def _copy_tree(dest):
@@ -97,6 +96,7 @@ def source(tmp_path_factory):
     return _copy_tree(str(tmp_path_factory.mktemp("src") / "focus-n-fix"))
 
 
+@pytest.mark.slow
 def test_pip_install_dot_builds_against_the_installed_torch(source, tmp_path):
     py = _venv(str(tmp_path / "venv"))
     result = _pip(py, ".", cwd=source)
@@ -105,6 +105,7 @@ def test_pip_install_dot_builds_against_the_installed_torch(source, tmp_path):
     assert "extension True" in out and str(tmp_path) in out, out
 
 
+@pytest.mark.slow
 def test_pip_install_editable(source, tmp_path):
     py = _venv(str(tmp_path / "venv"))
     result = _pip(py, "-e", ".", cwd=source)
@@ -113,6 +114,7 @@ def test_pip_install_editable(source, tmp_path):
     assert "extension True" in out and source in out, out
 
 
+@pytest.mark.slow
 def test_isolated_build_sees_the_installed_torch(source, tmp_path):
     """The metadata hooks run setup.py, which imports torch, inside pip's isolated build environment."""
     py = _venv(str(tmp_path / "venv"))
@@ -121,6 +123,7 @@ def test_isolated_build_sees_the_installed_torch(source, tmp_path):
     assert "Would install focus-n-fix" in result.stdout, result.stdout
 
 
+@pytest.mark.slow
 def test_pip_install_git_url_without_the_extension_imports_quietly(source, tmp_path):
     repo = str(tmp_path / "repo")
     shutil.copytree(source, repo)
@@ -133,9 +136,36 @@ def test_pip_install_git_url_without_the_extension_imports_quietly(source, tmp_p
     assert "extension False" in out, out
 
 
+@pytest.mark.slow
 def test_a_venv_without_torch_gets_one_line(source, tmp_path):
     py = _venv(str(tmp_path / "venv"), with_torch=False)
     result = _pip(py, ".", cwd=source)
     assert result.returncode != 0
     lines = [line for line in (result.stdout + result.stderr).splitlines() if "install torch first" in line]
     assert len(lines) == 1, result.stdout + result.stderr
+
+
+def test_no_warning_when_the_extension_is_left_out_on_purpose(tmp_path):
+    """FNF_NO_EXTENSION=1 at run time, or an install that recorded it (fnf_kernels/_build.json): no warning, and
+    _extension.error() says why; a missing extension nobody chose still warns (tests/test_api.py)."""
+    code = ("import warnings; warnings.simplefilter('error')\n"
+            "import fnf_kernels\n"
+            "from fnf_kernels import _extension\n"
+            "print(_extension.load() is None, _extension.error())\n")
+    env = dict(os.environ, FNF_NO_EXTENSION="1")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("True left out on purpose (FNF_NO_EXTENSION=1 is set)"), result.stdout
+
+
+def test_a_recorded_choice_is_read(tmp_path, monkeypatch):
+    from fnf_kernels import _extension
+
+    monkeypatch.delenv("FNF_NO_EXTENSION", raising=False)
+    info = tmp_path / "_build.json"
+    monkeypatch.setattr(_extension, "_BUILD_INFO", str(info))
+    assert _extension.skipped_on_purpose() is None  # no record: an ordinary install
+    info.write_text('{"extension": false}')
+    assert _extension.skipped_on_purpose() == "installed with FNF_NO_EXTENSION=1"
+    info.write_text('{"extension": true}')
+    assert _extension.skipped_on_purpose() is None
