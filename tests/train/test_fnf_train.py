@@ -130,11 +130,14 @@ train: {{prompts: ["a photo of a dog", "a blue house"], checkpoint_every: 1, sam
     rc = cli.main(["localize", "--config", str(cfg_file), "--model", sd, "--reward", f"{HELPER}:red_detector",
                    "--localizer", "gradcam", "--out", str(out), "--prompts", "a red car", "--seeds", "0", "1"])
     assert rc == 0
-    files = sorted(os.listdir(out / "localize"))
-    assert len(files) == 8 and "p000_s1_mask.png" in files
+    files = sorted(os.listdir(out / "localize"))   # per (prompt, seed): I0, heatmap, mask, overlay, labelled panel
+    assert files == ["manifest.json"] + sorted(f"p000_s{s}_{kind}.png" for s in (0, 1)
+                                                for kind in ("heatmap", "i0", "mask", "overlay", "panel"))
     rc = cli.main(["sample", "--config", str(cfg_file), "--model", sd, "--lora", str(out / "lora"),
                    "--out", str(out), "--prompts", "a red car", "--seeds", "5"])
-    assert rc == 0 and os.listdir(out / "samples_compare") == ["p000_s5.png"]
+    names = sorted(os.listdir(out / "samples_compare"))   # seed 5 only: base, LoRA, labelled comparison
+    assert rc == 0 and names[0] == "manifest.json" and len(names) == 4
+    assert all(n.startswith("p000_s5_") for n in names[1:])
 
 
 def test_bf16_autocast_with_bf16_weights_keeps_lora_fp32(sd, tmp_path):
