@@ -21,10 +21,11 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from torch.utils import benchmark as tbench
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fnf_kernels  # noqa: E402
+from bench_ops import copy_bandwidth, timeit  # noqa: E402
 from diffusers.models.resnet import ResnetBlock2D  # noqa: E402
 from fnf.memory.counter import StorageCounter  # noqa: E402
 from fnf_kernels import backends  # noqa: E402
@@ -34,22 +35,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # (N, C, H, W, groups): SD-style VAE decoder activations (512 ch at 1/8, 256 ch at full resolution) scaled to size.
 CPU_SIZES = [(1, 128, 128, 128, 32), (1, 512, 64, 64, 32), (2, 64, 96, 96, 32)]
 GPU_SIZES = [(1, 512, 128, 128, 32), (1, 256, 512, 512, 32), (1, 128, 1024, 1024, 32), (4, 512, 64, 64, 32)]
-
-
-def timeit(fn, min_run_time: float) -> float:
-    fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=min_run_time).median
-
-
-def copy_bandwidth(device: str) -> float:
-    n = (1 << 30) // 4 if device == "cuda" else (1 << 27) // 4
-    src = torch.empty(n, device=device)
-    dst = torch.empty_like(src)
-    t = timeit(lambda: dst.copy_(src), 0.5)
-    return 2 * src.numel() * 4 / t / 1e9
 
 
 def eager(x, groups, w, b):
