@@ -22,21 +22,8 @@ import torch
 
 from ..core import DiffusionModel, ModelLoadError, PromptEmbeds
 from . import flow
-from .base import (
-                   FlowMatchingEuler,
-                   FolderComponents,
-                   ModelFamily,
-                   PackedLatents,
-                   Schedule,
-                   TransformerLoRA,
-                   cfg_combine,
-                   cfg_inputs,
-                   decode_vae,
-                   freeze,
-                   resolve_dtype,
-                   set_vae_precision,
-                   unscale_latents,
-)
+from .base import (FlowMatchingEuler, FolderComponents, ModelFamily, PackedLatents, Schedule, TransformerLoRA,
+                   cfg_combine, cfg_inputs, decode_vae, freeze, resolve_dtype, set_vae_precision, unscale_latents)
 
 MAX_SEQUENCE_LENGTH = 512   # FluxPipeline's default max_sequence_length for the T5 tokens
 

@@ -22,20 +22,8 @@ import numpy as np
 import torch
 
 from ..core import DiffusionModel, ModelLoadError, PromptEmbeds
-from . import flow
-from .base import (
-                   FlowMatchingEuler,
-                   FolderComponents,
-                   ModelFamily,
-                   PackedLatents,
-                   Schedule,
-                   TransformerLoRA,
-                   cfg_combine,
-                   decode_vae,
-                   freeze,
-                   resolve_dtype,
-                   set_vae_precision,
-)
+from .base import (FlowMatchingEuler, FolderComponents, ModelFamily, PackedLatents, Schedule, TransformerLoRA,
+                   cfg_combine, decode_vae, freeze, resolve_dtype, set_vae_precision)
 
 MAX_SEQUENCE_LENGTH = 512                 # Flux2Pipeline's default max_sequence_length
 TEXT_ENCODER_OUT_LAYERS = (10, 20, 30)    # Flux2Pipeline's default text_encoder_out_layers

@@ -15,20 +15,8 @@ import torch
 from ..core import DiffusionModel, ModelLoadError, PromptEmbeds
 
 from . import flow
-from .base import (
-                   FlowMatchingEuler,
-                   FolderComponents,
-                   ModelFamily,
-                   Schedule,
-                   TransformerLoRA,
-                   cfg_combine,
-                   cfg_inputs,
-                   decode_vae,
-                   freeze,
-                   resolve_dtype,
-                   set_vae_precision,
-                   unscale_latents,
-)
+from .base import (FlowMatchingEuler, FolderComponents, ModelFamily, Schedule, TransformerLoRA, cfg_combine, cfg_inputs,
+                   decode_vae, freeze, resolve_dtype, set_vae_precision, unscale_latents)
 
 T5_MAX_SEQUENCE_LENGTH = 256          # StableDiffusion3Pipeline's default max_sequence_length
 SD3_DEFAULT_MAX_SHIFT = 1.16          # the pipeline's fallback for a dynamic-shifting config without max_shift

@@ -12,18 +12,8 @@ import torch
 
 from ..core import LORA_WEIGHTS, DiffusionModel, PromptEmbeds, resolve_dtype
 from ..lora import export_state
-from .base import (
-                   FolderComponents,
-                   ModelFamily,
-                   Schedule,
-                   cfg_combine,
-                   cfg_inputs,
-                   check_lora_folder,
-                   decode_vae,
-                   freeze,
-                   set_vae_precision,
-                   unscale_latents,
-)
+from .base import (FolderComponents, ModelFamily, Schedule, cfg_combine, cfg_inputs, check_lora_folder, decode_vae,
+                   freeze, set_vae_precision, unscale_latents)
 
 
 def _tokenize(tokenizer, prompts: list[str], device) -> torch.Tensor:
