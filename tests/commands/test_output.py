@@ -23,7 +23,9 @@ def test_quick_demo_says_smoke_test_and_prints_a_summary_not_json(tmp_path, capf
     stdout, stderr = capfd.readouterr()
     assert json.loads(stdout) == json.loads((out / "metrics.json").read_text())     # --json: stdout is the JSON
     lines = [line for line in stderr.replace("\r", "\n").splitlines() if line.strip()]
-    assert lines[0].startswith("fnf demo: --quick is a smoke test") and "say nothing" in lines[-1], lines
+    # the plan line first (what will run, how long), then the smoke-test note, before any work
+    assert lines[0].startswith("fnf demo: trains ") and lines[1].startswith("fnf demo: --quick is a smoke test"), lines
+    assert "say nothing" in lines[-1], lines
     assert not any("{" in line for line in lines), lines                             # no JSON dumps on screen
     assert not any("torchvision" in line or "Loading weights" in line for line in lines), lines
     assert any(line.startswith("fnf demo: draft: defect rate ") for line in lines), lines

@@ -6,6 +6,7 @@ input is a clear error. A new family is one more row; what only one family has i
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -234,9 +235,11 @@ def test_exported_lora_loads_in_pipeline_and_reproduces(row, folder, tmp_path):
     rc = cli.main(["sample", "--config", str(cfg_file), "--model", folder, "--lora", str(tmp_path / "lora"),
                    "--out", str(tmp_path / "out"), "--prompts", PROMPTS[1], "--seeds", str(SEED)])
     assert rc == 0
-    png = np.array(Image.open(tmp_path / "out" / "samples_compare" / f"p000_s{SEED}.png").convert("RGB"))
-    png = torch.from_numpy(png).permute(2, 0, 1).float() / 255   # base | fine-tuned, 2 px white padding
-    tuned = png[:, 2:2 + SIZE, SIZE + 4:2 * SIZE + 4]
+    manifest = json.loads((tmp_path / "out" / "samples_compare" / "manifest.json").read_text())
+    tuned_file = next(f["file"] for f in manifest["files"] if f["image"].startswith("LoRA "))   # the LoRA's image
+    assert tuned_file.startswith(f"p000_s{SEED}_")
+    png = np.array(Image.open(tmp_path / "out" / "samples_compare" / tuned_file).convert("RGB"))
+    tuned = torch.from_numpy(png).permute(2, 0, 1).float() / 255
     single = pipeline_images(pipe, SIZE, row.guidance, prompts=[PROMPTS[1]])[0]
     assert (tuned - single).abs().max() <= 1 / 255 + 1e-4, (tuned - single).abs().max()
 
