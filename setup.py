@@ -139,8 +139,9 @@ setup(
         "triton": ["triton>=3.6.0; platform_system == 'Linux'"],
         "train": ["diffusers>=0.34.0", "peft>=0.15.0", "accelerate>=1.0.0", "transformers>=4.53.0",
                   "safetensors>=0.4.3", "tqdm>=4.66.0", "PyYAML>=6.0", "matplotlib>=3.8.0", "Pillow>=10.0.0"],
+        # triton: the suite runs the Triton kernels on CPU under TRITON_INTERPRET=1
         "test": ["pytest>=8.0.0", "hypothesis>=6.100.0", "pytest-benchmark", "expecttest>=0.2.1", "onnx>=1.16.0",
-                 "onnxruntime>=1.17.0"],
+                 "onnxruntime>=1.17.0", "triton>=3.6.0; platform_system == 'Linux'"],
         "bench": ["pytest-benchmark", "kornia"],
         # boxes:PATH.onnx localizers (ONNX box detectors); onnx 1.16 / onnxruntime 1.17 run with numpy 1.26.4
         "boxes": ["onnxruntime>=1.17.0"],
