@@ -44,6 +44,7 @@ import time
 
 import torch
 
+from fnf.families.base import tokenizer_class
 from fnf.memory.archs import ClipL14Reward
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -167,7 +168,8 @@ def build_model(arch: str, device, dtype=torch.bfloat16):
         encoders = [CLIPTextModel(CLIPTextConfig(**a["text"][0]))]
         if a["kind"] == "sdxl":
             encoders.append(CLIPTextModelWithProjection(CLIPTextConfig(**a["text"][1])))
-    tokenizer = CLIPTokenizer.from_pretrained(TOY_TOKENIZER, model_max_length=77, local_files_only=True)
+    tokenizer_cls = tokenizer_class(CLIPTokenizer, TOY_TOKENIZER)
+    tokenizer = tokenizer_cls.from_pretrained(TOY_TOKENIZER, model_max_length=77, local_files_only=True)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1)
     return DiffusionModel(path=f"<random {arch}>", family=family_by_name(a["kind"]), denoiser=unet, vae=vae, scheduler=scheduler,

@@ -48,7 +48,10 @@ def labelled_row(images: list[torch.Tensor], labels: list[str], min_width: int =
             img = torch.nn.functional.interpolate(img[None], scale_factor=scale, mode="nearest")[0]
         tiles.append(img)
     h = max(t.shape[-2] for t in tiles)
-    font = ImageFont.load_default(size=14)
+    try:
+        font, ellipsis = ImageFont.load_default(size=14), "…"
+    except TypeError:   # Pillow < 10.1: one latin-1 bitmap font, no size
+        font, ellipsis = ImageFont.load_default(), "..."
     head = 22
     row = torch.ones(3, head + h + pad, sum(t.shape[-1] for t in tiles) + pad * (len(tiles) + 1))
     x = pad
@@ -61,7 +64,7 @@ def labelled_row(images: list[torch.Tensor], labels: list[str], min_width: int =
     for t, label in zip(tiles, labels):
         text = label
         while len(text) > 3 and draw.textlength(text, font=font) > t.shape[-1] - 4:
-            text = text[:-2] + "…"
+            text = text[:-1 - len(ellipsis)] + ellipsis
         draw.text((x + 2, 3), text, fill=(0, 0, 0), font=font)
         x += t.shape[-1] + pad
     return torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0).permute(2, 0, 1)

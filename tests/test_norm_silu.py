@@ -302,7 +302,10 @@ def test_fuzz_against_reference():
         shape = (n, groups * cpg, *spatial)
         layout = "channels_last" if channels_last and len(spatial) == 2 else "contiguous"
         x, w, b = make(shape, dtype, "cpu", gen, layout=layout, affine=(affine, affine))
-        check_group(("cpu", backend), x, groups, w, b, silu=silu, gen=gen)
+        # The backward's rounding grows with the group's 1/std (it multiplies terms that cancel; up to
+        # 1/sqrt(eps) = 316 for a one-element group): the per-dtype tolerances are for 1/std <= 1.
+        rstd = (x.double().reshape(n, groups, -1).var(-1, unbiased=False) + 1e-5).rsqrt().max().item()
+        check_group(("cpu", backend), x, groups, w, b, silu=silu, gen=gen, scale=max(1.0, rstd))
 
     run()
 

@@ -200,7 +200,17 @@ class FolderComponents(Components):
         return self._load(name, lambda f: cls.from_config(cls.load_config(f, local_files_only=True)))
 
     def tokenizer(self, name: str, cls, *, encoder=None, chat: bool = False):
-        return self._load(name, lambda f: cls.from_pretrained(f, local_files_only=True))
+        return self._load(name, lambda f: tokenizer_class(cls, f).from_pretrained(f, local_files_only=True))
+
+
+def tokenizer_class(cls, folder: str):
+    """``cls``, or its fast twin for a folder that holds only ``tokenizer.json`` (the shipped toy model): transformers 5
+    reads that file with any tokenizer class, transformers 4 only with the fast one (same token ids)."""
+    if os.path.isfile(os.path.join(folder, "vocab.json")) or not os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        return cls
+    import transformers
+
+    return getattr(transformers, f"{cls.__name__}Fast", cls) if not cls.__name__.endswith("Fast") else cls
 
 
 def freeze(modules, device) -> None:

@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from ..families.base import Components
+from ..families.base import Components, tokenizer_class
 from .archs import TOY_TOKENIZER
 
 # a chat template for the toy tokenizer of named architectures whose pipeline encodes through one (FLUX.2)
@@ -152,7 +152,8 @@ class ConfigComponents(Components):
                 return tok
             return cls.from_pretrained(folder, local_files_only=True)
         length = 512 if chat else getattr(getattr(encoder, "config", None), "max_position_embeddings", 512)
-        tok = CLIPTokenizer.from_pretrained(TOY_TOKENIZER, model_max_length=length, local_files_only=True)
+        tok = tokenizer_class(CLIPTokenizer, TOY_TOKENIZER).from_pretrained(TOY_TOKENIZER, model_max_length=length,
+                                                                        local_files_only=True)
         if chat:
             tok.chat_template = _TOY_CHAT_TEMPLATE
         return tok

@@ -9,6 +9,7 @@ import os
 import string
 import tempfile
 
+from ..families.base import tokenizer_class
 from .data import WORDS
 
 MAX_LENGTH = 16
@@ -61,4 +62,4 @@ def toy_tokenizer():
 
     with tempfile.TemporaryDirectory() as d:
         write_tokenizer(d)
-        return CLIPTokenizer.from_pretrained(d)
+        return tokenizer_class(CLIPTokenizer, d).from_pretrained(d)
