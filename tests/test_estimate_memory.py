@@ -279,8 +279,9 @@ def test_quantize_moves_the_step_peak_by_the_linear_weights_saving(sd, sd_fake, 
 @pytest.mark.parametrize("method,offload", [("bnb-4bit", True), ("torchao-int8", True), ("bnb-4bit", False)])
 def test_quantized_phases_where_the_denoiser_is_on_the_host(method, offload):
     """With text encoders first, prompt encoding holds no denoiser (torchao: it moves later, at full size, and is
-    quantized there already) or the bnb-quantized one (bitsandbytes loads it onto the GPU); every other phase
-    holds the quantized denoiser; the step's phases add one dequantized layer."""
+    quantized there already) or, under bitsandbytes (loaded onto the GPU already), only the quantized denoiser:
+    the prompts are then encoded on the host; every other phase holds the quantized denoiser; the step's phases
+    add one dequantized layer."""
     from fnf import config
     from fnf.memory.estimate import _quantized
 
@@ -289,6 +290,6 @@ def test_quantized_phases_where_the_denoiser_is_on_the_host(method, offload):
     phases = {"build: other": {"peak": 500}, "build: prompt encoding": {"peak": 450}, "backward": {"peak": 600}}
     q = _quantized(cfg, adj, phases)
     assert q["step_peak_bytes"] == 600 - 100 + 7
-    encoding = 450 + (30 if method.startswith("bnb") else 0) if offload else 450 - 100
+    encoding = (30 if method.startswith("bnb") else 450) if offload else 450 - 100
     assert q["build_peak_bytes"] == max(500 - 100, encoding)
     assert q["peak_bytes"] == max(q["step_peak_bytes"], q["build_peak_bytes"])

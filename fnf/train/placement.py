@@ -27,15 +27,18 @@ def encode_before_denoiser(model: DiffusionModel, prompts: list[str], negative_p
     """Encode ``prompts`` and the negative prompt (one row) with only the text encoders on ``device``, keep the
     embeddings on the host (the returned cache, read by :func:`fnf.encoding.encode_prompts`), move the encoders
     back to the host, then the denoiser onto ``device``: the device never holds the text encoders beside the
-    denoiser. The denoiser must still be on the host (a bitsandbytes one is already on its GPU and stays there);
-    ``move_denoiser=False`` leaves it there (FSDP shards it later). ``probe``: phases and placements for
-    ``fnf estimate-memory``."""
+    denoiser. The denoiser must still be on the host; ``move_denoiser=False`` leaves it there (FSDP shards it
+    later). A bitsandbytes denoiser is already on its GPU (diffusers quantizes it there while loading) and stays
+    there: then the prompts are encoded on the host, where the text encoders already are (slower, once per run:
+    a quantized FLUX.1 or Qwen-Image transformer beside T5-XXL or a 7B text encoder would not fit the cards the
+    quantization is for). ``probe``: phases and placements for ``fnf estimate-memory``."""
     probe = probe if probe is not None else NoProbe()
     on_gpu_already = quantize.method_of(model.denoiser) == "bitsandbytes"
     probe.placed([model.denoiser], on_device=on_gpu_already)
-    for enc in model.text_encoders:
-        enc.to(device)
-    probe.placed(model.text_encoders, on_device=True)
+    if not on_gpu_already:
+        for enc in model.text_encoders:
+            enc.to(device)
+        probe.placed(model.text_encoders, on_device=True)
     cache = PromptCache()
     with probe.phase("prompt encoding"):
         for rows, zero in ((list(prompts), False), ([negative_prompt], negative_is_zero(model, negative_prompt))):

@@ -215,3 +215,34 @@ def test_max_sequence_length_defaults_are_the_pipelines(sd3, flux):
     for path, pipeline in ((sd3, StableDiffusion3Pipeline), (flux, FluxPipeline)):
         default = inspect.signature(pipeline.__call__).parameters["max_sequence_length"].default
         assert _load_from_config(path).settings["max_sequence_length"] == default
+
+
+class _BnbMarker:
+    """What diffusers attaches to a bitsandbytes-quantized model (``hf_quantizer.quantization_config``)."""
+
+    quantization_config = type("Q", (), {"quant_method": "bitsandbytes"})()
+
+
+@pytest.mark.parametrize("bnb", [False, True])
+def test_a_bitsandbytes_denoiser_on_the_gpu_means_encoding_on_the_host(flux, bnb, monkeypatch):
+    """encode_before_denoiser: a plain denoiser (on the host) -> the encoders go to the device, encode, and come
+    back; a bitsandbytes one (already on its GPU) -> the encoders are never moved to the device (the prompts are
+    encoded where they are) and the probe records them as never on it; the embeddings are the same."""
+    from fnf.train import placement
+
+    m = load_model(flux, weight_dtype="fp32")
+    if bnb:
+        m.denoiser.hf_quantizer = _BnbMarker()
+    events = []
+    for enc in m.text_encoders:
+        real_to = enc.to
+        monkeypatch.setattr(enc, "to", lambda *a, _real=real_to, **k: events.append(("to",)) or _real(*a, **k))
+    cache = placement.encode_before_denoiser(m, PROMPTS, "", height=FLUX_SIZE, width=FLUX_SIZE, device="cpu",
+                                             probe=RecordingProbe(events), move_denoiser=False)
+    assert ("placed", "denoiser", bnb) in events
+    assert (("placed", "text encoder", True) in events) == (not bnb)
+    before = events[:events.index(("enter", "prompt encoding"))]
+    assert (("to",) in before) == (not bnb)    # moved to the device before encoding only without bitsandbytes
+    direct = m.family.encode(m, PROMPTS, height=FLUX_SIZE, width=FLUX_SIZE)
+    got = encode_prompts(m, PROMPTS, height=FLUX_SIZE, width=FLUX_SIZE, cache=cache)
+    assert torch.equal(got.hidden, direct.hidden)
