@@ -78,7 +78,7 @@ def build(csrc: str = os.path.join(ROOT, "csrc"), defines: tuple = ()) -> str:
     includes = ["-I", os.path.join(EMU, "include"), "-I", os.path.join(csrc, "include")]
     headers = _headers(csrc)
     sources = [os.path.join(csrc, "cuda", "penalty.cu"), os.path.join(csrc, "cuda", "dilate.cu"),
-               os.path.join(csrc, "cuda", "norm_silu.cu"),
+               os.path.join(csrc, "cuda", "norm_silu.cu"), os.path.join(csrc, "cuda", "rms_norm_silu.cu"),
                os.path.join(EMU, "driver.cpp"), os.path.join(EMU, "selftest_kernels.cpp")]
     os.makedirs(CACHE, exist_ok=True)
     objects = []
@@ -162,7 +162,7 @@ def read_tensor(path: str, dtype: torch.dtype) -> torch.Tensor:
 def check_run(done, expect_lines: int):
     out = done.stdout + done.stderr
     assert done.returncode == 0, f"the emulated kernels failed (exit {done.returncode}):\n{out[-8000:]}"
-    results = [line for line in done.stdout.splitlines() if line[:2] in ("P ", "D ", "G ")]
+    results = [line for line in done.stdout.splitlines() if line[:2] in ("P ", "D ", "G ", "R ")]
     assert len(results) == expect_lines, out[-4000:]
     bad = [line for line in results if not line.endswith(("err=0", "err=0,0"))]
     assert not bad, f"launch errors: {bad}"
@@ -389,6 +389,77 @@ def run_norm(exe, cases, dtype, folder, gen):
     return done
 
 
+def rms_cases(dtype, gen):
+    """(name, x, dim, weight, silu, need_x, need_weight): the (O, D, I) walks the op takes (columns on 32 lanes,
+    D on the lanes, D past the block's rows, tails), no weight, no SiLU, dweight alone, dx alone."""
+    acc = ref.accumulate_dtype(dtype)
+
+    def weight(d):
+        return torch.randn(d, generator=gen, dtype=torch.float64).to(acc) + 1
+
+    return [("nchw_dim1", _fill((2, 6, 5, 7), dtype, gen), 1, weight(6), True, True, True),
+            ("channels_last_dim1", _fill((2, 6, 5, 7), dtype, gen).contiguous(memory_format=torch.channels_last), 1,
+             weight(6), True, True, True),
+            ("last_dim_long", _fill((3, 300), dtype, gen), 1, weight(300), True, True, True),
+            ("dim0_plain", _fill((3, 6, 5), dtype, gen), 0, None, False, True, False),
+            ("many_rows", _fill((1, 37, 40), dtype, gen), 1, weight(37), True, False, True),
+            ("five_d", _fill((2, 4, 3, 4, 5), dtype, gen), 1, weight(4), True, True, True)]
+
+
+def _odi(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """t viewed as (O, D, I) around ``dim`` (the dims before and after it each merged into one stride)."""
+    def merged(shape, strides):
+        dims = [(n, s) for n, s in zip(shape, strides) if n != 1]
+        for (n0, s0), (n1, s1) in zip(dims, dims[1:]):
+            assert s0 == n1 * s1, "dims do not merge"
+        return (dims[-1][1] if dims else 1), int(torch.tensor(shape, dtype=torch.int64).prod()) if shape else 1
+
+    so, o = merged(t.shape[:dim], t.stride()[:dim])
+    si, i = merged(t.shape[dim + 1:], t.stride()[dim + 1:])
+    return t.as_strided((o, t.shape[dim], i), (so, t.stride(dim), si), t.storage_offset())
+
+
+def run_rms(exe, cases, dtype, folder, gen):
+    """Runs every case through rms_norm_silu_forward/backward; compares with autograd of the float64 reference."""
+    lines, expected = [], []
+    acc = ref.accumulate_dtype(dtype)
+    for name, x, dim, w, silu, need_x, need_w in cases:
+        grad = _fill(x.shape, dtype, gen)
+        out = torch.empty_like(x)
+        wpath = write_tensor(w, folder, name + "_w") if w is not None else "-"
+        lines.append(" ".join(["R", str(DTYPE_CODE[dtype]), os.path.join(folder, name),
+                               storage_spec(_odi(x, dim), folder, name + "_x"), "1e-6", str(int(silu)), wpath,
+                               storage_spec(_odi(grad, dim), folder, name + "_g"),
+                               str(out.numel()), *map(str, _odi(out, dim).stride()), str(out.numel()),
+                               *map(str, _odi(out, dim).stride()), str(int(need_x)), str(int(need_w and w is not None))]))
+        xd = x.double().requires_grad_()
+        wd = w.double().requires_grad_() if w is not None else None
+        want = ref.rms_norm_silu_reference(xd, wd, 1e-6, dim=dim, silu=silu)
+        grads = torch.autograd.grad(want, [t for t in (xd, wd) if t is not None], grad.double())
+        rstd = torch.rsqrt(xd.detach().pow(2).mean(dim) + 1e-6)
+        expected.append((name, x, dim, out, want.detach(), grads, rstd, need_x, need_w and w is not None))
+    done = run(exe, "\n".join(lines) + "\n", folder)
+    results = check_run(done, len(cases))
+    tol = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float64: 1e-13}[dtype]
+
+    def close(name, what, got, want, scale):
+        err = float((got.double() - want).abs().max()) / max(float(want.abs().max()), 1e-30)
+        assert err <= scale * tol, f"{name} {what} ({dtype}): relative error {err:.3g} > {scale * tol:.3g}"
+
+    for (name, x, dim, out, want, grads, rstd, need_x, need_w), line in zip(expected, results):
+        got = read_tensor(os.path.join(folder, name + ".out"), dtype).as_strided(out.shape, out.stride())
+        close(name, "out", got, want, 4)
+        close(name, "rstd", read_tensor(os.path.join(folder, name + ".rstd"), acc).view(rstd.shape), rstd, 4)
+        if need_x:
+            dx = read_tensor(os.path.join(folder, name + ".dx"), dtype).as_strided(out.shape, out.stride())
+            close(name, "dx", dx, grads[0], 8)
+        if need_w:
+            blocks = int(re.search(r"blocks=(\d+)", line).group(1))
+            part = read_tensor(os.path.join(folder, name + ".part"), acc).view(blocks, x.shape[dim])
+            close(name, "dweight", part.sum(0), grads[1], 8)
+    return results
+
+
 def generator(label: str) -> torch.Generator:
     seed = SEED + int(hashlib.sha256(label.encode()).hexdigest()[:6], 16)
     print(f"{label}: seed {seed}")
@@ -489,6 +560,21 @@ def test_group_norm_silu_grid_striding(driver_small_grid, tmp_path):
     """gridDim.y = 3: every (n, c) plane beyond it is taken by a block striding over planes."""
     gen = generator("group_norm_silu-striding")
     run_norm(driver_small_grid, norm_cases(torch.float32, gen)[:3], torch.float32, str(tmp_path), gen)
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+def test_rms_norm_silu_kernels_match_float64_reference(driver, tmp_path, dtype):
+    gen = generator(f"rms_norm_silu-{dtype}")
+    results = run_rms(driver, rms_cases(dtype, gen), dtype, str(tmp_path), gen)
+    cols = [int(re.search(r"cols=(\d+)", line).group(1)) for line in results]
+    assert cols == [32, 1, 1, 32, 32, 32], "each walk of the kernels is taken"
+
+
+def test_rms_norm_silu_blocks_stride_over_tiles(driver_small_grid, tmp_path):
+    """At most 3 blocks: each takes several tiles and adds them all into its row of the dweight partials."""
+    gen = generator("rms_norm_silu-striding")
+    results = run_rms(driver_small_grid, rms_cases(torch.float32, gen), torch.float32, str(tmp_path), gen)
+    assert all("blocks=3 " in line or "blocks=1 " in line or "blocks=2 " in line for line in results)
 
 
 def test_empty_inputs_launch_nothing(driver, tmp_path):

@@ -7,10 +7,13 @@
 //   C n in_path name        float32 -> half / bfloat16 bits, and all 65536 bit patterns -> float32
 //   G dtype name  x (3-D spec: N C S)  groups eps silu  weight_path|-  bias_path|-  grad (3-D spec)
 //     out_numel os0 os1 os2  dx_numel ds0 ds1 ds2      group_norm_silu forward and backward
+//   R dtype name  x (3-D spec: O D I)  eps silu  weight_path|-  grad (3-D spec)
+//     out_numel os0 os1 os2  dx_numel ds0 ds1 ds2  need_x need_weight    rms_norm_silu forward and backward
 //   T test_name             an emulator self-test (selftest_kernels.cpp)
 // A 4-D spec is: path numel offset n0 n1 n2 n3 s0 s1 s2 s3; a 3-D spec: path numel offset n0 n1 n2 s0 s1 s2.
 // Outputs: name.partials, name.grad (penalty), name.out (dilation), name.half/.bf16/.half2f/.bf162f,
-// name.out / .mean / .rstd / .sdyx / .sdy / .dx (group_norm_silu; statistics in the accumulate dtype).
+// name.out / .mean / .rstd / .sdyx / .sdy / .dx (group_norm_silu; statistics in the accumulate dtype), name.out /
+// .rstd / .dx / .part (rms_norm_silu: rstd (O * I) and the dweight partials (blocks x D) in the accumulate dtype).
 #include <cuda_runtime.h>
 
 #include <cstdio>
@@ -218,6 +221,51 @@ void group_norm(std::istringstream& in) {
   std::printf("G %s chunks=%lld err=%d,%d\n", name.c_str(), (long long)k, int(e1), int(e2));
 }
 
+void rms_norm(std::istringstream& in) {
+  const DType dt = read_dtype(in);
+  std::string name, wpath;
+  in >> name;
+  const Spec sx = read_spec(in, 3);
+  double eps = 0;
+  int silu = 0, need_x = 0, need_w = 0;
+  in >> eps >> silu >> wpath;
+  const Spec sg = read_spec(in, 3);
+  int64_t out_numel = 0, dx_numel = 0;
+  fnf::Strides3 os{}, ds{}, gs{};
+  in >> out_numel >> os.s[0] >> os.s[1] >> os.s[2] >> dx_numel >> ds.s[0] >> ds.s[1] >> ds.s[2] >> need_x >> need_w;
+  if (!in) die("bad R line");
+  const size_t es = element_size(dt), as = acc_size(dt);
+  const int64_t O = sx.dims.size[0], D = sx.dims.size[1], I = sx.dims.size[2];
+  Buffer x(size_t(sx.numel) * es, 0), grad(size_t(sg.numel) * es, 0);
+  read_file(sx.path, x);
+  read_file(sg.path, grad);
+  Buffer w(wpath == "-" ? 0 : size_t(D) * as, 0);
+  if (wpath != "-") read_file(wpath, w);
+  fnf::RmsNormArgs a;
+  a.x = x.data + sx.offset * int64_t(es);
+  a.dtype = dt;
+  a.outer = O;
+  a.dim = D;
+  a.inner = I;
+  for (int i = 0; i < 3; ++i) a.stride[i] = sx.dims.stride[i], gs.s[i] = sg.dims.stride[i];
+  a.weight = wpath == "-" ? nullptr : w.data;
+  a.eps = eps;
+  a.silu = silu != 0;
+  Buffer out(size_t(out_numel) * es, 0xff), rstd(size_t(O * I) * as, 0xff);
+  const cudaError_t e1 = fnf::cuda::rms_norm_silu_forward(a, out.data, os, rstd.data, nullptr);
+  const int64_t blocks = fnf::rms_blocks(a);
+  Buffer dx(need_x ? size_t(dx_numel) * es : 0, 0xff), part(need_w ? size_t(blocks * D) * as : 0, 0);
+  const cudaError_t e2 = fnf::cuda::rms_norm_silu_backward(a, grad.data + sg.offset * int64_t(es), gs, rstd.data,
+                                                           need_x ? dx.data : nullptr, ds,
+                                                           need_w ? part.data : nullptr, nullptr);
+  write_file(name + ".out", out.data, out.bytes);
+  write_file(name + ".rstd", rstd.data, rstd.bytes);
+  write_file(name + ".dx", dx.data, dx.bytes);
+  write_file(name + ".part", part.data, part.bytes);
+  std::printf("R %s blocks=%lld cols=%d err=%d,%d\n", name.c_str(), (long long)blocks, fnf::rms_cols(a), int(e1),
+              int(e2));
+}
+
 void conversions(std::istringstream& in) {
   int64_t n = 0;
   std::string path, name;
@@ -262,6 +310,7 @@ int main(int argc, char** argv) {
     else if (cmd == "D") dilate(in);
     else if (cmd == "C") conversions(in);
     else if (cmd == "G") group_norm(in);
+    else if (cmd == "R") rms_norm(in);
     else if (cmd == "T") {
       std::string name;
       in >> name;

@@ -4,6 +4,7 @@
 #include <cuda_runtime_api.h>
 
 #include "fnf/norm_silu_args.h"
+#include "fnf/rms_norm_silu_args.h"
 #include "fnf/types.h"
 
 namespace fnf {
@@ -40,6 +41,17 @@ cudaError_t group_norm_silu_backward(const NormSiluArgs& a, const void* grad, co
                                      const void* mean, const void* rstd, void* part_dyx, void* part_dy, void* sum_dyx,
                                      void* sum_dy, void* coef, void* dx, const Strides3& dx_strides,
                                      cudaStream_t stream);
+
+// rms_norm_silu forward: out through out_strides (an (O, D, I) view), rstd (O * I) in the accumulate dtype. An
+// empty x launches nothing.
+cudaError_t rms_norm_silu_forward(const RmsNormArgs& a, void* out, const Strides3& out_strides, void* rstd,
+                                  cudaStream_t stream);
+
+// rms_norm_silu backward: dx (null: not needed) through dx_strides; part (null: dweight not needed) holds
+// rms_blocks(a) * D accumulate-dtype values, zeroed by the caller, whose sum over the blocks is dweight.
+cudaError_t rms_norm_silu_backward(const RmsNormArgs& a, const void* grad, const Strides3& grad_strides,
+                                   const void* rstd, void* dx, const Strides3& dx_strides, void* part,
+                                   cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fnf
