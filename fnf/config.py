@@ -108,6 +108,28 @@ class SepenConfig:
 
 
 @dataclass
+class GrpoConfig:
+    """objective.name=grpo: group-relative policy optimisation with the Focus-N-Fix region term
+    (fnf/objectives/grpo.py; docs/grpo.md). A rollout per process: ``prompts_per_rollout`` prompts x
+    ``group_size`` samples each (a group never spans processes); each micro-batch of the trainer is then
+    ``train.batch_size`` samples at one trained step, ``inner_epochs`` passes over the rollout."""
+    group_size: int = 8            # G samples per prompt (Flow-GRPO uses 12-24; ours, for one GPU)
+    prompts_per_rollout: int = 1   # groups per process per rollout
+    inner_epochs: int = 1          # passes over one rollout (PPO epochs)
+    sample_batch_size: int = 0     # rows per denoiser batch while sampling a rollout; 0: train.batch_size
+    clip_range: float = 1e-4       # PPO ratio clip (Flow-GRPO and DDPO both use 1e-4)
+    adv_clip_max: float = 5.0      # advantages clamped to [-max, max] (Flow-GRPO, DDPO: 5)
+    std_eps: float = 1e-4          # (R - mean) / (std + eps) within a group (Flow-GRPO: 1e-4)
+    steps: str = "all"             # the trained steps: all | window (sliding) | random (a subset per rollout)
+    train_steps: int = 0           # window / random subset size; 0 with steps=all
+    window_stride: int = 1         # steps=window: the window moves this many steps per rollout (wrapping)
+    kl_beta: float = 0.0           # KL to the frozen model (adapters off); Flow-GRPO uses 0.004-0.04
+    # the sampler's noise: DDIM eta for the UNet families, Flow-GRPO's a for the flow families; 0: the family's
+    # default (DDIM eta 1.0 as DDPO, flow a 0.7 as Flow-GRPO)
+    noise_level: float = 0.0
+
+
+@dataclass
 class TrainConfig:
     prompts: list = field(default_factory=lambda: ["a photo of a person"])
     prompts_file: str = ""         # one prompt per line; added to `prompts`
@@ -182,6 +204,7 @@ class Config:
     localize: LocalizeConfig = field(default_factory=LocalizeConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     sepen: SepenConfig = field(default_factory=SepenConfig)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
 
@@ -198,7 +221,8 @@ class Config:
 
 CHOICES = {
     "model.kind": ("auto", "sd", "sdxl", "sd3", "flux", "flux2"),
-    "objective.name": ("fnf", "sepen"),
+    "objective.name": ("fnf", "sepen", "grpo"),
+    "grpo.steps": ("all", "window", "random"),
     "sepen.loss_backend": ("auto", "triton", "reference"),
     "model.weight_dtype": ("auto", "fp32", "fp16", "bf16"),
     "model.scheduler": ("ddim",),
@@ -468,7 +492,58 @@ def validate(cfg: Config) -> Config:
                  f"{head}:<{argument}>", cfg.localize.spec)
     if cfg.objective.name == "sepen":
         _validate_sepen(cfg)
+    if cfg.objective.name == "grpo":
+        _validate_grpo(cfg)
     return cfg
+
+
+def grpo_layout(cfg: Config) -> dict:
+    """How the trainer's steps map onto GRPO rollouts (per process): ``samples`` per rollout, ``trained_steps`` per
+    sample, ``micro_batches`` per rollout (inner_epochs x samples / batch_size x trained_steps; each one
+    micro-batch of the trainer), and ``optimizer_steps`` per rollout (micro_batches / grad_accum)."""
+    g, t = cfg.grpo, cfg.train
+    samples = g.group_size * g.prompts_per_rollout
+    trained = cfg.sampling.steps if g.steps == "all" else g.train_steps
+    micro = g.inner_epochs * (samples // t.batch_size) * trained
+    return {"samples": samples, "trained_steps": trained, "micro_batches": micro,
+            "optimizer_steps": micro // t.grad_accum}
+
+
+def _validate_grpo(cfg: Config) -> None:
+    g, t = cfg.grpo, cfg.train
+    for key in ("group_size", "prompts_per_rollout", "inner_epochs", "window_stride"):
+        floor = 2 if key == "group_size" else 1
+        value = getattr(g, key)
+        _require(value >= floor, f"grpo.{key}", f"an integer >= {floor}", value)
+    _require(g.sample_batch_size >= 0, "grpo.sample_batch_size", "an integer >= 0 (0: train.batch_size)",
+             g.sample_batch_size)
+    for key in ("clip_range", "adv_clip_max", "std_eps"):
+        value = getattr(g, key)
+        _require(math.isfinite(value) and value > 0, f"grpo.{key}", "a finite number > 0", value)
+    for key in ("kl_beta", "noise_level"):
+        value = getattr(g, key)
+        _require(math.isfinite(value) and value >= 0, f"grpo.{key}", "a finite number >= 0", value)
+    steps = cfg.sampling.steps
+    if g.steps == "all":
+        _require(g.train_steps in (0, steps), "grpo.train_steps", f"0 (or sampling.steps={steps}) with "
+                 "grpo.steps=all", g.train_steps)
+    else:
+        _require(1 <= g.train_steps <= steps, "grpo.train_steps",
+                 f"an integer in [1, sampling.steps={steps}] with grpo.steps={g.steps}", g.train_steps)
+    layout = grpo_layout(cfg)
+    _require(layout["samples"] % t.batch_size == 0, "train.batch_size", "a divisor of grpo.group_size x "
+             f"grpo.prompts_per_rollout = {layout['samples']} (a micro-batch takes whole rows of one rollout)",
+             t.batch_size)
+    _require(layout["micro_batches"] % t.grad_accum == 0, "train.grad_accum",
+             f"a divisor of the {layout['micro_batches']} micro-batches of one rollout (inner_epochs x samples / "
+             "batch_size x trained steps), so that optimizer steps do not straddle rollouts", t.grad_accum)
+    _require(t.seeds_per_prompt == 0 or t.seeds_per_prompt >= g.group_size, "train.seeds_per_prompt",
+             f"0 or at least grpo.group_size={g.group_size} (a group draws distinct seeds of its prompt)",
+             t.seeds_per_prompt)
+    _require(t.pool_reward_below == math.inf, "train.pool_reward_below", "inf with objective.name=grpo (the "
+             "pool filter is a DRaFT option)", t.pool_reward_below)
+    _require(cfg.sampling.lv_copies == 0, "sampling.lv_copies", "0 with objective.name=grpo (DRaFT-LV is a "
+             "DRaFT option)", cfg.sampling.lv_copies)
 
 
 def _validate_sepen(cfg: Config) -> None:

@@ -201,6 +201,7 @@ class Session:
         """Accumulate, sync, clip, step; returns (the log record, the last micro-batch's images)."""
         accum = self.cfg.train.grad_accum
         self.optimizer.zero_grad(set_to_none=True)
+        self.objective.start_step(step)
         totals: dict[str, float] = {}
         skipped, reason, last = False, "", {}
         for micro in range(accum):
