@@ -163,6 +163,9 @@ class TrainConfig:
     tensorboard: bool = True       # when tensorboard is installed
     device: str = "auto"           # auto | cpu | cuda
     progress: bool = True
+    # LoRA files written at the end of training beside <out>/lora/ (fnf/lora_formats.py): <out>/lora-<format>
+    # .safetensors for each of diffusers | kohya | comfyui (kohya for SD/SDXL/FLUX; see docs/lora_formats.md)
+    export_formats: list = field(default_factory=list)
 
 
 @dataclass
@@ -182,6 +185,13 @@ class MemoryConfig:
     # full decode (default). Differentiable, but a different image from the full decode (group norms and the
     # mid-block attention see one tile); I and I0 are decoded the same way. Only tiles images larger than it.
     vae_tile: int = 0
+    # Fused norm + SiLU in the VAE decode (fnf/train/fused_norm.py): the decoder's GroupNorm -> SiLU pairs (its
+    # ResNets, mid block and tail; Qwen-Image's RMSNorm -> SiLU) run as one fnf_kernels op that saves only its
+    # input, not the float32 norm and SiLU outputs CUDA autocast keeps: the same image and gradients up to float
+    # rounding, less backward memory (SDXL 1024^2, see docs/memory_levers.md). auto | on | off (also true/false):
+    #   auto: on wherever the decoder's blocks are the supported layout, on every device (default: the memory
+    #         win is the same on CPU and GPU); on: the same, an error when the VAE has no supported pair.
+    fused_norm: str = "auto"
     reward_checkpointing: bool = False
     offload_text_encoder: bool = True  # embeddings are computed once; then the text encoders leave the device
     # Fused LoRA path (fnf/train/fused_lora.py): fnf_kernels' LoRA-fused attention, and the no-grad denoising steps of
@@ -219,8 +229,10 @@ class Config:
         return prompts
 
 
+LORA_FORMATS = ("diffusers", "kohya", "comfyui")   # fnf export-lora --format / train.export_formats
+
 CHOICES = {
-    "model.kind": ("auto", "sd", "sdxl", "sd3", "flux", "flux2"),
+    "model.kind": ("auto", "sd", "sdxl", "sd3", "flux", "flux2", "flux2-klein", "qwen-image", "z-image"),
     "objective.name": ("fnf", "sepen", "grpo"),
     "grpo.steps": ("all", "window", "random"),
     "sepen.loss_backend": ("auto", "triton", "reference"),
@@ -233,6 +245,7 @@ CHOICES = {
     "memory.mixed_precision": ("auto", "no", "fp16", "bf16"),
     "memory.fused_lora": ("auto", "on", "off"),
     "memory.vae_checkpointing": ("resnet", "blocks", "off"),
+    "memory.fused_norm": ("auto", "on", "off"),
     "train.device": ("auto", "cpu", "cuda"),
 }
 
@@ -242,6 +255,7 @@ CHOICES = {
 ALIASES = {
     "model.quantize": {"no": "none", "false": "none", "off": "none", "0": "none"},
     "memory.fused_lora": {"yes": "on", "true": "on", "1": "on", "no": "off", "false": "off", "0": "off"},
+    "memory.fused_norm": {"yes": "on", "true": "on", "1": "on", "no": "off", "false": "off", "0": "off"},
     "memory.vae_checkpointing": {"yes": "resnet", "true": "resnet", "1": "resnet", "on": "resnet",
                                  "no": "off", "false": "off", "0": "off"},
 }
@@ -471,6 +485,9 @@ def validate(cfg: Config) -> Config:
     tm = cfg.lora.target_modules
     _require(len(tm) > 0 and all(isinstance(t, str) and t for t in tm), "lora.target_modules",
              "a non-empty list of module names", tm)
+    ef = cfg.train.export_formats
+    _require(isinstance(ef, list) and all(f in LORA_FORMATS for f in ef), "train.export_formats",
+             f"a list of LoRA formats from {', '.join(LORA_FORMATS)}", ef)
     pr = cfg.train.prompts
     _require(all(isinstance(p, str) for p in pr), "train.prompts", "a list of strings", pr)
     _require(len(pr) > 0 or bool(cfg.train.prompts_file), "train.prompts",

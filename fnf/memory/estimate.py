@@ -52,12 +52,13 @@ REWARD_STAND_INS = {"clip-l14": CLIP_L14}
 HALF_SIDE = "half the image side"
 LADDER = [
     ("naive", {"memory": {"denoiser_checkpointing": False, "vae_checkpointing": "off", "reward_checkpointing": False,
-                          "offload_text_encoder": False, "fused_lora": "off", "vae_tile": 0},
+                          "offload_text_encoder": False, "fused_lora": "off", "vae_tile": 0, "fused_norm": "off"},
                "train": {"seeds_per_prompt": 0}}),
     ("+ UNet checkpointing", {"memory": {"denoiser_checkpointing": True}}),
     ("+ VAE checkpointing per up-block (diffusers)", {"memory": {"vae_checkpointing": "blocks"}}),
     ("+ VAE checkpointing per ResNet", {"memory": {"vae_checkpointing": "resnet"}}),
-    ("+ text encoders offloaded (fnf defaults)", {"memory": {"offload_text_encoder": True}}),
+    ("+ text encoders offloaded", {"memory": {"offload_text_encoder": True}}),
+    ("+ fused norm + SiLU in the VAE decode (fnf defaults)", {"memory": {"fused_norm": "auto"}}),
     ("+ reward checkpointing", {"memory": {"reward_checkpointing": True}}),
     ("+ fused LoRA", {"memory": {"fused_lora": "on"}}),
     ("reference pool instead of fused LoRA", {"memory": {"fused_lora": "off"}, "train": {"seeds_per_prompt": 1}}),
@@ -359,8 +360,9 @@ def _quantize_adjustment(cfg, model) -> dict:
 def _quantized(cfg, adj: dict, phases: dict) -> dict:
     """The estimate with model.quantize (fnf/memory/quantized.py), phase by phase: where the denoiser is on the
     device its Linear weights take the stored bytes instead of the traced ones, and the step's phases gain one
-    dequantized layer. With text_encoders_first the denoiser is on the host while the prompts are encoded,
-    except under bitsandbytes, which loads it onto the GPU already quantized."""
+    dequantized layer. With text_encoders_first the denoiser is on the host while the prompts are encoded; a
+    bitsandbytes denoiser is loaded onto the GPU already quantized, and then the prompts are encoded on the host
+    (fnf.train.placement.encode_before_denoiser): the device holds only the quantized denoiser meanwhile."""
 
     encoding_first = text_encoders_first(cfg)
     bnb = cfg.model.quantize.startswith("bnb-")
@@ -369,7 +371,7 @@ def _quantized(cfg, adj: dict, phases: dict) -> dict:
         if not name.startswith("build: "):
             step = max(step, quantized_peak(p["peak"], adj))
         elif name == "build: prompt encoding" and encoding_first:
-            build = max(build, p["peak"] + (adj["stored_bytes"] if bnb else 0))
+            build = max(build, adj["stored_bytes"] if bnb else p["peak"])
         else:
             build = max(build, p["peak"] - adj["saved_bytes"])
     return {**adj, "step_peak_bytes": int(step), "build_peak_bytes": int(build), "peak_bytes": int(max(step, build))}
@@ -385,7 +387,8 @@ def settings_of(cfg, spec: dict) -> dict:
             "grad_accum": cfg.train.grad_accum, "reward": cfg.reward.spec, "localizer": cfg.localize.spec,
             "beta": cfg.objective.beta, "sampling_steps_traced": s.steps,
             "memory": {k: getattr(m, k) for k in ("denoiser_checkpointing", "vae_checkpointing", "vae_tile",
-                                                   "reward_checkpointing", "offload_text_encoder", "fused_lora")},
+                                                   "fused_norm", "reward_checkpointing", "offload_text_encoder",
+                                                   "fused_lora")},
             "seeds_per_prompt": cfg.train.seeds_per_prompt}
 
 

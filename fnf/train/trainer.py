@@ -123,13 +123,16 @@ def share_params(cfg: Config, model: DiffusionModel, params, fsdp_settings, acc)
 
 
 def set_memory_levers(cfg: Config, model: DiffusionModel, fsdp_settings, acc) -> bool:
-    """Denoiser and VAE checkpointing, VAE tiles, the fused LoRA path; returns whether the fused path is on.
+    """Denoiser and VAE checkpointing, VAE tiles and fused norms, the fused LoRA path; returns whether the fused
+    LoRA path is on.
 
     The denoiser stays in eval mode: LoRA dropout acts only in its grad-carrying calls (sampling.draft_k, draft_lv)."""
     checkpointing = cfg.memory.denoiser_checkpointing or (fsdp_settings and fsdp_settings.activation_checkpointing)
     if checkpointing and objective_class(cfg.objective.name).denoiser_checkpointing:
         model.denoiser.enable_gradient_checkpointing()
-    vae_memory.apply(model.vae, cfg.memory.vae_checkpointing, cfg.memory.vae_tile)
+    fused = vae_memory.apply(model.vae, cfg.memory.vae_checkpointing, cfg.memory.vae_tile, cfg.memory.fused_norm)
+    if cfg.memory.fused_norm != "off":
+        acc.print(f"fnf: fused VAE norm {fused}")
     mode = fsdp.fused_lora_mode(cfg.memory.fused_lora) if fsdp_settings else cfg.memory.fused_lora
     with lora_dropout_active(model.denoiser):  # patch_lora refuses LoRA dropout in training mode: auto falls back
         on, why = fused_lora.enable(model.denoiser, mode, acc.device)

@@ -10,6 +10,9 @@ Parameter names are unchanged (instance ``forward`` attributes, no wrapper modul
 pixels, a quarter of a tile blended linearly) with a checkpoint per tile, so backward holds one tile's decoder
 at a time. Differentiable, but not the same image: group norms and the mid-block attention see one tile at a
 time. I and I0 both go through ``vae.decode`` and so are decoded the same way.
+
+``memory.fused_norm`` (fnf/train/fused_norm.py): the decoder's GroupNorm/RMSNorm → SiLU pairs as one op that keeps
+only its input; set last, inside whatever checkpointing and tiling chose (the tail checkpoint asks it).
 """
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ import types
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+from . import fused_norm
 
 MODES = ("off", "blocks", "resnet")
 _PATCHED = "_fnf_checkpointed"
@@ -45,7 +50,7 @@ def _patched_forward(self, *args, **kwargs):
 
 
 def _tail(decoder, x):
-    return _class_forward(decoder.conv_out, _class_forward(decoder.conv_act, _class_forward(decoder.conv_norm_out, x)))
+    return _class_forward(decoder.conv_out, fused_norm.tail_norm_act(decoder.conv_norm_out, decoder.conv_act, x))
 
 
 def _tail_forward(decoder, x):
@@ -59,6 +64,7 @@ def _identity(x, *args, **kwargs):
 
 def reset(vae) -> None:
     """Undo every lever of this module and diffusers' checkpointing and tiling: the plain full decode."""
+    fused_norm.disable(vae)
     for module in vae.modules():
         if getattr(module, _PATCHED, False) or module.__dict__.get("forward") is _identity:
             module.__dict__.pop("forward", None)
@@ -107,9 +113,10 @@ def enable_tiling(vae, tile: int) -> None:
     vae.tile_latent_min_size = tile // factor
 
 
-def apply(vae, checkpointing: str, tile: int = 0) -> None:
+def apply(vae, checkpointing: str, tile: int = 0, fused: str = "off") -> str:
     """Set the decoder's memory levers: ``checkpointing`` in MODES (True: resnet, False: off, as the config
-    reads them); ``tile`` pixels (0: one full decode)."""
+    reads them); ``tile`` pixels (0: one full decode); ``fused`` (memory.fused_norm: auto | on | off). Returns
+    fused_norm's line for the log."""
     if isinstance(checkpointing, bool):
         checkpointing = "resnet" if checkpointing else "off"
     if checkpointing not in MODES:
@@ -123,3 +130,4 @@ def apply(vae, checkpointing: str, tile: int = 0) -> None:
         checkpoint_decoder_parts(vae.decoder)
     if tile and checkpointing != "off":
         checkpoint_whole_decoder(vae.decoder)
+    return fused_norm.enable(vae, fused)[1]
