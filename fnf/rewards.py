@@ -7,7 +7,8 @@ Specs name one:
   ``hpsv2``, ``sd-safety``: :mod:`fnf.reward_models`), ``brightness``, ``darkness``, ``redness``, ``saturation``,
   ``contrast``, ``region``, ``classifier`` (see :data:`REWARDS`);
 * ``package.module:callable`` (imported);
-* ``path/to/file.py:callable`` (loaded from the file).
+* ``path/to/file.py:callable`` (loaded from the file);
+* ``http://127.0.0.1:PORT/path`` or ``http:PORT``: a reward served by another process (:mod:`fnf.reward_client`).
 
 The loaded object is used as follows: a class is instantiated with the kwargs; a function is a factory
 (called with the kwargs, its return value is the reward) when kwargs are given or when it takes no
@@ -18,9 +19,11 @@ from __future__ import annotations
 import inspect
 from typing import Callable
 
+import numpy as np
 import torch
 
 from . import reward_models
+from .reward_client import HttpReward, check_http_spec, is_http_spec
 from .reward_registry import (
     HEATMAP_LOADERS,
     HEATMAPS,
@@ -39,6 +42,13 @@ from .reward_registry import (
 
 def check_reward_spec(spec: str, kwargs: dict) -> None:
     """Resolve a reward spec and check its kwargs without building the reward (cheap; for preflight)."""
+    if is_http_spec(spec):   # a served reward (fnf.reward_client): the URL, its host and the kwargs; no connection
+        try:
+            inspect.signature(HttpReward).bind(spec, **kwargs)
+            check_http_spec(spec, **kwargs)
+        except (TypeError, ValueError) as e:
+            raise SpecError(f"reward {spec!r}: {e}") from None
+        return
     if spec == "classifier":
         kw = dict(kwargs)
         model = kw.pop("model", "")
@@ -66,7 +76,13 @@ def check_heatmap_spec(spec: str, kwargs: dict) -> None:
 
 
 def build_reward(spec: str, **kwargs) -> Reward:
-    """Registry name or ``module:callable`` / ``file.py:callable`` -> reward callable."""
+    """Registry name, ``module:callable`` / ``file.py:callable``, or a server URL (``http://127.0.0.1:PORT/path``,
+    ``http:PORT``: :class:`fnf.reward_client.HttpReward`) -> reward callable."""
+    if is_http_spec(spec):
+        try:
+            return HttpReward(spec, **kwargs)
+        except (TypeError, ValueError) as e:
+            raise SpecError(f"reward {spec!r}: {e}") from None
     if spec in REWARDS:
         try:
             return REWARDS[spec](**kwargs)
@@ -99,20 +115,38 @@ def prepare_reward(reward, device) -> Reward:
     return reward
 
 
-def score(reward, images: torch.Tensor, prompts: list[str], checkpoint: bool = False) -> torch.Tensor:
-    """The reward r(images, prompts) as float32 (B,), optionally under activation checkpointing (nn.Module
-    rewards)."""
+def score(reward, images: torch.Tensor, prompts: list[str], checkpoint: bool = False, *,
+          finite: bool = False) -> torch.Tensor:
+    """The reward r(images, prompts) as float32 (B,) on the images' device, optionally under activation
+    checkpointing (nn.Module rewards). A reward may return a tensor, a numpy array or a list of numbers (B,) or
+    (B, 1); anything else raises TypeError / ValueError. ``finite``: NaN or inf scores raise ValueError (objective
+    grpo: a NaN would poison its whole group) instead of reaching the trainer's bad-step check."""
     if checkpoint and torch.is_grad_enabled():
         from torch.utils.checkpoint import checkpoint as ckpt
         out = ckpt(lambda x: reward(x, prompts), images, use_reentrant=False)
     else:
         out = reward(images, prompts)
-    out = torch.as_tensor(out)
+    if not isinstance(out, torch.Tensor):
+        try:
+            arr = np.asarray(out)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"reward returned {type(out).__name__} that is not numbers (B,): {e}") from None
+        if arr.dtype.kind not in "biuf":
+            raise TypeError(f"reward returned {type(out).__name__} that is not numbers (B,) (numpy dtype {arr.dtype})")
+        out = torch.as_tensor(arr.astype(np.float64))
+    if out.dtype.is_complex or not (out.dtype.is_floating_point or out.dtype in _NUMBER_DTYPES):
+        raise TypeError(f"reward returned a {out.dtype} tensor; expected real numbers")
     if out.dim() == 2 and out.shape[1] == 1:
         out = out[:, 0]
     if out.shape != (images.shape[0],):
         raise ValueError(f"reward returned shape {tuple(out.shape)}; expected ({images.shape[0]},)")
-    return out.float()
+    out = out.to(device=images.device, dtype=torch.float32)
+    if finite and not bool(torch.isfinite(out).all()):
+        raise ValueError(f"reward returned non-finite scores {out.tolist()}")
+    return out
+
+
+_NUMBER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool)
 
 
 # ------------------------------------------------------------------------------------------ built-ins
