@@ -40,8 +40,9 @@ from ..lora import check_lora_folder, dropout_off, export_state
 from . import flow
 
 __all__ = ["Components", "FlowMatchingEuler", "FolderComponents", "ModelFamily", "PackedLatents", "Schedule",
-           "TransformerLoRA", "cfg_combine", "cfg_inputs", "check_lora_folder", "decode_vae", "freeze", "load_component",
-           "resolve_dtype", "set_vae_precision", "unscale_latents"]
+           "TransformerLoRA", "cfg_combine", "cfg_inputs", "check_lora_folder", "decode_vae", "freeze",
+           "gaussian_log_prob", "load_component", "resolve_dtype", "sde_transition", "set_vae_precision",
+           "unscale_latents"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -135,6 +136,16 @@ class ModelFamily:
 
     def renoise(self, model, schedule: Schedule, i: int, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """DRaFT-LV: clean latents x0 put back at step i's noise level with ``noise``."""
+        raise NotImplementedError
+
+    sde_noise_level: float = 1.0   # the default noise level of sde_step (grpo.noise_level 0)
+
+    def sde_step(self, model, schedule: Schedule, i: int, out: torch.Tensor, x: torch.Tensor, *, noise_level: float,
+                 generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
+                 prev: torch.Tensor | None = None):
+        """Step i of the family's stochastic sampler as a Gaussian N(mean, std^2) (policy-gradient objectives):
+        returns ``(x_next, log_prob, mean, std)``, ``x_next = prev`` when given, else ``mean + std * noise``
+        (noise given, or drawn from ``generator``); ``log_prob`` (B,) as :func:`gaussian_log_prob`. Pure."""
         raise NotImplementedError
 
     def decode(self, model, latents: torch.Tensor, schedule: Schedule | None = None) -> torch.Tensor:
@@ -272,6 +283,30 @@ def decode_vae(model, z: torch.Tensor) -> torch.Tensor:
     return (x.to(torch.promote_types(x.dtype, torch.float32)) / 2 + 0.5).clamp(0, 1)
 
 
+def gaussian_log_prob(value: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Per-sample log N(value; mean, std^2), averaged over the non-batch elements (as DDPO and Flow-GRPO average
+    it: a per-element log-density, so policy ratios stay O(1) at any latent size); ``value`` is detached."""
+    var = std ** 2
+    lp = -((value.detach() - mean) ** 2) / (2 * var) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    return lp.mean(dim=tuple(range(1, lp.dim())))
+
+
+def sde_transition(mean: torch.Tensor, std: torch.Tensor, *, generator: torch.Generator | None = None,
+                   noise: torch.Tensor | None = None, prev: torch.Tensor | None = None):
+    """The Gaussian step N(mean, std^2) of a stochastic sampler: ``x_next`` is ``prev`` when given (the log-prob
+    of a recorded step), else ``mean + std * noise`` (``noise``: given, or drawn on the CPU in float32 from
+    ``generator``). Returns ``(x_next, log_prob, mean, std)``; ``log_prob`` (B,) is :func:`gaussian_log_prob`,
+    zeros where ``std`` is 0 (a deterministic step has no policy)."""
+    std = torch.as_tensor(std, dtype=mean.dtype, device=mean.device)
+    if prev is None:
+        if noise is None:
+            noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32)
+        prev = mean + std * noise.to(device=mean.device, dtype=mean.dtype)
+    stochastic = std > 0   # no data-dependent branch: the memory estimator traces this with fake tensors
+    log_prob = gaussian_log_prob(prev, mean, torch.where(stochastic, std, torch.ones_like(std)))
+    return prev, torch.where(stochastic, log_prob, torch.zeros_like(log_prob)), mean, std
+
+
 class FlowMatchingEuler:
     """The flow families' sampler step and DRaFT-LV re-noise (``fnf.families.flow``): the folder's
     FlowMatchEulerDiscreteScheduler step from ``schedule.sigmas[i]`` to ``[i + 1]``, deterministic (``eta`` must
@@ -291,6 +326,17 @@ class FlowMatchingEuler:
 
     def renoise(self, model, schedule: Schedule, i: int, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         return flow.renoise(schedule.sigmas, x0, noise, i)
+
+    sde_noise_level = 0.7   # Flow-GRPO's default noise level a
+
+    def sde_step(self, model, schedule: Schedule, i: int, out: torch.Tensor, x: torch.Tensor, *, noise_level: float,
+                 generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
+                 prev: torch.Tensor | None = None):
+        """One step of the SDE sampler Flow-GRPO uses (``flow.sde_mean_std``: same marginals as the Euler ODE,
+        noise level ``a = noise_level``) as a Gaussian; returns ``(x_next, log_prob, mean, std)`` (see
+        :func:`sde_transition`)."""
+        mean, std = flow.sde_mean_std(schedule.sigmas, out, i, x, noise_level)
+        return sde_transition(mean, std, generator=generator, noise=noise, prev=prev)
 
 
 class PackedLatents:

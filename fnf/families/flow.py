@@ -87,6 +87,26 @@ def euler_step(sigmas: torch.Tensor, out: torch.Tensor, i: int, x: torch.Tensor,
     return prev.to(out.dtype)
 
 
+def sde_mean_std(sigmas: torch.Tensor, out: torch.Tensor, i: int, x: torch.Tensor, noise_level: float):
+    """Step ``i`` of the flow SDE that Flow-GRPO samples with (Liu et al. 2025, arXiv 2505.05470), as the Gaussian
+    N(mean, std^2) of x at ``sigmas[i + 1]`` given x at ``sigmas[i]`` and the velocity ``out``:
+
+    ``s = a * sqrt(sigma / (1 - sigma))`` (``1 - sigmas[1]`` in the denominator at sigma = 1), ``dt = sigma_next -
+    sigma`` (< 0), ``mean = x * (1 + s^2 dt / (2 sigma)) + out * (1 + s^2 (1 - sigma) / (2 sigma)) * dt``,
+    ``std = s * sqrt(-dt)``. With ``a = 0`` the mean is the Euler step. In float32 (float64 stays float64);
+    ``std`` is a 0-dim tensor."""
+    sigma, sigma_next = _sigma_pair(sigmas, i)
+    wide = torch.promote_types(out.dtype, torch.float32)
+    sigma = sigma.to(device=out.device, dtype=wide)
+    sigma_next = sigma_next.to(device=out.device, dtype=wide)
+    sigma_max = sigmas[1].to(device=out.device, dtype=wide) if len(sigmas) > 1 else sigma_next
+    x, out = x.to(wide), out.to(wide)
+    dt = sigma_next - sigma
+    s = torch.sqrt(sigma / (1 - torch.where(sigma == 1, sigma_max, sigma))) * noise_level
+    mean = x * (1 + s ** 2 / (2 * sigma) * dt) + out * (1 + s ** 2 * (1 - sigma) / (2 * sigma)) * dt
+    return mean, s * torch.sqrt(-dt)
+
+
 def renoise(sigmas: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
     """DRaFT-LV along the flow path: ``sigma_i * noise + (1 - sigma_i) * x0`` (the scheduler's ``scale_noise``
     at step i, sigma in ``x0``'s dtype)."""

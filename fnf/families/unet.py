@@ -13,7 +13,7 @@ import torch
 from ..core import LORA_WEIGHTS, DiffusionModel, PromptEmbeds, resolve_dtype
 from ..lora import export_state
 from .base import (FolderComponents, ModelFamily, Schedule, cfg_combine, cfg_inputs, check_lora_folder, decode_vae,
-                   freeze, set_vae_precision, unscale_latents)
+                   freeze, sde_transition, set_vae_precision, unscale_latents)
 
 
 def _tokenize(tokenizer, prompts: list[str], device) -> torch.Tensor:
@@ -23,9 +23,11 @@ def _tokenize(tokenizer, prompts: list[str], device) -> torch.Tensor:
 
 
 def ddim_step(scheduler, out: torch.Tensor, t, x: torch.Tensor, steps: int, *, eta: float = 0.0,
-              generator: torch.Generator | None = None) -> torch.Tensor:
+              generator: torch.Generator | None = None, mean_std: bool = False):
     """``DDIMScheduler.step(out, t, x, eta=, generator=)`` of a scheduler set to ``steps`` inference steps, as a
-    pure function: it reads only the fixed alphas and the config of ``scheduler``."""
+    pure function: it reads only the fixed alphas and the config of ``scheduler``. ``mean_std``: return the
+    Gaussian of x_{t-1} instead, ``(mean, std)``: the step before its noise (``prev_sample`` of eta 0's
+    arithmetic with eta's smaller direction term) and ``eta * sqrt(variance)``."""
     cfg = scheduler.config
     prev_t = t - cfg.num_train_timesteps // steps
     alpha_prod_t = scheduler.alphas_cumprod[t]
@@ -52,6 +54,8 @@ def ddim_step(scheduler, out: torch.Tensor, t, x: torch.Tensor, steps: int, *, e
     std_dev_t = eta * variance ** (0.5)
     direction = (1 - alpha_prod_t_prev - std_dev_t**2) ** (0.5) * eps
     prev = alpha_prod_t_prev ** (0.5) * x0 + direction
+    if mean_std:   # the Gaussian of x_{t-1} given x_t (stochastic DDIM, DDPO)
+        return prev, std_dev_t
     if eta > 0:
         from diffusers.utils.torch_utils import randn_tensor
 
@@ -151,6 +155,18 @@ class StableDiffusionFamily(ModelFamily):
              generator: torch.Generator | None = None) -> torch.Tensor:
         """``DDIMScheduler.step`` at ``schedule.timesteps[i]`` (:func:`ddim_step`)."""
         return ddim_step(model.scheduler, out, schedule.timesteps[i], x, len(schedule), eta=eta, generator=generator)
+
+    sde_noise_level = 1.0   # DDIM eta = 1 (DDPO's default)
+
+    def sde_step(self, model, schedule: Schedule, i: int, out: torch.Tensor, x: torch.Tensor, *, noise_level: float,
+                 generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
+                 prev: torch.Tensor | None = None):
+        """Stochastic DDIM (eta = ``noise_level``) as the Gaussian ``DDIMScheduler.step`` samples from:
+        ``(x_next, log_prob, mean, std)`` (:func:`~fnf.families.base.sde_transition`)."""
+        wide = torch.promote_types(out.dtype, torch.float32)
+        mean, std = ddim_step(model.scheduler, out.to(wide), schedule.timesteps[i], x.to(wide), len(schedule),
+                              eta=noise_level, mean_std=True)
+        return sde_transition(mean, std, generator=generator, noise=noise, prev=prev)
 
     def renoise(self, model, schedule: Schedule, i: int, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         return model.scheduler.add_noise(x0, noise, torch.as_tensor(schedule.timesteps[i]).reshape(1))

@@ -56,8 +56,9 @@ class Objective:
 
     Lifecycle: :meth:`add_params` (a classmethod) creates the trainable parameters on the model; the trainer then
     sets its memory levers (checkpointing, fused LoRA), builds the :class:`Context` and the objective once,
-    ``cls(cfg, ctx)`` (rewards, prompts, hooks); each micro-batch calls :meth:`loss`; at the end of a run
-    :meth:`finish` (every process) and :meth:`export` (main process)."""
+    ``cls(cfg, ctx)`` (rewards, prompts, hooks); each optimizer step calls :meth:`start_step` and then
+    :meth:`loss` per micro-batch; at the end of a run :meth:`finish` (every process) and :meth:`export` (main
+    process)."""
 
     progress_keys: tuple[str, ...] = ("loss",)   # the stats shown next to the progress bar
     denoiser_checkpointing: bool = True          # whether memory.denoiser checkpointing may apply
@@ -74,6 +75,12 @@ class Objective:
 
     def __init__(self, cfg, ctx: Context):
         self.cfg, self.ctx = cfg, ctx
+
+    def start_step(self, step: int) -> None:
+        """Called by the trainer at the start of optimizer step ``step`` (0-based; every process, before its
+        micro-batches, also the first step after a resume). Default: nothing. An objective whose micro-batches
+        share state across steps (GRPO: one sampled rollout feeds several optimizer steps) learns here where in
+        that state a step starts, whatever happened before (a resume, a step skipped part way)."""
 
     def loss(self, generator: torch.Generator) -> StepOutput:
         """One micro-batch; ``generator`` is seeded per (seed, step, micro-step, rank) and is its only randomness."""
