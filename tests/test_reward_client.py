@@ -218,7 +218,9 @@ def test_score_converts_numpy_and_lists_and_checks_them():
 
 @pytest.mark.parametrize("spec, kwargs", [("brightness", {}), ("darkness", {}), ("redness", {}), ("saturation", {}),
                                           ("contrast", {}), ("region", {"statistic": "redness"}),
-                                          ("classifier", {"model": "fnf_tiny_models:red_detector"}),
+                                          ("classifier", {"model": "fnf.classifiers:resnet", "logit": 1, "model_kwargs": {
+                                              "arch": "resnet18", "width": 8, "random_init": True}}),
+                                          ("fnf_tiny_models:red_detector", {}),
                                           ("fnf.toy.rewards:defect_reward", {})])
 def test_builtin_specs_work_under_no_grad(spec, kwargs):
     torch.manual_seed(0)
