@@ -59,6 +59,11 @@ def _tiny_model_for(config_name: str, files) -> str:
     if "sd3" in config_name:
         from tiny_sd3 import cached_sd3
         return cached_sd3(files["root"])
+    if "flux2_klein" in config_name:
+        from tiny_flux2_klein import cached_flux2_klein, have_klein
+        if not have_klein():
+            pytest.skip("this diffusers has no Flux2KleinPipeline (FLUX.2 [klein] needs diffusers >= 0.37)")
+        return cached_flux2_klein(files["root"])
     if "flux2" in config_name:
         from tiny_flux2 import cached_flux2, have_flux2
         if not have_flux2():

@@ -14,7 +14,7 @@ Everything follows diffusers' ``Flux2Pipeline`` text-to-image path:
   un-patchify, VAE decode, ``x / 2 + 0.5`` clamped.
 
 Not supported (the pipeline's other inputs): reference / edit images (``image=``) and caption upsampling.
-The FLUX.2 Klein pipelines (Qwen3 text encoder, true CFG) are other pipeline classes and are refused.
+The FLUX.2 [klein] pipelines (Qwen3 text encoder, true CFG) are the ``flux2-klein`` family (``flux2_klein.py``).
 """
 from __future__ import annotations
 
@@ -81,9 +81,12 @@ def text_ids(length: int, device) -> torch.Tensor:
     return torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(length)).to(device)
 
 
-def _tokenizer_class(index: dict, path: str):
+FLUX2_DEV_TOKENIZER = "FLUX.2-dev: ['transformers', 'PixtralProcessor']"
+
+
+def _tokenizer_class(index: dict, path: str, example: str = FLUX2_DEV_TOKENIZER):
     """The transformers class model_index.json names for the tokenizer (FLUX.2-dev: PixtralProcessor), as
-    ``Flux2Pipeline.from_pretrained`` loads it."""
+    ``Flux2Pipeline.from_pretrained`` loads it; ``example``: the released folder's entry, for the error."""
     import transformers
 
     entry = index.get("tokenizer") or [None, None]
@@ -97,7 +100,7 @@ def _tokenizer_class(index: dict, path: str):
                              f"{str(e).strip()}") from None
     if not usable:
         raise ModelLoadError(f"{path!r}: model_index.json's tokenizer entry {entry!r} is not a transformers "
-                             "tokenizer or processor class (FLUX.2-dev: ['transformers', 'PixtralProcessor'])")
+                             f"tokenizer or processor class ({example})")
     return cls
 
 

@@ -11,10 +11,10 @@ import json
 import os
 
 from ..core import DTYPES, DiffusionModel, ModelLoadError
-from . import flux, flux2, sd3, unet
+from . import flux, flux2, flux2_klein, sd3, unet
 from .base import ModelFamily
 
-FAMILY_MODULES = (unet, sd3, flux, flux2)
+FAMILY_MODULES = (unet, sd3, flux, flux2, flux2_klein)
 
 
 def all_families() -> list[ModelFamily]:
@@ -40,6 +40,15 @@ def family_for_index(index: dict) -> ModelFamily | None:
     for fam in all_families():
         if cls in fam.pipeline_classes:
             return fam
+    return None
+
+
+def refusal(pipeline_class: str) -> str | None:
+    """Why fnf refuses a pipeline class that a family knows of (its ``refused_pipelines``: {class: why}), or None."""
+    for fam in all_families():
+        why = getattr(fam, "refused_pipelines", {}).get(pipeline_class)
+        if why:
+            return why
     return None
 
 
@@ -71,6 +80,10 @@ def family_of(path: str, index: dict | None = None) -> ModelFamily:
     if "_class_name" not in index:
         return family_by_name("sdxl" if "text_encoder_2" in index else "sd")
     family = family_for_index(index)
+    refused = refusal(str(index["_class_name"]))
+    if family is None and refused:
+        raise ModelLoadError(f"{path!r} holds a {index['_class_name']!r} (model_index.json _class_name), which fnf "
+                             f"refuses: {refused}")
     if family is None:
         raise ModelLoadError(f"{path!r} holds a {index['_class_name']!r} (model_index.json _class_name), which fnf "
                              f"does not support; supported pipelines: {', '.join(supported_pipelines())}")

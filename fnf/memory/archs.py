@@ -149,6 +149,35 @@ ARCHS.update({
         "text_encoder": ["Mistral3ForConditionalGeneration", _MISTRAL_SMALL]}},
 })
 
+# black-forest-labs/FLUX.2-klein-4B / -9B (Flux2KleinPipeline, step-distilled: model_index.json is_distilled true,
+# no CFG batch): the transformer configs of diffusers' scripts/convert_flux2_to_diffusers.py ("klein-4b" / "klein-9b":
+# no guidance embedding, joint_attention_dim = 3 x the text encoder's hidden size), FLUX.2-dev's VAE and scheduler
+# (assumed: the klein folders ship the same AutoencoderKLFlux2), Qwen/Qwen3-4B and Qwen/Qwen3-8B config.json values.
+_KLEIN_QWEN3 = dict(model_type="qwen3", vocab_size=151936, num_hidden_layers=36, num_attention_heads=32,
+              num_key_value_heads=8, head_dim=128, hidden_act="silu", max_position_embeddings=40960,
+              rms_norm_eps=1e-6, rope_theta=1000000, attention_bias=False)
+
+
+def _flux2_klein(layers: int, single: int, heads: int, text_hidden: int, text_ff: int, tied: bool) -> dict:
+    transformer = {**_FLUX2_TRANSFORMER, "num_layers": layers, "num_single_layers": single,
+                   "num_attention_heads": heads, "joint_attention_dim": 3 * text_hidden, "guidance_embeds": False}
+    text = {**_KLEIN_QWEN3, "hidden_size": text_hidden, "intermediate_size": text_ff, "tie_word_embeddings": tied}
+    return {"kind": "flux2-klein", "is_distilled": True, "components": {
+        "transformer": ["Flux2Transformer2DModel", transformer],
+        "vae": ["AutoencoderKLFlux2", _FLUX2_VAE],
+        "scheduler": ["FlowMatchEulerDiscreteScheduler", dict(
+            num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+            base_image_seq_len=256, max_image_seq_len=4096)],
+        "text_encoder": ["Qwen3ForCausalLM", text]}}
+
+
+ARCHS.update({
+    # FLUX.2-klein-4B: 5 double + 20 single blocks, 24 heads (3072 wide); Qwen3-4B (2560 wide, tied embeddings)
+    "flux2-klein-4b": _flux2_klein(5, 20, 24, 2560, 9728, True),
+    # FLUX.2-klein-9B: 8 double + 24 single blocks, 32 heads (4096 wide); Qwen3-8B (4096 wide)
+    "flux2-klein-9b": _flux2_klein(8, 24, 32, 4096, 12288, False),
+})
+
 # Seconds one fake-tensor trace took at the native size on the 2-core CPU box (benchmarks/RESULTS.md; the ones
 # not measured there are scaled by parameter count); `fnf estimate-memory` announces its time from these.
 TRACE_SECONDS = {"sd15": 60, "sd21": 90, "sdxl": 180, "sd35-medium": 100, "sd35-large": 300, "flux1-dev": 360,

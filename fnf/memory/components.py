@@ -20,6 +20,8 @@ from .archs import TOY_TOKENIZER
 _TOY_CHAT_TEMPLATE = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}"
                       "{% endif %}{% endfor %}{% endfor %}")
 _DROP = ("architectures", "torch_dtype", "dtype", "transformers_version")
+# model_index.json's pipeline flags a family's build reads from ``src.index`` (SDXL; FLUX.2 [klein]'s step distillation)
+PIPELINE_FLAGS = ("force_zeros_for_empty_prompt", "is_distilled")
 
 
 def _read_config(folder: str, component: str) -> dict | None:
@@ -54,7 +56,7 @@ def folder_components(folder: str, index: dict, required: tuple[str, ...]) -> di
                                  "each component from its config.json)")
             continue
         components[name] = [entry_class(name), cfg]
-    flags = {k: v for k, v in index.items() if k == "force_zeros_for_empty_prompt"}
+    flags = {k: v for k, v in index.items() if k in PIPELINE_FLAGS}
     return {"name": os.path.basename(os.path.normpath(folder)), "components": components, "tokenizers": tokenizers,
             **flags}
 
@@ -92,8 +94,9 @@ class ConfigComponents(Components):
         self.spec = spec
         self.path = f"<{spec['name']}>"
         self.index = {name: ["config", cls or "?"] for name, (cls, _) in spec["components"].items()}
-        if "force_zeros_for_empty_prompt" in spec:
-            self.index["force_zeros_for_empty_prompt"] = spec["force_zeros_for_empty_prompt"]
+        for flag in PIPELINE_FLAGS:
+            if flag in spec:
+                self.index[flag] = spec[flag]
 
     def _config(self, name: str) -> dict:
         if name not in self.spec["components"]:

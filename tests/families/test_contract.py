@@ -28,6 +28,7 @@ from tests.families.common import (
 from tests.fnf_tiny_models import cached_model, one_torch_thread, tiny_config  # noqa: F401
 from tests.tiny_flux import cached_flux
 from tests.tiny_flux2 import cached_flux2, have_flux2
+from tests.tiny_flux2_klein import cached_flux2_klein, have_klein
 from tests.tiny_sd3 import cached_sd3
 
 from fnf import cli, config, preflight, sampling
@@ -101,10 +102,20 @@ ROWS = [
         ("text_encoder", "text_encoder"), resume_train={"prompts": [PROMPTS[0]]}, model={"kind": "flux2"},
         shipped=("flux2_dev_focus_n_fix.yaml", {"sampling.height": 1024, "sampling.width": 1024,
                                                 "sampling.guidance_scale": 4.0, "sampling.truncation_k": 1})),
+    Row("flux2-klein", cached_flux2_klein, "Flux2KleinPipeline", 4.0, 2, True,
+        lambda t: "transformer_blocks.0.attn.to_out.0" in t
+        and not any(n.startswith("single_transformer_blocks") or "add_" in n for n in t),
+        FLUX2.lora_targets + FLUX2.lora_targets_text + FLUX2.lora_targets_single + FLUX2.lora_targets_ff,
+        ("add_q_proj.lora_A", "to_qkv_mlp_proj.lora_A", "ff_context.linear_in.lora_A"), (2, 32.0),
+        ("text_encoder", "text_encoder"), resume_train={"prompts": [PROMPTS[0]]}, model={"kind": "flux2-klein"},
+        shipped=("flux2_klein_4b_focus_n_fix.yaml", {"sampling.height": 1024, "sampling.width": 1024,
+                                                     "sampling.steps": 4, "sampling.truncation_k": 2})),
 ]
 PARAMS = [pytest.param(r, id=r.family, marks=pytest.mark.skipif(
     r.family == "flux2" and not have_flux2(), reason="the installed diffusers has no Flux2Pipeline (0.34 floor)"))
     for r in ROWS]
+PARAMS = [p if p.id != "flux2-klein" or have_klein() else pytest.param(*p.values, id=p.id, marks=pytest.mark.skip(
+    reason="the installed diffusers has no Flux2KleinPipeline (0.34 floor)")) for p in PARAMS]
 
 
 @pytest.fixture(params=PARAMS)
