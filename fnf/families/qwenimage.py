@@ -181,19 +181,21 @@ class QwenImageFamily(PackedLatents, FlowMatchingEuler, TransformerLoRA, ModelFa
             raise TypeError(f"prompts: expected a list of str, got {prompts!r}")
         encoder, tokenizer = model.text_encoders[0], model.tokenizers[0]
         tokens = tokenizer([PROMPT_TEMPLATE.format(p) for p in prompts],
-                           max_length=TOKENIZER_MAX_LENGTH + TEMPLATE_START_IDX, padding=True, truncation=True,
-                           return_tensors="pt")
-        ids, attn = tokens.input_ids.to(encoder.device), tokens.attention_mask.to(encoder.device)
-        with torch.no_grad():
-            hidden = encoder(input_ids=ids, attention_mask=attn, output_hidden_states=True).hidden_states[-1]
-        valid = [h[m.bool()][TEMPLATE_START_IDX:] for h, m in zip(hidden, attn)]
-        length = max(v.shape[0] for v in valid)
+                           max_length=TOKENIZER_MAX_LENGTH + TEMPLATE_START_IDX, padding=True, truncation=True)
+        # each prompt's valid token positions after the template prefix, from the host-side mask (no
+        # data-dependent indexing of device tensors: the memory estimator traces this under fake tensors)
+        valid = [[j for j, v in enumerate(row) if v][TEMPLATE_START_IDX:] for row in tokens["attention_mask"]]
+        length = max(len(v) for v in valid)
         if length == 0:
             raise ValueError("prompts: the prompt template left no tokens after its 34-token prefix (a tokenizer "
                              "that is not Qwen's?)")
-        embeds = torch.stack([torch.cat([v, v.new_zeros(length - v.shape[0], v.shape[1])]) for v in valid])
-        mask = torch.stack([torch.cat([torch.ones(v.shape[0], dtype=torch.long),
-                                       torch.zeros(length - v.shape[0], dtype=torch.long)]) for v in valid])
+        ids = torch.tensor(tokens["input_ids"], dtype=torch.long, device=encoder.device)
+        attn = torch.tensor(tokens["attention_mask"], dtype=torch.long, device=encoder.device)
+        with torch.no_grad():
+            hidden = encoder(input_ids=ids, attention_mask=attn, output_hidden_states=True).hidden_states[-1]
+        rows = [hidden[b, torch.tensor(v, dtype=torch.long, device=hidden.device)] for b, v in enumerate(valid)]
+        embeds = torch.stack([torch.cat([r, r.new_zeros(length - r.shape[0], r.shape[1])]) for r in rows])
+        mask = torch.tensor([[1] * len(v) + [0] * (length - len(v)) for v in valid], dtype=torch.long)
         keep = int(model.settings.get("max_sequence_length", MAX_SEQUENCE_LENGTH))
         device = model.denoiser.device
         embeds = embeds[:, :keep].to(device=device, dtype=encoder.dtype)
