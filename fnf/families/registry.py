@@ -11,10 +11,10 @@ import json
 import os
 
 from ..core import DTYPES, DiffusionModel, ModelLoadError
-from . import flux, flux2, flux2_klein, sd3, unet
+from . import flux, flux2, flux2_klein, qwenimage, sd3, unet
 from .base import ModelFamily
 
-FAMILY_MODULES = (unet, sd3, flux, flux2, flux2_klein)
+FAMILY_MODULES = (unet, sd3, flux, flux2, flux2_klein, qwenimage)
 
 
 def all_families() -> list[ModelFamily]:

@@ -29,6 +29,7 @@ from tests.fnf_tiny_models import cached_model, one_torch_thread, tiny_config  #
 from tests.tiny_flux import cached_flux
 from tests.tiny_flux2 import cached_flux2, have_flux2
 from tests.tiny_flux2_klein import cached_flux2_klein, have_klein
+from tests.tiny_qwenimage import cached_qwenimage, have_qwenimage
 from tests.tiny_sd3 import cached_sd3
 
 from fnf import cli, config, preflight, sampling
@@ -37,7 +38,7 @@ from fnf.core import LORA_WEIGHTS, ModelLoadError
 from fnf.encoding import encode_negative, encode_prompts
 from fnf.families.registry import family_by_name, load_model
 from fnf.lora import add_lora, load_lora, lora_state_dict, save_lora
-from fnf.train import Session, train
+from fnf.train import Session, train, vae_memory
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SIZE = 32   # every tiny folder's native size
@@ -72,6 +73,7 @@ SD, SDXL = family_by_name("sd"), family_by_name("sdxl")
 SD3 = family_by_name("sd3")
 FLUX = family_by_name("flux")
 FLUX2 = family_by_name("flux2")
+QWEN_IMAGE = family_by_name("qwen-image")
 UNET_TARGETS = SD.lora_targets
 ROWS = [
     Row("sd", lambda root: cached_model("sd", root), "StableDiffusionPipeline", 3.0, 2, True,
@@ -110,12 +112,21 @@ ROWS = [
         ("text_encoder", "text_encoder"), resume_train={"prompts": [PROMPTS[0]]}, model={"kind": "flux2-klein"},
         shipped=("flux2_klein_4b_focus_n_fix.yaml", {"sampling.height": 1024, "sampling.width": 1024,
                                                      "sampling.steps": 4, "sampling.truncation_k": 2})),
+    Row("qwen-image", cached_qwenimage, "QwenImagePipeline", 1.0, 1, False,
+        lambda t: "transformer_blocks.1.attn.to_out.0" in t and not any("add_" in n or "mlp" in n for n in t),
+        QWEN_IMAGE.lora_targets + QWEN_IMAGE.lora_targets_text + QWEN_IMAGE.lora_targets_ff,
+        ("add_q_proj.lora_A", "img_mlp.net.0.proj.lora_A", "txt_mlp.net.2.lora_A"), (2, 32.0),
+        ("text_encoder", "text_encoder"), model={"kind": "qwen-image"},
+        shipped=("qwen_image_focus_n_fix.yaml", {"sampling.height": 1328, "sampling.width": 1328,
+                                                 "sampling.guidance_scale": 4.0})),
 ]
 PARAMS = [pytest.param(r, id=r.family, marks=pytest.mark.skipif(
     r.family == "flux2" and not have_flux2(), reason="the installed diffusers has no Flux2Pipeline (0.34 floor)"))
     for r in ROWS]
 PARAMS = [p if p.id != "flux2-klein" or have_klein() else pytest.param(*p.values, id=p.id, marks=pytest.mark.skip(
     reason="the installed diffusers has no Flux2KleinPipeline (0.34 floor)")) for p in PARAMS]
+PARAMS = [p if p.id != "qwen-image" or have_qwenimage() else pytest.param(*p.values, id=p.id, marks=pytest.mark.skip(
+    reason="the installed diffusers has no QwenImagePipeline (0.34 floor)")) for p in PARAMS]
 
 
 @pytest.fixture(params=PARAMS)
@@ -180,7 +191,10 @@ def test_draft_k2_grads_only_lora_and_last_two_calls(row, folder):
         for n, p in mod.named_parameters():
             assert p.grad is None or "lora_" in n, n
     m.denoiser.enable_gradient_checkpointing()
-    m.vae.enable_gradient_checkpointing()
+    if m.vae._supports_gradient_checkpointing:
+        m.vae.enable_gradient_checkpointing()
+    else:   # Qwen-Image's VAE has no diffusers checkpointing: fnf's per-ResNet one (the trainer's default)
+        vae_memory.apply(m.vae, "resnet")
     for p in params:
         p.grad = None
     _sample(row, m, grad_steps=2).mean().backward()
