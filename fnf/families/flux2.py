@@ -156,8 +156,8 @@ class Flux2Family(PackedLatents, FlowMatchingEuler, TransformerLoRA, ModelFamily
     def _check_scheduler(self, src) -> None:
         sched_entry = src.index.get("scheduler") or [None, None]
         if sched_entry[-1] not in (None, "FlowMatchEulerDiscreteScheduler"):
-            raise ModelLoadError(f"{src.path!r}: the FLUX.2 family samples with FlowMatchEulerDiscreteScheduler, but "
-                                 f"model_index.json names {sched_entry[-1]!r}")
+            raise ModelLoadError(f"{src.path!r}: the {self.title} family samples with FlowMatchEulerDiscreteScheduler, "
+                                 f"but model_index.json names {sched_entry[-1]!r}")
 
     def build(self, src, *, weight_dtype, device="cpu", fp16_autocast: bool = False,
               max_sequence_length: int = MAX_SEQUENCE_LENGTH, quantize: str = "none", tokenizer_class=None):

@@ -182,7 +182,9 @@ ARCHS.update({
 # not measured there are scaled by parameter count); `fnf estimate-memory` announces its time from these.
 TRACE_SECONDS = {"sd15": 60, "sd21": 90, "sdxl": 180, "sd35-medium": 100, "sd35-large": 300, "flux1-dev": 360,
                  "flux1-schnell": 360, "flux2-dev": 900}
+TRACE_SECONDS.update({"flux2-klein-4b": 50, "flux2-klein-9b": 115})
 KIND_TRACE_SECONDS = {"sd": 60, "sdxl": 180, "sd3": 100, "flux": 360, "flux2": 900}
+KIND_TRACE_SECONDS["flux2-klein"] = 60
 NATIVE = {"sd15": 512, "sd21": 768}   # every other named architecture: 1024
 
 
