@@ -39,7 +39,7 @@ def write_tokenizer(folder: str) -> None:
     """A byte-level BPE Qwen2Tokenizer (GPT-2 byte alphabet, no merges) with Qwen's special tokens."""
     from transformers import Qwen2Tokenizer
 
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs, n = bs[:], 0
     for b in range(256):
         if b not in bs:

@@ -149,8 +149,9 @@ class ZImageFamily(FlowMatchingEuler, TransformerLoRA, ModelFamily):
 
         return ZImagePipeline
 
-    def load(self, path: str, index: dict, *, weight_dtype, device="cpu", max_sequence_length: int = MAX_SEQUENCE_LENGTH,
-             quantize: str = "none", cfg_normalization: float = 0.0, cfg_truncation: float = 1.0):
+    def load(self, path: str, index: dict, *, weight_dtype, device="cpu",
+             max_sequence_length: int = MAX_SEQUENCE_LENGTH, quantize: str = "none", cfg_normalization: float = 0.0,
+             cfg_truncation: float = 1.0):
         """All components frozen, eval, on ``device``. ``max_sequence_length``: the prompt tokens (the pipeline's
         argument); ``quantize``: the transformer's quantization (:mod:`fnf.quantize`, ``model.quantize``);
         ``cfg_normalization`` / ``cfg_truncation``: the pipeline's arguments of the same names (off by default)."""
