@@ -61,10 +61,11 @@ def _rank() -> int:
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float) -> torch.Tensor:
-    """``(R - mean) / (std + eps)`` within consecutive groups of ``group_size`` rows (population std)."""
+    """``(R - mean) / (std + eps)`` within consecutive groups of ``group_size`` rows (population std), in float64:
+    a group whose rewards differ little divides float rounding by a small std."""
     if rewards.dim() != 1 or rewards.shape[0] % group_size:
         raise ValueError(f"rewards: expected (groups * {group_size},), got shape {tuple(rewards.shape)}")
-    g = rewards.reshape(-1, group_size)
+    g = rewards.double().reshape(-1, group_size)
     mean = g.mean(dim=1, keepdim=True)
     std = g.std(dim=1, unbiased=False, keepdim=True)
     return ((g - mean) / (std + eps)).reshape(-1)
