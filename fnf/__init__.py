@@ -13,7 +13,7 @@ from .encoding import encode_negative, encode_prompts
 from .families.registry import load_model
 from .localize import GradCAM, build_localizer, heatmap_to_mask
 from .lora import adapters_disabled, add_lora, load_lora, save_lora
-from .objectives.penalty import focus_n_fix_loss, region_penalty
+from .objectives.penalty import focus_n_fix_loss, region_penalty, region_reward
 from .rewards import build_reward, score
 from .sampling import decode, draft_k, draft_lv, initial_latents, run_steps, sample_images, schedule
 
@@ -28,8 +28,8 @@ __all__ = [
     "decode", "draft_k", "draft_lv", "initial_latents", "run_steps", "sample_images", "schedule",
     # rewards and localizers
     "GradCAM", "SpecError", "build_localizer", "build_reward", "heatmap_to_mask", "score",
-    # the objectives' losses
-    "focus_n_fix_loss", "region_penalty",
+    # the objectives' losses, and the region term as reward shaping for other trainers
+    "focus_n_fix_loss", "region_penalty", "region_reward",
     # training (the package: fnf.train.train(cfg), fnf.train.TrainResult)
     "Config", "ConfigError", "load_config", "train",
 ]

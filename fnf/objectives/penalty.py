@@ -11,6 +11,8 @@ With ``squared=True`` the gradient is 2*beta*||.||: a soft spring instead, weake
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 import fnf_kernels
@@ -23,6 +25,18 @@ def region_penalty(images: torch.Tensor, reference: torch.Tensor, mask: torch.Te
     wide = torch.promote_types(images.dtype, torch.float32)
     return fnf_kernels.masked_frobenius_penalty(images.to(wide), reference.detach().to(wide), mask.detach().to(wide),
                                                 squared=squared, reduction="none")
+
+
+def region_reward(images: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor, beta: float = 1.0, *,
+                  squared: bool = False) -> torch.Tensor:
+    """The Focus-N-Fix term as reward shaping, per sample (B,): -beta * ||(1 - M) * (I0 - I)||_F, for any trainer's
+    reward function (GRPO / DDPO: add it to the task reward r(I, c); its maximum, 0, is "nothing outside the mask
+    changed"). Images in [0, 1], (B, C, H, W); mask (B, H, W), (B, 1, H, W) or (B, C, H, W), 1 = the problem region
+    (free to change). Through :func:`region_penalty` (fnf_kernels): float32 (float64 for float64 images),
+    differentiable in ``images``."""
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
+        raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+    return -float(beta) * region_penalty(images, reference, mask, squared=squared)
 
 
 def focus_n_fix_loss(rewards: torch.Tensor, images: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor,
