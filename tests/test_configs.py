@@ -72,6 +72,11 @@ def _tiny_model_for(config_name: str, files) -> str:
     if "flux" in config_name:
         from tiny_flux import cached_flux
         return cached_flux(files["root"])
+    if "qwen_image" in config_name:
+        from tiny_qwenimage import cached_qwenimage, have_qwenimage
+        if not have_qwenimage():
+            pytest.skip("this diffusers has no QwenImagePipeline (Qwen-Image needs diffusers >= 0.35)")
+        return cached_qwenimage(files["root"])
     return files["sd"]
 
 
