@@ -188,3 +188,41 @@ def test_token_lengths_under_fake_tensors_are_the_padded_length():
         assert token_lengths(fake) == [16, 16]
         caps = captions(CaptionEmbeds(torch.zeros(2, 16, 4), mask=fake))
         assert [tuple(c.shape) for c in caps] == [(16, 4), (16, 4)]
+
+
+def test_quantized_transformer_and_fsdp_units(folder, monkeypatch):
+    """model.quantize reaches only the transformer's from_pretrained (with the weight dtype); the FSDP units are
+    every ZImageTransformerBlock (the main layers and both refiners)."""
+    from diffusers.models.modeling_utils import ModelMixin
+
+    from fnf import fsdp, quantize
+
+    sentinel, seen, calls = object(), [], []
+    monkeypatch.setattr(quantize, "quantization_config", lambda method, dtype: seen.append((method, dtype)) or sentinel)
+    original = ModelMixin.from_pretrained.__func__
+
+    def from_pretrained(cls, path, **kwargs):
+        calls.append((cls.__name__, kwargs.pop("quantization_config", None)))
+        return original(cls, path, **kwargs)
+
+    monkeypatch.setattr(ModelMixin, "from_pretrained", classmethod(from_pretrained))
+    m = load_model(folder, weight_dtype="bf16", quantize="bnb-8bit")
+    assert seen == [("bnb-8bit", torch.bfloat16)]
+    assert [c for c in calls if c[1] is not None] == [("ZImageTransformer2DModel", sentinel)]
+    plan = fsdp.wrap_plan(m.denoiser, fsdp.wrap_class_names(m))
+    assert sorted(plan) == ["", "context_refiner.0", "layers.0", "noise_refiner.0"]
+
+
+@pytest.mark.slow
+def test_released_zimage_architecture_has_its_parameter_counts():
+    """--arch z-image built under fake tensors: the 6154.9M transformer (Z-Image's "6B"), Qwen3-4B 4022.5M, the
+    FLUX.1 VAE 83.8M; no CFG at the Turbo's guidance 0."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fnf.memory.estimate import build_model, model_spec
+
+    count = lambda mod: round(sum(p.numel() for p in mod.parameters()) / 1e6, 1)  # noqa: E731
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        m = build_model(model_spec(arch="z-image"), "bf16")
+    assert (count(m.denoiser), count(m.text_encoders[0]), count(m.vae)) == (6154.9, 4022.5, 83.8)
+    assert m.family.name == "z-image" and not m.family.uses_cfg(m, object(), 0.0)
