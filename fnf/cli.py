@@ -1,5 +1,5 @@
 """The ``fnf`` command: ``fnf train``, ``fnf localize``, ``fnf sample``, ``fnf eval``, ``fnf estimate-memory``,
-``fnf demo``.
+``fnf export-lora``, ``fnf demo``.
 
 One module per command in fnf/commands/ (its options and its run); this dispatcher imports a command's module only
 when that command runs, and turns input errors into one line and exit status 2. Run ``fnf <command> --help`` for

@@ -488,6 +488,8 @@ def validate(cfg: Config) -> Config:
     ef = cfg.train.export_formats
     _require(isinstance(ef, list) and all(f in LORA_FORMATS for f in ef), "train.export_formats",
              f"a list of LoRA formats from {', '.join(LORA_FORMATS)}", ef)
+    _require(not (ef and cfg.objective.name == "sepen" and not cfg.sepen.lora), "train.export_formats",
+             "[] with sepen.lora=false (the result is to_k weights, not a LoRA)", ef)
     pr = cfg.train.prompts
     _require(all(isinstance(p, str) for p in pr), "train.prompts", "a list of strings", pr)
     _require(len(pr) > 0 or bool(cfg.train.prompts_file), "train.prompts",

@@ -382,8 +382,7 @@ def export(source: str, fmt: str, out: str, *, family: str = "", overwrite: bool
     mods = modules(tensors, adapter, prefix)
     ranks = sorted({m.rank for m in mods})
     alphas = sorted({m.alpha for m in mods})
-    meta = {"fnf_family": family, "fnf_format": fmt, "fnf_source": os.path.abspath(folder),
-            "fnf_rank": ",".join(str(r) for r in ranks), "fnf_alpha": ",".join(f"{a:g}" for a in alphas)}
+    meta = {"fnf_family": family, "fnf_format": fmt, "fnf_rank": ",".join(str(r) for r in ranks), "fnf_alpha": ",".join(f"{a:g}" for a in alphas)}
     if fmt == "diffusers":
         layout = None
         # peft key style throughout: diffusers writes a UNet's attention LoRAs as .lora.down / .lora.up and the rest

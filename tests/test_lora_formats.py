@@ -16,13 +16,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tests.families.common import pipeline, pipeline_images, randomize_lora
-from tests.fnf_tiny_models import cached_model, one_torch_thread, tiny_config  # noqa: F401
-
 from fnf import lora_formats as lf
 from fnf.core import LORA_WEIGHTS
 from fnf.families.registry import all_families, load_model
 from fnf.lora import add_lora, save_lora
+from tests.families.common import pipeline, pipeline_images, randomize_lora
+from tests.fnf_tiny_models import cached_model, one_torch_thread, tiny_config  # noqa: F401
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SIZE = 32

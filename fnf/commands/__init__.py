@@ -10,5 +10,6 @@ COMMANDS = {
     "eval": ("eval", "base vs LoRAs on prompts x seeds: reward with intervals, change inside/outside the base "
                      "mask, grids"),
     "estimate-memory": ("estimate_memory", "predict a training step's peak GPU memory (no GPU, no weights)"),
+    "export-lora": ("export_lora", "a trained LoRA as one file for diffusers, kohya tools or ComfyUI"),
     "demo": ("demo", "DRaFT vs Focus-N-Fix on the embedded toy model, with a held-out report"),
 }

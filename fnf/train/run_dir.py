@@ -19,7 +19,8 @@ from ..config import dump
 
 RUN_FILE = "run.json"
 # What a training run writes into <out>: DATA refuses a fresh run there; --overwrite moves all of these aside.
-DATA = ("checkpoints", "log.jsonl", "lora", "to_k.safetensors", "samples", "tensorboard")
+DATA = ("checkpoints", "log.jsonl", "lora", "to_k.safetensors", "samples", "tensorboard",
+        "lora-diffusers.safetensors", "lora-kohya.safetensors", "lora-comfyui.safetensors")  # train.export_formats
 MOVED_ON_OVERWRITE = DATA + (RUN_FILE, "config.yaml")
 
 

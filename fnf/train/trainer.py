@@ -25,7 +25,7 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, is_tensorboard_available
 from tqdm.auto import tqdm
 
-from .. import fsdp, precision, preflight
+from .. import fsdp, lora_formats, precision, preflight
 from ..config import Config
 from ..core import DTYPES, DiffusionModel, resolve_device
 from ..encoding import PromptCache
@@ -334,6 +334,7 @@ def train(cfg: Config, accelerator=None, model: DiffusionModel | None = None) ->
     started = resumed_precision(cfg)
     session = Session(precision.keep_recorded(cfg, started), accelerator, model)
     cfg = session.cfg  # precision resolved: saved in config.yaml and every checkpoint
+    lora_formats.check_formats(session.model.family.name, cfg.train.export_formats)  # before any step
     acc, t = session.acc, cfg.train
     if started and started != precision.recorded(cfg):
         acc.print(f"fnf: the resumed run started with {started}; now {precision.recorded(cfg)} (set explicitly)")
@@ -386,5 +387,9 @@ def train(cfg: Config, accelerator=None, model: DiffusionModel | None = None) ->
     fused_lora.disable(session.model.denoiser)  # back to diffusers' processors: the returned model is plain peft
     vae_memory.reset(session.model.vae)     # and its VAE decodes plainly (no training checkpoints, no tiles)
     lora_dir = session.objective.export(out) if is_main else os.path.join(out, "lora")
+    if is_main and cfg.train.export_formats:   # <out>/lora-<format>.safetensors beside the LoRA folder
+        for fmt in cfg.train.export_formats:
+            lora_formats.export(lora_dir, fmt, os.path.join(out, f"lora-{fmt}.safetensors"),
+                                family=session.model.family.name, overwrite=True)
     acc.wait_for_everyone()
     return TrainResult(out=out, steps_done=t.steps, lora_dir=lora_dir, history=history, model=session.model)
