@@ -171,3 +171,24 @@ def test_bad_options_are_clear_errors(folder, model, tmp_path):
     with pytest.raises(ValueError, match="cond"):
         model.family.predict(model, model.denoiser, x, 1.0, cond, None, 1.0)
     assert os.path.isdir(folder)
+
+
+def test_checkpointed_decode_gives_the_plain_gradient(folder):
+    """memory.vae_checkpointing resnet on AutoencoderKLQwenImage: our cache-free decode recomputes exactly, so the
+    latents' gradient through the checkpointed decoder parts equals the plain one."""
+    from fnf.train import vae_memory
+
+    print("seed", SEED)
+    m = load_model(folder)
+    fam = m.family
+    plan = fam.schedule(m, STEPS, SIZE, SIZE, "cpu")
+    weights = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(SEED))
+    grads = []
+    for mode in ("off", "resnet"):
+        vae_memory.apply(m.vae, mode)
+        x = fam.initial_latents(m, 1, SIZE, SIZE, torch.Generator().manual_seed(SEED), "cpu").requires_grad_()
+        (fam.decode(m, x, plan) * weights).sum().backward()
+        grads.append(x.grad)
+    assert vae_memory.checkpoint_decoder_parts(m.vae.decoder) > 0
+    assert grads[0].abs().max() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
