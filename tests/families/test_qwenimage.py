@@ -192,3 +192,14 @@ def test_checkpointed_decode_gives_the_plain_gradient(folder):
     assert vae_memory.checkpoint_decoder_parts(m.vae.decoder) > 0
     assert grads[0].abs().max() > 0
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+
+
+def test_fsdp_units_are_the_dual_stream_blocks(model):
+    """Each QwenImageTransformerBlock is an FSDP unit; every LoRA-targeted projection lives in one of them."""
+    from fnf.fsdp import unit_of, wrap_class_names, wrap_plan
+
+    plan = wrap_plan(model.denoiser, wrap_class_names(model))
+    assert plan == ["transformer_blocks.0", "transformer_blocks.1", ""]
+    for name, _ in model.denoiser.named_parameters():
+        if name.endswith(tuple(f"{t}.weight" for t in model.family.lora_targets)):
+            assert unit_of(plan, name).startswith("transformer_blocks."), name
