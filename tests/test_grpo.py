@@ -223,3 +223,43 @@ def test_bad_grpo_config_is_one_clear_config_error(tmp_path, sections, key):
 def test_unknown_grpo_key_names_the_section(tmp_path):
     with pytest.raises(ConfigError, match="section 'grpo' has group_size"):
         _grpo(tmp_path, grpo={"groups": 2})
+
+
+# ------------------------------------------------------------------------------------------ estimate-memory
+def _estimate_config(sd, out):
+    return tiny_config(sd, out, model={"weight_dtype": "fp32"}, objective={"name": "grpo"},
+                       grpo={"group_size": 2, "kl_beta": 0.1}, sampling={"steps": 7},
+                       memory={"mixed_precision": "no"}, train={"batch_size": 2})
+
+
+@pytest.fixture(scope="module")
+def grpo_estimate(tmp_path_factory):
+    from fnf.memory.estimate import estimate
+
+    sd = cached_model("sd", str(tmp_path_factory.getbasetemp()))
+    return estimate(_estimate_config(sd, str(tmp_path_factory.mktemp("est"))), model_dir=sd, fake=True)
+
+
+def test_estimate_memory_grpo_mode(grpo_estimate):
+    """The estimator traces GRPO's own step (rollout, I0, one denoiser step's backward, the frozen forward for KL);
+    trained steps beyond the traced T add their kept latents (2 x samples x one latent each, counted by hand)."""
+    from fnf.memory.counter import rounded
+
+    est = grpo_estimate
+    assert {"rollout sampling", "I0 sampling", "denoiser (grad step)", "frozen model (KL)", "backward"} <= set(
+        est.phases)
+    latent = rounded(2 * 4 * (IMAGE_SIZE // 2) ** 2 * 4)          # 2 samples x (4, 16, 16) float32
+    assert est.grpo_states == {"per_step_bytes": 2 * latent, "steps": 4}   # traced T = K + 2 = 4
+    assert est.held_at_peak["GRPO rollout latents (configured T)"] == (7 - 4) * 2 * latent
+    assert est.settings["method"].startswith("GRPO: 2 samples per rollout") and "7 of 7 steps" in \
+        est.settings["method"]
+    assert est.settings["sampler"] == "stochastic DDIM steps (eta 1)"
+
+
+@pytest.mark.slow
+def test_estimate_memory_grpo_fake_trace_equals_the_real_tensor_counter(grpo_estimate, tmp_path_factory, tmp_path):
+    from fnf.memory.estimate import estimate
+
+    sd = cached_model("sd", str(tmp_path_factory.getbasetemp()))
+    real = estimate(_estimate_config(sd, str(tmp_path)), model_dir=sd, fake=False)
+    assert grpo_estimate.peak_bytes == real.peak_bytes > 0 and grpo_estimate.held_at_peak == real.held_at_peak

@@ -90,7 +90,8 @@ def report(est, title: str = "") -> str:
         gpu = f" on {article(s['gpu_title'])} {s['gpu_title']} (sm_{sm}, {s['gpu_memory_gb']} GB)"
     guidance = s.get("guidance", f"CFG {s['guidance_scale']}")
     lines = [f"fnf estimate-memory: {s['model']} ({s['kind']}) at {s['width']}x{s['height']}{gpu}, "
-             f"{precision_text(s)}, LoRA rank {s['lora_rank']}, K={s['truncation_k']}, {guidance}, "
+             f"{precision_text(s)}, LoRA rank {s['lora_rank']}, "
+             f"{s.get('method') or 'K=%s' % s['truncation_k']}, {guidance}, "
              f"batch {s['batch_size']}, reward {s['reward']}, localizer {s['localizer']}"]
     if title:
         lines.append(f"  configuration: {title}")

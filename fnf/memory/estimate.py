@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import precision
+from ..config import grpo_layout
 from ..core import DTYPES, ModelLoadError
 from ..families.registry import detect_kind, family_by_name, read_index
 from ..localize import GradCAM
@@ -187,6 +188,7 @@ class Estimate:
     trace_seconds: float
     notes: list = field(default_factory=list)
     quantized: dict | None = None   # model.quantize: fnf.memory.quantized's adjustment and its peak
+    grpo_states: dict | None = None  # objective grpo: the traced rollout's kept (x_i, x_{i+1}) bytes per step
 
     def to_json(self) -> dict:
         gib = lambda b: round(b / GIB, 4)  # noqa: E731
@@ -222,6 +224,10 @@ def trace_config(cfg, height: int = 0, width: int = 0, sampling_steps: int = 0):
     t.device, t.progress, t.tensorboard = "cpu", False, False
     if cfg.memory.fused_lora == "auto":  # on a CUDA machine with triton, auto is on
         cfg.memory.fused_lora = "on"
+    if cfg.objective.name == "grpo":  # one micro-batch per traced step (each is one step's backward: same peak)
+        cfg.train.grad_accum = 1
+        if cfg.grpo.steps != "all":
+            cfg.grpo.train_steps = min(cfg.grpo.train_steps, s.steps)
     return cfg
 
 
@@ -332,6 +338,9 @@ def run_trace(cfg, spec: dict, *, fake: bool = True, cuda: bool = True, optimize
                 held[name] = held.get(name, 0) + nbytes
             step_phases = {k: {"entry": v["entry"] + shift, "peak": v["peak"] + shift} for k, v in step_phases.items()}
         phases.update(step_phases)
+        kept = getattr(getattr(session.objective, "rollout", None), "states", None) or {}
+        grpo_states = {"per_step_bytes": sum(rounded(t.untyped_storage().nbytes(), counter.round_to)
+                                             for t in next(iter(kept.values()))), "steps": len(kept)} if kept else None
         params = _trained(session)
         state_bytes = sum(rounded(v.untyped_storage().nbytes(), counter.round_to)
                           for st in session.optimizer.state.values() for v in st.values()
@@ -347,7 +356,7 @@ def run_trace(cfg, spec: dict, *, fake: bool = True, cuda: bool = True, optimize
             phases={k: {"at_entry": v["entry"], "peak": v["peak"], "added": v["peak"] - v["entry"]}
                     for k, v in phases.items()},
             persistent=persistent, settings=terms, trace_seconds=0.0, notes=acc.notes,
-            attention_backends=dict(rules.backends) if cuda else {})
+            attention_backends=dict(rules.backends) if cuda else {}, grpo_states=grpo_states)
         del session, model
     result.trace_seconds = time.time() - began
     return result
@@ -403,6 +412,7 @@ def estimate(cfg, *, model_dir: str | None = None, arch: str | None = None, heig
     auto_fused = cfg.memory.fused_lora == "auto"
     autos = [k for k, v in (("model.weight_dtype", cfg.model.weight_dtype),
                             ("memory.mixed_precision", cfg.memory.mixed_precision)) if v == precision.AUTO]
+    real_grpo = (cfg, grpo_layout(cfg)) if cfg.objective.name == "grpo" else None
     cfg = trace_config(precision.resolve(cfg, target.capability), height, width, sampling_steps)
     family = family_by_name(spec["kind"])
     if auto_fused and not family.fused_lora:  # patch_lora refuses joint-attention processors: auto falls back to off
@@ -421,10 +431,34 @@ def estimate(cfg, *, model_dir: str | None = None, arch: str | None = None, heig
     if cfg.memory.vae_tile == HALF_SIDE:  # a ladder row
         cfg.memory.vae_tile = half_side_tile(cfg)
     result = run_trace(cfg, spec, fake=fake, capability=target.capability, on_phase=on_phase)
+    if real_grpo is not None:
+        grpo_mode(result, cfg, real_grpo, family)
     result.settings = {**settings_of(cfg, spec), **result.settings, "gpu": gpu, "gpu_title": target.title,
                        "capability": ".".join(map(str, target.capability)), "gpu_memory_gb": target.memory_gib,
                        "precision_auto": autos, "stand_ins": notes}
     return result
+
+
+def grpo_mode(result: Estimate, cfg, real: tuple, family) -> None:
+    """objective grpo: no backprop through the chain, so the traced step (rollout sampling and decode, rewards, I0,
+    one denoiser step's backward, the frozen model's forward for KL) holds for any T, except the rollout's kept
+    (x_i, x_{i+1}) latents, which grow with the trained steps: added for the configured ones beyond the traced."""
+    real_cfg, layout = real
+    g = real_cfg.grpo
+    states = result.grpo_states or {"per_step_bytes": 0, "steps": 0}
+    extra = max(0, layout["trained_steps"] - states["steps"]) * states["per_step_bytes"]
+    if extra:
+        result.peak_bytes += extra
+        result.held_at_peak["GRPO rollout latents (configured T)"] = extra
+    level = g.noise_level or family.sde_noise_level
+    sampler = result.settings.get("sampler", "")
+    result.settings["sampler"] = (f"stochastic DDIM steps (eta {level:g})" if "DDIM" in sampler
+                                  else f"flow SDE steps (Flow-GRPO, a {level:g})")
+    result.settings["method"] = (f"GRPO: {layout['samples']} samples per rollout ({g.prompts_per_rollout} x group "
+                                 f"{g.group_size}), {layout['trained_steps']} of {real_cfg.sampling.steps} steps "
+                                 f"trained, KL {g.kl_beta:g}")
+    result.notes.append(f"grpo: the rollout keeps (x_i, x_{{i+1}}) of {layout['trained_steps']} trained steps "
+                        f"({extra / GIB:.3f} GiB beyond the {states['steps']} traced, added to the peak)")
 
 
 def ladder_plan(cfg, model_dir: str | None = None, arch: str | None = None) -> list[tuple[str, object]]:
