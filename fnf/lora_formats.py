@@ -108,15 +108,59 @@ FLUX2_NAMES = (   # FLUX.2 [dev] and [klein] (Flux2Transformer2DModel): the sing
 )
 
 
+RESNET_SGM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+              "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+
+
+def sgm_name(name: str, layers_per_block: int) -> str:
+    """SDXL's original (SGM / LDM) UNet name of a diffusers UNet module, the names kohya-ss sd-scripts trains SDXL
+    on: down block i's attention / ResNet j -> ``input_blocks.<1 + i (L + 1) + j>.<1 | 0>``, the mid block ->
+    ``middle_block.<0 | 1 | 2>``, up block i's j -> ``output_blocks.<i (L + 1) + j>.<1 | 0>`` (L: the UNet's
+    layers_per_block); inside an attention the names are the same, a ResNet's are renamed (RESNET_SGM)."""
+    L = layers_per_block
+    m = re.fullmatch(r"(down_blocks|up_blocks)\.(\d+)\.(attentions|resnets)\.(\d+)\.(.+)", name)
+    mid = re.fullmatch(r"mid_block\.(attentions|resnets)\.(\d+)\.(.+)", name)
+    if m:
+        where, i, kind, j, rest = m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), m.group(5)
+        if j > L - (where == "down_blocks"):
+            raise ValueError(f"LoRA module {name!r}: index {j} does not fit a UNet with layers_per_block={L}")
+        block = f"input_blocks.{1 + i * (L + 1) + j}" if where == "down_blocks" else f"output_blocks.{i * (L + 1) + j}"
+    elif mid:   # middle_block.0 / .2: its ResNets, .1: its attention (no inner index)
+        kind, j, rest = mid.group(1), int(mid.group(2)), mid.group(3)
+        block = "middle_block"
+    else:
+        raise ValueError(f"LoRA module {name!r} has no SDXL (SGM) name here (attentions and ResNets of the down, "
+                         "mid and up blocks do); export it as --format diffusers")
+    if kind == "attentions":
+        return f"{block}.1.{rest}"
+    head, _, tail = rest.partition(".")
+    if head not in RESNET_SGM:
+        raise ValueError(f"LoRA module {name!r}: no SGM name for ResNet module {head!r}")
+    inner = f"{2 * j}" if block == "middle_block" else "0"
+    return f"{block}.{inner}.{RESNET_SGM[head]}" + (f".{tail}" if tail else "")
+
+
+def unet_layers_per_block(mods: list, model_path: str = "") -> int:
+    """The UNet's layers_per_block: from the model folder's unet/config.json when there is one, else from the LoRA
+    (an up block has layers_per_block + 1 layers), else SDXL's 2."""
+    cfg = os.path.join(model_path, "unet", "config.json") if model_path else ""
+    if cfg and os.path.isfile(cfg):
+        with open(cfg, encoding="utf-8") as f:
+            return int(json.load(f)["layers_per_block"])
+    up = [int(m.group(1)) for x in mods for m in [re.match(r"up_blocks\.\d+\.(?:attentions|resnets)\.(\d+)\.",
+                                                          x.name)] if m]
+    return max(up) if up else 2
+
+
 @dataclass(frozen=True)
 class Layout:
-    """One file layout: ``prefix`` + the module's name (``names``: rules to the original checkpoint's names, None:
-    the diffusers path), ``joined`` (dots -> ``_``, kohya), ``kohya_keys`` (``lora_down`` / ``lora_up`` + ``.alpha``;
+    """One file layout: ``prefix`` + the module's name (``names``: rules to the original checkpoint's names, "sgm":
+    :func:`sgm_name`, None: the diffusers path), ``joined`` (dots -> ``_``, kohya), ``kohya_keys`` (``lora_down`` / ``lora_up`` + ``.alpha``;
     else ``lora_A`` / ``lora_B`` with the scale in ``lora_B``), and the metadata tools read (``base_model``:
     sd-scripts' ``ss_base_model_version``, ``architecture``: modelspec's)."""
 
     prefix: str
-    names: tuple | None = None
+    names: object = None       # a tuple of name rules, "sgm" (SDXL's original UNet names) or None (diffusers path)
     joined: bool = False
     kohya_keys: bool = True
     base_model: str = ""
@@ -128,7 +172,7 @@ def _kohya(base_model, architecture, names=None):
 
 
 SD_KOHYA = _kohya("sd_v1", "stable-diffusion-v1/lora")
-SDXL_KOHYA = _kohya("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora")
+SDXL_KOHYA = _kohya("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora", "sgm")
 FLUX1_KOHYA = _kohya("flux1", "flux-1-dev/lora", FLUX1_NAMES)
 FLUX2_KOHYA = _kohya("flux2", "flux-2-dev/lora", FLUX2_NAMES)
 FLUX2_COMFY = Layout("diffusion_model.", FLUX2_NAMES, kohya_keys=False, base_model="flux2",
@@ -233,6 +277,18 @@ def _adapter_of(header: dict, prefix: str) -> dict:
     return nested or meta
 
 
+def run_model(path: str) -> tuple[str, str, str]:
+    """(model.kind, model.path, config file) of the run that holds ``path`` (a run folder, or its ``lora`` folder);
+    empty strings when ``path`` is not in a run."""
+    for folder in (path, os.path.dirname(os.path.abspath(path))):
+        cfg_file = os.path.join(folder, "config.yaml")
+        if os.path.isfile(cfg_file) and os.path.isfile(os.path.join(folder, "lora", LORA_WEIGHTS)):
+            with open(cfg_file, encoding="utf-8") as f:
+                model = (yaml.safe_load(f) or {}).get("model") or {}
+            return str(model.get("kind") or "auto"), str(model.get("path") or ""), cfg_file
+    return "", "", ""
+
+
 def family_of_lora(path: str, family: str = "") -> str:
     """The model family of a run folder or LoRA folder: ``family`` when given (checked against the run's model),
     else the run's config.yaml (``model.kind``, or the family of ``model.path``). A LoRA folder named ``lora``
@@ -240,19 +296,10 @@ def family_of_lora(path: str, family: str = "") -> str:
     names = [f.name for f in all_families()]
     if family and family not in names:
         raise ValueError(f"--family {family!r}: expected one of {', '.join(names)}")
-    recorded, source = "", ""
-    for folder in (path, os.path.dirname(os.path.abspath(path))):
-        cfg_file = os.path.join(folder, "config.yaml")
-        if os.path.isfile(cfg_file) and os.path.isfile(os.path.join(folder, "lora", LORA_WEIGHTS)):
-            with open(cfg_file, encoding="utf-8") as f:
-                model = (yaml.safe_load(f) or {}).get("model") or {}
-            kind, model_path = str(model.get("kind") or "auto"), str(model.get("path") or "")
-            if kind != "auto":
-                recorded = kind
-            elif model_path and os.path.isfile(os.path.join(model_path, "model_index.json")):
-                recorded = family_of(model_path).name
-            source = cfg_file
-            break
+    kind, model_path, source = run_model(path)
+    recorded = kind if kind not in ("", "auto") else ""
+    if not recorded and model_path and os.path.isfile(os.path.join(model_path, "model_index.json")):
+        recorded = family_of(model_path).name
     if family and recorded and family != recorded:
         raise ValueError(f"--family {family!r} but {source} trained a {recorded!r} model: the LoRA is of another "
                          "family")
@@ -277,10 +324,12 @@ def lora_folder(path: str) -> str:
 
 
 # -------------------------------------------------------------------------------- converting
-def _target(layout: Layout, name: str):
+def _target(layout: Layout, name: str, layers_per_block: int = 2):
     """(target name, part, parts) of one diffusers module path under ``layout``; ValueError when no rule maps it."""
     if layout.names is None:
         return name, None, None
+    if layout.names == "sgm":
+        return sgm_name(name, layers_per_block), None, None
     for pattern, template, parts in layout.names:
         m = re.fullmatch(pattern, name)
         if m:
@@ -314,13 +363,14 @@ def _fuse(items: list, parts: tuple, target: str) -> tuple[torch.Tensor, torch.T
     return torch.cat(downs, 0).contiguous(), up
 
 
-def convert(mods: list[LoraModule], layout: Layout) -> dict[str, torch.Tensor]:
-    """The state dict of ``mods`` in ``layout`` (see the module docstring)."""
+def convert(mods: list[LoraModule], layout: Layout, layers_per_block: int = 2) -> dict[str, torch.Tensor]:
+    """The state dict of ``mods`` in ``layout`` (see the module docstring); ``layers_per_block``: the UNet's, for
+    SDXL's original names."""
     groups: dict[str, list] = {}
     plain: dict[str, LoraModule] = {}
     parts_of: dict[str, tuple] = {}
     for m in mods:
-        target, part, parts = _target(layout, m.name)
+        target, part, parts = _target(layout, m.name, layers_per_block)
         if parts is None:
             if target in plain:
                 raise ValueError(f"two LoRA modules map to {target!r}")
@@ -394,7 +444,8 @@ def export(source: str, fmt: str, out: str, *, family: str = "", overwrite: bool
         meta = {**header, **meta}
     else:
         layout = FORMATS[family][fmt]
-        state = convert(mods, layout)
+        layers = unet_layers_per_block(mods, run_model(source)[1]) if layout.names == "sgm" else 2
+        state = convert(mods, layout, layers)
         meta.update({"ss_network_module": "networks.lora", "ss_network_dim": str(ranks[-1]),
                      "ss_network_alpha": f"{alphas[-1]:g}", "ss_base_model_version": layout.base_model,
                      "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": layout.architecture,

@@ -247,14 +247,19 @@ def test_every_family_has_a_row_and_bad_input_is_refused(tmp_path):
     assert not os.path.exists(tmp_path / "y.safetensors")
 
 
-def test_unet_lora_beyond_attention_loads_whole_from_our_files(tmp_path, one_torch_thread):  # noqa: F811
-    """An SD LoRA on attention and non-attention modules (ff, proj_in): diffusers' save_lora_weights writes the
-    attention keys as .lora.down / .lora.up beside lora_A / lora_B keys and its loader then keeps only the latter
-    (the folder loads without its attention LoRA). Our diffusers file (peft keys throughout) and our kohya file
-    (diffusers' kohya converter) both load every module: the two give the same images, unlike the base."""
+@pytest.mark.parametrize("family,pipeline_class,extra", [
+    ("sd", "StableDiffusionPipeline", ("ff.net.0.proj", "proj_in")),
+    ("sdxl", "StableDiffusionXLPipeline", ("ff.net.0.proj", "proj_in", "conv1", "time_emb_proj"))])
+def test_unet_lora_beyond_attention_loads_whole_from_our_files(family, pipeline_class, extra, tmp_path,
+                                                               one_torch_thread):  # noqa: F811
+    """A UNet LoRA on attention and other modules (ff, proj_in; SDXL also its ResNets' conv1 / time_emb_proj, in
+    the original SGM names): diffusers' save_lora_weights writes the attention keys as .lora.down / .lora.up
+    beside lora_A / lora_B keys and its loader then keeps only the latter (the folder loads without its attention
+    LoRA). Our diffusers file (peft keys throughout) and our kohya file (diffusers' kohya converter, SDXL through
+    its SGM block mapping) both load every module: the two give the same images, unlike the base."""
     print("seed", SEED)
-    folder = cached_model("sd", str(tmp_path.parent.parent / "lora_formats_models"))
-    case = Case("sd", None, "StableDiffusionPipeline", 3.0, UNET + ("ff.net.0.proj", "proj_in"), ())
+    folder = cached_model(family, str(tmp_path.parent.parent / "lora_formats_models"))
+    case = Case(family, None, pipeline_class, 3.0, UNET + extra, ())
     lora = str(tmp_path / "lora")
     m = _trained_lora(case, folder, lora)
     trained = {n.rsplit(".lora_", 1)[0] for n, p in m.denoiser.named_parameters() if p.requires_grad}
@@ -263,7 +268,7 @@ def test_unet_lora_beyond_attention_loads_whole_from_our_files(tmp_path, one_tor
     images = []
     for fmt in ("diffusers", "kohya"):
         out = str(tmp_path / f"{fmt}.safetensors")
-        lf.export(lora, fmt, out, family="sd")
+        lf.export(lora, fmt, out, family=family)
         pipe.load_lora_weights(out, adapter_name=fmt)
         loaded = {n for n, mod in pipe.unet.named_modules() if fmt in getattr(mod, "lora_A", {})}
         assert loaded == trained, sorted(trained - loaded)[:3]
@@ -271,3 +276,34 @@ def test_unet_lora_beyond_attention_loads_whole_from_our_files(tmp_path, one_tor
         images.append(pipeline_images(pipe, SIZE, case.guidance))
     assert (images[0] - base).abs().max() > 1e-2
     assert (images[0] - images[1]).abs().max() < 1e-4, (images[0] - images[1]).abs().max()
+
+
+def test_sdxl_kohya_names_are_the_original_unets():
+    """SDXL kohya keys use the original (SGM) UNet's names, as sd-scripts trains SDXL: known SDXL keys for
+    layers_per_block = 2, and the mid block's attention without an inner index."""
+    cases = {"down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q":
+             "input_blocks.4.1.transformer_blocks.0.attn1.to_q",
+             "down_blocks.2.attentions.1.transformer_blocks.9.attn2.to_k":
+             "input_blocks.8.1.transformer_blocks.9.attn2.to_k",
+             "up_blocks.0.attentions.2.proj_out": "output_blocks.2.1.proj_out",
+             "up_blocks.1.attentions.0.transformer_blocks.1.ff.net.2": "output_blocks.3.1.transformer_blocks.1.ff.net.2",
+             "mid_block.attentions.0.transformer_blocks.0.attn1.to_out.0":
+             "middle_block.1.transformer_blocks.0.attn1.to_out.0",
+             "mid_block.resnets.1.conv2": "middle_block.2.out_layers.3",
+             "down_blocks.0.resnets.1.time_emb_proj": "input_blocks.2.0.emb_layers.1"}
+    for diffusers_name, sgm in cases.items():
+        assert lf.sgm_name(diffusers_name, 2) == sgm, diffusers_name
+    with pytest.raises(ValueError, match="layers_per_block=2"):
+        lf.sgm_name("down_blocks.0.attentions.2.proj_in", 2)
+    with pytest.raises(ValueError, match="no SDXL .SGM. name"):
+        lf.sgm_name("conv_in", 2)
+
+
+def test_unet_layers_per_block_from_the_model_folder_or_the_lora(tmp_path):
+    mods = [lf.LoraModule(f"up_blocks.1.attentions.{j}.proj_in", torch.ones(1, 2), torch.ones(2, 1), 1.0)
+            for j in range(2)]
+    assert lf.unet_layers_per_block(mods) == 1               # an up block has layers_per_block + 1 layers
+    assert lf.unet_layers_per_block(mods[:0]) == 2           # SDXL's
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({"layers_per_block": 3}))
+    assert lf.unet_layers_per_block(mods, str(tmp_path)) == 3

@@ -8,9 +8,10 @@ from .common import wrapped
 EPILOG = """\
 formats (docs/lora_formats.md has the key layouts and which tool reads which):
   diffusers  pipe.load_lora_weights(FILE): the LoRA folder's tensors in one file, peft keys, adapter metadata
-  kohya      kohya-ss sd-scripts keys: lora_unet_<module>.lora_down / .lora_up / .alpha. SD 1.x/2.x and SDXL
-             (diffusers module names, as sd-scripts writes SD 1.x), FLUX.1 and FLUX.2 / klein (BFL's names, q/k/v
-             fused into qkv and FLUX.1's single-block q/k/v/MLP into linear1). A1111 / Forge / ComfyUI read these too
+  kohya      kohya-ss sd-scripts keys: lora_unet_<module>.lora_down / .lora_up / .alpha, in the module names
+             sd-scripts trains on: SD 1.x/2.x diffusers' UNet names, SDXL the original UNet's (input_blocks_4_1_...),
+             FLUX.1 and FLUX.2 / klein BFL's (q/k/v fused into qkv, FLUX.1's single-block q/k/v/MLP into
+             linear1). A1111 / Forge / ComfyUI read these too
   comfyui    what ComfyUI's LoRA loader maps: SD/SDXL as kohya; SD3 transformer.<diffusers name>; FLUX.1
              diffusion_model.<BFL name> (lora_down/up/alpha); FLUX.2 / klein diffusion_model.<BFL name>
              (lora_A/B); Z-Image and Qwen-Image diffusion_model.<diffusers name> (lora_down/up/alpha)
