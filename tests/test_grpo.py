@@ -263,3 +263,42 @@ def test_estimate_memory_grpo_fake_trace_equals_the_real_tensor_counter(grpo_est
     sd = cached_model("sd", str(tmp_path_factory.getbasetemp()))
     real = estimate(_estimate_config(sd, str(tmp_path)), model_dir=sd, fake=False)
     assert grpo_estimate.peak_bytes == real.peak_bytes > 0 and grpo_estimate.held_at_peak == real.held_at_peak
+
+
+# ------------------------------------------------------------------------------------------ every family
+def _all_families():
+    from fnf.families.registry import FAMILY_MODULES
+
+    return [f for mod in FAMILY_MODULES for f in mod.FAMILIES]
+
+
+@pytest.mark.parametrize("family", _all_families(), ids=lambda f: f.name)
+def test_every_family_has_an_sde_step_whose_noiseless_mean_is_its_sampler_step(family):
+    """Every registered family (the flow ones through FlowMatchingEuler) samples GRPO's Gaussian: at noise 0 its
+    mean is the family's own deterministic step; at its default noise the log-prob of a recorded step is the float64
+    Gaussian of (mean, std)."""
+    print("seed", SEED)
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    flowing = isinstance(family, FlowMatchingEuler)
+    if flowing:
+        sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+        timesteps, sigmas = flow.flow_schedule(sched, 4, "cpu")
+        plan = Schedule(timesteps, IMAGE_SIZE, IMAGE_SIZE, sigmas)
+    else:
+        sched = _ddim_scheduler()
+        work = _ddim_scheduler()
+        work.set_timesteps(4)
+        plan = Schedule(work.timesteps, IMAGE_SIZE, IMAGE_SIZE)
+    model = _Model(sched)
+    g = torch.Generator().manual_seed(SEED)
+    assert family.sde_noise_level == (0.7 if flowing else 1.0)
+    for i in range(4):
+        x, out = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
+        mean0 = family.sde_step(model, plan, i, out, x, noise_level=0.0, noise=torch.zeros_like(x))[2]
+        torch.testing.assert_close(mean0, family.step(model, plan, i, out, x), rtol=0, atol=1e-5)
+        x_next, lp, mean, std = family.sde_step(model, plan, i, out, x, noise_level=family.sde_noise_level,
+                                                generator=g)
+        assert float(std) > 0
+        torch.testing.assert_close(lp.double(), _normal_log_prob64(x_next, mean.double(), std.double()), rtol=0,
+                                   atol=1e-6)
