@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import yaml
@@ -188,7 +188,8 @@ FORMATS = {
     "flux": {"kohya": FLUX1_KOHYA,
              "comfyui": Layout("diffusion_model.", FLUX1_NAMES, base_model="flux1", architecture="flux-1-dev/lora")},
     "flux2": {"kohya": FLUX2_KOHYA, "comfyui": FLUX2_COMFY},
-    "flux2-klein": {"kohya": FLUX2_KOHYA, "comfyui": FLUX2_COMFY},
+    "flux2-klein": {fmt: replace(layout, base_model="flux2_klein", architecture="flux-2-klein/lora")
+                    for fmt, layout in (("kohya", FLUX2_KOHYA), ("comfyui", FLUX2_COMFY))},
     # ComfyUI maps diffusers' Z-Image names onto its fused NextDiT (comfy.utils.z_image_to_diffusers)
     "z-image": {"comfyui": Layout("diffusion_model.", base_model="z_image", architecture="z-image/lora")},
     # ComfyUI's Qwen-Image keeps diffusers' module names
