@@ -416,6 +416,13 @@ def write(state: dict, path: str, metadata: dict, overwrite: bool = False) -> st
     return path
 
 
+def sd_v2(mods: list) -> bool:
+    """Whether an SD LoRA is of SD 2.x: its cross-attention keys / values read 1024-wide OpenCLIP states (SD 1.x:
+    768-wide CLIP); False when it has no attn2.to_k / to_v module."""
+    widths = {int(m.down.shape[1]) for m in mods if m.name.endswith(("attn2.to_k", "attn2.to_v"))}
+    return widths == {1024}
+
+
 def export(source: str, fmt: str, out: str, *, family: str = "", overwrite: bool = False) -> dict:
     """Write the LoRA of ``source`` (a run folder or a LoRA folder) to ``out`` in format ``fmt``. Returns a small
     report: family, format, modules, tensors, rank, alpha, path."""
@@ -447,9 +454,13 @@ def export(source: str, fmt: str, out: str, *, family: str = "", overwrite: bool
         layout = FORMATS[family][fmt]
         layers = unet_layers_per_block(mods, run_model(source)[1]) if layout.names == "sgm" else 2
         state = convert(mods, layout, layers)
+        base, arch = layout.base_model, layout.architecture
+        if family == "sd" and sd_v2(mods):
+            base, arch = "sd_v2", "stable-diffusion-v2/lora"
+            meta["ss_v2"] = "True"
         meta.update({"ss_network_module": "networks.lora", "ss_network_dim": str(ranks[-1]),
-                     "ss_network_alpha": f"{alphas[-1]:g}", "ss_base_model_version": layout.base_model,
-                     "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": layout.architecture,
+                     "ss_network_alpha": f"{alphas[-1]:g}", "ss_base_model_version": base,
+                     "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": arch,
                      "modelspec.implementation": "focus-n-fix", "modelspec.title": os.path.basename(out)})
     write(state, out, meta, overwrite)
     return {"family": family, "format": fmt, "modules": len(mods), "tensors": len(state), "rank": ranks,

@@ -199,6 +199,10 @@ def test_kohya_unet_keys_and_metadata(tmp_path):
     assert torch.equal(state[f"{key}.lora_down.weight"], down) and state[f"{key}.alpha"].item() == 2
     assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2"
     assert meta["ss_base_model_version"] == "sd_v1" and meta["fnf_format"] == "kohya"
+    assert not lf.sd_v2(lf.modules({f"{name}.lora_A.weight": down, f"{name}.lora_B.weight": up}, {}, ""))
+    k2 = "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
+    assert lf.sd_v2([lf.LoraModule(k2, torch.ones(4, 1024), torch.ones(320, 4), 4.0)])      # OpenCLIP-H width
+    assert not lf.sd_v2([lf.LoraModule(k2, torch.ones(4, 768), torch.ones(320, 4), 4.0)])   # CLIP-L width
     assert "lora_adapter_metadata" not in meta     # diffusers would read alpha from it, not from the .alpha keys
     assert report["modules"] == 1 and report["tensors"] == 3
 
