@@ -131,3 +131,41 @@ def test_sepen_on_a_family_without_cross_attention_keys_is_refused(sd, tmp_path,
     m.family = JointAttentionFamily()
     with pytest.raises(ValueError, match="sepen.*'Joint' models use joint attention"):
         Session(cfg, model=m)
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_a_lora_beyond_attention_saves_and_loads_whole(kind, sd, sdxl, tmp_path):
+    """LoRA on attention projections AND feed-forward / proj_in layers: save_lora writes peft keys throughout, and
+    both our load_lora and the pipeline's load_lora_weights get every LoRA tensor back (diffusers' key conversion
+    would write attention keys as '.lora.down' beside 'lora_A' ones, and the loader then drops the attention
+    LoRAs without a word)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from fnf.core import ADAPTER
+    from fnf.lora import add_lora, load_lora, save_lora
+
+    path = {"sd": sd, "sdxl": sdxl}[kind]
+    torch.manual_seed(5)
+    print("seed", 5)
+    m = load_model(path, weight_dtype="fp32")
+    add_lora(m, rank=2, alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "proj_in"])
+    with torch.no_grad():
+        for name, p in m.denoiser.named_parameters():
+            if "lora_" in name:
+                p.normal_()
+    save_lora(m, str(tmp_path / "lora"))
+    keys = load_file(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors")).keys()
+    assert not any(".lora.down" in k or ".lora.up" in k for k in keys)
+    assert any("attn1.to_q.lora_A" in k for k in keys) and any("ff.net.0.proj.lora_A" in k for k in keys)
+    want = get_peft_model_state_dict(m.denoiser, adapter_name=ADAPTER)
+    fresh = load_model(path, weight_dtype="fp32")
+    load_lora(fresh, str(tmp_path / "lora"))
+    got = get_peft_model_state_dict(fresh.denoiser, adapter_name=ADAPTER)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    pipe_cls = {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}[kind]
+    pipe = pipe_cls.from_pretrained(path, local_files_only=True)
+    pipe.load_lora_weights(str(tmp_path / "lora"), weight_name="pytorch_lora_weights.safetensors", adapter_name="x")
+    loaded = get_peft_model_state_dict(pipe.unet, adapter_name="x")
+    assert len(loaded) == len(want) and all(torch.equal(loaded[k], want[k]) for k in want)

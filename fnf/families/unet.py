@@ -177,11 +177,11 @@ class StableDiffusionFamily(ModelFamily):
 
     # -------------------------------------------------------------------------------- LoRA
     def save_lora(self, model, directory: str) -> None:
-        """``save_lora_weights(unet_lora_layers=...)`` of the pipeline class, with peft's adapter metadata."""
-        from diffusers.utils import convert_state_dict_to_diffusers
-
+        """``save_lora_weights(unet_lora_layers=...)`` of the pipeline class, with peft's adapter metadata, in peft
+        keys (``unet.<module>.lora_A.weight``). Not diffusers' ``convert_state_dict_to_diffusers``: it renames only
+        the attention projections (``.lora.down``), and a file that mixes both spellings (LoRA on attention and
+        on feed-forward or proj_in layers) loads with its attention LoRAs silently dropped."""
         state, metadata = export_state(model.denoiser)
-        state = convert_state_dict_to_diffusers(state)
         self.pipeline_class().save_lora_weights(directory, unet_lora_layers=state, safe_serialization=True,
                                                 weight_name=LORA_WEIGHTS, unet_lora_adapter_metadata=metadata)
 
