@@ -77,6 +77,11 @@ def _tiny_model_for(config_name: str, files) -> str:
         if not have_qwenimage():
             pytest.skip("this diffusers has no QwenImagePipeline (Qwen-Image needs diffusers >= 0.35)")
         return cached_qwenimage(files["root"])
+    if "zimage" in config_name:
+        from tiny_zimage import cached_zimage, have_zimage
+        if not have_zimage():
+            pytest.skip("this diffusers has no ZImagePipeline (Z-Image needs diffusers >= 0.36)")
+        return cached_zimage(files["root"])
     return files["sd"]
 
 

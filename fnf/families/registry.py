@@ -11,10 +11,10 @@ import json
 import os
 
 from ..core import DTYPES, DiffusionModel, ModelLoadError
-from . import flux, flux2, flux2_klein, qwenimage, sd3, unet
+from . import flux, flux2, flux2_klein, qwenimage, sd3, unet, zimage
 from .base import ModelFamily
 
-FAMILY_MODULES = (unet, sd3, flux, flux2, flux2_klein, qwenimage)
+FAMILY_MODULES = (unet, sd3, flux, flux2, flux2_klein, qwenimage, zimage)
 
 
 def all_families() -> list[ModelFamily]:

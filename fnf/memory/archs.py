@@ -178,6 +178,22 @@ ARCHS.update({
     "flux2-klein-9b": _flux2_klein(8, 24, 32, 4096, 12288, False),
 })
 
+# Tongyi-MAI/Z-Image-Turbo (ZImagePipeline; distilled: 9 steps, no CFG): transformer/config.json (6.2B single-stream
+# DiT, 30 layers + 2 noise / 2 context refiner layers, 3840 wide, 30 heads), the FLUX.1 VAE (scaling 0.3611, shift
+# 0.1159), scheduler_config.json (shift 3, no dynamic shifting) and text_encoder/config.json (Qwen3Model, Qwen3-4B)
+ARCHS["z-image"] = {"kind": "z-image", "components": {
+    "transformer": ["ZImageTransformer2DModel", dict(
+        all_patch_size=[2], all_f_patch_size=[1], in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2,
+        n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True, cap_feat_dim=2560, rope_theta=256.0, t_scale=1000.0,
+        axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512])],
+    "vae": ["AutoencoderKL", {**_FLOW_VAE, "scaling_factor": 0.3611, "shift_factor": 0.1159}],
+    "scheduler": ["FlowMatchEulerDiscreteScheduler", dict(num_train_timesteps=1000, shift=3.0,
+                                                          use_dynamic_shifting=False)],
+    "text_encoder": ["Qwen3Model", dict(
+        vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, hidden_act="silu", max_position_embeddings=40960, rms_norm_eps=1e-6,
+        rope_theta=1000000.0, attention_bias=False, tie_word_embeddings=True)]}}
+
 # Seconds one fake-tensor trace took at the native size on the 2-core CPU box (benchmarks/RESULTS.md; the ones
 # not measured there are scaled by parameter count); `fnf estimate-memory` announces its time from these.
 TRACE_SECONDS = {"sd15": 60, "sd21": 90, "sdxl": 180, "sd35-medium": 100, "sd35-large": 300, "flux1-dev": 360,
@@ -185,6 +201,7 @@ TRACE_SECONDS = {"sd15": 60, "sd21": 90, "sdxl": 180, "sd35-medium": 100, "sd35-
 TRACE_SECONDS.update({"flux2-klein-4b": 50, "flux2-klein-9b": 115})
 KIND_TRACE_SECONDS = {"sd": 60, "sdxl": 180, "sd3": 100, "flux": 360, "flux2": 900}
 KIND_TRACE_SECONDS["flux2-klein"] = 60
+TRACE_SECONDS["z-image"], KIND_TRACE_SECONDS["z-image"] = 300, 300
 NATIVE = {"sd15": 512, "sd21": 768}   # every other named architecture: 1024
 
 

@@ -30,13 +30,21 @@ def pipeline(path: str, cls_name: str, **kw):
 
 def pipeline_images(pipe, size: int, guidance: float, prompts=PROMPTS, seed=SEED, steps=STEPS, **kw):
     with torch.no_grad():
-        return pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
+        # a copy: ZImagePipeline._encode_prompt writes the templated prompts into the list it is given
+        return pipe(prompt=list(prompts), num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
                     output_type="pt", generator=torch.Generator().manual_seed(seed), **kw).images
 
 
 def rows_of(args, kwargs) -> int:
-    """The batch rows of a denoiser call (UNets take x first, transformers ``hidden_states=``)."""
-    return (args[0] if args else kwargs["hidden_states"]).shape[0]
+    """The batch rows of a denoiser call (UNets take x first, transformers ``hidden_states=``; Z-Image's transformer
+    takes a list of per-image latents first)."""
+    x = args[0] if args else kwargs["hidden_states"]
+    return len(x) if isinstance(x, (list, tuple)) else x.shape[0]
+
+
+def _first_tensor(out):
+    """A denoiser's output tensor (Z-Image's transformer returns a list of per-image tensors: the first)."""
+    return out[0] if isinstance(out, (list, tuple)) else out
 
 
 def sample_loop(family, m, size: int, guidance: float, *, negative: bool = False, grad_steps: int = 0,
@@ -51,7 +59,7 @@ def sample_loop(family, m, size: int, guidance: float, *, negative: bool = False
     handle = None
     if calls is not None:
         handle = m.denoiser.register_forward_hook(lambda mod, args, kwargs, out: calls.append(
-            (rows_of(args, kwargs), (out[0] if isinstance(out, tuple) else out.sample).requires_grad)),
+            (rows_of(args, kwargs), _first_tensor(out[0] if isinstance(out, tuple) else out.sample).requires_grad)),
             with_kwargs=True)
     try:
         for i, t in enumerate(plan.timesteps):

@@ -31,6 +31,7 @@ from tests.tiny_flux2 import cached_flux2, have_flux2
 from tests.tiny_flux2_klein import cached_flux2_klein, have_klein
 from tests.tiny_qwenimage import cached_qwenimage, have_qwenimage
 from tests.tiny_sd3 import cached_sd3
+from tests.tiny_zimage import cached_zimage, have_zimage
 
 from fnf import cli, config, preflight, sampling
 from fnf.config import ConfigError
@@ -74,6 +75,7 @@ SD3 = family_by_name("sd3")
 FLUX = family_by_name("flux")
 FLUX2 = family_by_name("flux2")
 QWEN_IMAGE = family_by_name("qwen-image")
+ZIMAGE = family_by_name("z-image")
 UNET_TARGETS = SD.lora_targets
 ROWS = [
     Row("sd", lambda root: cached_model("sd", root), "StableDiffusionPipeline", 3.0, 2, True,
@@ -119,6 +121,14 @@ ROWS = [
         ("text_encoder", "text_encoder"), model={"kind": "qwen-image"},
         shipped=("qwen_image_focus_n_fix.yaml", {"sampling.height": 1328, "sampling.width": 1328,
                                                  "sampling.guidance_scale": 4.0})),
+    Row("z-image", cached_zimage, "ZImagePipeline", 3.0, 2, True,
+        lambda t: {"layers.0.attention.to_q", "noise_refiner.0.attention.to_out.0",
+                   "context_refiner.0.attention.to_k"} <= t and not any("feed_forward" in n for n in t),
+        ZIMAGE.lora_targets + ZIMAGE.lora_targets_ff, ("feed_forward.w1.lora_A", "feed_forward.w3.lora_A"),
+        (30, 34), ("text_encoder", "'text_encoder'"), resume_train={"prompts": [PROMPTS[0]]},
+        model={"kind": "z-image"},
+        shipped=("zimage_focus_n_fix.yaml", {"sampling.height": 1024, "sampling.width": 1024,
+                                             "sampling.guidance_scale": 0.0, "sampling.steps": 9})),
 ]
 PARAMS = [pytest.param(r, id=r.family, marks=pytest.mark.skipif(
     r.family == "flux2" and not have_flux2(), reason="the installed diffusers has no Flux2Pipeline (0.34 floor)"))
@@ -127,6 +137,8 @@ PARAMS = [p if p.id != "flux2-klein" or have_klein() else pytest.param(*p.values
     reason="the installed diffusers has no Flux2KleinPipeline (0.34 floor)")) for p in PARAMS]
 PARAMS = [p if p.id != "qwen-image" or have_qwenimage() else pytest.param(*p.values, id=p.id, marks=pytest.mark.skip(
     reason="the installed diffusers has no QwenImagePipeline (0.34 floor)")) for p in PARAMS]
+PARAMS = [p if p.id != "z-image" or have_zimage() else pytest.param(*p.values, id=p.id, marks=pytest.mark.skip(
+    reason="the installed diffusers has no ZImagePipeline (0.34 floor)")) for p in PARAMS]
 
 
 @pytest.fixture(params=PARAMS)
