@@ -30,7 +30,7 @@ from .config import LORA_FORMATS
 from .core import LORA_WEIGHTS
 from .families.registry import all_families, family_by_name, family_of
 
-__all__ = ["FORMATS", "LORA_FORMATS", "Layout", "LoraModule", "check_formats", "convert", "export", "family_of_lora",
+__all__ = ["FORMATS", "LORA_FORMATS", "MODULES", "Layout", "LoraModule", "check_family", "check_formats", "convert", "export", "family_of_lora",
            "formats_of", "read_lora", "write"]
 
 ADAPTER_METADATA = "lora_adapter_metadata"   # the safetensors header key diffusers' save_lora_weights writes
@@ -197,6 +197,36 @@ FORMATS = {
 }
 
 DENOISER_PREFIX = {"sd": "unet.", "sdxl": "unet."}   # the LoRA file's key prefix (default "transformer.")
+
+# family -> the denoiser's module paths (a regex): a LoRA module outside it is of another family's model.
+_UNET = r"(down_blocks|up_blocks|mid_block)\..+|conv_in|conv_out|time_embedding\..+|add_embedding\..+"
+MODULES = {
+    "sd": _UNET,
+    "sdxl": _UNET,
+    "sd3": r"transformer_blocks\.\d+\.(attn2?|ff|ff_context|norm1|norm1_context)\..+|pos_embed\..+"
+           r"|time_text_embed\..+|context_embedder|norm_out\..+|proj_out",
+    "flux": r"transformer_blocks\.\d+\.(attn\..+|(ff|ff_context)\.net\..+|(norm1|norm1_context)\..+)"
+            r"|single_transformer_blocks\.\d+\.(attn|proj_mlp|proj_out|norm)(\..+)?"
+            r"|x_embedder|context_embedder|time_text_embed\..+|norm_out\..+|proj_out",
+    "flux2": r"transformer_blocks\.\d+\.(attn\..+|(ff|ff_context)\.linear_(in|out))"
+             r"|single_transformer_blocks\.\d+\.attn\..+|x_embedder|context_embedder|time_guidance_embed\..+"
+             r"|(double_stream_modulation_img|double_stream_modulation_txt|single_stream_modulation)\..+"
+             r"|norm_out\..+|proj_out",
+    "z-image": r"(layers|noise_refiner|context_refiner)\.\d+\..+|(all_x_embedder|all_final_layer|cap_embedder"
+               r"|t_embedder)\..+",
+    "qwen-image": r"transformer_blocks\.\d+\.(attn|img_mlp|txt_mlp|img_mod|txt_mod)\..+|img_in|txt_in"
+                  r"|time_text_embed\..+|norm_out\..+|proj_out",
+}
+MODULES["flux2-klein"] = MODULES["flux2"]
+
+
+def check_family(mods: list, family: str, source: str = "") -> None:
+    """ValueError when a LoRA module is not a module path of ``family``'s denoiser (:data:`MODULES`)."""
+    pattern = MODULES.get(family)
+    bad = [m.name for m in mods if pattern and not re.fullmatch(pattern, m.name)]
+    if bad:
+        raise ValueError(f"{source or 'the LoRA'} is not a LoRA of a {family!r} model: module {bad[0]!r} "
+                         f"({len(bad)} such) is not in its denoiser; pass the family it was trained on (--family)")
 
 
 def formats_of(family: str) -> list[str]:
@@ -438,6 +468,7 @@ def export(source: str, fmt: str, out: str, *, family: str = "", overwrite: bool
                          f"(a {family!r} LoRA's start with {prefix!r})")
     adapter = _adapter_of(header, prefix)
     mods = modules(tensors, adapter, prefix)
+    check_family(mods, family, repr(folder))
     ranks = sorted({m.rank for m in mods})
     alphas = sorted({m.alpha for m in mods})
     meta = {"fnf_family": family, "fnf_format": fmt, "fnf_rank": ",".join(str(r) for r in ranks), "fnf_alpha": ",".join(f"{a:g}" for a in alphas)}

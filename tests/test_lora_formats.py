@@ -106,7 +106,11 @@ def test_pipeline_reads_our_files_and_reproduces_the_diffusers_lora(case, tmp_pa
     print("seed", SEED)
     folder = case.make(str(tmp_path.parent.parent / "lora_formats_models"))
     lora = str(tmp_path / "lora")
-    _trained_lora(case, folder, lora)
+    m = _trained_lora(case, folder, lora)
+    layers = {n.removesuffix(".base_layer") for n, mod in m.denoiser.named_modules()
+              if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)) and ".lora_" not in n}
+    outside = [n for n in layers if not re.fullmatch(lf.MODULES[case.family], n)]
+    assert not outside, outside[:5]     # the family check (a LoRA of another family) accepts all of this one's
     pipe = pipeline(folder, case.pipeline)
     base = pipeline_images(pipe, SIZE, case.guidance)
     pipe.load_lora_weights(lora, weight_name=LORA_WEIGHTS)
@@ -224,7 +228,7 @@ def test_every_family_has_a_row_and_bad_input_is_refused(tmp_path):
     """Each family fnf supports has the diffusers format plus a ComfyUI row; unknown / undefined formats, a LoRA of
     another family, an unmapped module and an existing --out are one clear error each."""
     for fam in FAMILIES:
-        assert "comfyui" in lf.formats_of(fam), fam
+        assert "comfyui" in lf.formats_of(fam) and fam in lf.MODULES, fam
     with pytest.raises(ValueError, match="'safetensors'.*expected one of diffusers, kohya, comfyui"):
         lf.check_formats("sd", ["safetensors"])
     with pytest.raises(ValueError, match="'kohya' is not defined for 'sd3'"):
@@ -242,6 +246,13 @@ def test_every_family_has_a_row_and_bad_input_is_refused(tmp_path):
     assert (tmp_path / "exists.safetensors").read_bytes() == b"mine"
     lf.export(folder, "kohya", str(tmp_path / "exists.safetensors"), family="sd", overwrite=True)
     assert "lora_unet_mid_block_attentions_0_proj_in.alpha" in _file(str(tmp_path / "exists.safetensors"))[0]
+    for family, name in (("qwen-image", "layers.0.attention.to_q"), ("sd3", "single_transformer_blocks.0.proj_mlp"),
+                         ("flux", "transformer_blocks.0.ff.linear_in"), ("z-image", "transformer_blocks.0.attn.to_q")):
+        other = tmp_path / family
+        other.mkdir()
+        path = _lora_folder(other, "transformer.", {name: (torch.ones(4, 8), torch.ones(8, 4))})
+        with pytest.raises(ValueError, match=f"not a LoRA of a '{family}' model: module '{re.escape(name)}'"):
+            lf.export(path, "comfyui", str(tmp_path / "z.safetensors"), family=family)
     odd = tmp_path / "odd"
     odd.mkdir()
     flux_odd = _lora_folder(odd, "transformer.", {"transformer_blocks.0.norm1.linear": (torch.ones(4, 8),
