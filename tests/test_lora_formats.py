@@ -322,3 +322,37 @@ def test_unet_layers_per_block_from_the_model_folder_or_the_lora(tmp_path):
     (tmp_path / "unet").mkdir()
     (tmp_path / "unet" / "config.json").write_text(json.dumps({"layers_per_block": 3}))
     assert lf.unet_layers_per_block(mods, str(tmp_path)) == 3
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "comfyui"])
+def test_flux1_single_blocks_at_flux1_dev_width_through_diffusers_converter(fmt, tmp_path):
+    """The FLUX.1 single block's linear1 at FLUX.1-dev's widths (hidden 3072, MLP 12288), which diffusers' FLUX.1
+    converter assumes: FluxPipeline.lora_state_dict(our file) (the conversion alone, no model) gives every diffusers
+    module the update it was trained with (compared on random inputs), with proj_mlp trained (block 0: the
+    converter's block-diagonal split) and not trained (block 1: its shared-down split)."""
+    from diffusers import FluxPipeline
+
+    gen = torch.Generator().manual_seed(SEED)
+    print("seed", SEED)
+    h, rank = 3072, 4
+    shapes = {"attn.to_q": (h, h), "attn.to_k": (h, h), "attn.to_v": (h, h), "proj_mlp": (h, 4 * h),
+              "proj_out": (5 * h, h)}
+    mods = {}
+    for block in (0, 1):
+        for part, (cin, cout) in shapes.items():
+            if block == 1 and part == "proj_mlp":
+                continue
+            mods[f"single_transformer_blocks.{block}.{part}"] = (torch.randn(rank, cin, generator=gen) * 0.1,
+                                                                 torch.randn(cout, rank, generator=gen) * 0.1)
+    folder = _lora_folder(tmp_path, "transformer.", mods, alpha=8)
+    out = str(tmp_path / f"{fmt}.safetensors")
+    lf.export(folder, fmt, out, family="flux")
+    converted = FluxPipeline.lora_state_dict(out)
+    for name, (down, up) in mods.items():
+        a = converted[f"transformer.{name}.lora_A.weight"]
+        b = converted[f"transformer.{name}.lora_B.weight"]
+        x = torch.randn(down.shape[1], 3, generator=gen)
+        want = 8 / rank * up @ (down @ x)
+        assert torch.allclose(b @ (a @ x), want, atol=1e-4 * want.abs().max()), name
+    assert not any("proj_mlp" in k and ".1." in k and k.endswith("lora_B.weight") and converted[k].abs().max() > 0
+                   for k in converted)
