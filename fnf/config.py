@@ -123,7 +123,9 @@ class GrpoConfig:
     steps: str = "all"             # the trained steps: all | window (sliding) | random (a subset per rollout)
     train_steps: int = 0           # window / random subset size; 0 with steps=all
     window_stride: int = 1         # steps=window: the window moves this many steps per rollout (wrapping)
-    kl_beta: float = 0.0           # KL to the frozen model (adapters off); Flow-GRPO uses 0.004-0.04
+    # KL to the frozen model (adapters off): the exact KL of the step's two Gaussians, per element. Flow-GRPO's
+    # leaves dt out of the variance (its KL = ours x |dt|): its kl 0.04 at T = 10 is about ours 0.004.
+    kl_beta: float = 0.0
     # the sampler's noise: DDIM eta for the UNet families, Flow-GRPO's a for the flow families; 0: the family's
     # default (DDIM eta 1.0 as DDPO, flow a 0.7 as Flow-GRPO)
     noise_level: float = 0.0

@@ -293,15 +293,14 @@ class GRPO(Objective):
         prompts = [self.prompts[p] for p in idx.tolist()]
         with torch.no_grad(), self.ctx.autocast(), self.ctx.probe.phase("reward"):
             rewards = score(self.reward, images, prompts).float()
-        rewards = cfg.reward.weight * rewards
         stats = {"reward": rewards.mean().item()}
         ref = heat = mask = None
-        total = rewards
+        total = cfg.reward.weight * rewards
         if not self.plain:
             ref, heat, mask = self._reference(idx, seeds)
             with torch.no_grad():
                 penalty = region_penalty(images, ref, mask, squared=cfg.objective.squared).float()
-                total = rewards - cfg.objective.beta * penalty
+                total = total - cfg.objective.beta * penalty
                 change = (images - ref).abs().mean(dim=1, keepdim=True)
                 mk = mask.float().expand_as(change)
             stats.update(penalty=penalty.mean().item(),

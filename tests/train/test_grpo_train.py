@@ -43,9 +43,9 @@ def grpo_config(model, out, *, grpo=None, **sections):
                        **sections)
 
 
-def _by_hand_ddim_log_prob(model, plan, i, x, x_next, eps):
-    """log N(x_next; mean, std^2) (mean over elements) of stochastic DDIM with eta 1, in float64 from the
-    scheduler's alphas (DDIM eq. 12 and 16), by torch.distributions."""
+def _by_hand_ddim(model, plan, i, x, x_next, eps):
+    """(log N(x_next; mean, std^2) (mean over elements), mean, var) of stochastic DDIM with eta 1, in float64 from
+    the scheduler's alphas (DDIM eq. 12 and 16), the log-density by torch.distributions."""
     sched = model.scheduler
     t = int(plan.timesteps[i])
     prev_t = t - sched.config.num_train_timesteps // len(plan)
@@ -56,15 +56,17 @@ def _by_hand_ddim_log_prob(model, plan, i, x, x_next, eps):
     var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
     mean = a_prev.sqrt() * x0 + (1 - a_prev - var).sqrt() * eps
     lp = torch.distributions.Normal(mean, var.sqrt()).log_prob(x_next)
-    return lp.mean(dim=(1, 2, 3))
+    return lp.mean(dim=(1, 2, 3)), mean, var
 
 
-def test_first_inner_step_ratio_is_one_and_the_gradient_is_reinforce(sd, tmp_path):
+@pytest.mark.parametrize("kl_beta", [0.0, 0.5])
+def test_first_inner_step_ratio_is_one_and_the_gradient_is_reinforce(sd, tmp_path, kl_beta):
     """At the first micro-batch of a rollout the LoRA is the sampling policy: rho = 1 (float64: to 1e-12) and the
     clipped loss's gradient is -mean(A grad log p) over the micro-batch's rows, A the clamped group-normalised
     reward. Here log p is rebuilt from the UNet's guided output with the DDIM Gaussian written by hand, A from
-    the rollout's rewards."""
-    cfg = grpo_config(sd, str(tmp_path / "r"), train={"grad_accum": 1})
+    the rollout's rewards. With kl_beta: + kl_beta x mean ||mean - mean_ref||^2 / (2 var), mean_ref from the same
+    UNet with its adapters off."""
+    cfg = grpo_config(sd, str(tmp_path / "r"), train={"grad_accum": 1}, grpo={"kl_beta": kl_beta})
     session = float64_session(cfg)
     randomize_lora_B(session.model.denoiser, seed=0, std=0.05)
     obj = session.objective
@@ -84,13 +86,24 @@ def test_first_inner_step_ratio_is_one_and_the_gradient_is_reinforce(sd, tmp_pat
     cond = obj.embeds.index(ro.prompt_idx[rows])
     eps = model.family.predict(model, model.denoiser, x, plan.timesteps[i], cond, obj.negative.repeat(len(rows)),
                                cfg.sampling.guidance_scale, plan)
-    lp = _by_hand_ddim_log_prob(model, plan, i, x, x_next, eps)
+    lp, mean, var = _by_hand_ddim(model, plan, i, x, x_next, eps)
     torch.testing.assert_close(lp.detach(), ro.old_log_probs[j, rows].double(), rtol=0, atol=1e-10)
     total = ro.extra["total"].double().reshape(-1, 4)
     adv = ((total - total.mean(1, keepdim=True)) / (total.std(1, unbiased=False, keepdim=True) + 1e-4)).reshape(-1)
     adv = adv.clamp(-5, 5)[rows]
     assert adv.abs().max() > 0.1                       # the rewards differ within the group
-    theirs = torch.autograd.grad(-(adv * lp).mean(), session.params, allow_unused=True)
+    surrogate, value = -(adv * lp).mean(), -adv.mean()   # same gradient; the loss's value at rho = 1 is -mean(A)
+    if kl_beta:
+        with torch.no_grad(), adapters_disabled(model.denoiser):
+            eps_ref = model.family.predict(model, model.denoiser, x, plan.timesteps[i], cond,
+                                           obj.negative.repeat(len(rows)), cfg.sampling.guidance_scale, plan)
+        mean_ref = _by_hand_ddim(model, plan, i, x, x_next, eps_ref)[1]
+        kl = ((mean - mean_ref) ** 2).mean(dim=(1, 2, 3)) / (2 * var)
+        assert kl.min() > 0
+        assert abs(out.stats["kl"] - kl.mean().item()) < 1e-9 * kl.mean().item() + 1e-15
+        surrogate, value = surrogate + kl_beta * kl.mean(), value + kl_beta * kl.mean()
+    torch.testing.assert_close(out.loss.detach().double(), value.detach(), rtol=1e-9, atol=1e-12)
+    theirs = torch.autograd.grad(surrogate, session.params, allow_unused=True)
     norm = math.sqrt(sum(float((g ** 2).sum()) for g in ours))
     assert norm > 0
     for a, b in zip(ours, theirs):
