@@ -27,7 +27,7 @@ import torch
 import yaml
 
 from .config import LORA_FORMATS
-from .core import LORA_WEIGHTS
+from .core import DTYPES, LORA_WEIGHTS
 from .families.registry import all_families, family_by_name, family_of
 
 __all__ = ["FORMATS", "LORA_FORMATS", "MODULES", "Layout", "LoraModule", "check_family", "check_formats", "convert", "export", "family_of_lora",
@@ -453,9 +453,12 @@ def sd_v2(mods: list) -> bool:
     return widths == {1024}
 
 
-def export(source: str, fmt: str, out: str, *, family: str = "", overwrite: bool = False) -> dict:
-    """Write the LoRA of ``source`` (a run folder or a LoRA folder) to ``out`` in format ``fmt``. Returns a small
-    report: family, format, modules, tensors, rank, alpha, path."""
+def export(source: str, fmt: str, out: str, *, family: str = "", overwrite: bool = False, dtype: str = "fp32") -> dict:
+    """Write the LoRA of ``source`` (a run folder or a LoRA folder) to ``out`` in format ``fmt``, its tensors in
+    ``dtype`` (fp32 | fp16 | bf16; the conversion runs in float32). Returns a small report: family, format,
+    modules, tensors, rank, alpha, path."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     folder = lora_folder(source)
     family = family_of_lora(source, family)
     check_formats(family, [fmt])
@@ -493,6 +496,8 @@ def export(source: str, fmt: str, out: str, *, family: str = "", overwrite: bool
                      "ss_network_alpha": f"{alphas[-1]:g}", "ss_base_model_version": base,
                      "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": arch,
                      "modelspec.implementation": "focus-n-fix", "modelspec.title": os.path.basename(out)})
+    state = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
+    meta["fnf_dtype"] = dtype
     write(state, out, meta, overwrite)
     return {"family": family, "format": fmt, "modules": len(mods), "tensors": len(state), "rank": ranks,
             "alpha": alphas, "path": out, "layout": layout}

@@ -21,7 +21,7 @@ formats (docs/lora_formats.md has the key layouts and which tool reads which):
 
 examples:
   fnf export-lora runs/fix --format comfyui --out ~/ComfyUI/models/loras/fix_hands.safetensors
-  fnf export-lora runs/fix/lora --format kohya --out fix_kohya.safetensors --overwrite
+  fnf export-lora runs/fix/lora --format kohya --out fix_kohya.safetensors --dtype fp16 --overwrite
   fnf export-lora downloaded_lora/ --family flux --format kohya --out flux_fix.safetensors
 
   (To write them at the end of training: train.export_formats: [comfyui, kohya] in the config.)
@@ -42,13 +42,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--family", default="", metavar="NAME",
                         help=f"the model family of the LoRA ({', '.join(FORMATS)}); needed for a LoRA folder "
                              "outside a run, checked against the run's model otherwise")
+    parser.add_argument("--dtype", default="fp32", metavar="fp32|fp16|bf16",
+                        help="the tensors' dtype in the file (default fp32, as trained; fp16 / bf16 halve the size)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
 
 def run(args) -> int:
     if not args.out.endswith(".safetensors"):
         raise ValueError(f"--out {args.out!r}: expected a .safetensors file name")
-    report = export(args.source, args.format, args.out, family=args.family, overwrite=args.overwrite)
+    report = export(args.source, args.format, args.out, family=args.family, overwrite=args.overwrite,
+                    dtype=args.dtype)
     ranks = "/".join(str(r) for r in report["rank"])
     alphas = "/".join(f"{a:g}" for a in report["alpha"])
     print(f"fnf: wrote {report['path']}: {report['family']} LoRA, {report['format']} format, "

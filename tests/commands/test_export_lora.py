@@ -88,8 +88,29 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     mine.write_bytes(b"a user's file")
     err = _fails(capsys, "export-lora", str(run), "--format", "comfyui", "--out", str(mine))
     assert "exists; pass --overwrite" in err and mine.read_bytes() == b"a user's file"
+    err = _fails(capsys, "export-lora", str(run), "--format", "comfyui", "--out", str(mine), "--dtype", "fp8")
+    assert "dtype 'fp8': expected one of fp32, fp16, bf16" in err and mine.read_bytes() == b"a user's file"
     assert cli.main(["export-lora", str(run), "--format", "comfyui", "--out", str(mine), "--overwrite"]) == 0
     assert "transformer.transformer_blocks.0.attn.to_q.lora_B.weight" in _keys(mine)[0]
+
+
+def test_dtype_casts_every_tensor_and_keeps_the_values(tmp_path, capsys):
+    """--dtype fp16 / bf16: every tensor (alpha too) in that dtype, equal to the fp32 file's cast."""
+    run = _run(tmp_path, kind="flux")
+    files = {}
+    for dtype in ("fp32", "fp16", "bf16"):
+        files[dtype] = tmp_path / f"{dtype}.safetensors"
+        assert cli.main(["export-lora", str(run), "--format", "kohya", "--out", str(files[dtype]),
+                         "--dtype", dtype]) == 0
+    with safe_open(str(files["fp32"]), framework="pt") as ref:
+        full = {k: ref.get_tensor(k) for k in ref.keys()}  # noqa: SIM118
+    for dtype, torch_dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        with safe_open(str(files[dtype]), framework="pt") as f:
+            assert f.metadata()["fnf_dtype"] == dtype
+            for k, v in full.items():
+                got = f.get_tensor(k)
+                assert got.dtype == torch_dtype and torch.equal(got, v.to(torch_dtype)), k
+
 
 
 def test_a_lora_of_another_family_is_refused(tmp_path, capsys):
