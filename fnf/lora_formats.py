@@ -30,8 +30,8 @@ from .config import LORA_FORMATS
 from .core import DTYPES, LORA_WEIGHTS
 from .families.registry import all_families, family_by_name, family_of
 
-__all__ = ["FORMATS", "LORA_FORMATS", "MODULES", "Layout", "LoraModule", "check_family", "check_formats", "convert", "export", "family_of_lora",
-           "formats_of", "read_lora", "write"]
+__all__ = ["FORMATS", "LORA_FORMATS", "MODULES", "Layout", "LoraModule", "check_family", "check_formats", "convert",
+           "export", "family_of_lora", "formats_of", "read_lora", "sgm_name", "write"]
 
 ADAPTER_METADATA = "lora_adapter_metadata"   # the safetensors header key diffusers' save_lora_weights writes
 
@@ -155,9 +155,9 @@ def unet_layers_per_block(mods: list, model_path: str = "") -> int:
 @dataclass(frozen=True)
 class Layout:
     """One file layout: ``prefix`` + the module's name (``names``: rules to the original checkpoint's names, "sgm":
-    :func:`sgm_name`, None: the diffusers path), ``joined`` (dots -> ``_``, kohya), ``kohya_keys`` (``lora_down`` / ``lora_up`` + ``.alpha``;
-    else ``lora_A`` / ``lora_B`` with the scale in ``lora_B``), and the metadata tools read (``base_model``:
-    sd-scripts' ``ss_base_model_version``, ``architecture``: modelspec's)."""
+    :func:`sgm_name`, None: the diffusers path), ``joined`` (dots -> ``_``, kohya), ``kohya_keys`` (``lora_down`` /
+    ``lora_up`` + ``.alpha``; else ``lora_A`` / ``lora_B`` with the scale in ``lora_B``), and the metadata tools
+    read (``base_model``: sd-scripts' ``ss_base_model_version``, ``architecture``: modelspec's)."""
 
     prefix: str
     names: object = None       # a tuple of name rules, "sgm" (SDXL's original UNet names) or None (diffusers path)
@@ -245,20 +245,15 @@ def check_formats(family: str, formats) -> None:
 
 
 # -------------------------------------------------------------------------------- reading
-def read_lora(folder: str):
-    """(tensors, header metadata, adapter metadata) of the LoRA folder's weights file."""
+def read_lora(folder: str) -> tuple[dict, dict]:
+    """(tensors, safetensors header metadata) of the LoRA folder's weights file."""
     from safetensors import safe_open
 
     path = os.path.join(folder, LORA_WEIGHTS)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{folder!r} is not a LoRA folder: it has no {LORA_WEIGHTS}")
     with safe_open(path, framework="pt") as f:
-        header = dict(f.metadata() or {})
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    adapter = {}
-    if header.get(ADAPTER_METADATA):
-        adapter = json.loads(header[ADAPTER_METADATA])
-    return tensors, header, adapter
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118 (no __iter__)
 
 
 def _pattern_value(name: str, patterns: dict, default):
@@ -462,7 +457,7 @@ def export(source: str, fmt: str, out: str, *, family: str = "", overwrite: bool
     folder = lora_folder(source)
     family = family_of_lora(source, family)
     check_formats(family, [fmt])
-    tensors, header, _ = read_lora(folder)
+    tensors, header = read_lora(folder)
     prefix = DENOISER_PREFIX.get(family, "transformer.")
     keys = list(tensors)
     if not keys or not all(k.startswith(prefix) for k in keys):
@@ -474,7 +469,8 @@ def export(source: str, fmt: str, out: str, *, family: str = "", overwrite: bool
     check_family(mods, family, repr(folder))
     ranks = sorted({m.rank for m in mods})
     alphas = sorted({m.alpha for m in mods})
-    meta = {"fnf_family": family, "fnf_format": fmt, "fnf_rank": ",".join(str(r) for r in ranks), "fnf_alpha": ",".join(f"{a:g}" for a in alphas)}
+    meta = {"fnf_family": family, "fnf_format": fmt, "fnf_rank": ",".join(str(r) for r in ranks),
+            "fnf_alpha": ",".join(f"{a:g}" for a in alphas)}
     if fmt == "diffusers":
         layout = None
         # peft key style throughout: diffusers writes a UNet's attention LoRAs as .lora.down / .lora.up and the rest

@@ -301,7 +301,8 @@ def test_sdxl_kohya_names_are_the_original_unets():
              "down_blocks.2.attentions.1.transformer_blocks.9.attn2.to_k":
              "input_blocks.8.1.transformer_blocks.9.attn2.to_k",
              "up_blocks.0.attentions.2.proj_out": "output_blocks.2.1.proj_out",
-             "up_blocks.1.attentions.0.transformer_blocks.1.ff.net.2": "output_blocks.3.1.transformer_blocks.1.ff.net.2",
+             "up_blocks.1.attentions.0.transformer_blocks.1.ff.net.2":
+             "output_blocks.3.1.transformer_blocks.1.ff.net.2",
              "mid_block.attentions.0.transformer_blocks.0.attn1.to_out.0":
              "middle_block.1.transformer_blocks.0.attn1.to_out.0",
              "mid_block.resnets.1.conv2": "middle_block.2.out_layers.3",
