@@ -176,6 +176,9 @@ ARCHS.update({
     "flux2-klein-4b": _flux2_klein(5, 20, 24, 2560, 9728, True),
     # FLUX.2-klein-9B: 8 double + 24 single blocks, 32 heads (4096 wide); Qwen3-8B (4096 wide)
     "flux2-klein-9b": _flux2_klein(8, 24, 32, 4096, 12288, False),
+    # black-forest-labs/FLUX.2-klein-base-4B / -9B: the same shapes, not step-distilled (true CFG: two rows per image)
+    "flux2-klein-base-4b": {**_flux2_klein(5, 20, 24, 2560, 9728, True), "is_distilled": False},
+    "flux2-klein-base-9b": {**_flux2_klein(8, 24, 32, 4096, 12288, False), "is_distilled": False},
 })
 
 # Tongyi-MAI/Z-Image-Turbo (ZImagePipeline; distilled: 9 steps, no CFG): transformer/config.json (6.2B single-stream
@@ -198,7 +201,8 @@ ARCHS["z-image"] = {"kind": "z-image", "components": {
 # not measured there are scaled by parameter count); `fnf estimate-memory` announces its time from these.
 TRACE_SECONDS = {"sd15": 60, "sd21": 90, "sdxl": 180, "sd35-medium": 100, "sd35-large": 300, "flux1-dev": 360,
                  "flux1-schnell": 360, "flux2-dev": 900}
-TRACE_SECONDS.update({"flux2-klein-4b": 50, "flux2-klein-9b": 115})
+TRACE_SECONDS.update({"flux2-klein-4b": 50, "flux2-klein-9b": 115, "flux2-klein-base-4b": 70,
+                      "flux2-klein-base-9b": 160})
 KIND_TRACE_SECONDS = {"sd": 60, "sdxl": 180, "sd3": 100, "flux": 360, "flux2": 900}
 KIND_TRACE_SECONDS["flux2-klein"] = 60
 TRACE_SECONDS["z-image"], KIND_TRACE_SECONDS["z-image"] = 300, 300
