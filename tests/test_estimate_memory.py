@@ -293,3 +293,29 @@ def test_quantized_phases_where_the_denoiser_is_on_the_host(method, offload):
     encoding = (30 if method.startswith("bnb") else 450) if offload else 450 - 100
     assert q["build_peak_bytes"] == max(500 - 100, encoding)
     assert q["peak_bytes"] == max(q["step_peak_bytes"], q["build_peak_bytes"])
+
+
+
+def test_fused_norm_in_the_ladder_and_settings(sd, sd_fake, tmp_path):
+    from fnf.memory.estimate import ladder_plan
+
+    assert sd_fake.settings["memory"]["fused_norm"] == "auto"
+    assert any("fused VAE norm on" in note for note in sd_fake.notes)
+    rows = dict(ladder_plan(memory_config(sd, str(tmp_path)), model_dir=sd))
+    assert rows["naive"].memory.fused_norm == "off"
+    assert rows["+ text encoders offloaded"].memory.fused_norm == "off"
+    assert rows["+ fused norm + SiLU in the VAE decode (fnf defaults)"].memory.fused_norm == "auto"
+
+
+@pytest.mark.slow
+def test_fused_norm_is_counted(sd, tmp_path):
+    """memory.fused_norm lowers what the VAE decode holds (no checkpointing: every pair's tensors stay until
+    backward): off holds the norm outputs, on only the inputs (the fused op's fake kernels and autograd). The tiny
+    model's step peaks in the UNet's backward, so the decode phase is compared, not the peak. The slow
+    fake-equals-real test above runs with the default (auto: on), which checks the fake kernels against reality."""
+    added = {}
+    for mode in ("off", "on"):
+        cfg = memory_config(sd, str(tmp_path / mode), fused_norm=mode, vae_checkpointing="off")
+        added[mode] = estimate(cfg, model_dir=sd, fake=True).phases["VAE decode"]["added"]
+    print(added)
+    assert added["on"] < added["off"]

@@ -87,7 +87,7 @@ def checkpoint_decoder_parts(decoder: torch.nn.Module) -> int:
                 if module is not None:
                     _checkpointed(module)
                     units += 1
-    norm = decoder.conv_norm_out
+    norm = getattr(decoder, "conv_norm_out", None)  # Qwen-Image's decoder has another tail (norm_out): not checkpointed
     if isinstance(norm, torch.nn.GroupNorm) and not getattr(norm, _PATCHED, False):
         norm.forward = types.MethodType(_tail_forward, decoder)
         decoder.conv_act.forward = decoder.conv_out.forward = _identity
@@ -103,11 +103,12 @@ def checkpoint_whole_decoder(decoder: torch.nn.Module) -> None:
 
 def enable_tiling(vae, tile: int) -> None:
     """diffusers' tiled decode with ``tile``-pixel tiles (a multiple of the VAE's downscale factor)."""
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    channels = getattr(vae.config, "block_out_channels", None)
+    if not hasattr(vae, "tiled_decode") or channels is None:
+        raise ValueError(f"memory.vae_tile: {type(vae).__name__} has no 2D tiled decode (set memory.vae_tile to 0)")
+    factor = 2 ** (len(channels) - 1)
     if tile <= 0 or tile % factor:
         raise ValueError(f"memory.vae_tile: expected a positive multiple of {factor} pixels, got {tile}")
-    if not hasattr(vae, "tiled_decode"):
-        raise ValueError(f"memory.vae_tile: {type(vae).__name__} has no tiled_decode")
     vae.use_tiling = True
     vae.tile_sample_min_size = tile
     vae.tile_latent_min_size = tile // factor
