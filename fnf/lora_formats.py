@@ -331,8 +331,10 @@ def family_of_lora(path: str, family: str = "") -> str:
                          "family")
     chosen = family or recorded
     if not chosen:
-        raise ValueError(f"cannot tell the model family of {path!r} (no run config.yaml beside it naming the model): "
-                         f"pass --family (one of {', '.join(names)})")
+        why = (f"{source} has model.kind auto and model.path {model_path!r} is not a model folder here" if source
+               else "no run config.yaml beside it naming the model")
+        raise ValueError(f"cannot tell the model family of {path!r} ({why}): pass --family (one of "
+                         f"{', '.join(names)})")
     family_by_name(chosen)
     return chosen
 

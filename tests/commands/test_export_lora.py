@@ -65,6 +65,9 @@ def test_family_from_the_run_and_one_file_written(tmp_path, capsys):
     qkv = "diffusion_model.double_blocks.0.img_attn.qkv"
     assert keys == {f"{qkv}.lora_down.weight", f"{qkv}.lora_up.weight", f"{qkv}.alpha"}
     assert meta["fnf_family"] == "flux" and meta["ss_base_model_version"] == "flux1"
+    gone = _run(tmp_path / "gone", model_path=str(tmp_path / "moved"))
+    err = _fails(capsys, "export-lora", str(gone), "--format", "comfyui", "--out", str(tmp_path / "g.safetensors"))
+    assert "model.kind auto and model.path" in err and "is not a model folder here): pass --family" in err
     out2 = tmp_path / "from_lora_dir.safetensors"
     assert cli.main(["export-lora", str(run / "lora"), "--format", "comfyui", "--out", str(out2)]) == 0
     assert _keys(out2)[0] == keys
