@@ -268,10 +268,10 @@ def test_every_family_has_a_row_and_bad_input_is_refused(tmp_path):
 def test_unet_lora_beyond_attention_loads_whole_from_our_files(family, pipeline_class, extra, tmp_path,
                                                                one_torch_thread):  # noqa: F811
     """A UNet LoRA on attention and other modules (ff, proj_in; SDXL also its ResNets' conv1 / time_emb_proj, in
-    the original SGM names): diffusers' save_lora_weights writes the attention keys as .lora.down / .lora.up
-    beside lora_A / lora_B keys and its loader then keeps only the latter (the folder loads without its attention
-    LoRA). Our diffusers file (peft keys throughout) and our kohya file (diffusers' kohya converter, SDXL through
-    its SGM block mapping) both load every module: the two give the same images, unlike the base."""
+    the original SGM names; diffusers' own save_lora_weights writes such a LoRA in two key styles that its loader
+    then reads only half of). Our diffusers file (peft keys throughout) and our kohya file (diffusers' kohya
+    converter, SDXL through its SGM block mapping) both load every module: the two give the same images, unlike the
+    base."""
     print("seed", SEED)
     folder = cached_model(family, str(tmp_path.parent.parent / "lora_formats_models"))
     case = Case(family, None, pipeline_class, 3.0, UNET + extra, ())
