@@ -49,6 +49,7 @@ from . import ASSETS, sepen_demo
 from . import data as toydata
 from .draw import outline
 from .evaluate_sd import eval_prompts, eval_seed, sample
+from .grpo_demo import GRPO_METHODS, goal, goal_lines, grpo_config, grpo_settings, known_bad_prompts
 from .evaluate_sd import per_image as measure
 from .judges import DARK_MIN_PIXELS
 from .rewards import defect_heatmap
@@ -56,6 +57,10 @@ from .sepen_demo import sepen_report
 from .sepen_demo import write_grid as sepen_grid
 
 METHODS = ("draft", "fnf_heatmap", "fnf_gradcam")
+ALL_METHODS = METHODS + GRPO_METHODS   # `fnf demo --grpo` adds GRPO and region-constrained GRPO (fnf/toy/grpo_demo.py)
+TAGS = {"draft": "DRaFT", "fnf_heatmap": "FnF", "fnf_gradcam": "FnF-CAM", "grpo": "GRPO", "grpo_heatmap": "GRPO+FnF",
+        "grpo_gradcam": "GRPO+FnF-CAM"}
+BASELINES = {"fnf_heatmap": "draft", "fnf_gradcam": "draft", "grpo_heatmap": "grpo", "grpo_gradcam": "grpo"}
 LOCALIZERS = {"draft": "heatmap:fnf.toy.rewards:defect_heatmap",
               "fnf_heatmap": "heatmap:fnf.toy.rewards:defect_heatmap",
               "fnf_gradcam": "heatmap:fnf.toy.rewards:defect_gradcam"}
@@ -188,11 +193,12 @@ def subset_point(v: dict, b: dict) -> dict:
             "alignment_delta": summary(v["recall"] - b["recall"]), "n": int(len(v["judge"]))}
 
 
-def matched(points: list[dict], method: str) -> dict | None:
-    """DRaFT's change outside the mask at ``method``'s judge defect reduction: linear interpolation along DRaFT's
-    checkpoints (base = step 0 at no reduction, no change), and the DRaFT checkpoint nearest in reduction."""
+def matched(points: list[dict], method: str, baseline: str = "draft") -> dict | None:
+    """The unconstrained ``baseline`` run's (DRaFT's; GRPO's for the GRPO models) change outside the mask at
+    ``method``'s judge defect reduction: linear interpolation along its checkpoints (base = step 0 at no reduction,
+    no change), and its checkpoint nearest in reduction (keys say draft_* for either baseline)."""
     fnf = next((p for p in points if p["name"] == method), None)
-    draft = sorted([p for p in points if p["run"] == "draft"], key=lambda p: p["step"])
+    draft = sorted([p for p in points if p["run"] == baseline], key=lambda p: p["step"])
     if fnf is None or not draft:
         return None
     red = fnf["judge_reduction"]["mean"]
@@ -204,7 +210,7 @@ def matched(points: list[dict], method: str) -> dict | None:
             break
     near = min(draft, key=lambda p: abs(p["judge_reduction"]["mean"] - red))
     out_fnf = fnf["outside_change_mse"]["mean"]
-    return {"method": method, "judge_reduction": red, "outside_change_mse": out_fnf, "draft_interpolated": interp,
+    return {"method": method, "baseline": baseline, "judge_reduction": red, "outside_change_mse": out_fnf, "draft_interpolated": interp,
             "ratio_interpolated": interp / out_fnf if interp is not None and out_fnf > 0 else None,
             "draft_nearest": near["name"], "draft_nearest_judge_reduction": near["judge_reduction"]["mean"],
             "draft_nearest_outside_change_mse": near["outside_change_mse"]["mean"],
@@ -217,7 +223,7 @@ def write_grid(path, base, masks, rows: dict, idx: list[int]) -> None:
 
     scale = 4
     up = lambda t: torch.nn.functional.interpolate(t, scale_factor=scale, mode="nearest")  # noqa: E731
-    cols = [outline(base[idx], masks[idx], scale=scale)] + [up(rows[k][idx]) for k in METHODS if k in rows]
+    cols = [outline(base[idx], masks[idx], scale=scale)] + [up(rows[k][idx]) for k in ALL_METHODS if k in rows]
     pad = lambda t: torch.nn.functional.pad(t, (2, 2, 2, 2), value=1.0)  # noqa: E731
     grid = torch.cat([torch.cat([pad(c[i]) for c in cols], dim=2) for i in range(len(idx))], dim=1)
     save_png(grid, path)
@@ -403,21 +409,24 @@ def report(path, res: dict, settings: dict, seconds: float, sepen_lines: list[st
     if head:
         lines += ["## Headline: change outside the mask at matched defect reduction", "",
                   "On the images whose base has a defect mask. Defect reduction: base pixel-judge defect rate minus "
-                  "the model's (the judge is independent of the training reward). DRaFT's change is interpolated "
-                  "along its checkpoints to the Focus-N-Fix model's reduction.", "",
-                  "| Focus-N-Fix model | defect reduction | its change outside mask | DRaFT at that reduction "
-                  "(interpolated) | DRaFT / FnF | nearest DRaFT checkpoint (reduction, change) |",
+                  "the model's (the judge is independent of the training reward). The unconstrained baseline's change "
+                  "(DRaFT's; GRPO's for the GRPO models) is interpolated along its checkpoints to the region-"
+                  "constrained model's reduction.", "",
+                  "| region-constrained model | defect reduction | its change outside mask | baseline at that reduction "
+                  "(interpolated) | baseline / model | nearest baseline checkpoint (reduction, change) |",
                   "|---|---|---|---|---|---|"]
         pts = {p["name"]: p for p in res["pareto"]}
         for h in head:
             p = pts[h["method"]]
             ok = lambda x: x is not None and math.isfinite(x)  # noqa: E731
-            interp = f"{h['draft_interpolated']:.5f}" if ok(h["draft_interpolated"]) else "beyond DRaFT's range"
+            interp = f"{h['draft_interpolated']:.5f}" if ok(h["draft_interpolated"]) else "beyond its range"
             ratio = f"{h['ratio_interpolated']:.1f}x" if ok(h["ratio_interpolated"]) else "n/a"
             lines.append(f"| {h['method']} | {_d(p['judge_reduction'])} | {_d(p['outside_change_mse'], '.5f')} | "
                          f"{interp} | {ratio} | {h['draft_nearest']}: {h['draft_nearest_judge_reduction']:+.3f}, "
                          f"{h['draft_nearest_outside_change_mse']:.5f} |")
         lines += ["", "![pareto](pareto.png)", ""]
+    if res.get("grpo_goal"):
+        lines += goal_lines(res["grpo_goal"])
     lines += ["## All models, all held-out images", "",
               "| model | defect score (reward's classifier) | Δ | defect rate (classifier) | defect rate (pixel judge) "
               "| Δ judge | alignment | Δ alignment | change outside mask (MSE) | change inside mask (MSE) |",
@@ -485,8 +494,8 @@ def rewrite_report(out: str) -> None:
     clean = lambda d: {k: clean(v) for k, v in d.items()} if isinstance(d, dict) else (  # noqa: E731
         [clean(v) for v in d] if isinstance(d, list) else fix(d))
     m = clean(m)
-    res = {"base": m["base"], "models": {k: m[k] for k in METHODS if k in m}, "pareto": m.get("pareto", []),
-           "headline": m.get("headline", []), "judges": m["judges"]}
+    res = {"base": m["base"], "models": {k: m[k] for k in ALL_METHODS if k in m}, "pareto": m.get("pareto", []),
+           "headline": m.get("headline", []), "judges": m["judges"], "grpo_goal": m.get("grpo_goal")}
     if "sepen" in m:
         res["sepen"] = m["sepen"]
     seconds = settings.get("seconds", {}).get("total") or sum(settings.get("seconds", {}).values())
@@ -516,19 +525,26 @@ def default_threads() -> int:
 def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 0, model: str = "",
              threads: int | None = None, beta: float = BETA, methods=METHODS, squared: bool = False,
              grad_clip: float = 1.0, sepen: bool = True, overwrite: bool = False, sweep: bool = False,
-             small: str = "", settings: dict | None = None) -> dict:
+             small: str = "", settings: dict | None = None, grpo: bool = False, grpo_only: bool = False,
+             grpo_overrides: dict | None = None) -> dict:
     """Train, evaluate and report (see the module docstring); ``small``: folder of the small models (default the
-    shipped ones); ``settings`` overrides keys of SETTINGS. Returns the metrics."""
+    shipped ones); ``settings`` overrides keys of SETTINGS. ``grpo``: also GRPO and region-constrained GRPO
+    (fnf/toy/grpo_demo.py; ``grpo_overrides``: keys of its GRPO_SETTINGS); ``grpo_only``: only those. Returns the
+    metrics."""
     previous = torch.get_num_threads()
+    if grpo_only:
+        methods, grpo, sweep = (), True, False
+    if grpo:
+        methods = tuple(methods) + GRPO_METHODS
     try:
         return _run_demo(out, quick, seed, model, threads or default_threads(), beta, methods, squared, grad_clip,
-                         sepen, overwrite, sweep, small, settings)
+                         sepen, overwrite, sweep, small, settings, grpo_overrides)
     finally:
         torch.set_num_threads(previous)       # a caller's thread setting outlives the demo
 
 
 def _run_demo(out, quick, seed, model, threads, beta, methods, squared, grad_clip, sepen, overwrite, sweep, small,
-              settings) -> dict:
+              settings, grpo_overrides=None) -> dict:
 
     t0, c0 = time.time(), time.process_time()
     model = model or os.path.join(ASSETS, "sd")
@@ -548,7 +564,8 @@ def _run_demo(out, quick, seed, model, threads, beta, methods, squared, grad_cli
     pool_prompts = toydata.train_prompts()[:st["pool_prompts"]] if st["pool_prompts"] else toydata.train_prompts()
     # quick: a CI-sized pool of a few prompts may hold no defect at all, so it keeps every entry
     below = math.inf if quick else POOL_REWARD_BELOW
-    runs = [(k, k, 0.0 if k == "draft" else beta) for k in methods]
+    gst = grpo_settings(quick, grpo_overrides)
+    runs = [(k, k, 0.0 if k in ("draft", "grpo") else (gst["beta"] if k in GRPO_METHODS else beta)) for k in methods]
     if sweep:
         runs += [(f"fnf_heatmap@beta{b:g}", "fnf_heatmap", b) for b in SWEEP_BETAS if b != beta]
     every = max(1, st["train_steps"] // st["checkpoints"])
@@ -557,11 +574,17 @@ def _run_demo(out, quick, seed, model, threads, beta, methods, squared, grad_cli
     cfgs = {name: base_config(model, os.path.join(out, "runs", name.replace("@", "_")), name.split("@")[0],
                               st["train_steps"], st["batch"], 0, b, squared, grad_clip, pool_seeds=st["pool_seeds"],
                               pool_reward_below=below, prompts=pool_prompts, checkpoint_every=every, small=small)
-            for name, _, b in runs}
+            for name, _, b in runs if name not in GRPO_METHODS}
+    base_model = load_model(model)
+    grpo_prompts = []
+    if any(name in GRPO_METHODS for name, _, _ in runs):   # the prompts of DRaFT's known-bad pool (grpo_demo)
+        grpo_prompts = known_bad_prompts(base_model, pool_prompts, small=small, keep_all=quick)
+        every_g = max(1, gst["rollouts"] // gst["checkpoints"])
+        cfgs.update({name: grpo_config(model, os.path.join(out, "runs", name), name, gst, grpo_prompts, small=small,
+                                       checkpoint_every=every_g) for name, _, _ in runs if name in GRPO_METHODS})
     first = cfgs[runs[0][0]]
     s = first.sampling
     kw = dict(steps=s.steps, guidance=s.guidance_scale, batch=SAMPLE_BATCH)
-    base_model = load_model(model)
     base = sample(base_model, ps, ss, **kw)
     masks = eval_masks(base, small)
     bv = per_image(base, base, masks, ps, small)
@@ -591,7 +614,7 @@ def _run_demo(out, quick, seed, model, threads, beta, methods, squared, grad_cli
         cpu[f"{name}: training"] = round(time.process_time() - c1, 1)
         t1, c1 = time.time(), time.process_time()
         histories[name] = r.history
-        tag = "DRaFT" if run == "draft" else ("FnF-CAM" if run == "fnf_gradcam" else "FnF")
+        tag = TAGS.get(run, "FnF")
         with torch.no_grad():
             if name not in methods:                              # a sweep point: the Pareto subset only
                 if len(sub):
@@ -611,7 +634,7 @@ def _run_demo(out, quick, seed, model, threads, beta, methods, squared, grad_cli
             print(f"fnf demo: {name}: {summary_line(res['models'][name])}", flush=True)
             # Earlier checkpoints of the same run: DRaFT's (the matched-reduction curve); FnF's too with --sweep
             # (each costs a Pareto-subset evaluation, ~45 s of CPU: the default run must stay within 10 minutes).
-            if len(sub) and (run == "draft" or (sweep and run == "fnf_heatmap")):
+            if len(sub) and (run in ("draft", "grpo") or (sweep and run == "fnf_heatmap")):
                 final = {n: p.detach().clone() for n, p in r.model.denoiser.named_parameters() if p.requires_grad}
                 for step, lora in _checkpoint_loras(cfg.train.out):
                     if step < cfg.train.steps:
@@ -632,7 +655,10 @@ def _run_demo(out, quick, seed, model, threads, beta, methods, squared, grad_cli
         with open(os.path.join(out, "metrics.partial.json"), "w") as f:   # what a crash later must not cost
             json.dump(finite_or_none({"base": res["base"], **res["models"], "pareto": points}), f, indent=1)
     res["pareto"] = points
-    res["headline"] = [h for h in (matched(points, k) for k in methods if k != "draft") if h is not None]
+    res["headline"] = [h for h in (matched(points, k, BASELINES[k]) for k in methods if k in BASELINES)
+                       if h is not None]
+    if "grpo" in res["models"]:
+        res["grpo_goal"] = goal({**res, "pareto": points}, points)
     tuned, sepen_lines = None, None
     if sepen:
         t1, c1 = time.time(), time.process_time()
@@ -652,10 +678,14 @@ def _run_demo(out, quick, seed, model, threads, beta, methods, squared, grad_cli
                     "lora_rank": first.lora.rank, "lr": first.train.lr,
                     "grad_clip": first.train.grad_clip, "seconds": seconds, "cpu_seconds": cpu,
                     "checks": checks}
+    if grpo_prompts:
+        settings_out.update(grpo=gst, grpo_prompts=len(grpo_prompts))
     # Results first: a failure while drawing must not cost the numbers. Today's keys (base, draft, fnf_heatmap,
     # fnf_gradcam, sepen) stay at the top level; the new ones (pareto, headline, judges, sweep models) join them.
     metrics_out = {"base": res["base"], **res["models"], "pareto": points, "headline": res["headline"],
                    "judges": res["judges"]}
+    if "grpo_goal" in res:
+        metrics_out["grpo_goal"] = res["grpo_goal"]
     if sepen:
         metrics_out["sepen"] = res["sepen"]
     with open(os.path.join(out, "metrics.json"), "w") as f:
