@@ -111,6 +111,58 @@ def test_first_inner_step_ratio_is_one_and_the_gradient_is_reinforce(sd, tmp_pat
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8 * norm)
 
 
+def _by_hand_flow(plan, i, x, x_next, v, a=0.7):
+    """(log-prob, mean, var) of Flow-GRPO's SDE step written in the paper's form, float64."""
+    s64 = plan.sigmas.double()
+    t, t_next = s64[i], s64[i + 1]
+    st = a * torch.sqrt(t / (1 - (s64[1] if t == 1 else t)))
+    dt = t_next - t
+    mean = x + (v + st ** 2 / (2 * t) * (x + (1 - t) * v)) * dt
+    var = st ** 2 * (-dt)
+    lp = torch.distributions.Normal(mean, var.sqrt()).log_prob(x_next)
+    return lp.mean(dim=tuple(range(1, lp.dim()))), mean, var
+
+
+def test_flow_first_inner_step_gradient_is_reinforce(tmp_path_factory, tmp_path):
+    """The same on the SD3 family (float64): log p of the flow SDE step in the paper's form, by hand."""
+    from tiny_sd3 import cached_sd3
+
+    cfg = grpo_config(cached_sd3(str(tmp_path_factory.getbasetemp())), str(tmp_path / "r"),
+                      grpo={"group_size": 2, "kl_beta": 0.3}, train={"grad_accum": 1})
+    session = float64_session(cfg)
+    randomize_lora_B(session.model.denoiser, seed=0, std=0.05)
+    obj = session.objective
+    obj.start_step(0)
+    ro = obj.rollout
+    out = session.micro_batch(0, 0)
+    assert abs(out.stats["ratio"] - 1) < 1e-12
+    out.loss.backward()
+    ours = [p.grad.clone() for p in session.params]
+    rows, j = ro.micro[0]
+    i = ro.steps[j]
+    x, x_next = (s[rows].double() for s in ro.states[i])
+    model, plan = session.model, obj.schedule()
+    cond, uncond = obj.embeds.index(ro.prompt_idx[rows]), obj.negative.repeat(len(rows))
+    v = model.family.predict(model, model.denoiser, x, plan.timesteps[i], cond, uncond, cfg.sampling.guidance_scale,
+                             plan)
+    lp, mean, var = _by_hand_flow(plan, i, x, x_next, v)
+    torch.testing.assert_close(lp.detach(), ro.old_log_probs[j, rows].double(), rtol=0, atol=1e-9)
+    with torch.no_grad(), adapters_disabled(model.denoiser):
+        v_ref = model.family.predict(model, model.denoiser, x, plan.timesteps[i], cond, uncond,
+                                     cfg.sampling.guidance_scale, plan)
+    kl = ((mean - _by_hand_flow(plan, i, x, x_next, v_ref)[1]) ** 2).mean(dim=(1, 2, 3)) / (2 * var)
+    total = ro.extra["total"].double().reshape(-1, 2)
+    adv = ((total - total.mean(1, keepdim=True)) / (total.std(1, unbiased=False, keepdim=True) + 1e-4)).reshape(-1)
+    adv = adv.clamp(-5, 5)[rows]
+    assert adv.abs().max() > 0.1 and kl.min() > 0
+    theirs = torch.autograd.grad(-(adv * lp).mean() + 0.3 * kl.mean(), session.params, allow_unused=True)
+    norm = math.sqrt(sum(float((g ** 2).sum()) for g in ours))
+    assert norm > 0
+    for a, b in zip(ours, theirs):
+        b = torch.zeros_like(a) if b is None else b
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8 * norm)
+
+
 def test_region_term_is_in_the_reward_with_i0_from_the_same_noise(sd, left_mask, tmp_path):
     """beta > 0 with a mask: R = r(I) - beta ||(1 - M) (I0 - I)||_F per sample (float64 by hand from the rollout's
     images), I0 is the adapters-off trajectory from the same seeds (its x_T and per-step noise), advantages are R
