@@ -181,6 +181,33 @@ ARCHS.update({
     "flux2-klein-base-9b": {**_flux2_klein(8, 24, 32, 4096, 12288, False), "is_distilled": False},
 })
 
+# Qwen/Qwen-Image (QwenImagePipeline, not guidance-distilled: true CFG, two transformer calls per step): its
+# transformer/config.json (20.4B MMDiT, 60 dual-stream blocks, 24 x 128 heads), vae/config.json (the
+# AutoencoderKLQwenImage defaults: base_dim 96, z_dim 16, one-frame causal 3D VAE), scheduler_config.json
+# (exponential shift, base/max 0.5/0.9 over 256..8192 tokens, shift_terminal 0.02) and text_encoder/config.json
+# (Qwen2.5-VL-7B-Instruct: 28 layers, 3584 wide; its 32-block vision tower is built but never run for text).
+_QWEN25_VL_7B = dict(
+    text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                     num_attention_heads=28, num_key_value_heads=4, hidden_act="silu", max_position_embeddings=128000,
+                     rms_norm_eps=1e-6, rope_theta=1000000.0, use_sliding_window=False, sliding_window=32768,
+                     max_window_layers=28, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
+                     bos_token_id=151643, eos_token_id=151645, tie_word_embeddings=False),
+    vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                       fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu", in_channels=3, tokens_per_second=2),
+    image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
+    tie_word_embeddings=False)
+ARCHS["qwen-image"] = {"kind": "qwen-image", "components": {
+    "transformer": ["QwenImageTransformer2DModel", dict(
+        patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128, num_attention_heads=24,
+        joint_attention_dim=3584, guidance_embeds=False, axes_dims_rope=[16, 56, 56])],
+    "vae": ["AutoencoderKLQwenImage", dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                                           attn_scales=[], temperal_downsample=[False, True, True], dropout=0.0)],
+    "scheduler": ["FlowMatchEulerDiscreteScheduler", dict(
+        num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+        base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential")],
+    "text_encoder": ["Qwen2_5_VLForConditionalGeneration", _QWEN25_VL_7B]}}
+
 # Tongyi-MAI/Z-Image-Turbo (ZImagePipeline; distilled: 9 steps, no CFG): transformer/config.json (6.2B single-stream
 # DiT, 30 layers + 2 noise / 2 context refiner layers, 3840 wide, 30 heads), the FLUX.1 VAE (scaling 0.3611, shift
 # 0.1159), scheduler_config.json (shift 3, no dynamic shifting) and text_encoder/config.json (Qwen3Model, Qwen3-4B)
@@ -206,6 +233,7 @@ TRACE_SECONDS.update({"flux2-klein-4b": 50, "flux2-klein-9b": 115, "flux2-klein-
 KIND_TRACE_SECONDS = {"sd": 60, "sdxl": 180, "sd3": 100, "flux": 360, "flux2": 900}
 KIND_TRACE_SECONDS["flux2-klein"] = 60
 TRACE_SECONDS["z-image"], KIND_TRACE_SECONDS["z-image"] = 300, 300
+TRACE_SECONDS["qwen-image"], KIND_TRACE_SECONDS["qwen-image"] = 470, 470   # 1328^2, K=1, CFG, one micro-batch
 NATIVE = {"sd15": 512, "sd21": 768}   # every other named architecture: 1024
 
 

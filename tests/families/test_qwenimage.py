@@ -203,3 +203,22 @@ def test_fsdp_units_are_the_dual_stream_blocks(model):
     for name, _ in model.denoiser.named_parameters():
         if name.endswith(tuple(f"{t}.weight" for t in model.family.lora_targets)):
             assert unit_of(plan, name).startswith("transformer_blocks."), name
+
+
+def test_arch_spec_has_the_released_sizes():
+    """`--arch qwen-image` (fnf/memory/archs.py) builds the released sizes: the 20.43B transformer, Qwen2.5-VL-7B
+    (8.29B with its vision tower), the 127M VAE (meta tensors: no memory, no weights)."""
+    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from fnf.memory.archs import ARCHS
+
+    spec = ARCHS["qwen-image"]
+    assert spec["kind"] == "qwen-image"
+    c = spec["components"]
+    with torch.device("meta"):
+        sizes = [sum(p.numel() for p in m.parameters()) for m in (
+            QwenImageTransformer2DModel.from_config(c["transformer"][1]),
+            Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**c["text_encoder"][1])),
+            AutoencoderKLQwenImage.from_config(c["vae"][1]))]
+    assert [round(n / 1e6) for n in sizes] == [20430, 8292, 127], sizes
