@@ -214,6 +214,22 @@ def test_plain_grpo_has_no_reference_and_beta_zero_rollout_rewards_are_the_rewar
     assert sorted(ro.prompt_idx.tolist()) == [ro.prompt_idx[0].item()] * 4     # one group, one prompt
     assert len(set(ro.seeds)) == 4
     assert len(ro.micro) == 8 and [j for _, j in ro.micro] == [0, 1, 2, 3] * 2
+    # 8 micro-batches / grad_accum 4 = 2 optimizer steps per rollout: step 1 starts at micro-batch 4 of rollout 0
+    obj.start_step(1)
+    assert obj.rollout is ro and obj.position == 4
+    obj.start_step(2)
+    assert obj.rollout.index == 1 and obj.position == 0 and set(obj.rollout.seeds).isdisjoint(ro.seeds)
+
+
+def test_a_non_finite_reward_skips_that_rollouts_steps(sd, tmp_path):
+    """The second reward call (rollout 1) is NaN: its two optimizer steps are skipped and logged, the LoRA stays
+    finite, and the next rollout trains again."""
+    cfg = grpo_config(sd, str(tmp_path / "nan"), reward={"spec": f"{TESTS}/fnf_tiny_models.py:NanOnSecondCall"},
+                      train={"steps": 6})
+    res = train(cfg)
+    assert [h["skipped"] for h in res.history] == [False, False, True, True, False, False]
+    assert "non-finite" in res.history[2]["skip_reason"]
+    assert all(torch.isfinite(p).all() for p in lora_state_dict(res.model.denoiser).values())
 
 
 def test_resume_is_exact(sd, left_mask, tmp_path):
