@@ -179,7 +179,8 @@ def test_quantized_transformer_and_fsdp_units(folder, monkeypatch):
 @pytest.mark.slow
 def test_released_klein_architectures_have_their_parameter_counts():
     """--arch flux2-klein-4b / -9b built under fake tensors: transformers of 3875.5M / 9078.6M (diffusers'
-    convert_flux2_to_diffusers configs), Qwen3-4B 4022.5M (tied head) / Qwen3-8B 8190.7M, step-distilled."""
+    convert_flux2_to_diffusers configs), Qwen3-4B 4022.5M (tied head) / Qwen3-8B 8190.7M, step-distilled; the
+    -base- archs are the same shapes, not distilled."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from fnf.memory.estimate import build_model, model_spec
@@ -191,6 +192,9 @@ def test_released_klein_architectures_have_their_parameter_counts():
         assert (count(m.denoiser), count(m.text_encoders[0])) == sizes, arch
         assert m.family.name == "flux2-klein" and m.settings["is_distilled"] and m.vae.bn.running_mean.shape == (128,)
         assert m.denoiser.config.joint_attention_dim == 3 * m.text_encoders[0].config.hidden_size
+    for arch in ("flux2-klein-base-4b", "flux2-klein-base-9b"):   # the Base models: the same shapes, CFG
+        base, distilled = model_spec(arch=arch), model_spec(arch=arch.replace("base-", ""))
+        assert base["is_distilled"] is False and base["components"] == distilled["components"]
 
 
 def test_folder_configs_carry_is_distilled(distilled):
@@ -204,6 +208,35 @@ def test_folder_configs_carry_is_distilled(distilled):
     with FakeTensorMode(allow_non_fake_inputs=True):
         m = build_model(spec, "fp32")
     assert m.settings["is_distilled"] and not m.family.uses_cfg(m, object(), GUIDANCE)
+
+
+def test_localize_and_eval_commands_run_on_klein(folder, tmp_path):
+    """`fnf localize` writes the base image, heatmap and mask of a klein folder; `fnf eval` scores the base model and
+    a LoRA on it (CFG on: guidance 4 with the empty negative)."""
+    from fnf import cli
+    from fnf.lora import add_lora, save_lora
+
+    from tests.families.common import randomize_lora
+
+    print("seed", SEED)
+    small = ["--set", f"sampling.height={IMAGE_SIZE}", "--set", f"sampling.width={IMAGE_SIZE}", "--set",
+             "sampling.steps=2", "--set", f"sampling.guidance_scale={GUIDANCE}", "--set", "train.device=cpu"]
+    assert cli.main(["localize", "--model", folder, "--reward", "brightness", "--localizer", "saliency",
+                     "--prompts", PROMPTS[0], "--seeds", "1", "--out", str(tmp_path / "loc"), *small]) == 0
+    made = sorted(os.listdir(tmp_path / "loc" / "localize"))
+    assert "manifest.json" in made and any(f.endswith("_mask.png") for f in made), made
+    m = load_model(folder)
+    add_lora(m, rank=2, alpha=2, target_modules=m.family.lora_targets)
+    randomize_lora(m, SEED)
+    save_lora(m, str(tmp_path / "lora"))
+    assert cli.main(["eval", "--model", folder, "--lora", str(tmp_path / "lora"), "--prompts", PROMPTS[0],
+                     "--seeds", "1", "--steps", "2", "--guidance", str(GUIDANCE), "--reward", "brightness",
+                     "--localizer", "saliency", "--metric", "redness", "--out", str(tmp_path / "ev"),
+                     "--bootstrap", "50", "--no-progress", "--set", f"sampling.height={IMAGE_SIZE}", "--set",
+                     f"sampling.width={IMAGE_SIZE}"]) == 0
+    with open(tmp_path / "ev" / "metrics.json") as f:
+        models = list(json.load(f)["models"])
+    assert len(models) == 2 and models[0] == "base", models
 
 
 def test_large_beta_holds_pixels_outside_the_mask_beta_zero_lets_them_move(folder, tmp_path):
