@@ -47,7 +47,9 @@ def local_files(tmp_path_factory):
         text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                          vocab_size=64, max_position_embeddings=8), projection_dim=32)).save_pretrained(
         str(safety / "safety_checker"))
-    return {"root": str(root), ".safetensors": resnet, ".pt2": heatmap, "": str(safety),
+    torchscript = str(root / "heatmap.pt")     # heatmap:torchscript:PATH (configs/zimage_fix_hands.yaml)
+    torch.jit.save(torch.jit.script(BlueHeatmap()), torchscript)
+    return {"root": str(root), ".safetensors": resnet, ".pt2": heatmap, ".pt": torchscript, "": str(safety),
             "sd": cached_model("sd", str(root)),
             "sdxl": cached_model("sdxl", str(root))}
 
@@ -115,6 +117,9 @@ def test_shipped_config_passes_preflight_once_its_model_files_exist(path, local_
     cfg.model.path = _tiny_model_for(os.path.basename(path), local_files)
     cfg.reward.kwargs = _localised(cfg.reward.kwargs, local_files)
     cfg.localize.kwargs = _localised(cfg.localize.kwargs, local_files)
+    kind, _, loc_file = cfg.localize.spec.rpartition(":")   # heatmap:torchscript:/models/x.pt names its file
+    if kind and _is_placeholder(loc_file):
+        cfg.localize.spec = f"{kind}:{_localised(loc_file, local_files)}"
     config.validate(cfg)
     preflight.check(cfg)
     if cfg.objective.name == "sepen":
