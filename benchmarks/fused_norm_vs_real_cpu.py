@@ -19,6 +19,7 @@ import contextlib
 import copy
 import json
 import os
+import re
 import sys
 import time
 
@@ -40,8 +41,24 @@ def build_vae(arch: str, dtype: torch.dtype):
     return AutoencoderKL(**copy.deepcopy(cfg)).to(dtype).requires_grad_(False)
 
 
-def trace(arch: str, size: int, dtype: str, fused: str, fake: bool) -> dict:
-    """Peak bytes of decode + reward + backward, by phase (weights registered first)."""
+UNIT = re.compile(r"^(conv_in|conv_norm_out|conv_out|mid_block\.(resnets|attentions)\.\d+|"
+                  r"up_blocks\.\d+\.(resnets|upsamplers)\.\d+)$")
+
+
+def label_units(vae, counter) -> list:
+    """Label allocations by the decoder unit (ResNet, upsampler, attention, tail) last entered, in the forward and
+    in its checkpoint recomputation during backward: ``<phase>: <unit>``. Returns the hook handles."""
+    def pre(_module, _args, name):
+        counter.phase_name = f"{counter.phase_name.split(': ')[0]}: {name}"
+
+    # every module inside a unit: a checkpoint's recomputation calls the unit's class forward, not its hooks
+    return [sub.register_forward_pre_hook(lambda mod, args, name=name: pre(mod, args, name))
+            for name, m in vae.decoder.named_modules() if UNIT.match(name) for sub in m.modules()]
+
+
+def trace(arch: str, size: int, dtype: str, fused: str, fake: bool, by_unit: bool = False) -> dict:
+    """Peak bytes of decode + reward + backward, by phase (weights registered first); ``by_unit``: the decode
+    and backward phases split by decoder unit (label_units)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from fnf.memory import cuda_rules
@@ -64,6 +81,8 @@ def trace(arch: str, size: int, dtype: str, fused: str, fake: bool) -> dict:
         stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16, enabled=half))
         with counter.phase("latent"):
             z = torch.randn(1, vae.config.latent_channels, size // 8, size // 8, dtype=wdtype).requires_grad_(True)
+        if by_unit:
+            label_units(vae, counter)
         with counter.phase("VAE decode"):
             image = vae.decode(z / vae.config.scaling_factor, return_dict=False)[0]
         with counter.phase("reward"):
@@ -84,6 +103,7 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--fake-only", action="store_true", help="only the fake-tensor traces (no compute)")
+    p.add_argument("--by-unit", action="store_true", help="split the held bytes by decoder unit (ResNet, ...)")
     p.add_argument("--json", default="")
     args = p.parse_args(argv)
     out = {"arch": args.arch, "size": args.size, "dtype": args.dtype, "torch": torch.__version__,
@@ -94,7 +114,7 @@ def main(argv=None) -> int:
         for name, fake in (("estimate (fake tensors)", True), ("real CPU tensors", False)):
             if args.fake_only and not fake:
                 continue
-            r = trace(args.arch, args.size, args.dtype, fused, fake)
+            r = trace(args.arch, args.size, args.dtype, fused, fake, args.by_unit)
             out["runs"][f"fused_norm={fused}, {name}"] = r
             print(f"fused_norm={fused:3s} {name:24s}: {r['peak_gib']:.4f} GiB ({r['peak_bytes']} B), peak in "
                   f"{r['peak_phase']}, {r['seconds']:.0f} s", flush=True)
