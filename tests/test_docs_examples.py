@@ -28,14 +28,16 @@ import sys
 import pytest
 import yaml
 
-from tests import fnf_tiny_models, tiny_flux, tiny_flux2, tiny_sd3
+from tests import fnf_tiny_models, tiny_flux, tiny_flux2, tiny_flux2_klein, tiny_sd3, tiny_zimage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ["README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))]
 RUN_LANGS = ("bash", "sh", "python")
 MARK = re.compile(r"<!--\s*(not run(?:\s*\((?P<prefix>[^)]*)\))?:\s*(?P<why>.*?)|run by (?P<test>\S+))\s*-->\s*$")
-FAMILY = {"stable-diffusion-v1": "sd", "stable-diffusion-3": "sd3", "FLUX.1": "flux", "FLUX.2": "flux2"}
-CONFIG_FAMILY = {"sd15": "sd", "tiny": "sd", "sd35": "sd3", "flux1": "flux", "flux2": "flux2", "sepen": "sd"}
+FAMILY = {"stable-diffusion-v1": "sd", "stable-diffusion-3": "sd3", "FLUX.1": "flux", "FLUX.2-klein": "flux2-klein",
+          "FLUX.2": "flux2", "Z-Image": "z-image"}
+CONFIG_FAMILY = {"sd15": "sd", "tiny": "sd", "sd35": "sd3", "flux1": "flux", "flux2_klein": "flux2-klein",
+                 "flux2": "flux2", "sepen": "sd", "zimage": "z-image"}
 
 
 class Block:
@@ -124,6 +126,14 @@ def world(tmp_path_factory):
                 folders[family] = tiny_sd3.cached_sd3(models)
             elif family == "flux":
                 folders[family] = tiny_flux.cached_flux(models)
+            elif family == "z-image":
+                if not tiny_zimage.have_zimage():
+                    pytest.skip("this diffusers has no ZImagePipeline")
+                folders[family] = tiny_zimage.cached_zimage(models)
+            elif family == "flux2-klein":
+                if not tiny_flux2_klein.have_klein():
+                    pytest.skip("this diffusers has no FLUX.2 [klein]")
+                folders[family] = tiny_flux2_klein.cached_flux2_klein(models)
             else:
                 if not tiny_flux2.have_flux2():
                     pytest.skip("this diffusers has no FLUX.2")
@@ -156,7 +166,8 @@ def world(tmp_path_factory):
         def swap(m):
             family = next(f for key, f in FAMILY.items() if m.group(1).startswith(key))
             return folder(family)
-        text = re.sub(r"/models/((?:stable-diffusion-v1|stable-diffusion-3|FLUX\.1|FLUX\.2)[\w.-]*)", swap, text)
+        families = r"stable-diffusion-v1|stable-diffusion-3|FLUX\.1|FLUX\.2|Z-Image"
+        text = re.sub(rf"/models/((?:{families})[\w.-]*)", swap, text)
         return text.replace("num_inference_steps=", "height=32, width=32, num_inference_steps=2 or ")
 
     # configs name their family's model as "@family": written out once the tiny folder exists
@@ -165,7 +176,7 @@ def world(tmp_path_factory):
             if name.endswith(".yaml") and (name in text or (name == "tiny_cpu_smoke.yaml" and "X.yaml" in text)):
                 path = os.path.join(where, "configs", name)
                 body = open(path).read()
-                m = re.search(r"path: '?@(\w+)'?", body)
+                m = re.search(r"path: '?@([\w-]+)'?", body)
                 if m:
                     with open(path, "w") as f:
                         f.write(body.replace(m.group(0), f"path: {folder(m.group(1))}"))
@@ -241,7 +252,8 @@ def run_block(block, world):
 
 
 # Blocks over a few seconds each (a tiny model built, several trainings): slow.
-SLOW = {"docs/family_sd3.md", "docs/family_flux.md", "docs/family_flux2.md", "docs/memory_levers.md"}
+SLOW = {"docs/family_sd3.md", "docs/family_flux.md", "docs/family_flux2.md", "docs/memory_levers.md",
+        "docs/family_zimage.md"}
 
 
 def _params():
@@ -250,7 +262,7 @@ def _params():
         marks = []
         if whole_block_skipped(b) or (b.mark and b.mark.group("test")):
             marks.append(pytest.mark.skip(reason=b.mark.group("why") or f"run by {b.mark.group('test')}"))
-        elif b.doc in SLOW or re.search(r"/models/(stable-diffusion-3|FLUX)", b.text):
+        elif b.doc in SLOW or re.search(r"/models/(stable-diffusion-3|FLUX|Z-Image)", b.text):
             marks.append(pytest.mark.slow)
         out.append(pytest.param(b, id=b.id, marks=marks))
     return out
