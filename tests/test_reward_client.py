@@ -238,3 +238,25 @@ def test_builtin_specs_work_under_no_grad(spec, kwargs):
     torch.testing.assert_close(score(blind, x, PROMPTS), got, rtol=0, atol=0)
     with pytest.raises(GradientUseError, match="black box"):
         blind(xg, PROMPTS)
+
+
+# ------------------------------------------------------------------------------------------ in the trainer
+@pytest.mark.slow
+def test_grpo_trains_on_a_served_reward_and_draft_refuses_it(tmp_path_factory, tmp_path):
+    """objective grpo scores its rollout through the server (no gradient needed); DRaFT-K, which needs the reward's
+    gradient, gets one clear GradientUseError instead of a silent zero gradient."""
+    from fnf.train import train
+    from fnf_tiny_models import cached_model, tiny_config
+
+    sd = cached_model("sd", str(tmp_path_factory.getbasetemp()))
+    with reward_server(brightness()) as srv:
+        cfg = tiny_config(sd, str(tmp_path / "grpo"), reward={"spec": srv.url, "kwargs": {"timeout": 30}},
+                          objective={"name": "grpo", "beta": 0.0}, localize={"spec": "none"},
+                          grpo={"group_size": 2}, train={"steps": 1, "batch_size": 2, "grad_accum": 4})
+        res = train(cfg)
+        assert len(srv.requests) == 1 and len(res.history) == 1 and not res.history[0].get("skipped")
+        assert np.isfinite(res.history[0]["reward"])
+        cfg = tiny_config(sd, str(tmp_path / "draft"), reward={"spec": srv.url}, objective={"beta": 0.0},
+                          train={"steps": 1})
+        with pytest.raises(GradientUseError, match="no gradient"):
+            train(cfg)
