@@ -119,7 +119,7 @@ ROWS = [
         QWEN_IMAGE.lora_targets + QWEN_IMAGE.lora_targets_text + QWEN_IMAGE.lora_targets_ff,
         ("add_q_proj.lora_A", "img_mlp.net.0.proj.lora_A", "txt_mlp.net.2.lora_A"), (2, 32.0),
         ("text_encoder", "text_encoder"), model={"kind": "qwen-image"},
-        shipped=("qwen_image_focus_n_fix.yaml", {"sampling.height": 1328, "sampling.width": 1328,
+        shipped=("qwen_image_focus_n_fix.yaml", {"sampling.height": 1024, "sampling.width": 1024,
                                                  "sampling.guidance_scale": 4.0})),
     Row("z-image", cached_zimage, "ZImagePipeline", 3.0, 2, True,
         lambda t: {"layers.0.attention.to_q", "noise_refiner.0.attention.to_out.0",
