@@ -222,3 +222,39 @@ def test_arch_spec_has_the_released_sizes():
             Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**c["text_encoder"][1])),
             AutoencoderKLQwenImage.from_config(c["vae"][1]))]
     assert [round(n / 1e6) for n in sizes] == [20430, 8292, 127], sizes
+
+
+def test_quantized_base_loads_only_the_transformer_quantized(folder, monkeypatch):
+    """model.quantize with a stand-in backend (no bitsandbytes on CPU): only the transformer is read with the
+    method's quantization_config in the weight dtype, a bitsandbytes model is not moved, LoRA on top is fp32 and the
+    only trainable part."""
+    import types
+
+    from diffusers import QwenImageTransformer2DModel
+    from diffusers.models.modeling_utils import ModelMixin
+
+    from fnf import quantize
+    from fnf.lora import add_lora
+
+    sentinel, seen, calls, moved = object(), [], [], []
+    monkeypatch.setattr(quantize, "quantization_config", lambda method, dtype: seen.append((method, dtype)) or sentinel)
+    original = ModelMixin.from_pretrained.__func__
+
+    def from_pretrained(cls, path, **kwargs):
+        calls.append((cls.__name__, kwargs.pop("quantization_config", None), kwargs.get("torch_dtype")))
+        model = original(cls, path, **kwargs)
+        if cls is QwenImageTransformer2DModel:
+            model.hf_quantizer = types.SimpleNamespace(
+                quantization_config=types.SimpleNamespace(quant_method="bitsandbytes"))
+        return model
+
+    monkeypatch.setattr(ModelMixin, "from_pretrained", classmethod(from_pretrained))
+    monkeypatch.setattr(QwenImageTransformer2DModel, "to", lambda self, *a, **k: moved.append(a) or self)
+    m = load_model(folder, weight_dtype="bf16", quantize="bnb-4bit")
+    assert seen == [("bnb-4bit", torch.bfloat16)]
+    assert [c for c in calls if c[1] is not None] == [("QwenImageTransformer2DModel", sentinel, torch.bfloat16)]
+    assert moved == [] and quantize.method_of(m.denoiser) == "bitsandbytes"
+    params = add_lora(m, rank=2, alpha=2, target_modules=m.family.lora_targets)
+    assert params and all(p.dtype == torch.float32 for p in params)
+    assert {n for n, p in m.denoiser.named_parameters() if p.requires_grad} == \
+        {n for n, p in m.denoiser.named_parameters() if "lora_" in n}
