@@ -15,6 +15,7 @@ from fnf_tiny_models import cached_model, one_torch_thread  # noqa: E402,F401
 from tiny_flux import cached_flux  # noqa: E402
 from tiny_flux2 import cached_flux2  # noqa: E402
 from tiny_sd3 import cached_sd3  # noqa: E402
+from tiny_zimage import cached_zimage, have_zimage  # noqa: E402
 from fnf import cli, config, precision  # noqa: E402
 from fnf.commands.estimate_memory import report  # noqa: E402
 from fnf.families.flux import FLUX  # noqa: E402
@@ -108,12 +109,14 @@ def test_bare_command_on_a_tiny_folder_for_an_old_gpu(sd, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("make", ["sdxl", "sd3", "flux", "flux-schnell", "flux2"])
+@pytest.mark.parametrize("make", ["sdxl", "sd3", "flux", "flux-schnell", "flux2", "z-image"])
 def test_bare_command_runs_for_every_family(make, tmp_path_factory, capsys):
+    if make == "z-image" and not have_zimage():
+        pytest.skip("the installed diffusers has no ZImagePipeline")
     root = str(tmp_path_factory.getbasetemp())
     folder = {"sdxl": lambda: cached_model("sdxl", root), "sd3": lambda: cached_sd3(root),
               "flux": lambda: cached_flux(root), "flux-schnell": lambda: cached_flux(root, "flux_schnell"),
-              "flux2": lambda: cached_flux2(root)}[make]()
+              "flux2": lambda: cached_flux2(root), "z-image": lambda: cached_zimage(root)}[make]()
     out = tmp_path_factory.mktemp("est") / "e.json"
     assert cli.main(["estimate-memory", "--model", folder, "--json", str(out)]) == 0
     first = capsys.readouterr().out.splitlines()[0]
@@ -123,6 +126,8 @@ def test_bare_command_runs_for_every_family(make, tmp_path_factory, capsys):
     assert ("flow-matching Euler steps" if flow else "DDIM steps") == settings["sampler"]
     if make in ("flux", "flux2"):   # guidance-distilled: the scale is an embedding
         assert "guidance embedding" in first and "CFG 7.5" not in first
+    if make == "z-image":   # ZImagePipeline runs CFG at any scale > 0
+        assert "CFG 7.5" in first
 
 
 @pytest.mark.slow
