@@ -187,9 +187,10 @@ class ZImageFamily(FlowMatchingEuler, TransformerLoRA, ModelFamily):
         tokenizer_cls = _named_class(src, "tokenizer", (), "AutoTokenizer", "transformers") \
             if isinstance(src, FolderComponents) else None
         tokenizer = src.tokenizer("tokenizer", tokenizer_cls, encoder=encoder, chat=True)
-        if not hasattr(tokenizer, "apply_chat_template"):
-            raise ModelLoadError(f"{src.path!r}: the tokenizer ({type(tokenizer).__name__}) has no "
-                                 "apply_chat_template, which ZImagePipeline encodes prompts with")
+        if not hasattr(tokenizer, "apply_chat_template") or getattr(tokenizer, "chat_template", None) is None:
+            raise ModelLoadError(f"{src.path!r}: the tokenizer ({type(tokenizer).__name__}) has no chat template, "
+                                 "which ZImagePipeline encodes prompts with (tokenizer/chat_template.jinja or "
+                                 "tokenizer_config.json's chat_template)")
         freeze([transformer, vae, encoder], device)
         settings = {"max_sequence_length": max_sequence_length, "cfg_normalization": float(cfg_normalization),
                     "cfg_truncation": float(cfg_truncation)}

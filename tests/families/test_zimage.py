@@ -171,6 +171,15 @@ def test_refused_pipelines_and_bad_input(folder, tmp_path):
     x = m.family.initial_latents(m, 2, SIZE, SIZE, torch.Generator().manual_seed(SEED), "cpu")
     with pytest.raises(ValueError, match="mask"):
         m.family.predict(m, m.denoiser, x, torch.tensor(500.0), PromptEmbeds(cond.hidden), None, 0.0)
+    plain = tmp_path / "no_template"
+    shutil.copytree(folder, plain)
+    for name in os.listdir(plain / "tokenizer"):
+        if name.endswith(".jinja"):
+            os.remove(plain / "tokenizer" / name)
+    tok_cfg = plain / "tokenizer" / "tokenizer_config.json"
+    tok_cfg.write_text(json.dumps({k: v for k, v in json.loads(tok_cfg.read_text()).items() if k != "chat_template"}))
+    with pytest.raises(ModelLoadError, match="chat template"):
+        load_model(str(plain))
     short = m.family.load(folder, index, weight_dtype=torch.float32, max_sequence_length=8)
     assert [c.shape[0] for c in captions(encode_prompts(short, PROMPTS, height=SIZE, width=SIZE))] == [8, 8]
 
