@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -224,6 +225,9 @@ def trace_config(cfg, height: int = 0, width: int = 0, sampling_steps: int = 0):
     t.device, t.progress, t.tensorboard = "cpu", False, False
     if cfg.memory.fused_lora == "auto":  # on a CUDA machine with triton, auto is on
         cfg.memory.fused_lora = "on"
+    if t.seeds_per_prompt > 0:  # the pool is built batch by batch and kept on the host: one seed per prompt peaks
+        t.seeds_per_prompt = 1  # as many do; its reward filter reads values (no fake tensor has them): all kept
+        t.pool_reward_below = math.inf
     if cfg.objective.name == "grpo":  # one micro-batch per traced step (each is one step's backward: same peak)
         cfg.train.grad_accum = 1
         if cfg.grpo.steps != "all":

@@ -57,11 +57,14 @@ def reward_stand_in(cfg) -> str:
     r = cfg.reward
     missing = missing_paths(r.kwargs) + _spec_path(r.spec)
     why = "" if missing else _fails(check_reward_spec, r.spec, r.kwargs)
-    if not (missing or why):
+    model_kwargs = dict(r.kwargs.get("model_kwargs") or {})
+    resnet = r.spec == "classifier" and r.kwargs.get("model") == "fnf.classifiers:resnet" and not _spec_path(r.spec)
+    if not (missing or why) and not (resnet and model_kwargs.get("checkpoint")):
         return ""
     reason = f"reads {', '.join(missing)}, not on this machine" if missing else f"cannot be built here ({why})"
-    model_kwargs = dict(r.kwargs.get("model_kwargs") or {})
-    if r.spec == "classifier" and r.kwargs.get("model") == "fnf.classifiers:resnet" and not _spec_path(r.spec):
+    if not (missing or why):  # a checkpoint that is here: fake tensors cannot read it, its values change no memory
+        reason = f"checkpoint {model_kwargs['checkpoint']} is not read (an estimate reads no weights)"
+    if resnet:
         model_kwargs.pop("checkpoint", None)
         r.kwargs = {**copy.deepcopy(r.kwargs), "model_kwargs": {**model_kwargs, "random_init": True}}
         return (f"reward classifier ({model_kwargs.get('arch', 'resnet50')}) {reason}: the same ResNet with "
