@@ -232,7 +232,7 @@ TRACE_SECONDS.update({"flux2-klein-4b": 50, "flux2-klein-9b": 115, "flux2-klein-
                       "flux2-klein-base-9b": 160})
 KIND_TRACE_SECONDS = {"sd": 60, "sdxl": 180, "sd3": 100, "flux": 360, "flux2": 900}
 KIND_TRACE_SECONDS["flux2-klein"] = 60
-TRACE_SECONDS["z-image"], KIND_TRACE_SECONDS["z-image"] = 300, 300
+TRACE_SECONDS["z-image"], KIND_TRACE_SECONDS["z-image"] = 230, 230
 TRACE_SECONDS["qwen-image"], KIND_TRACE_SECONDS["qwen-image"] = 470, 470   # 1328^2, K=1, CFG, one micro-batch
 NATIVE = {"sd15": 512, "sd21": 768}   # every other named architecture: 1024
 
