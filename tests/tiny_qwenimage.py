@@ -13,6 +13,7 @@ pipeline's ``prompt_template_encode_start_idx``) exactly as with the released to
 """
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -53,7 +54,7 @@ def write_tokenizer(folder: str) -> None:
     trainer = trainers.BpeTrainer(vocab_size=2000, min_frequency=1, special_tokens=SPECIALS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus, trainer)
-    state = __import__("json").loads(tok.to_str())["model"]
+    state = json.loads(tok.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
     qwen = Qwen2Tokenizer(vocab=state["vocab"], merges=merges, additional_special_tokens=SPECIALS[1:],
                           model_max_length=32768)

@@ -58,6 +58,13 @@ class MaskedEmbeds(PromptEmbeds):
 
     mask: torch.Tensor | None = None
 
+    def __post_init__(self):
+        if self.mask is None:   # no mask: every token is valid
+            self.mask = torch.ones(self.hidden.shape[:2], dtype=torch.long, device=self.hidden.device)
+        if tuple(self.mask.shape) != tuple(self.hidden.shape[:2]):
+            raise ValueError(f"mask: expected shape {tuple(self.hidden.shape[:2])} (hidden's batch and length), got "
+                             f"{tuple(self.mask.shape)}")
+
     def index(self, idx: torch.Tensor) -> "MaskedEmbeds":
         return MaskedEmbeds(self.hidden[idx], mask=self.mask[idx])
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.families.common import PROMPTS, SEED, STEPS, pipeline, pipeline_images
+from tests.fnf_tiny_models import one_torch_thread  # noqa: F401  (autouse: one thread for tiny models)
 from tests.tiny_qwenimage import cached_qwenimage, have_qwenimage
 
 from fnf import sampling
@@ -78,6 +79,9 @@ def test_masked_embeds_keep_their_mask():
     assert joined.hidden.shape == (3, 5, 4) and torch.equal(joined.mask[0], torch.tensor([1, 1, 0, 0, 0]))
     assert torch.equal(joined.hidden[:2, :3], a.hidden) and joined.hidden[:2, 3:].abs().max() == 0
     assert isinstance(a.to("cpu"), qwenimage.MaskedEmbeds)
+    assert torch.equal(qwenimage.MaskedEmbeds(b.hidden).mask, b.mask)   # no mask: all tokens valid
+    with pytest.raises(ValueError, match="mask"):
+        qwenimage.MaskedEmbeds(a.hidden, mask=b.mask)
 
 
 def test_true_cfg_with_norm_rescale_equals_pipeline(model, pipe):
