@@ -262,3 +262,22 @@ def test_quantized_base_loads_only_the_transformer_quantized(folder, monkeypatch
     assert params and all(p.dtype == torch.float32 for p in params)
     assert {n for n, p in m.denoiser.named_parameters() if p.requires_grad} == \
         {n for n, p in m.denoiser.named_parameters() if "lora_" in n}
+
+
+def test_vae_levers_it_cannot_take_are_refused_naming_the_vae(model):
+    """memory.vae_checkpointing blocks (diffusers has no checkpointing for this VAE) and memory.vae_tile (no 2D
+    tiled decode) are one clear error naming AutoencoderKLQwenImage; the decode refuses a tiling VAE too."""
+    from fnf.train import vae_memory
+
+    with pytest.raises(ValueError, match="AutoencoderKLQwenImage"):
+        vae_memory.apply(model.vae, "blocks")
+    with pytest.raises(ValueError, match="AutoencoderKLQwenImage"):
+        vae_memory.apply(model.vae, "off", 64)
+    vae_memory.reset(model.vae)
+    model.vae.use_tiling = True
+    try:
+        x = model.family.initial_latents(model, 1, SIZE, SIZE, torch.Generator(), "cpu")
+        with pytest.raises(ValueError, match="vae_tile"):
+            model.family.decode(model, x)
+    finally:
+        model.vae.use_tiling = False
