@@ -159,7 +159,7 @@ def test_sde_sample_records_its_log_probs_and_the_same_seeds_give_the_same_noise
 def test_group_advantages_normalise_within_each_group():
     r = torch.tensor([1.0, 2.0, 3.0, 10.0, 10.0, 13.0])
     adv = group_advantages(r, 3, 1e-4)
-    want = torch.cat([(g - g.mean()) / (g.std(unbiased=False) + 1e-4) for g in (r[:3], r[3:])])
+    want = torch.cat([(g - g.mean()) / (g.std(unbiased=False) + 1e-4) for g in (r[:3].double(), r[3:].double())])
     torch.testing.assert_close(adv, want)
     assert abs(float(adv[:3].sum())) < 1e-6 and abs(float(adv[3:].sum())) < 1e-6
     with pytest.raises(ValueError, match="rewards"):
