@@ -3,7 +3,7 @@
 # fits one 10-minute command on a GPU machine with room to spare, its build included. Run from the repo root:
 #
 #   bash benchmarks/gpu_proof.sh kernels-test        # stage 1: build the CUDA extension, the kernel tests alone
-#   bash benchmarks/gpu_proof.sh kernels-bench       # stage 2: selftest (if present), bench_ops, bench_lora
+#   bash benchmarks/gpu_proof.sh kernels-bench       # stage 2: selftest (if present), bench_ops, bench_norm, bench_lora
 #   bash benchmarks/gpu_proof.sh train sd15          # stage 3: train_memory.py, SD-1.5 at 512^2, variant by variant
 #   bash benchmarks/gpu_proof.sh train sdxl          #          SDXL at 1024^2
 #   bash benchmarks/gpu_proof.sh batching            # extra:   bench_trainer_batching --preset sd15
@@ -150,11 +150,16 @@ case "$stage" in
     if [ "$DEVICE" = cuda ]; then
       step bench_ops "$OUT/bench_ops.log" "$PY" benchmarks/bench_ops.py --device cuda --json "$OUT/ops_cuda.json"
       verdict $?
+      # group_norm_silu / rms_norm_silu vs eager and torch.compile, with the bytes-moved limit (issue 26 item 6).
+      step bench_norm "$OUT/bench_norm.log" "$PY" benchmarks/bench_norm.py --device cuda --min-run-time 0.3 \
+        --json "$OUT/norm_cuda.json"; verdict $?
       step bench_lora "$OUT/bench_lora.log" "$PY" benchmarks/bench_lora.py --json "$OUT/lora_cuda.json"; verdict $?
     else
       # CPU mode: the Triton interpreter is not benchmarked (TRITON_INTERPRET unset: Triton is then unavailable).
       step bench_ops "$OUT/bench_ops.log" env -u TRITON_INTERPRET "$PY" benchmarks/bench_ops.py --device cpu --min-run-time 0.05 \
         --no-compile --json "$OUT/ops_cpu.json"; verdict $?
+      step bench_norm "$OUT/bench_norm.log" env -u TRITON_INTERPRET "$PY" benchmarks/bench_norm.py --device cpu \
+        --min-run-time 0.05 --json "$OUT/norm_cpu.json"; verdict $?
       step bench_lora "$OUT/bench_lora.log" "$PY" benchmarks/bench_lora.py ; verdict $?   # says GPU-only, exits 0
     fi
     ;;

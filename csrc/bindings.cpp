@@ -9,17 +9,24 @@ TORCH_LIBRARY(fnf_kernels, m) {
   m.def("penalty_backward(Tensor grad, Tensor image, Tensor reference, Tensor mask, Tensor norms, "
         "bool squared) -> Tensor");
   m.def("threshold_dilate(Tensor heatmap, Tensor threshold, int radius, bool disk, ScalarType dtype) -> Tensor");
-  // CUDA kernels only (cuda/bindings_cuda.cpp): the CPU path of group_norm_silu is a plain-torch op in Python.
+  // group_norm_silu / rms_norm_silu: CPU kernels in cpu/norm_silu_cpu.cpp, CUDA in cuda/bindings_cuda.cpp.
   m.def("group_norm_silu(Tensor x, Tensor? weight, Tensor? bias, int num_groups, float eps, bool silu) -> "
         "(Tensor, Tensor, Tensor)");
   m.def("group_norm_silu_backward(Tensor grad, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd, "
         "int num_groups, bool silu, bool need_x, bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor)");
+  m.def("rms_norm_silu(Tensor x, Tensor? weight, int dim, float eps, bool silu) -> (Tensor, Tensor)");
+  m.def("rms_norm_silu_backward(Tensor grad, Tensor x, Tensor? weight, Tensor rstd, int dim, bool silu, "
+        "bool need_x, bool need_weight) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fnf_kernels, CPU, m) {
   m.impl("penalty_norms", &fnf::penalty_norms_cpu);
   m.impl("penalty_backward", &fnf::penalty_backward_cpu);
   m.impl("threshold_dilate", &fnf::threshold_dilate_cpu);
+  m.impl("group_norm_silu", &fnf::group_norm_silu_cpu);
+  m.impl("group_norm_silu_backward", &fnf::group_norm_silu_backward_cpu);
+  m.impl("rms_norm_silu", &fnf::rms_norm_silu_cpu);
+  m.impl("rms_norm_silu_backward", &fnf::rms_norm_silu_backward_cpu);
 }
 
 namespace {

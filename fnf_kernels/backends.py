@@ -8,9 +8,10 @@ Backends: "cuda" (CUDA C++ in the extension), "triton", "cpu" (C++/OpenMP in the
 * lora_linear: triton > torch on CUDA tensors (torch = the plain-torch custom op, any device; float64 never
   takes Triton), torch on CPU tensors; its explicit "cpu" means the plain-torch op on CPU tensors.
 * separate_enhance_losses: triton > reference on CUDA tensors, reference on CPU tensors.
-* group_norm_silu: cuda > triton > torch on CUDA tensors, torch on CPU tensors (its plain-torch op, chunked,
-  saving only the input: there is no C++ CPU kernel); explicit "cpu" means that op on CPU tensors.
-* rms_norm_silu: triton > torch on CUDA tensors, torch on CPU tensors (no C++ kernel).
+* group_norm_silu, rms_norm_silu: cuda > triton > torch on CUDA tensors, torch on CPU tensors ("torch": the
+  plain-torch op, chunked, saving only the input). Explicit "cpu" is the C++ CPU kernel (the same memory, measured
+  slower than the plain-torch op on the 2-core test machine: benchmarks/RESULTS.md, issue 26; with an extension
+  that predates it, "cpu" means the plain-torch op).
 
 Triton runs on CPU tensors only under TRITON_INTERPRET=1 and only when asked for explicitly.
 Input limits: a backend that cannot take an input (``input_problem``: today the CUDA dilation kernel of an
@@ -38,7 +39,9 @@ BACKENDS = ("cuda", "triton", "cpu", "reference")
 OPS = ("masked_frobenius_penalty", "threshold_dilate", "lora_linear", "separate_enhance_losses", "group_norm_silu",
        "rms_norm_silu")
 # Ops whose explicit "cpu" backend is their plain-torch custom op ("torch").
-_TORCH_CPU_OPS = ("lora_linear", "group_norm_silu", "rms_norm_silu")
+_TORCH_CPU_OPS = ("lora_linear",)
+# Ops with C++ CPU and CUDA kernels besides their plain-torch op (an older extension may lack them).
+_NORM_OPS = ("group_norm_silu", "rms_norm_silu")
 # "torch": lora_linear's plain-torch custom op (hand-written backward), which runs on any device.
 AUTO_ORDER = {
     ("masked_frobenius_penalty", "cuda"): ("cuda", "triton", "reference"),
@@ -50,9 +53,9 @@ AUTO_ORDER = {
     ("separate_enhance_losses", "cuda"): ("triton", "reference"),
     ("separate_enhance_losses", "cpu"): ("reference",),
     ("group_norm_silu", "cuda"): ("cuda", "triton", "torch"),
-    ("group_norm_silu", "cpu"): ("torch",),
-    ("rms_norm_silu", "cuda"): ("triton", "torch"),
-    ("rms_norm_silu", "cpu"): ("torch",),
+    ("group_norm_silu", "cpu"): ("torch", "cpu"),
+    ("rms_norm_silu", "cuda"): ("cuda", "triton", "torch"),
+    ("rms_norm_silu", "cpu"): ("torch", "cpu"),
 }
 _TORCH_OP = (True, "plain-torch custom op with a hand-written backward")
 # Largest batch per call of a backend, when it has one (CUDA grid y/z axes stop at 65535). An extension that
@@ -147,23 +150,44 @@ def op_availability(op: str, device_type: str) -> dict[str, tuple[bool, str]]:
     if op == "separate_enhance_losses":
         table["cuda"] = (False, "no CUDA C++ kernel for this op: Triton is its GPU path")
         table["cpu"] = (False, "no C++ kernel for this op: the reference is its CPU path")
-    if op in ("group_norm_silu", "rms_norm_silu"):
-        table["cpu"] = ((True, "plain-torch op over chunks of whole groups (no C++ CPU kernel)")
-                        if device_type == "cpu"
-                        else (False, "the plain-torch path behind 'cpu' takes CPU tensors only"))
+    if op in _NORM_OPS:
+        if device_type != "cpu":
+            table["cpu"] = (False, "the C++ CPU kernels take CPU tensors only")
+        elif _has_kernel(op, "CPU"):
+            table["cpu"] = (True, "C++ CPU kernel (at::parallel_for; stats in one pass, backward in two)")
+        else:
+            table["cpu"] = (True, "plain-torch op (the loaded extension has no C++ CPU kernel of this op; rebuild "
+                                  "it)")
         table["torch"] = (True, "plain-torch custom op, chunked, saving only the input and the statistics")
-    if op == "group_norm_silu" and table["cuda"][0] and not _has_kernel("group_norm_silu", "CUDA"):
-        table["cuda"] = (False, "the loaded extension predates group_norm_silu; rebuild it")
-    if op == "rms_norm_silu":
-        table["cuda"] = (False, "rms_norm_silu has no CUDA C++ kernel: Triton is its GPU path")
+        if table["cuda"][0] and not _has_kernel(op, "CUDA"):
+            table["cuda"] = (False, f"the loaded extension predates the CUDA {op} kernels; rebuild it")
     return table
 
 
-def _has_kernel(op: str, key: str) -> bool:
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(f"fnf_kernels::{op}", key)
-    except RuntimeError:
-        return False
+def cpu_is_torch(op: str) -> bool:
+    """Whether an explicit backend="cpu" runs ``op``'s plain-torch op ("torch") rather than a C++ kernel."""
+    return op in _TORCH_CPU_OPS or (op in _NORM_OPS and not _has_kernel(op, "CPU"))
+
+
+_KERNELS: dict = {}
+
+
+def _has_kernel_eager(op: str, key: str) -> bool:
+    """Whether the loaded extension registers ``fnf_kernels::op`` for dispatch key ``key`` (asked once)."""
+    if (op, key) not in _KERNELS:
+        try:
+            found = (_extension.load() is not None
+                     and torch._C._dispatch_has_kernel_for_dispatch_key(f"fnf_kernels::{op}", key))
+        except RuntimeError:
+            found = False
+        _KERNELS[(op, key)] = bool(found)
+    return _KERNELS[(op, key)]
+
+
+try:  # dynamo cannot trace the dispatcher query (it returns a bool): a constant for the traced graph
+    _has_kernel = torch._dynamo.assume_constant_result(_has_kernel_eager)
+except AttributeError:
+    _has_kernel = _has_kernel_eager
 
 
 def _dtype_problem(op: str, backend: str, dtype: Optional[torch.dtype]) -> Optional[str]:
@@ -228,7 +252,7 @@ def select(op: str, backend: str, device, dtype: Optional[torch.dtype] = None, b
                 continue
             for other, why in skipped:
                 _say_once(op, other, name, why)
-            return name
+            return "torch" if (name == "cpu" and cpu_is_torch(op)) else name
         raise RuntimeError(f"no backend of {op} can take this input: {skipped}")  # the reference always can
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
@@ -241,7 +265,7 @@ def select(op: str, backend: str, device, dtype: Optional[torch.dtype] = None, b
     problem = input_problem(op, backend, batch)
     if problem is not None:
         raise ValueError(f"backend={backend!r} cannot take this input: {problem}; use backend='auto'")
-    return "torch" if (op in _TORCH_CPU_OPS and backend == "cpu") else backend
+    return "torch" if (backend == "cpu" and cpu_is_torch(op)) else backend
 
 
 def info() -> str:

@@ -4,13 +4,16 @@ Autograd saves x (in its own dtype) and the float32 statistics (float64 for floa
 normalised tensor, the affine output or the SiLU output — and the backward recomputes them. Backends
 (``backend=``):
 
-* ``"cuda"``: CUDA C++ kernels of the extension (ops ``fnf_kernels::group_norm_silu`` / ``_backward``; group norm
-  only).
+* ``"cuda"``: CUDA C++ kernels of the extension (ops ``fnf_kernels::group_norm_silu`` / ``rms_norm_silu`` and
+  their ``_backward``).
 * ``"triton"``: :mod:`fnf_kernels.triton_kernels.norm_silu`; CUDA tensors, or CPU under TRITON_INTERPRET=1.
-* ``"cpu"`` / the ``"torch"`` op: plain torch over chunks of whole groups (rows for rms_norm_silu), any device;
-  the CPU path (there is no C++ CPU kernel: ATen's own vectorised kernels do the arithmetic per chunk).
+* ``"cpu"``: the C++ CPU kernels of the extension (the same op names; csrc/cpu/norm_silu_cpu.cpp), or, with an
+  extension that predates them, the plain-torch op.
+* the ``"torch"`` op: plain torch over chunks of whole groups (rows for rms_norm_silu), any device (ATen's own
+  kernels per chunk); what "auto" falls back to.
 * ``"reference"``: :mod:`fnf_kernels.references`, differentiated by ordinary autograd (saves everything).
-* ``"auto"``: cuda > triton > torch on CUDA tensors, torch on CPU tensors.
+* ``"auto"``: cuda > triton > torch on CUDA tensors, torch on CPU tensors (the C++ CPU kernels did not beat it:
+  benchmarks/RESULTS.md, issue 26; see fnf_kernels.backends).
 
 Every custom op shares the fake kernels and autograd of :mod:`fnf_kernels._library`, so they work under
 torch.compile and fake-tensor tracing (the memory estimator sees what is saved).
@@ -37,16 +40,22 @@ CHUNK_ELEMENTS = 1 << 22
 
 
 def _compiled(name: str) -> bool:
-    """Whether the loaded extension registers op ``fnf_kernels::name`` (an older build may not)."""
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(f"fnf_kernels::{name}", "CUDA")
-    except RuntimeError:
-        return False
+    """Whether the loaded extension registers op ``fnf_kernels::name`` for CPU or CUDA (an older build may not)."""
+    for key in ("CPU", "CUDA"):
+        try:
+            if torch._C._dispatch_has_kernel_for_dispatch_key(f"fnf_kernels::{name}", key):
+                return True
+        except RuntimeError:
+            return False
+    return False
 
 
 if _extension.load() is not None and _compiled("group_norm_silu"):
     _library.register_group_norm_silu("fnf_kernels::group_norm_silu", "fnf_kernels::group_norm_silu_backward",
                                       lambda *a: torch.ops.fnf_kernels.group_norm_silu_backward(*a))
+if _extension.load() is not None and _compiled("rms_norm_silu"):
+    _library.register_rms_norm_silu("fnf_kernels::rms_norm_silu", "fnf_kernels::rms_norm_silu_backward",
+                                    lambda *a: torch.ops.fnf_kernels.rms_norm_silu_backward(*a))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -286,6 +295,23 @@ def _mergeable(x: torch.Tensor) -> bool:
     return True
 
 
+def _merges(shape, strides) -> bool:
+    """Whether dims of these sizes and strides merge into one stride (size-1 dims are free)."""
+    expect = None
+    for size, st in reversed(list(zip(shape, strides))):
+        if size == 1:
+            continue
+        if expect is not None and st != expect:
+            return False
+        expect = st * size
+    return True
+
+
+def _rms_merges(x: torch.Tensor, dim: int) -> bool:
+    """Whether x's dims before ``dim`` and after it each merge (x is then an (O, D, I) view for the kernels)."""
+    return _merges(x.shape[:dim], x.stride()[:dim]) and _merges(x.shape[dim + 1:], x.stride()[dim + 1:])
+
+
 def group_norm_silu(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None,
                     bias: Optional[torch.Tensor] = None, eps: float = 1e-5, *, silu: bool = True,
                     backend: str = "auto") -> torch.Tensor:
@@ -296,7 +322,7 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: Optional[torch.Ten
         num_groups: an int >= 1 that divides C.
         weight, bias: None or (C,) floating tensors on x's device (any float dtype; gradients in their dtype).
         eps: added to the variance. silu: False gives the plain group norm.
-        backend: "auto", "cuda", "triton", "cpu" (the plain-torch op) or "reference".
+        backend: "auto", "cuda", "triton", "cpu" (the C++ CPU kernel) or "reference".
 
     Statistics and arithmetic in float32 (float64 for float64 x); the output has x's dtype and layout.
     """
@@ -319,7 +345,7 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: Optional[torch.Ten
         x = x.contiguous()
     if chosen == "triton":
         op = torch.ops.fnf_kernels.triton_group_norm_silu
-    elif chosen == "cuda":
+    elif chosen in ("cuda", "cpu"):
         op = torch.ops.fnf_kernels.group_norm_silu
     else:
         op = torch.ops.fnf_kernels.group_norm_silu_torch
@@ -334,7 +360,7 @@ def rms_norm_silu(x: torch.Tensor, weight: Optional[torch.Tensor] = None, eps: f
         x: a float16/bfloat16/float32/float64 tensor of at least 1 dim. dim: the normalised dim (1 for the
             channel-first VAE of Qwen-Image, -1 for channels-last activations).
         weight: None or a (x.shape[dim],) floating tensor. eps: added to the mean square.
-        backend: "auto", "triton", "cpu" (the plain-torch op) or "reference".
+        backend: "auto", "cuda", "triton", "cpu" (the C++ CPU kernel) or "reference".
     """
     x = _validate.tensor("x", x)
     if x.dim() == 1 and isinstance(dim, int) and dim in (0, -1):
@@ -351,8 +377,10 @@ def rms_norm_silu(x: torch.Tensor, weight: Optional[torch.Tensor] = None, eps: f
     chosen = backends.select("rms_norm_silu", backend, x.device, x.dtype)
     if chosen == "reference" or x.numel() == 0:
         return ref.rms_norm_silu_reference(x, weight, eps, dim=dim, silu=silu)
+    if chosen in ("triton", "cuda", "cpu") and not _rms_merges(x, dim):
+        x = x.contiguous()
     if chosen == "triton":
-        if _triton.rms_view(x, dim) is None:
-            x = x.contiguous()
         return torch.ops.fnf_kernels.triton_rms_norm_silu(x, weight, dim, eps, silu)[0]
+    if chosen in ("cuda", "cpu"):
+        return torch.ops.fnf_kernels.rms_norm_silu(x, weight, dim, eps, silu)[0]
     return torch.ops.fnf_kernels.rms_norm_silu_torch(x, weight, dim, eps, silu)[0]

@@ -183,10 +183,7 @@ def _check_norm(op, device, backend, dtype, gen):
 
 
 # Backends an op does not have at all (not reported as "not run").
-_ABSENT = {("lora_linear", "cuda"), ("separate_enhance_losses", "cuda"), ("separate_enhance_losses", "cpu"),
-           ("rms_norm_silu", "cuda")}
-# Ops whose "cpu" backend on CPU tensors is their "torch" op (checked once, as "torch").
-_CPU_IS_TORCH = ("lora_linear", "group_norm_silu", "rms_norm_silu")
+_ABSENT = {("lora_linear", "cuda"), ("separate_enhance_losses", "cuda"), ("separate_enhance_losses", "cpu")}
 
 CHECKS: dict[str, Callable] = {
     "masked_frobenius_penalty": _check_penalty,
@@ -210,8 +207,8 @@ def plan(device: str, dtypes: list[torch.dtype]) -> tuple[list[tuple[str, str, t
             continue
         table = backends.op_availability(op, device_type)
         for name, (usable, reason) in table.items():
-            if op in _CPU_IS_TORCH and name == "cpu" and device_type == "cpu":
-                continue  # the same plain-torch op as "torch"
+            if name == "cpu" and device_type == "cpu" and backends.cpu_is_torch(op):
+                continue  # the same plain-torch op as "torch" (checked once, as "torch")
             if (op, name) in _ABSENT:
                 continue
             if not usable:

@@ -431,7 +431,8 @@ def run_rms(exe, cases, dtype, folder, gen):
                                storage_spec(_odi(x, dim), folder, name + "_x"), "1e-6", str(int(silu)), wpath,
                                storage_spec(_odi(grad, dim), folder, name + "_g"),
                                str(out.numel()), *map(str, _odi(out, dim).stride()), str(out.numel()),
-                               *map(str, _odi(out, dim).stride()), str(int(need_x)), str(int(need_w and w is not None))]))
+                               *map(str, _odi(out, dim).stride()), str(int(need_x)),
+                               str(int(need_w and w is not None))]))
         xd = x.double().requires_grad_()
         wd = w.double().requires_grad_() if w is not None else None
         want = ref.rms_norm_silu_reference(xd, wd, 1e-6, dim=dim, silu=silu)

@@ -34,7 +34,7 @@ def test_selftest_plan_covers_every_available_backend():
     runs, skipped = selftest.plan("cpu", list(selftest.DTYPES.values()))
     for op in selftest.CHECKS:
         for name, (usable, _) in backends.op_availability(op, "cpu").items():
-            if not usable or (op, name) in selftest._ABSENT or (name == "cpu" and op in selftest._CPU_IS_TORCH):
+            if not usable or (op, name) in selftest._ABSENT or (name == "cpu" and backends.cpu_is_torch(op)):
                 continue
             assert any(r[0] == op and r[1] == name for r in runs), (op, name)
     assert any("cuda" in line for line in skipped) or torch.cuda.is_available()

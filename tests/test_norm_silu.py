@@ -1,12 +1,6 @@
-"""group_norm_silu / rms_norm_silu: every backend against the float64 reference (values and gradients), what the
-autograd saves, torch.compile, fuzzing, bad input, and the Triton kernels compiled for sm_80 / sm_90."""
+"""group_norm_silu / rms_norm_silu: every backend (CUDA, Triton, the C++ CPU kernels, the plain-torch op) against the
+float64 reference (values and gradients), what the autograd saves, torch.compile, fuzzing, bad input."""
 from __future__ import annotations
-
-import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -17,8 +11,10 @@ from fnf_kernels import references as ref
 
 SEED = 20261207
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# Every backend that runs here, and the plain-torch op ("torch", called directly: it is what "auto" falls back to).
 PAIRS = [(d, b) for d in DEVICES for b, (ok, _) in backends.op_availability("group_norm_silu", d).items()
-         if ok and b in ("cuda", "triton", "cpu")]
+         if ok and b in ("cuda", "triton", "cpu", "torch")
+         and not (b == "cpu" and backends.cpu_is_torch("group_norm_silu"))]
 # Relative error (max |out - ref| / max |ref|) allowed per input dtype: (values, gradients). float32 arithmetic
 # with the output and the gradients rounded to the input dtype.
 TOL = {torch.float64: (1e-12, 1e-12), torch.float32: (1e-5, 3e-5), torch.float16: (2e-3, 4e-3),
@@ -58,13 +54,28 @@ def make(shape, dtype, device, gen, *, layout="contiguous", affine=(True, True),
     return x, (w.to(dtype) if w is not None else None), (b.to(dtype) if b is not None else None)
 
 
+def gn(x, groups, w, b, eps=1e-5, silu=True, backend="auto"):
+    """group_norm_silu through ``backend``; "torch" calls the plain-torch op itself."""
+    if backend == "torch":
+        x = x if norm_silu._mergeable(x) else x.contiguous()
+        return torch.ops.fnf_kernels.group_norm_silu_torch(x, w, b, groups, eps, silu)[0]
+    return fnf_kernels.group_norm_silu(x, groups, w, b, eps, silu=silu, backend=backend)
+
+
+def rms(x, w, eps=1e-6, *, dim, silu=True, backend="auto"):
+    """rms_norm_silu through ``backend``; "torch" calls the plain-torch op itself."""
+    if backend == "torch":
+        return torch.ops.fnf_kernels.rms_norm_silu_torch(x, w, dim % x.dim(), eps, silu)[0]
+    return fnf_kernels.rms_norm_silu(x, w, eps, dim=dim, silu=silu, backend=backend)
+
+
 def check_group(pair, x, groups, w, b, silu=True, gen=None, scale=1.0):
     """Values and gradients of one backend against autograd through the float64 reference (tolerances times
     ``scale``, the condition number of an input whose mean dwarfs its spread)."""
     device, backend = pair
     vt, gt = (t * scale for t in TOL[x.dtype])
     leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b)]
-    out = fnf_kernels.group_norm_silu(leaves[0], groups, leaves[1], leaves[2], 1e-5, silu=silu, backend=backend)
+    out = gn(leaves[0], groups, leaves[1], leaves[2], 1e-5, silu=silu, backend=backend)
     assert out.dtype == x.dtype and out.shape == x.shape
     if x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
         assert out.stride() == x.stride(), "the output keeps x's layout"
@@ -129,12 +140,12 @@ def test_gradcheck_float64(backend):
     shape = (2, 6, 3, 4) if backend == "cpu" else (1, 4, 2, 3)  # the Triton interpreter pays per call
     x, w, b = make(shape, torch.float64, "cpu", gen, layout="channels_last")
     args = tuple(t.requires_grad_() for t in (x, w, b))
-    assert torch.autograd.gradcheck(lambda *a: fnf_kernels.group_norm_silu(a[0], 2, a[1], a[2], backend=backend),
-                                    args, fast_mode=backend != "cpu")
+    assert torch.autograd.gradcheck(lambda *a: gn(a[0], 2, a[1], a[2], backend=backend), args,
+                                    fast_mode=backend not in ("cpu", "torch"))
     xr = torch.randn(2, 5, 3, generator=gen, dtype=torch.float64).requires_grad_()
     wr = torch.randn(5, generator=gen, dtype=torch.float64).requires_grad_()
-    assert torch.autograd.gradcheck(lambda a, c: fnf_kernels.rms_norm_silu(a, c, dim=1, backend=backend), (xr, wr),
-                                    fast_mode=backend != "cpu")
+    assert torch.autograd.gradcheck(lambda a, c: rms(a, c, dim=1, backend=backend), (xr, wr),
+                                    fast_mode=backend not in ("cpu", "torch"))
 
 
 def _saved(fn, *args):
@@ -156,7 +167,7 @@ def test_autograd_saves_only_the_input_and_float32_statistics(backend, dtype):
     gen = generator(f"gn-saved-{backend}-{dtype}")
     x, w, b = make((2, 8, 6, 5), dtype, "cpu", gen, layout="channels_last")
     x.requires_grad_()
-    out, saved = _saved(lambda: fnf_kernels.group_norm_silu(x, 4, w, b, backend=backend))
+    out, saved = _saved(lambda: gn(x, 4, w, b, backend=backend))
     big = [t for t in saved if t.numel() >= x.numel()]
     assert len(big) == 1 and big[0].data_ptr() == x.data_ptr() and big[0].dtype == dtype
     stats = [t for t in saved if t.shape == (2, 4)]
@@ -166,16 +177,18 @@ def test_autograd_saves_only_the_input_and_float32_statistics(backend, dtype):
     assert sum(t.numel() for t in eager_saved if t.numel() >= x.numel()) >= 2 * x.numel()
 
 
-def test_rms_saves_only_the_input():
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_rms_saves_only_the_input(backend):
     x = torch.randn(2, 6, 4, 5, dtype=torch.bfloat16, requires_grad=True)
-    _, saved = _saved(lambda: fnf_kernels.rms_norm_silu(x, torch.ones(6), dim=1))
+    _, saved = _saved(lambda: rms(x, torch.ones(6), dim=1, backend=backend))
     big = [t for t in saved if t.numel() >= x.numel()]
     assert len(big) == 1 and big[0].data_ptr() == x.data_ptr()
     assert [t.dtype for t in saved if t.shape == (2, 4, 5)] == [torch.float32]
 
 
 RMS_PAIRS = [(d, b) for d in DEVICES for b, (ok, _) in backends.op_availability("rms_norm_silu", d).items()
-             if ok and b in ("triton", "cpu")]
+             if ok and b in ("cuda", "triton", "cpu", "torch")
+             and not (b == "cpu" and backends.cpu_is_torch("rms_norm_silu"))]
 
 
 @pytest.mark.parametrize("pair", RMS_PAIRS, ids=[f"{d}-{b}" for d, b in RMS_PAIRS])
@@ -194,7 +207,7 @@ def test_rms_norm_silu_matches_float64_reference(pair, dtype, dim, shape):
     for silu in (dim != 0,):  # dim 0 checks the plain RMS norm
         a = x.detach().clone().requires_grad_()
         wa = w.detach().clone().requires_grad_()
-        out = fnf_kernels.rms_norm_silu(a, wa, 1e-6, dim=dim, silu=silu, backend=backend)
+        out = rms(a, wa, 1e-6, dim=dim, silu=silu, backend=backend)
         assert out.dtype == dtype and out.shape == x.shape
         xd, wd = x.double().requires_grad_(), w.double().requires_grad_()
         want = ref.rms_norm_silu_reference(xd, wd, 1e-6, dim=dim % x.dim(), silu=silu)
@@ -209,18 +222,70 @@ def test_rms_chunks_and_no_weight(monkeypatch):
     monkeypatch.setattr(norm_silu, "CHUNK_ELEMENTS", 50)
     gen = generator("rms-chunks")
     x = torch.randn(4, 5, 6, generator=gen, dtype=torch.float64, requires_grad=True)
-    for dim in (0, 1, 2):
-        assert torch.autograd.gradcheck(lambda a: fnf_kernels.rms_norm_silu(a, None, dim=dim), (x,))
+    for backend in sorted({"torch", "auto"}):
+        for dim in (0, 1, 2):
+            assert torch.autograd.gradcheck(lambda a: rms(a, None, dim=dim, backend=backend), (x,))
 
 
-def test_torch_compile_fullgraph_matches_eager():
+CPP = not backends.cpu_is_torch("group_norm_silu")
+needs_cpp = pytest.mark.skipif(not CPP, reason="the extension has no C++ CPU kernels of the norm ops")
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpp_kernels_large_groups_and_rows(dtype):
+    """The C++ CPU kernels past their buffers: a group of 80000 elements (blocks of 2048 merged; dy not kept between
+    the backward's passes), a row of 3000 (two blocks) and one of 40000 (not kept) along a unit-stride dim."""
+    gen = generator(f"cpp-large-{dtype}")
+    x, w, b = make((1, 2, 200, 200), dtype, "cpu", gen, offset=2.0)
+    check_group(("cpu", "cpu"), x, 1, w, b, gen=gen, scale=2)
+    x, w, b = make((2, 8, 90, 100), dtype, "cpu", gen, layout="channels_last")
+    check_group(("cpu", "cpu"), x, 2, w, b, gen=gen, scale=2)
+    vt, gt = (2 * t for t in TOL[dtype])
+    for shape, dim in (((2, 3000), 1), ((1, 40000), 1), ((3, 700, 5), 1)):
+        x = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+        w = (torch.randn(shape[dim], generator=gen, dtype=torch.float64) + 1).to(dtype).requires_grad_()
+        out = rms(x, w, dim=dim, backend="cpu")
+        xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+        want = ref.rms_norm_silu_reference(xd, wd, 1e-6, dim=dim)
+        assert rel_error(out, want) <= vt
+        g = torch.randn(shape, generator=gen, dtype=torch.float64)
+        got, exp = torch.autograd.grad(out, (x, w), g.to(dtype)), torch.autograd.grad(want, (xd, wd), g)
+        assert rel_error(got[0], exp[0], 0.1) <= gt and rel_error(got[1], exp[1], 0.1) <= gt
+
+
+@needs_cpp
+def test_cpp_ops_check_direct_calls():
+    """torch.ops calls that skip the Python checks get one clear error, not a wrong read."""
+    ops = torch.ops.fnf_kernels
+    x = torch.randn(2, 6, 5)
+    with pytest.raises(ValueError, match="num_groups must divide"):
+        ops.group_norm_silu(x, None, None, 4, 1e-5, True)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        ops.group_norm_silu(x, torch.ones(5), None, 2, 1e-5, True)
+    out, mean, rstd = ops.group_norm_silu(x, None, None, 2, 1e-5, True)
+    with pytest.raises(TypeError, match="mean and rstd must be"):
+        ops.group_norm_silu_backward(out, x, None, None, mean.double(), rstd.double(), 2, True, True, False, False)
+    with pytest.raises(ValueError, match="dim must be in"):
+        ops.rms_norm_silu(x, None, 3, 1e-6, True)
+    with pytest.raises(ValueError, match="must each merge"):
+        ops.rms_norm_silu(torch.randn(4, 6, 5, 3)[:, :, ::2], None, 1, 1e-6, True)
+    out, rstd = ops.rms_norm_silu(x, None, 1, 1e-6, True)
+    with pytest.raises(ValueError, match="rstd must be contiguous"):
+        ops.rms_norm_silu_backward(out, x, None, rstd[:1], 1, True, True, False)
+    with pytest.raises(TypeError, match="grad must have x's dtype"):
+        ops.rms_norm_silu_backward(out.double(), x, None, rstd, 1, True, True, False)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_torch_compile_fullgraph_matches_eager(backend):
     torch._dynamo.reset()
     gen = generator("gn-compile")
     x, w, b = make((2, 8, 5, 6), torch.float32, "cpu", gen, layout="channels_last")
     leaves = [t.requires_grad_() for t in (x, w, b)]
 
     def f(x, w, b):
-        return fnf_kernels.group_norm_silu(x, 4, w, b) * 2 + fnf_kernels.rms_norm_silu(x, None, dim=1)
+        return gn(x, 4, w, b, backend=backend) * 2 + rms(x, w, dim=1, backend=backend)
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     out = compiled(*leaves)
@@ -256,9 +321,11 @@ def test_empty_inputs():
 
 
 def test_backend_selection():
-    assert backends.select("group_norm_silu", "auto", "cpu") == "torch"
-    assert backends.select("group_norm_silu", "cpu", "cpu") == "torch"
-    assert backends.select("rms_norm_silu", "auto", "cpu") == "torch"
+    for op in ("group_norm_silu", "rms_norm_silu"):
+        want = "torch" if backends.cpu_is_torch(op) else "cpu"  # the C++ kernel when the extension has it
+        assert backends.select(op, "auto", "cpu") == "torch"  # measured faster than the C++ kernel (RESULTS.md)
+        assert backends.select(op, "cpu", "cpu") == want
+        assert backends.select(op, "auto", "cpu", torch.float64) == "torch"
     with pytest.raises(ValueError, match="backend='cuda'"):
         fnf_kernels.group_norm_silu(torch.randn(1, 2, 3), 1, backend="cuda")
     assert "group_norm_silu" in backends.info()
@@ -310,72 +377,5 @@ def test_fuzz_against_reference():
     run()
 
 
-# ------------------------------------------------------------------------------- Triton: compiled for sm_80 / sm_90
-_COMPILE = textwrap.dedent("""
-    import contextlib, io, json, re, sys
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from fnf_kernels.triton_kernels import norm_silu as k
-    out = []
-    for arch in (80, 90):
-        for dt, acc in (("fp32", "fp32"), ("bf16", "fp32"), ("fp16", "fp32"), ("fp64", "fp64")):
-            for name, bc, bs in (("contiguous", 2, 1024), ("channels_last", 64, 32)):
-                p = "*" + dt
-                i = "i32"
-                flags = dict(HAS_W=True, HAS_B=True, SILU=True)
-                base = dict(ACC=getattr(triton.language, {"fp32": "float32", "fp64": "float64"}[acc]),
-                            BLOCK_C=bc, BLOCK_S=bs)
-                kernels = [
-                    (k._stats_kernel, ["x", "m", "v"], 7, {}),
-                    (k._apply_kernel, ["x", "o", "m", "r", "w", "b"], 12, flags),
-                    (k._bwd_sums_kernel, ["x", "g", "m", "r", "w", "b", "s1", "s2"], 12, flags),
-                    (k._bwd_dx_kernel, ["x", "g", "d", "m", "r", "w", "b", "ca", "cb"], 15, flags),
-                ]
-                rms = dict(HAS_W=True, SILU=True, ACC=base["ACC"], BLOCK_D=16 if name == "contiguous" else 64,
-                           BLOCK_I=128 if name == "contiguous" else 32)
-                kernels += [
-                    (k._rms_fwd_kernel, ["x", "o", "r", "w"], 10, rms),
-                    (k._rms_bwd_kernel, ["x", "g", "r", "w", "d", "p"], 12, {**rms, "NEED_X": True, "NEED_W": True}),
-                ]
-                for fn, ptrs, ints, fl in kernels:
-                    fl = {**base, **fl} if fn.__name__.startswith("_rms") else fl
-                    sig, consts = {}, {}
-                    names = list(fn.arg_names)
-                    for j, a in enumerate(names):
-                        if a == "eps":
-                            sig[a] = "fp32"
-                        elif j < len(ptrs):
-                            sig[a] = p if ptrs[j] in ("x", "o", "g", "d") else ("*" + acc if ptrs[j] not in ("w", "b")
-                                                                               else p)
-                        elif j < len(ptrs) + ints:
-                            sig[a] = i
-                        else:
-                            sig[a] = "constexpr"
-                            consts[a] = fl[a] if fn.__name__.startswith("_rms") else {**base, **fl}[a]
-                    log = io.StringIO()
-                    with contextlib.redirect_stdout(log):
-                        ker = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", arch, 32),
-                                             options=dict(num_warps=8))
-                    spills = [int(a) for a in re.findall(r"(\\d+) bytes spill stores", log.getvalue())]
-                    out.append(dict(arch=arch, dtype=dt, layout=name, kernel=fn.__name__, spills=max(spills or [0]),
-                                    cubin=len(ker.asm.get("cubin") or b"")))
-    print("RESULT " + json.dumps(out))
-""")
-
-
-@pytest.mark.slow  # a few minutes: 96 compiles through ptxas
-def test_triton_kernels_compile_for_sm80_sm90_without_spills(tmp_path):
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_CACHE_DIR=str(tmp_path / "cache"), TRITON_DUMP_PTXAS_LOG="1")
-    done = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True, timeout=900, env=env,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if not lines and ("ptxas" in done.stderr and "not found" in done.stderr):
-        pytest.skip("no ptxas here")
-    assert lines, done.stderr[-4000:]
-    results = json.loads(lines[0][7:])
-    assert len(results) == 96
-    assert all(r["cubin"] > 0 for r in results)
-    assert [r for r in results if r["spills"]] == []
+# The Triton kernels compiled for sm_80 / sm_90 (through their launchers, every kernel, no spills): the norm_silu
+# cases of tests/test_triton_compile.py.

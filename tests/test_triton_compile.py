@@ -42,7 +42,7 @@ import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = ("penalty", "dilation", "lora_linear", "attention_losses")  # fnf_kernels.triton_kernels.*
+MODULES = ("penalty", "dilation", "lora_linear", "attention_losses", "norm_silu")  # fnf_kernels.triton_kernels.*
 ARCHS = (80, 90)
 # Largest shared memory one block can use (opt-in): A100 163 KiB, H100 227 KiB.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -171,6 +171,31 @@ for _dt in ("float32", "float64", "bfloat16"):
             _case("attention_losses", _kernel, f"attn-{_dt}-k{_k}", dict(op=_op, dtype=_dt, k=_k),
                   dict(K=_k, ACC="fp64" if _dt == "float64" else "fp32"))
 
+# norm_silu (group_norm_silu, rms_norm_silu): the tiles the launchers pick for SD-VAE-sized activations. Group norm
+# (1, 512, 64, 64) in 32 groups: contiguous -> (BLOCK_C, BLOCK_S) = (2, 1024), channels_last -> (64, 32). RMS norm over
+# dim 1 of (2, 512, 32, 32): contiguous -> (BLOCK_D, BLOCK_I) = (8, 256) (columns on the lanes), channels_last ->
+# (128, 16) (D on the lanes); over the last dim of (3, 77, 3072): (128, 1).
+_NORM = [("float32", "contiguous"), ("bfloat16", "channels_last"), ("float16", "contiguous"),
+         ("float64", "channels_last")]
+for _dt, _layout in _NORM:
+    _acc = "fp64" if _dt == "float64" else "fp32"
+    _bc, _bs = (2, 1024) if _layout == "contiguous" else (64, 32)
+    for _kernel, _op in (("_stats_kernel", "gn_forward"), ("_apply_kernel", "gn_forward"),
+                         ("_bwd_sums_kernel", "gn_backward"), ("_bwd_dx_kernel", "gn_backward")):
+        _expect = dict(BLOCK_C=_bc, BLOCK_S=_bs, ACC=_acc)
+        if _kernel != "_stats_kernel":
+            _expect.update(HAS_W=True, HAS_B=True, SILU=True)
+        _case("norm_silu", _kernel, f"{_dt}-{_layout}", dict(op=_op, dtype=_dt, layout=_layout), _expect)
+    _bd, _bi = (8, 256) if _layout == "contiguous" else (128, 16)
+    for _kernel, _op in (("_rms_fwd_kernel", "rms_forward"), ("_rms_bwd_kernel", "rms_backward")):
+        _expect = dict(BLOCK_D=_bd, BLOCK_I=_bi, ACC=_acc, HAS_W=True, SILU=True)
+        if _op == "rms_backward":
+            _expect.update(NEED_X=True, NEED_W=True)
+        _case("norm_silu", _kernel, f"{_dt}-{_layout}", dict(op=_op, dtype=_dt, layout=_layout), _expect)
+for _kernel, _op in (("_rms_fwd_kernel", "rms_forward"), ("_rms_bwd_kernel", "rms_backward")):
+    _case("norm_silu", _kernel, "bfloat16-lastdim", dict(op=_op, dtype="bfloat16", layout="lastdim"),
+          dict(BLOCK_D=128, BLOCK_I=1, ACC="fp32"))
+
 CASE_BY_ID = {c["id"]: c for c in CASES}
 assert len(CASE_BY_ID) == len(CASES), "duplicate case ids"
 
@@ -204,12 +229,14 @@ def _run_launcher(call, tf32):
     """Run the launcher of ``call`` on meta tensors with every kernel recorded; return the launches."""
     import torch
 
-    from fnf_kernels.triton_kernels import attention_losses, dilation, lora_linear, penalty
+    from fnf_kernels.triton_kernels import attention_losses, dilation, lora_linear, norm_silu, penalty
 
     launches: list = []
     patches = [(attention_losses, "_forward_kernel"), (attention_losses, "_backward_kernel"), (penalty, "_norms_kernel"), (penalty, "_backward_kernel"), (dilation, "_column_kernel"),
                (dilation, "_row_kernel"), (lora_linear, "_down_kernel"), (lora_linear, "_wgrad_kernel"),
-               (lora_linear, "_fused_kernel"), (lora_linear, "_fused_tuned")]
+               (lora_linear, "_fused_kernel"), (lora_linear, "_fused_tuned"), (norm_silu, "_stats_kernel"),
+               (norm_silu, "_apply_kernel"), (norm_silu, "_bwd_sums_kernel"), (norm_silu, "_bwd_dx_kernel"),
+               (norm_silu, "_rms_fwd_kernel"), (norm_silu, "_rms_bwd_kernel")]
     saved = [(mod, name, getattr(mod, name)) for mod, name in patches]
     saved_tf32 = torch.backends.cuda.matmul.allow_tf32
     meta = dict(device="meta")
@@ -274,6 +301,27 @@ def _run_launcher(call, tf32):
                 idx, en_idx = torch.empty((2, 8), dtype=torch.int64, **meta), torch.empty((2, 8, call["k"]),
                                                                                           dtype=torch.int64, **meta)
                 _body(attention_losses.triton_attention_maxima_backward)(maps, sep, idx, en, en_idx, 1e-8)
+        elif op in ("gn_forward", "gn_backward", "rms_forward", "rms_backward"):
+            layout = call["layout"]
+            shape = (1, 512, 64, 64) if op.startswith("gn") else ((3, 77, 3072) if layout == "lastdim"
+                                                                  else (2, 512, 32, 32))
+            x = torch.empty(shape, dtype=dt, **meta)
+            if layout == "channels_last":
+                x = x.contiguous(memory_format=torch.channels_last)
+            dim = x.dim() - 1 if layout == "lastdim" else 1
+            w, b = torch.empty((x.shape[dim],), dtype=dt, **meta), torch.empty((x.shape[dim],), dtype=dt, **meta)
+            acc = torch.float64 if dt == torch.float64 else torch.float32
+            if op == "gn_forward":
+                _body(norm_silu.triton_group_norm_silu)(x, w, b, 32, 1e-5, True)
+            elif op == "gn_backward":
+                stats = torch.empty((shape[0], 32), dtype=acc, **meta)
+                _body(norm_silu.triton_group_norm_silu_backward)(torch.empty_like(x), x, w, b, stats, stats, 32, True,
+                                                                 True, True, True)
+            elif op == "rms_forward":
+                _body(norm_silu.triton_rms_norm_silu)(x, w, dim, 1e-6, True)
+            else:
+                rstd = torch.empty(shape[:dim] + shape[dim + 1:], dtype=acc, **meta)
+                _body(norm_silu.triton_rms_norm_silu_backward)(torch.empty_like(x), x, w, rstd, dim, True, True, True)
         else:
             raise ValueError(f"unknown launcher {op!r}")
     finally:

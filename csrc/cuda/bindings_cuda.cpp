@@ -8,6 +8,7 @@
 #include "fnf/cuda_launchers.h"
 #include "fnf/penalty_grid.h"
 #include "../ops.h"
+#include "../rms_view.h"
 #include "../tensor_args.h"
 
 namespace fnf {
@@ -186,12 +187,60 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backward_cuda(
   return {dx, dw, db};
 }
 
+std::tuple<at::Tensor, at::Tensor> rms_norm_silu_cuda(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                                                      int64_t dim, double eps, bool silu) {
+  at::Tensor w;
+  const c10::cuda::CUDAGuard guard(x.device());
+  TORCH_CHECK_VALUE(x.is_cuda(), "rms_norm_silu_cuda takes CUDA tensors, got x on ", x.device());
+  const RmsNormArgs a = rms_args(x, weight, dim, eps, silu, w);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.erase(shape.begin() + dim);
+  at::Tensor out = at::empty_like(x);
+  at::Tensor rstd = at::empty(shape, x.options().dtype(accumulate_type(x.scalar_type())));
+  const RmsView ov = rms_view(out, dim);
+  TORCH_INTERNAL_ASSERT(ov.ok, "empty_like(x) does not merge around dim");
+  check_launch(cuda::rms_norm_silu_forward(a, out.data_ptr(), ov.strides, rstd.data_ptr(),
+                                           c10::cuda::getCurrentCUDAStream().stream()),
+               "rms_norm_silu_forward");
+  return {out, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_silu_backward_cuda(const at::Tensor& grad_in, const at::Tensor& x,
+                                                               const c10::optional<at::Tensor>& weight,
+                                                               const at::Tensor& rstd, int64_t dim, bool silu,
+                                                               bool need_x, bool need_weight) {
+  at::Tensor w;
+  const c10::cuda::CUDAGuard guard(x.device());
+  TORCH_CHECK_VALUE(x.is_cuda(), "rms_norm_silu_backward_cuda takes CUDA tensors, got x on ", x.device());
+  const RmsNormArgs a = rms_args(x, weight, dim, 0.0, silu, w);
+  check_rms_backward(grad_in, x, rstd, dim);
+  TORCH_CHECK_VALUE(!need_weight || weight.has_value(), "need_weight without a weight");
+  const at::Tensor grad = rms_view(grad_in, dim).ok ? grad_in : grad_in.contiguous();
+  const auto acc = x.options().dtype(accumulate_type(x.scalar_type()));
+  at::Tensor dx = need_x ? at::empty_like(x) : x.new_empty({0});
+  at::Tensor part = need_weight ? at::zeros({rms_blocks(a), a.dim}, acc) : x.new_empty({0}, acc);
+  if (!rms_empty(a) && (need_x || need_weight)) {
+    check_launch(cuda::rms_norm_silu_backward(a, grad.data_ptr(), rms_view(grad, dim).strides, rstd.data_ptr(),
+                                              need_x ? dx.data_ptr() : nullptr,
+                                              need_x ? rms_view(dx, dim).strides : Strides3{{0, 0, 0}},
+                                              need_weight ? part.data_ptr() : nullptr,
+                                              c10::cuda::getCurrentCUDAStream().stream()),
+                 "rms_norm_silu_backward");
+  } else if (need_x) {
+    dx.zero_();
+  }
+  at::Tensor dw = need_weight ? part.sum(0).to(weight->scalar_type()) : x.new_empty({0});
+  return {dx, dw};
+}
+
 }  // namespace
 }  // namespace fnf
 
 TORCH_LIBRARY_IMPL(fnf_kernels, CUDA, m) {
   m.impl("group_norm_silu", &fnf::group_norm_silu_cuda);
   m.impl("group_norm_silu_backward", &fnf::group_norm_silu_backward_cuda);
+  m.impl("rms_norm_silu", &fnf::rms_norm_silu_cuda);
+  m.impl("rms_norm_silu_backward", &fnf::rms_norm_silu_backward_cuda);
   m.impl("penalty_norms", &fnf::penalty_norms_cuda);
   m.impl("penalty_backward", &fnf::penalty_backward_cuda);
   m.impl("threshold_dilate", &fnf::threshold_dilate_cuda);
