@@ -13,11 +13,13 @@ torch.compile (GPU, or --compile) and of each of our backends (ours[cuda|triton|
 best, the bytes autograd saves between forward and backward (what the fused op exists for), and the bytes-moved
 limit: the bytes that must move at least once (forward reads x and writes out, backward reads x and the gradient
 and writes dx: 5 x bytes; the parameters and statistics are < 0.1 %) at the measured copy bandwidth of the device
-(``limit ms``), and our best time as a % of it. Arithmetic per element (fp32, counted from the kernels): forward
-~8 flops + one exp (statistics 3, affine 2, SiLU 3 + exp), backward ~20 flops + one exp when dy is kept between
-its two passes (CPU groups up to 32K elements, GPU never: ~30 flops + two exps); at 5 x 4 bytes per element that
-is ~2 flops (+ 0.1 exp) per byte, so on a GPU the op is bound by memory, and on a few CPU cores by the exps.
-Nothing here is asserted.
+(``limit ms``), and our best time as a % of it. Arithmetic per element (fp32, counted from the C++ CPU kernel; a
+sigmoid = ~20 flops: rational tanh, 13 mul/add + 1 div): forward ~30 (statistics 4, affine 2, SiLU ~24), backward
+~40 when dy is kept between its two passes (groups up to 32K elements) else ~65 (dy and its sigmoid recomputed;
+the GPU kernels always recompute, with a hardware exp). At 5 x 4 bytes per element that is 3.5-5 flops per byte:
+a GPU (~60 flops per byte of bandwidth) is bound by memory; one CPU core with 4-wide SSE (~24 GFLOP/s at 16
+GB/s copy, 1.5 flops per byte) is bound by the arithmetic. ``--cpu-time`` times CPU seconds instead of wall
+clock (on a shared machine the work per step, not the waits). Nothing here is asserted.
 """
 from __future__ import annotations
 

@@ -8,10 +8,10 @@ Backends: "cuda" (CUDA C++ in the extension), "triton", "cpu" (C++/OpenMP in the
 * lora_linear: triton > torch on CUDA tensors (torch = the plain-torch custom op, any device; float64 never
   takes Triton), torch on CPU tensors; its explicit "cpu" means the plain-torch op on CPU tensors.
 * separate_enhance_losses: triton > reference on CUDA tensors, reference on CPU tensors.
-* group_norm_silu, rms_norm_silu: cuda > triton > torch on CUDA tensors, torch on CPU tensors ("torch": the
-  plain-torch op, chunked, saving only the input). Explicit "cpu" is the C++ CPU kernel (the same memory, measured
-  slower than the plain-torch op on the 2-core test machine: benchmarks/RESULTS.md, issue 26; with an extension
-  that predates it, "cpu" means the plain-torch op).
+* group_norm_silu, rms_norm_silu: cuda > triton > torch on CUDA tensors; on CPU tensors torch > cpu for
+  group_norm_silu and cpu > torch for rms_norm_silu ("torch": the plain-torch op, chunked, saving only the input;
+  "cpu": the C++ CPU kernel, the same memory; which is faster was measured per op: benchmarks/RESULTS.md, issue 26).
+  With an extension that predates the C++ kernels an explicit "cpu" means the plain-torch op.
 
 Triton runs on CPU tensors only under TRITON_INTERPRET=1 and only when asked for explicitly.
 Input limits: a backend that cannot take an input (``input_problem``: today the CUDA dilation kernel of an
@@ -55,7 +55,7 @@ AUTO_ORDER = {
     ("group_norm_silu", "cuda"): ("cuda", "triton", "torch"),
     ("group_norm_silu", "cpu"): ("torch", "cpu"),
     ("rms_norm_silu", "cuda"): ("cuda", "triton", "torch"),
-    ("rms_norm_silu", "cpu"): ("torch", "cpu"),
+    ("rms_norm_silu", "cpu"): ("cpu", "torch"),
 }
 _TORCH_OP = (True, "plain-torch custom op with a hand-written backward")
 # Largest batch per call of a backend, when it has one (CUDA grid y/z axes stop at 65535). An extension that

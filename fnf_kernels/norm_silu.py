@@ -12,8 +12,8 @@ normalised tensor, the affine output or the SiLU output — and the backward rec
 * the ``"torch"`` op: plain torch over chunks of whole groups (rows for rms_norm_silu), any device (ATen's own
   kernels per chunk); what "auto" falls back to.
 * ``"reference"``: :mod:`fnf_kernels.references`, differentiated by ordinary autograd (saves everything).
-* ``"auto"``: cuda > triton > torch on CUDA tensors, torch on CPU tensors (the C++ CPU kernels did not beat it:
-  benchmarks/RESULTS.md, issue 26; see fnf_kernels.backends).
+* ``"auto"``: cuda > triton > torch on CUDA tensors; on CPU tensors the plain-torch op for group_norm_silu and the
+  C++ kernel for rms_norm_silu (the faster of the two, measured: benchmarks/RESULTS.md, issue 26).
 
 Every custom op shares the fake kernels and autograd of :mod:`fnf_kernels._library`, so they work under
 torch.compile and fake-tensor tracing (the memory estimator sees what is saved).
