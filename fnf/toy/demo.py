@@ -426,7 +426,7 @@ def report(path, res: dict, settings: dict, seconds: float, sepen_lines: list[st
                          f"{h['draft_nearest_outside_change_mse']:.5f} |")
         lines += ["", "![pareto](pareto.png)", ""]
     if res.get("grpo_goal"):
-        lines += goal_lines(res["grpo_goal"])
+        lines += goal_lines(res["grpo_goal"], settings.get("grpo"))
     lines += ["## All models, all held-out images", "",
               "| model | defect score (reward's classifier) | Δ | defect rate (classifier) | defect rate (pixel judge) "
               "| Δ judge | alignment | Δ alignment | change outside mask (MSE) | change inside mask (MSE) |",

@@ -119,8 +119,8 @@ def goal(res: dict, points: list[dict]) -> dict:
     return out
 
 
-def goal_lines(g: dict) -> list[str]:
-    """The report's section on issue 28's goal."""
+def goal_lines(g: dict, settings: dict | None = None) -> list[str]:
+    """The report's section on issue 28's goal (``settings``: the GRPO settings the runs used)."""
     f = lambda x, fmt: "n/a" if x is None else format(x, fmt)  # noqa: E731
     lines = ["## GRPO: the region constraint without a reward gradient", "",
              "Goal (issue 28): region-constrained GRPO reaches >= 80% of plain GRPO's true-defect (pixel judge) "
@@ -137,6 +137,14 @@ def goal_lines(g: dict) -> list[str]:
                          f"({'ok' if r['outside_ok'] else 'no'}) | {r['alignment_delta']:+.3f} "
                          f"[{r['alignment_delta_ci'][0]:+.3f}, {r['alignment_delta_ci'][1]:+.3f}] "
                          f"({'ok' if r['alignment_ok'] else 'no'}) | {'yes' if r['met'] else 'no'} |")
+    if settings:
+        st = settings
+        lines += ["", f"GRPO training (every GRPO run alike; the training paragraph below describes the DRaFT runs): "
+                  f"the prompts of DRaFT's known-bad pool, {st['rollouts']} rollouts of {st['prompts_per_rollout']} "
+                  f"prompts x {st['group_size']} stochastic samples (DDIM eta {st['noise_level']:g}, seeds from "
+                  f"{st['pool_seeds']} pool slots per prompt), {st['trained_steps']} random steps trained per "
+                  f"rollout, one optimizer step per rollout, lr {st['lr']:g}, beta {st['beta']:g} for the "
+                  "constrained models (fnf/toy/grpo_demo.py)."]
     return lines + [""]
 
 
