@@ -11,8 +11,8 @@ entry alone would not carry its defect through a stochastic sampler, so the pool
 Reward: ``fnf.toy.grpo_demo:black_box_defect_reward`` = log(1 - p_defect) of the shipped defect classifier, wrapped
 in :class:`fnf.reward_client.BlackBoxReward`: scores only; any use of its gradient raises. The Grad-CAM mask is a
 localizer on I0 (the defect classifier's Grad-CAM, as in the DRaFT demo): it shapes the region term, never the
-reward. Hyperparameters (:data:`GRPO_SETTINGS`) were fixed on the validation seed set 1 only (never the reported
-set 0).
+reward. Hyperparameters (:data:`GRPO_SETTINGS`) were fixed before any evaluation and not tuned at all (no
+validation sweep was run for them; one would use `--seed 1`, never the reported set 0).
 """
 from __future__ import annotations
 
