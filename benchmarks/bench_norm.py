@@ -262,11 +262,11 @@ def main(argv=None):
                     timer = cpu_seconds if (args.cpu_time and device == "cpu") else None
                     rows.append(bench_size(device, DTYPES[dt], size, args.min_run_time, compiled, bw, op, timer))
                     rows[-1].update(copy_bandwidth_gbs=round(bw, 2), clock="process CPU time" if timer else "wall")
+                    if args.json:  # after every row: a run stopped by a time budget keeps what it measured
+                        with open(args.json, "w") as f:
+                            json.dump(dict(environment=header, command="python " + " ".join(sys.argv),
+                                           commit=os.environ.get("FNF_COMMIT") or _commit(), rows=rows), f, indent=1)
         show([r for r in rows if r["device"] == device], bw)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(environment=header, command="python " + " ".join(sys.argv),
-                           commit=os.environ.get("FNF_COMMIT") or _commit(), rows=rows), f, indent=1)
 
 
 def _commit() -> str:
