@@ -64,6 +64,8 @@ def gn(x, groups, w, b, eps=1e-5, silu=True, backend="auto"):
 
 def rms(x, w, eps=1e-6, *, dim, silu=True, backend="auto"):
     """rms_norm_silu through ``backend``; "torch" calls the plain-torch op itself."""
+    if backend == "torch" and x.dim() == 1:  # as the public op: a 1-D x is one row
+        return rms(x[None], w, eps, dim=1, silu=silu, backend=backend)[0]
     if backend == "torch":
         return torch.ops.fnf_kernels.rms_norm_silu_torch(x, w, dim % x.dim(), eps, silu)[0]
     return fnf_kernels.rms_norm_silu(x, w, eps, dim=dim, silu=silu, backend=backend)
@@ -380,3 +382,38 @@ def test_fuzz_against_reference():
 
 # The Triton kernels compiled for sm_80 / sm_90 (through their launchers, every kernel, no spills): the norm_silu
 # cases of tests/test_triton_compile.py.
+
+
+def test_rms_fuzz_against_reference():
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+    cpu_backends = [b for d, b in RMS_PAIRS if d == "cpu"]
+
+    @hypothesis.given(shape=st.lists(st.integers(1, 7), min_size=1, max_size=4), data=st.data(),
+                      channels_last=st.booleans(), silu=st.booleans(), affine=st.booleans(),
+                      dtype=st.sampled_from(DTYPES), backend=st.sampled_from(cpu_backends))
+    @hypothesis.settings(max_examples=25, deadline=None)
+    def run(shape, data, channels_last, silu, affine, dtype, backend):
+        dim = data.draw(st.integers(-len(shape), len(shape) - 1))
+        gen = torch.Generator().manual_seed(sum(shape) * 100 + dim)
+        x = torch.randn(shape, generator=gen, dtype=torch.float64)
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = x.to(dtype).requires_grad_()
+        w = ((torch.randn(shape[dim], generator=gen, dtype=torch.float64) + 1).to(dtype).requires_grad_()
+             if affine else None)
+        out = rms(x, w, dim=dim, silu=silu, backend=backend)
+        leaves = [t for t in (x, w) if t is not None]
+        d64 = [t.detach().double().requires_grad_() for t in leaves]
+        want = ref.rms_norm_silu_reference(d64[0], d64[1] if affine else None, 1e-6, dim=dim % x.dim(), silu=silu)
+        # rounding grows with 1/rms of a row (a one-element row of a tiny value cancels), as for group norm
+        scale = max(1.0, float((d64[0].detach().pow(2).mean(dim % x.dim()) + 1e-6).rsqrt().max()))
+        vt, gt = (t * scale for t in TOL[dtype])
+        assert rel_error(out, want) <= vt
+        g = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+        got = torch.autograd.grad(out, leaves, g.to(dtype))
+        exp = torch.autograd.grad(want, d64, g)
+        for a, e in zip(got, exp):
+            assert rel_error(a, e, 0.1) <= gt
+
+    run()
