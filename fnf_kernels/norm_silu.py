@@ -83,6 +83,15 @@ def _group_blocks(x: torch.Tensor, num_groups: int):
             yield n0, n0 + 1, g0, min(num_groups, g0 + step)
 
 
+def _unit_batch_stride(x: torch.Tensor) -> torch.Tensor:
+    """A one-sample x with the canonical batch stride (a view). A size-1 dim's stride is arbitrary (a tiled VAE
+    decode's convolutions return channels_last (1, C, H, W) tensors with batch stride C rather than C·H·W); ATen's
+    group norm and the kernels' layout checks read it, so it is made the one its layout implies."""
+    if x.dim() >= 3 and x.shape[0] == 1 and x.stride(0) != x[0].numel():
+        return x.as_strided(x.shape, (x[0].numel(), *x.stride()[1:]))
+    return x
+
+
 def _layout(x: torch.Tensor):
     """The memory format a chunk of x is computed in: channels_last stays so (no transposing copy)."""
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
@@ -92,7 +101,7 @@ def _layout(x: torch.Tensor):
 
 def _chunk(t: torch.Tensor, n0, n1, c0, c1, acc, fmt) -> torch.Tensor:
     """t[n0:n1, c0:c1] in the accumulate dtype and ``fmt`` (a view when it already is)."""
-    return t[n0:n1, c0:c1].to(acc).contiguous(memory_format=fmt)
+    return _unit_batch_stride(t[n0:n1, c0:c1].to(acc).contiguous(memory_format=fmt))
 
 
 def _params(weight, bias, c0, c1, acc):
@@ -326,7 +335,7 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: Optional[torch.Ten
 
     Statistics and arithmetic in float32 (float64 for float64 x); the output has x's dtype and layout.
     """
-    x = _x(x)
+    x = _unit_batch_stride(_x(x))
     c = x.shape[1]
     if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral) or num_groups < 1:
         raise TypeError(f"num_groups must be an int >= 1, got {num_groups!r}")

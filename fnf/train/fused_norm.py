@@ -42,17 +42,8 @@ def _tagged(y: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def _batch_stride(x: torch.Tensor) -> torch.Tensor:
-    """A one-sample tensor with the canonical batch stride (a view): a tiled decode's convolutions can return a
-    channels_last (1, C, H, W) tensor whose unused batch stride is not C·H·W, which ATen's CPU group norm (the
-    op's CPU path) then refuses as neither contiguous nor channels_last."""
-    if x.dim() >= 3 and x.shape[0] == 1 and not x.is_contiguous() and x.stride(0) != x[0].numel():
-        return x.as_strided(x.shape, (x[0].numel(), *x.stride()[1:]))
-    return x
-
-
 def _group_norm_silu(norm: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
-    return fnf_kernels.group_norm_silu(_batch_stride(x), norm.num_groups, norm.weight, norm.bias, norm.eps)
+    return fnf_kernels.group_norm_silu(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
 
 
 def _rms_norm_silu(norm, x: torch.Tensor) -> torch.Tensor:
