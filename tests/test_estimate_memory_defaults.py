@@ -138,14 +138,27 @@ def test_ladder_announces_its_rows_and_shows_progress(sd, capsys):
     assert "ladder:" in err and "naive" in out
 
 
-def readme_default_row(model: str) -> float:
-    """The README memory table's figure for a bare `fnf estimate-memory --arch` of ``model``."""
+def readme_bare_sd15() -> float:
+    """The README's figure for a bare `fnf estimate-memory --arch sd15` ("... --arch sd15` (...) gives X GiB")."""
+    import re
+
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
-        for line in f:
-            cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            if cells and cells[0] == model:
-                return float(cells[1].split()[0])
-    raise AssertionError(f"no README row {model!r}")
+        m = re.search(r"A bare `fnf estimate-memory --arch sd15`[^.]*?gives ([0-9.]+) GiB", f.read())
+    assert m, "no README sentence for a bare --arch sd15"
+    return float(m.group(1))
+
+
+def test_readme_card_table_is_the_cached_traces():
+    """The README's consumer-card table is what benchmarks/consumer_cards.py --table prints from the committed
+    traces (benchmarks/results/consumer_cards/), so the two cannot drift apart."""
+    import subprocess
+    import sys
+
+    table = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "consumer_cards.py"), "--table"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert table.count("\n") >= 10
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        assert table in f.read()
 
 
 @pytest.mark.slow
@@ -155,5 +168,5 @@ def test_bare_arch_sd15_reports_the_readme_figure(tmp_path, capsys):
     assert cli.main(["estimate-memory", "--arch", "sd15", "--json", str(out)]) == 0
     est = json.loads(out.read_text())["estimate"]
     assert est["settings"]["weight_dtype"] == est["settings"]["mixed_precision"] == "bf16"
-    assert round(est["peak_gib"], 2) == readme_default_row("SD-1.5, 512²")
-    assert f"{readme_default_row('SD-1.5, 512²'):.2f} GiB" in capsys.readouterr().out
+    assert round(est["peak_gib"], 2) == readme_bare_sd15()
+    assert f"{readme_bare_sd15():.2f} GiB" in capsys.readouterr().out
