@@ -8,14 +8,15 @@ import textwrap
 from .. import config
 
 DESCRIPTION = """\
-Focus-N-Fix: fine-tune a local diffusers model folder (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1, FLUX.2) with
-DRaFT-K + LoRA so that a reward improves inside problem regions while the rest of the image stays as the
-pretrained model drew it:
+Focus-N-Fix: fine-tune a local diffusers model folder (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1, FLUX.2, FLUX.2
+[klein], Z-Image, Qwen-Image) with DRaFT-K + LoRA so that a reward improves inside problem regions while the
+rest of the image stays as the pretrained model drew it:
 
     loss = -w * r(I, c) + beta * || (1 - M(I0)) * (I0 - I) ||_F
 
 I0 is the pretrained sample, I the fine-tuned one (same prompt, same noise), M(I0) the problem mask.
-beta = 0 is plain DRaFT.
+beta = 0 is plain DRaFT. For rewards without a gradient (objective: grpo): group-relative policy
+optimisation with the same term in the per-sample reward.
 
 commands:
   train      train a LoRA (YAML config + --set overrides + flags); writes <out>/lora for pipe.load_lora_weights
@@ -24,6 +25,7 @@ commands:
   eval       base vs LoRAs on prompts x seeds: reward with bootstrap intervals, win rate, change inside and
              outside the base image's mask; report.md, metrics.json, grids
   estimate-memory  predict a training step's peak GPU memory from the model folder's configs (no GPU, no weights)
+  export-lora  a trained LoRA as one .safetensors file for diffusers, kohya-based tools or ComfyUI
   demo       DRaFT vs Focus-N-Fix (and Separate-and-Enhance) on the embedded toy model, with a held-out report
 
 Errors in the input (config keys, specs, files, folders) print one line and exit with status 2; set
