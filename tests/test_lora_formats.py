@@ -29,6 +29,11 @@ SEED = 11
 FAMILIES = {f.name for f in all_families()}
 
 
+def _offline(path: str) -> dict:
+    """A LoRA file as the loaders' arguments: its folder and weight_name (diffusers 0.34 needs the name offline)."""
+    return {"pretrained_model_name_or_path_or_dict": os.path.dirname(path), "weight_name": os.path.basename(path)}
+
+
 def _maker(module: str, name: str, have: str = ""):
     """root -> tiny folder, from tests/<module>.py (imported when the row runs: new families' makers)."""
     def make(root):
@@ -100,11 +105,12 @@ def _trained_lora(case, folder, out, rank=4, alpha=8.0):
 
 
 @pytest.mark.parametrize("case", PARAMS)
-def test_pipeline_reads_our_files_and_reproduces_the_diffusers_lora(case, tmp_path, one_torch_thread):  # noqa: F811
+def test_pipeline_reads_our_files_and_reproduces_the_diffusers_lora(case, tmp_path, tmp_path_factory,
+                                                                   one_torch_thread):  # noqa: F811
     """Every format of the family, loaded by the pipeline's load_lora_weights(file), gives the images of our
     diffusers-format LoRA folder within 1e-4; the LoRA moves the images by > 1e-2."""
     print("seed", SEED)
-    folder = case.make(str(tmp_path.parent.parent / "lora_formats_models"))
+    folder = case.make(str(tmp_path_factory.getbasetemp() / "lora_formats_models"))
     lora = str(tmp_path / "lora")
     m = _trained_lora(case, folder, lora)
     layers = {n.removesuffix(".base_layer") for n, mod in m.denoiser.named_modules()
@@ -122,7 +128,7 @@ def test_pipeline_reads_our_files_and_reproduces_the_diffusers_lora(case, tmp_pa
         report = lf.export(lora, fmt, out, family=case.family)
         assert report["family"] == case.family and report["rank"] == [4] and report["alpha"] == [8.0]
         pipe.unload_lora_weights()
-        pipe.load_lora_weights(out)
+        pipe.load_lora_weights(**_offline(out))
         got = pipeline_images(pipe, SIZE, case.guidance)
         assert (got - ref).abs().max() < 1e-4, (fmt, (got - ref).abs().max())
 
@@ -266,14 +272,14 @@ def test_every_family_has_a_row_and_bad_input_is_refused(tmp_path):
     ("sd", "StableDiffusionPipeline", ("ff.net.0.proj", "proj_in")),
     ("sdxl", "StableDiffusionXLPipeline", ("ff.net.0.proj", "proj_in", "conv1", "time_emb_proj"))])
 def test_unet_lora_beyond_attention_loads_whole_from_our_files(family, pipeline_class, extra, tmp_path,
-                                                               one_torch_thread):  # noqa: F811
+                                                               tmp_path_factory, one_torch_thread):  # noqa: F811
     """A UNet LoRA on attention and other modules (ff, proj_in; SDXL also its ResNets' conv1 / time_emb_proj, in
     the original SGM names; diffusers' own save_lora_weights writes such a LoRA in two key styles that its loader
     then reads only half of). Our diffusers file (peft keys throughout) and our kohya file (diffusers' kohya
     converter, SDXL through its SGM block mapping) both load every module: the two give the same images, unlike the
     base."""
     print("seed", SEED)
-    folder = cached_model(family, str(tmp_path.parent.parent / "lora_formats_models"))
+    folder = cached_model(family, str(tmp_path_factory.getbasetemp() / "lora_formats_models"))
     case = Case(family, None, pipeline_class, 3.0, UNET + extra, ())
     lora = str(tmp_path / "lora")
     m = _trained_lora(case, folder, lora)
@@ -284,7 +290,7 @@ def test_unet_lora_beyond_attention_loads_whole_from_our_files(family, pipeline_
     for fmt in ("diffusers", "kohya"):
         out = str(tmp_path / f"{fmt}.safetensors")
         lf.export(lora, fmt, out, family=family)
-        pipe.load_lora_weights(out, adapter_name=fmt)
+        pipe.load_lora_weights(**_offline(out), adapter_name=fmt)
         loaded = {n for n, mod in pipe.unet.named_modules() if fmt in getattr(mod, "lora_A", {})}
         assert loaded == trained, sorted(trained - loaded)[:3]
         pipe.set_adapters([fmt])
@@ -348,7 +354,7 @@ def test_flux1_single_blocks_at_flux1_dev_width_through_diffusers_converter(fmt,
     folder = _lora_folder(tmp_path, "transformer.", mods, alpha=8)
     out = str(tmp_path / f"{fmt}.safetensors")
     lf.export(folder, fmt, out, family="flux")
-    converted = FluxPipeline.lora_state_dict(out)
+    converted = FluxPipeline.lora_state_dict(**_offline(out))
     for name, (down, up) in mods.items():
         a = converted[f"transformer.{name}.lora_A.weight"]
         b = converted[f"transformer.{name}.lora_B.weight"]

@@ -150,11 +150,11 @@ def test_export_formats_config_is_checked():
                           "train": {"export_formats": ["kohya"]}})
 
 
-def test_training_writes_the_export_formats(tmp_path, one_torch_thread):  # noqa: F811
+def test_training_writes_the_export_formats(tmp_path, tmp_path_factory, one_torch_thread):  # noqa: F811
     """train.export_formats: <out>/lora-<format>.safetensors beside lora/, equal to fnf export-lora's files."""
     from fnf.train import train
 
-    sd = cached_model("sd", str(tmp_path.parent.parent / "export_lora_models"))
+    sd = cached_model("sd", str(tmp_path_factory.getbasetemp() / "export_lora_models"))
     out = str(tmp_path / "run")
     result = train(tiny_config(sd, out, train={"steps": 1, "export_formats": ["kohya", "diffusers"]}))
     assert result.lora_dir == os.path.join(out, "lora")
