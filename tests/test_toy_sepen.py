@@ -157,10 +157,6 @@ def test_capturing_unet_maps_the_conditional_rows_in_one_call(toy_model):
     torch.testing.assert_close(wrapped.enhance[0], en, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.xfail(tuple(int(v) for v in __import__("diffusers").__version__.split(".")[:2]) < (0, 42), strict=False,
-                   reason="not yet diagnosed: on the floor versions (diffusers 0.34, torch 2.11) the toy demo's "
-                          "capturing UNet wrapper changes the sampled images (the trainer's capture, "
-                          "tests/test_sepen_*.py, passes there)")
 def test_run_sepen_quick_bookkeeping(toy_model, tmp_path):
     """A 1-step run on 4 images: the counts agree with successes counted here on the returned images, the loss
     gap covers every two-object image, the capture check passes and the result (less _tuned) is JSON."""
