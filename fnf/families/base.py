@@ -343,9 +343,13 @@ class PackedLatents:
     """FLUX.1 / FLUX.2: latents packed into (B, (h/2)*(w/2), C') tokens of 2x2 latent patches; the image size comes
     from the schedule (or, without one, a square token grid)."""
 
+    def latent_factor(self, model) -> int:
+        """How many pixels one latent spans per side (Qwen-Image's video VAE states it differently)."""
+        return model.vae_scale_factor
+
     def token_grid(self, model, height: int, width: int) -> tuple[int, int]:
         """The packed token grid (h/2, w/2) as the pipelines' prepare_latents round the size."""
-        f = model.vae_scale_factor
+        f = self.latent_factor(model)
         for name, side in (("height", height), ("width", width)):
             if isinstance(side, bool) or not isinstance(side, int) or side < 2 * f:
                 raise ValueError(f"{name}: expected an int >= {2 * f} ({self.title} packs 2x2 latent patches of the "
@@ -358,7 +362,7 @@ class PackedLatents:
         if side * side != n:
             raise ValueError(f"latents: {n} packed tokens are not a square grid; pass the schedule (or height and "
                              "width)")
-        f = model.vae_scale_factor
+        f = self.latent_factor(model)
         return 2 * side * f, 2 * side * f
 
     def packed_grid(self, model, latents: torch.Tensor, schedule: Schedule | None) -> tuple[int, int]:

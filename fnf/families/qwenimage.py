@@ -30,7 +30,6 @@ QwenImageControlNetPipeline, QwenImageControlNetInpaintPipeline, QwenImageLayere
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -215,23 +214,9 @@ class QwenImageFamily(PackedLatents, FlowMatchingEuler, TransformerLoRA, ModelFa
         return uncond is not None and guidance_scale > 1.0
 
     # -------------------------------------------------------------------------------- sampling
-    def token_grid(self, model, height: int, width: int) -> tuple[int, int]:
-        """The packed token grid (h/2, w/2) as QwenImagePipeline.prepare_latents rounds the size."""
-        f = vae_factor(model.vae)
-        for name, side in (("height", height), ("width", width)):
-            if isinstance(side, bool) or not isinstance(side, int) or side < 2 * f:
-                raise ValueError(f"{name}: expected an int >= {2 * f} ({self.title} packs 2x2 latent patches of the "
-                                 f"{f}x-downsampled image), got {side!r}")
-        return height // (f * 2), width // (f * 2)
-
-    def image_size(self, model, latents: torch.Tensor) -> tuple[int, int]:
-        n = int(latents.shape[1])
-        side = math.isqrt(n)
-        if side * side != n:
-            raise ValueError(f"latents: {n} packed tokens are not a square grid; pass the schedule (or height and "
-                             "width)")
-        f = vae_factor(model.vae)
-        return 2 * side * f, 2 * side * f
+    def latent_factor(self, model) -> int:
+        """The VAE's spatial factor as QwenImagePipeline computes it (:func:`vae_factor`)."""
+        return vae_factor(model.vae)
 
     def initial_latents(self, model, batch: int, height: int, width: int, generator: torch.Generator,
                         device) -> torch.Tensor:
