@@ -126,6 +126,10 @@ class GrpoConfig:
     # KL to the frozen model (adapters off): the exact KL of the step's two Gaussians, per element. Flow-GRPO's
     # leaves dt out of the variance (its KL = ours x |dt|): its kl 0.04 at T = 10 is about ours 0.004.
     kl_beta: float = 0.0
+    # The same KL outside the problem mask M(I0) only (the mask pooled to the latent grid; averaged over all
+    # elements, so with an empty mask it is kl_beta's term): an exact per-step gradient that holds the region the
+    # per-sample term -beta ||(1 - M)(I0 - I)|| holds only through the noisy policy gradient. Needs a localizer.
+    region_kl_beta: float = 0.0
     # the sampler's noise: DDIM eta for the UNet families, Flow-GRPO's a for the flow families; 0: the family's
     # default (DDIM eta 1.0 as DDPO, flow a 0.7 as Flow-GRPO)
     noise_level: float = 0.0
@@ -541,9 +545,11 @@ def _validate_grpo(cfg: Config) -> None:
     for key in ("clip_range", "adv_clip_max", "std_eps"):
         value = getattr(g, key)
         _require(math.isfinite(value) and value > 0, f"grpo.{key}", "a finite number > 0", value)
-    for key in ("kl_beta", "noise_level"):
+    for key in ("kl_beta", "region_kl_beta", "noise_level"):
         value = getattr(g, key)
         _require(math.isfinite(value) and value >= 0, f"grpo.{key}", "a finite number >= 0", value)
+    _require(g.region_kl_beta == 0 or cfg.localize.spec != "none", "grpo.region_kl_beta",
+             "0 without a localizer (localize.spec: none): the region KL needs the mask M(I0)", g.region_kl_beta)
     steps = cfg.sampling.steps
     if g.steps == "all":
         _require(g.train_steps in (0, steps), "grpo.train_steps", f"0 (or sampling.steps={steps}) with "

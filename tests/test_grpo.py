@@ -5,6 +5,7 @@ step subsets, and the config's errors."""
 import math
 import os
 import sys
+import types
 
 import pytest
 import torch
@@ -204,6 +205,8 @@ def test_layout_counts_micro_batches_and_optimizer_steps(tmp_path):
     ({"grpo": {"group_size": 1}}, "grpo.group_size"),
     ({"grpo": {"clip_range": 0}}, "grpo.clip_range"),
     ({"grpo": {"kl_beta": -1}}, "grpo.kl_beta"),
+    ({"grpo": {"region_kl_beta": -0.5}}, "grpo.region_kl_beta"),
+    ({"grpo": {"region_kl_beta": 1.0}, "localize": {"spec": "none"}}, "grpo.region_kl_beta"),
     ({"grpo": {"noise_level": float("nan")}}, "grpo.noise_level"),
     ({"grpo": {"steps": "last"}}, "grpo.steps"),
     ({"grpo": {"steps": "window"}}, "grpo.train_steps"),
@@ -302,3 +305,32 @@ def test_every_family_has_an_sde_step_whose_noiseless_mean_is_its_sampler_step(f
         assert float(std) > 0
         torch.testing.assert_close(lp.double(), _normal_log_prob64(x_next, mean.double(), std.double()), rtol=0,
                                    atol=1e-6)
+
+
+@pytest.mark.parametrize("family", _all_families(), ids=lambda f: f.name)
+def test_every_family_puts_an_image_mask_on_its_latent_grid(family):
+    """``family.latent_region`` (grpo.region_kl_beta): a latent cell (a packed token: its 2x2 latent patch) is 1
+    where any of its pixels is in the image-space mask, shaped to broadcast against the family's latents; checked
+    against the cells computed by hand from single masked pixels at odd positions of a non-square image."""
+    from fnf.families.base import PackedLatents
+
+    f, height, width = 8, 48, 80
+    model = types.SimpleNamespace(vae_scale_factor=f, vae=types.SimpleNamespace(temperal_downsample=[0, 0, 0]))
+    plan = types.SimpleNamespace(height=height, width=width)
+    packed = isinstance(family, PackedLatents)
+    cell = family.latent_factor(model) * 2 if packed else f
+    h, w = height // cell, width // cell
+    latents = torch.zeros(2, h * w, 16) if packed else torch.zeros(2, 4, h, w)
+    mask = torch.zeros(2, 1, height, width, dtype=torch.bool)
+    pixels = [(0, 5, 77), (1, 33, 9), (1, 47, 0)]
+    for b, y, x in pixels:
+        mask[b, 0, y, x] = True
+    got = family.latent_region(model, mask, latents, plan)
+    want = torch.zeros(2, h, w)
+    for b, y, x in pixels:
+        want[b, y // cell, x // cell] = 1
+    want = want.reshape(2, h * w, 1) if packed else want[:, None]
+    assert got.shape == want.shape and torch.equal(got, want)
+    torch.testing.assert_close(family.latent_region(model, mask[:, 0], latents, plan), got, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="latent_region"):
+        family.latent_region(model, mask[:1], latents, plan)

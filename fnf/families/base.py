@@ -33,6 +33,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .. import quantize as quant
 from ..core import LORA_WEIGHTS, ModelLoadError, PromptEmbeds, resolve_dtype
@@ -151,6 +152,16 @@ class ModelFamily:
     def decode(self, model, latents: torch.Tensor, schedule: Schedule | None = None) -> torch.Tensor:
         """Float32 images in [0, 1]; ``schedule`` gives the image size of packed latents."""
         raise NotImplementedError
+
+    def latent_region(self, model, mask: torch.Tensor, latents: torch.Tensor,
+                      schedule: Schedule | None = None) -> torch.Tensor:
+        """An image-space mask (B, H, W) or (B, 1, H, W) on the latent grid of ``latents`` (B, C, h, w): 1.0 where
+        any pixel of the latent cell is in the mask, shaped to broadcast against ``latents`` (B, 1, h, w)."""
+        mask = _plane_mask(mask)
+        if latents.dim() != 4 or mask.dim() != 3 or mask.shape[0] != latents.shape[0]:
+            raise ValueError(f"latent_region: expected mask (B, H, W) and latents (B, C, h, w), got "
+                             f"{tuple(mask.shape)} and {tuple(latents.shape)}")
+        return F.adaptive_max_pool2d(mask.float()[:, None], latents.shape[-2:]).to(latents.dtype)
 
     # -------------------------------------------------------------------------------- LoRA
     def save_lora(self, model, directory: str) -> None:
@@ -339,6 +350,11 @@ class FlowMatchingEuler:
         return sde_transition(mean, std, generator=generator, noise=noise, prev=prev)
 
 
+def _plane_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A (B, 1, H, W) mask as (B, H, W); anything else unchanged."""
+    return mask[:, 0] if mask.dim() == 4 and mask.shape[1] == 1 else mask
+
+
 class PackedLatents:
     """FLUX.1 / FLUX.2: latents packed into (B, (h/2)*(w/2), C') tokens of 2x2 latent patches; the image size comes
     from the schedule (or, without one, a square token grid)."""
@@ -364,6 +380,18 @@ class PackedLatents:
                              "width)")
         f = self.latent_factor(model)
         return 2 * side * f, 2 * side * f
+
+    def latent_region(self, model, mask: torch.Tensor, latents: torch.Tensor,
+                      schedule: Schedule | None = None) -> torch.Tensor:
+        """The image-space mask (B, H, W) or (B, 1, H, W) on the packed token grid: (B, tokens, 1), 1.0 where any
+        pixel of the token's 2x2 latent patch is in the mask."""
+        mask = _plane_mask(mask)
+        if latents.dim() != 3 or mask.dim() != 3 or mask.shape[0] != latents.shape[0]:
+            raise ValueError(f"latent_region: expected mask (B, H, W) and packed latents (B, tokens, C), got "
+                             f"{tuple(mask.shape)} and {tuple(latents.shape)}")
+        h2, w2 = self.packed_grid(model, latents, schedule)
+        cells = F.adaptive_max_pool2d(mask.float()[:, None], (h2, w2))
+        return cells.reshape(mask.shape[0], h2 * w2, 1).to(latents.dtype)
 
     def packed_grid(self, model, latents: torch.Tensor, schedule: Schedule | None) -> tuple[int, int]:
         """The token grid of ``latents``: the schedule's image size, checked against the token count."""

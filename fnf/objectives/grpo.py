@@ -194,13 +194,20 @@ class GRPO(Objective):
                                      cfg.grpo.clip_range, cfg.grpo.adv_clip_max)
         loss = per_row.mean()
         stats = dict(ro.stats)
-        if cfg.grpo.kl_beta > 0:
+        if cfg.grpo.kl_beta > 0 or cfg.grpo.region_kl_beta > 0:
             with torch.no_grad(), ctx.autocast(), ctx.probe.phase("frozen model (KL)"), adapters_disabled(m.denoiser):
                 _, mean_ref, _ = step_log_prob(m, plan, i, x, x_next, cond, uncond, **kw)
             dims = tuple(range(1, mean.dim()))
-            kl = ((mean - mean_ref) ** 2).mean(dim=dims) / (2 * std.to(mean) ** 2).clamp_min(1e-20)
-            loss = loss + cfg.grpo.kl_beta * kl.mean()
-            stats["kl"] = kl.detach().mean().item()
+            per_element = (mean - mean_ref) ** 2 / (2 * std.to(mean) ** 2).clamp_min(1e-20)
+            if cfg.grpo.kl_beta > 0:
+                kl = per_element.mean(dim=dims)
+                loss = loss + cfg.grpo.kl_beta * kl.mean()
+                stats["kl"] = kl.detach().mean().item()
+            if cfg.grpo.region_kl_beta > 0:
+                inside = m.family.latent_region(m, ro.mask[rows].to(mean.device), mean, plan)
+                region_kl = (per_element * (1 - inside)).mean(dim=dims)
+                loss = loss + cfg.grpo.region_kl_beta * region_kl.mean()
+                stats["region_kl"] = region_kl.detach().mean().item()
         with torch.no_grad():
             delta = log_prob.detach() - ro.old_log_probs[j, rows].to(log_prob)
             stats.update(loss=loss.detach().item(), ratio=ratio.detach().mean().item(),

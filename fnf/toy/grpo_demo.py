@@ -33,16 +33,18 @@ GRPO_LOCALIZERS = {"grpo": "none",
 # micro-batch of the rollout): the policy ratio is then exactly 1 where the gradient is taken, so the step is the
 # REINFORCE gradient with group-normalised advantages and the PPO clip never binds.
 GRPO_SETTINGS = {
-    "default": {"rollouts": 40, "group_size": 8, "prompts_per_rollout": 2, "batch": 8, "trained_steps": 4,
-                "pool_seeds": 8, "noise_level": 1.0, "lr": 1e-3, "beta": 1.0, "checkpoints": 4},
+    "default": {"rollouts": 100, "group_size": 8, "prompts_per_rollout": 2, "batch": 8, "trained_steps": 4,
+                "pool_seeds": 8, "noise_level": 0.7, "lr": 2e-3, "beta": 1.0, "region_kl_beta": 0.1,
+                "checkpoints": 4},
     "quick": {"rollouts": 2, "group_size": 2, "prompts_per_rollout": 1, "batch": 2, "trained_steps": 2,
-              "pool_seeds": 2, "noise_level": 1.0, "lr": 1e-3, "beta": 1.0, "checkpoints": 2},
+              "pool_seeds": 2, "noise_level": 0.7, "lr": 2e-3, "beta": 1.0, "region_kl_beta": 0.1,
+              "checkpoints": 2},
 }
 
 
 def black_box_defect_reward(*, root: str = "") -> BlackBoxReward:
-    """Factory for ``fnf.toy.grpo_demo:black_box_defect_reward``: the toy defect reward log(1 - p_defect), scores
-    only (no gradient; not an nn.Module)."""
+    """Factory for ``fnf.toy.grpo_demo:black_box_defect_reward``: DRaFT's toy defect reward log(1 - p_defect) as a
+    black box: scores only (no gradient; not an nn.Module)."""
     reward = DefectReward(root or None).eval().requires_grad_(False)
     return BlackBoxReward(reward, "toy defect classifier (black box)")
 
@@ -84,7 +86,8 @@ def grpo_config(model: str, out: str, method: str, settings: dict, prompts: list
         "grpo": {"group_size": st["group_size"], "prompts_per_rollout": st["prompts_per_rollout"],
                  "sample_batch_size": samples, "steps": "random" if st["trained_steps"] < steps else "all",
                  "train_steps": st["trained_steps"] if st["trained_steps"] < steps else 0,
-                 "noise_level": st["noise_level"]},
+                 "noise_level": st["noise_level"],
+                 "region_kl_beta": 0.0 if method == "grpo" else st["region_kl_beta"]},
         "memory": {"denoiser_checkpointing": False, "vae_checkpointing": False, "offload_text_encoder": False},
         "train": {"steps": st["rollouts"], "batch_size": st["batch"], "grad_accum": micro, "lr": st["lr"],
                   "grad_clip": 1.0, "seed": seed, "out": out, "checkpoint_every": checkpoint_every,

@@ -59,14 +59,18 @@ def _by_hand_ddim(model, plan, i, x, x_next, eps):
     return lp.mean(dim=(1, 2, 3)), mean, var
 
 
-@pytest.mark.parametrize("kl_beta", [0.0, 0.5])
-def test_first_inner_step_ratio_is_one_and_the_gradient_is_reinforce(sd, tmp_path, kl_beta):
+@pytest.mark.parametrize("kl_beta,region_kl_beta", [(0.0, 0.0), (0.5, 0.0), (0.0, 0.7), (0.2, 0.7)])
+def test_first_inner_step_ratio_is_one_and_the_gradient_is_reinforce(sd, left_mask, tmp_path, kl_beta,
+                                                                     region_kl_beta):
     """At the first micro-batch of a rollout the LoRA is the sampling policy: rho = 1 (float64: to 1e-12) and the
     clipped loss's gradient is -mean(A grad log p) over the micro-batch's rows, A the clamped group-normalised
     reward. Here log p is rebuilt from the UNet's guided output with the DDIM Gaussian written by hand, A from
     the rollout's rewards. With kl_beta: + kl_beta x mean ||mean - mean_ref||^2 / (2 var), mean_ref from the same
-    UNet with its adapters off."""
-    cfg = grpo_config(sd, str(tmp_path / "r"), train={"grad_accum": 1}, grpo={"kl_beta": kl_beta})
+    UNet with its adapters off; with region_kl_beta (mask: the left half of the image): + region_kl_beta x the
+    same per-element KL times (1 - M on the latent grid), M's latent cell set where any of its 8x8 pixels is."""
+    region = {"objective": {"beta": 0.5}, "localize": {"spec": left_mask}} if region_kl_beta else {}
+    cfg = grpo_config(sd, str(tmp_path / "r"), train={"grad_accum": 1},
+                      grpo={"kl_beta": kl_beta, "region_kl_beta": region_kl_beta}, **region)
     session = float64_session(cfg)
     randomize_lora_B(session.model.denoiser, seed=0, std=0.05)
     obj = session.objective
@@ -93,15 +97,27 @@ def test_first_inner_step_ratio_is_one_and_the_gradient_is_reinforce(sd, tmp_pat
     adv = adv.clamp(-5, 5)[rows]
     assert adv.abs().max() > 0.1                       # the rewards differ within the group
     surrogate, value = -(adv * lp).mean(), -adv.mean()   # same gradient; the loss's value at rho = 1 is -mean(A)
-    if kl_beta:
+    if kl_beta or region_kl_beta:
         with torch.no_grad(), adapters_disabled(model.denoiser):
             eps_ref = model.family.predict(model, model.denoiser, x, plan.timesteps[i], cond,
                                            obj.negative.repeat(len(rows)), cfg.sampling.guidance_scale, plan)
         mean_ref = _by_hand_ddim(model, plan, i, x, x_next, eps_ref)[1]
-        kl = ((mean - mean_ref) ** 2).mean(dim=(1, 2, 3)) / (2 * var)
+        per_element = (mean - mean_ref) ** 2 / (2 * var)
+    if kl_beta:
+        kl = per_element.mean(dim=(1, 2, 3))
         assert kl.min() > 0
         assert abs(out.stats["kl"] - kl.mean().item()) < 1e-9 * kl.mean().item() + 1e-15
         surrogate, value = surrogate + kl_beta * kl.mean(), value + kl_beta * kl.mean()
+    if region_kl_beta:
+        m = ro.mask[rows].double()[:, 0]                                   # (B, H, W), the left half
+        h, w = x.shape[-2:]
+        f = m.shape[-1] // w
+        cells = m.reshape(len(rows), h, f, w, f).amax(dim=(2, 4))[:, None]  # (B, 1, h, w)
+        assert bool((cells[..., : w // 2] == 1).all()) and bool((cells[..., w // 2:] == 0).all())
+        region = (per_element * (1 - cells)).mean(dim=(1, 2, 3))
+        assert region.min() > 0 and (region < per_element.mean(dim=(1, 2, 3))).all()
+        assert abs(out.stats["region_kl"] - region.mean().item()) < 1e-9 * region.mean().item() + 1e-15
+        surrogate, value = surrogate + region_kl_beta * region.mean(), value + region_kl_beta * region.mean()
     torch.testing.assert_close(out.loss.detach().double(), value.detach(), rtol=1e-9, atol=1e-12)
     theirs = torch.autograd.grad(surrogate, session.params, allow_unused=True)
     norm = math.sqrt(sum(float((g ** 2).sum()) for g in ours))
