@@ -53,6 +53,9 @@ def test_grpo_configs_one_optimizer_step_per_rollout():
     assert grpo_config("/m", "/o", "grpo", st, ["p"]).localize.spec == "none"
     assert grpo_config("/m", "/o", "grpo_heatmap", st, ["p"]).objective.beta == st["beta"] > 0
     assert "defect_gradcam" in grpo_config("/m", "/o", "grpo_gradcam", st, ["p"]).localize.spec
+    assert grpo_config("/m", "/o", "grpo", st, ["p"]).grpo.region_kl_beta == 0      # plain GRPO: no region KL
+    for method in GRPO_METHODS[1:]:
+        assert grpo_config("/m", "/o", method, st, ["p"]).grpo.region_kl_beta == st["region_kl_beta"] > 0
     assert grpo_settings(True, {"rollouts": 7})["rollouts"] == 7
 
 

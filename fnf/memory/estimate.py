@@ -460,7 +460,7 @@ def grpo_mode(result: Estimate, cfg, real: tuple, family) -> None:
                                   else f"flow SDE steps (Flow-GRPO, a {level:g})")
     result.settings["method"] = (f"GRPO: {layout['samples']} samples per rollout ({g.prompts_per_rollout} x group "
                                  f"{g.group_size}), {layout['trained_steps']} of {real_cfg.sampling.steps} steps "
-                                 f"trained, KL {g.kl_beta:g}")
+                                 f"trained, KL {g.kl_beta:g}, region KL {g.region_kl_beta:g}")
     result.notes.append(f"grpo: the rollout keeps (x_i, x_{{i+1}}) of {layout['trained_steps']} trained steps "
                         f"({extra / GIB:.3f} GiB beyond the {states['steps']} traced, added to the peak)")
 

@@ -394,7 +394,11 @@ def report(path, res: dict, settings: dict, seconds: float, sepen_lines: list[st
     b = res["base"]
     names = [k for k in res["models"]]
     nb = b["on_base_defects"]["n"]
-    lines = ["# fnf demo: DRaFT vs Focus-N-Fix on the embedded toy model", ""]
+    draft_names = [k for k in names if k not in GRPO_METHODS]
+    grpo_names = [k for k in names if k in GRPO_METHODS]
+    title = " and ".join(t for t, on in (("DRaFT vs Focus-N-Fix", draft_names or not grpo_names),
+                                         ("GRPO vs region-constrained GRPO", grpo_names)) if on)
+    lines = [f"# fnf demo: {title} on the embedded toy model", ""]
     if settings.get("quick"):
         lines += [f"**Smoke test: this run used `--quick`, {QUICK_NOTE}**", ""]
     lines += [
@@ -455,8 +459,10 @@ def report(path, res: dict, settings: dict, seconds: float, sepen_lines: list[st
                          f"{_d(p['reward_reduction'])} | {_d(p['outside_change_mse'], '.5f')} | "
                          f"{_d(p['alignment'], '.3f')} | {_d(p['alignment_delta'])} |")
     j = res["judges"]
-    lines += ["", "## How it was measured", "",
-              f"Training (every run alike): the reference pool is the base model's samples of the "
+    lines += ["", "## How it was measured", ""]
+    if draft_names or not grpo_names:   # the DRaFT / Focus-N-Fix runs (the GRPO runs' own paragraph is above)
+        lines += [
+              f"Training (every DRaFT / Focus-N-Fix run alike): the reference pool is the base model's samples of the "
               f"{settings['pool_prompts']} training prompts x {settings['pool_seeds']} noise seeds (train.seed 0: "
               f"no evaluation seed), kept where the reward's classifier says p(defect) > 0.5 "
               "(train.pool_reward_below = log 0.5; `--quick` keeps every entry): known-bad generations only. "
@@ -464,8 +470,8 @@ def report(path, res: dict, settings: dict, seconds: float, sepen_lines: list[st
               f"lr {settings['lr']:g}, K = {settings['truncation_k']}, {settings['sampling_steps']} DDIM steps, "
               f"guidance {settings['guidance']:g}, beta {settings['beta']:g} (plain norm), mask radius {MASK_RADIUS}. "
               "The protocol's hyperparameters (beta, steps, pool) were fixed before any evaluation and never tuned on "
-              "the seeds reported here; choose them on other seeds with `fnf demo --sweep --seed 1`.", "",
-              "Defect judges: the reward is the defect classifier (p > 0.5 = defect). The pixel judge counts "
+              "the seeds reported here; choose them on other seeds with `fnf demo --sweep --seed 1`.", ""]
+    lines += ["Defect judges: the reward is the defect classifier (p > 0.5 = defect). The pixel judge counts "
               f"scratch-dark pixels (brightest channel < {toydata.DARK}) and calls >= {j['pixel_threshold']} a "
               "defect (threshold calibrated on VAE reconstructions of rendered images, fnf/toy/judges.py). On the "
               f"base images the judge agrees with the classifier on {j['agree_base']:.3f} of images "
@@ -474,7 +480,7 @@ def report(path, res: dict, settings: dict, seconds: float, sepen_lines: list[st
               "are mean squared pixel changes against the base image from the same noise, outside / inside the "
               "base image's defect mask (heatmap model, dilated); outside averages over all images.", "",
               f"Settings: {json.dumps(finite_or_none({k: v for k, v in settings.items() if k != 'checks'}))}", "",
-              "Grids: base with the evaluation mask outlined in green | " + " | ".join(METHODS) + ".", "",
+              "Grids: base with the evaluation mask outlined in green | " + " | ".join(names) + ".", "",
               "![grid](grids/defects.png)", "", "![training](training.png)", ""]
     if "sepen" in res:
         lines += (sepen_lines or []) + [""]
