@@ -51,6 +51,7 @@ def test_quick_demo_writes_report(tmp_path):
     with open(os.path.join(out, "report.md")) as f:
         text = f.read()
     assert "bootstrap 95% intervals" in text and "Reward improved vs defect actually gone" in text
+    assert text.startswith("# fnf demo: DRaFT vs Focus-N-Fix on") and "Training (every DRaFT / Focus-N-Fix run" in text
     for name in ("report.md", "training.png", "grids/defects.png", "grids/sepen.png", "settings.json"):
         assert os.path.isfile(os.path.join(out, name)), name
     with open(os.path.join(out, "settings.json")) as f:

@@ -138,4 +138,6 @@ def test_quick_grpo_demo_reports_grpo_models_like_draft_models(tmp_path):
     with open(os.path.join(out, "report.md")) as f:
         text = f.read()
     assert "| grpo_heatmap |" in text and "GRPO: the region constraint without a reward gradient" in text
+    assert text.startswith("# fnf demo: GRPO vs region-constrained GRPO on")      # no DRaFT title or paragraph
+    assert "Training (every DRaFT / Focus-N-Fix run alike)" not in text and "region_kl_beta" in text
     assert os.path.isfile(os.path.join(out, "grids", "defects.png"))

@@ -394,10 +394,10 @@ def report(path, res: dict, settings: dict, seconds: float, sepen_lines: list[st
     b = res["base"]
     names = [k for k in res["models"]]
     nb = b["on_base_defects"]["n"]
-    draft_names = [k for k in names if k not in GRPO_METHODS]
-    grpo_names = [k for k in names if k in GRPO_METHODS]
-    title = " and ".join(t for t, on in (("DRaFT vs Focus-N-Fix", draft_names or not grpo_names),
-                                         ("GRPO vs region-constrained GRPO", grpo_names)) if on)
+    grpo_runs = any(k in GRPO_METHODS for k in names)
+    draft_runs = not grpo_runs or any(k not in GRPO_METHODS for k in names)   # DRaFT / Focus-N-Fix models
+    title = " and ".join(t for t, on in (("DRaFT vs Focus-N-Fix", draft_runs),
+                                         ("GRPO vs region-constrained GRPO", grpo_runs)) if on)
     lines = [f"# fnf demo: {title} on the embedded toy model", ""]
     if settings.get("quick"):
         lines += [f"**Smoke test: this run used `--quick`, {QUICK_NOTE}**", ""]
@@ -460,10 +460,10 @@ def report(path, res: dict, settings: dict, seconds: float, sepen_lines: list[st
                          f"{_d(p['alignment'], '.3f')} | {_d(p['alignment_delta'])} |")
     j = res["judges"]
     lines += ["", "## How it was measured", ""]
-    if draft_names or not grpo_names:   # the DRaFT / Focus-N-Fix runs (the GRPO runs' own paragraph is above)
+    if draft_runs:   # the GRPO runs' own paragraph is above (goal_lines)
         lines += [
-              f"Training (every DRaFT / Focus-N-Fix run alike): the reference pool is the base model's samples of the "
-              f"{settings['pool_prompts']} training prompts x {settings['pool_seeds']} noise seeds (train.seed 0: "
+              "Training (every DRaFT / Focus-N-Fix run alike): the reference pool is the base model's samples of "
+              f"the {settings['pool_prompts']} training prompts x {settings['pool_seeds']} noise seeds (train.seed 0: "
               f"no evaluation seed), kept where the reward's classifier says p(defect) > 0.5 "
               "(train.pool_reward_below = log 0.5; `--quick` keeps every entry): known-bad generations only. "
               f"{settings['train_steps']} steps, batch {settings['batch']}, LoRA rank {settings['lora_rank']}, "
